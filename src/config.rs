@@ -1,0 +1,194 @@
+//! Configuration: `gateway.yaml` and the rule files it points at.
+//!
+//! Parsing is strict (unknown keys are errors) and two-layered: `raw`
+//! mirrors the YAML with source locations, `validate` and
+//! `rules::build` turn it into the typed [`Config`]. Every problem is
+//! reported as `path:line:column: message`; one file's YAML syntax error
+//! stops that file, but the other files are still checked.
+//!
+//! Called by `main` (`run`, `check`) and by the admin reload.
+
+pub mod error;
+pub mod model;
+pub mod raw;
+pub mod units;
+mod validate;
+
+use std::path::{Path, PathBuf};
+
+use crate::rules::build::{build_rule, RuleContext};
+use crate::rules::raw::RawRuleFile;
+use crate::rules::{Rule, RuleSet};
+use error::{ConfigError, ConfigErrors, Problems};
+pub use model::*;
+
+/// Reads and validates `gateway.yaml` and every rule file it names.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let mut found = Vec::new();
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            return Err(ConfigErrors(vec![ConfigError::whole_file(
+                path,
+                format!("cannot read config: {e}"),
+            )]))
+        }
+    };
+    let raw: raw::RawGateway = match serde_saphyr::from_str(&text) {
+        Ok(r) => r,
+        Err(e) => return Err(ConfigErrors(vec![ConfigError::from_yaml(path, &e)])),
+    };
+    let config = validate::gateway(&mut Problems::new(path, &mut found), &raw);
+    // Rule files are checked even when gateway.yaml has problems, so one
+    // `sluice check` shows everything; they need the upstream names.
+    let names: Vec<String> = raw.upstreams.value.keys().cloned().collect();
+    let default_upstream = names
+        .iter()
+        .position(|n| *n == raw.default_upstream.value)
+        .unwrap_or(0);
+    let globs = match raw.rules.as_ref().map(|g| &g.value) {
+        None => Vec::new(),
+        Some(raw::RawGlobs::One(g)) => vec![g.clone()],
+        Some(raw::RawGlobs::Many(gs)) => gs.clone(),
+    };
+    let rules = load_rules_into(path, &globs, &names, default_upstream, &mut found);
+    match config {
+        Some(mut config) if found.is_empty() => {
+            config.rules = RuleSet::new(rules);
+            Ok(config)
+        }
+        _ => Err(ConfigErrors(found)),
+    }
+}
+
+/// Re-reads the rule files of a running config (admin reload, SIGHUP).
+pub fn reload_rules(config: &Config) -> Result<RuleSet, ConfigErrors> {
+    let mut found = Vec::new();
+    let names: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
+    let rules = load_rules_into(
+        &config.source,
+        &config.rule_globs,
+        &names,
+        config.default_upstream.0,
+        &mut found,
+    );
+    if found.is_empty() {
+        Ok(RuleSet::new(rules))
+    } else {
+        Err(ConfigErrors(found))
+    }
+}
+
+/// The rule files a set of globs names, sorted, relative to the config.
+fn rule_files(config_path: &Path, globs: &[String], found: &mut Vec<ConfigError>) -> Vec<PathBuf> {
+    let dir = validate::config_dir(config_path);
+    let mut files = Vec::new();
+    for g in globs {
+        let pattern = if Path::new(g).is_absolute() {
+            g.clone()
+        } else {
+            dir.join(g).to_string_lossy().into_owned()
+        };
+        let paths = match glob::glob(&pattern) {
+            Ok(paths) => paths,
+            Err(e) => {
+                found.push(ConfigError::whole_file(
+                    config_path,
+                    format!("rules: {g:?} is not a valid glob: {e}"),
+                ));
+                continue;
+            }
+        };
+        let before = files.len();
+        for entry in paths {
+            match entry {
+                Ok(p) if p.is_file() => files.push(p),
+                Ok(_) => {}
+                Err(e) => found.push(ConfigError::whole_file(
+                    e.path(),
+                    format!("cannot read rule file: {}", e.error()),
+                )),
+            }
+        }
+        if files.len() == before {
+            // A typo in the glob would otherwise silently load no rules.
+            found.push(ConfigError::whole_file(
+                config_path,
+                format!("rules: {g:?} matches no file (looked in {})", dir.display()),
+            ));
+        }
+    }
+    files.sort();
+    files.dedup();
+    files
+}
+
+fn load_rules_into(
+    config_path: &Path,
+    globs: &[String],
+    upstreams: &[String],
+    default_upstream: usize,
+    found: &mut Vec<ConfigError>,
+) -> Vec<Rule> {
+    let ctx = RuleContext {
+        upstreams,
+        default_upstream: crate::rules::UpstreamId(default_upstream),
+    };
+    let mut rules: Vec<Rule> = Vec::new();
+    for file in rule_files(config_path, globs, found) {
+        let text = match std::fs::read_to_string(&file) {
+            Ok(t) => t,
+            Err(e) => {
+                found.push(ConfigError::whole_file(
+                    &file,
+                    format!("cannot read rule file: {e}"),
+                ));
+                continue;
+            }
+        };
+        let raw: RawRuleFile = match serde_saphyr::from_str(&text) {
+            Ok(r) => r,
+            Err(e) => {
+                found.push(ConfigError::from_yaml(&file, &e));
+                continue;
+            }
+        };
+        let mut p = Problems::new(&file, found);
+        for raw_rule in &raw.rules {
+            let Some(rule) = build_rule(raw_rule, &ctx, &mut p) else {
+                continue;
+            };
+            if let Some(first) = rules.iter().find(|r| r.name == rule.name) {
+                p.add(
+                    raw_rule.value.name.referenced,
+                    format!(
+                        "name: {:?} is already used by the rule at {}:{}",
+                        &*rule.name,
+                        first.origin.0.display(),
+                        first.origin.1
+                    ),
+                );
+                continue;
+            }
+            if let Some(other) = rules
+                .iter()
+                .find(|r| r.method == rule.method && r.path.overlaps(&rule.path))
+            {
+                p.add(
+                    raw_rule.value.matcher.value.path.referenced,
+                    format!(
+                        "match: {} {:?} overlaps rule {:?} ({} {:?}); a request would match both",
+                        rule.method,
+                        rule.path.as_str(),
+                        &*other.name,
+                        other.method,
+                        other.path.as_str()
+                    ),
+                );
+                continue;
+            }
+            rules.push(rule);
+        }
+    }
+    rules
+}

@@ -1,0 +1,194 @@
+//! The typed gateway config that the rest of Sluice reads.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use crate::rules::{RuleSet, UpstreamId};
+
+/// Defaults for keys `gateway.yaml` leaves out, in one place.
+pub mod defaults {
+    use std::time::Duration;
+    /// `admin.listen`: loopback, so the admin API is never exposed by accident.
+    pub const ADMIN_LISTEN: &str = "127.0.0.1:9901";
+    /// `store.redis.url`
+    pub const REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+    /// `store.redis.key_prefix`
+    pub const REDIS_KEY_PREFIX: &str = "sluice:";
+    /// `store.redis.timeout`: a stalled Redis must not stall admission.
+    pub const REDIS_TIMEOUT: Duration = Duration::from_millis(50);
+    /// `store.pass_cap`: with `on_failure: pass_capped`, one request at a time.
+    pub const PASS_CAP: u32 = 1;
+    /// `upstreams.*.max_inflight`
+    pub const MAX_INFLIGHT: u32 = 64;
+    /// `upstreams.*.connect_timeout`
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+    /// `upstreams.*.read_timeout`
+    pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+    /// `upstreams.*.write_timeout`
+    pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+    /// `upstreams.*.idle_timeout`: pooled keep-alive connections are closed after this.
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+    /// `upstreams.*.health_check.interval`
+    pub const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+    /// `upstreams.*.health_check.timeout`
+    pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+    /// `limits.max_header_bytes`: 64 KiB
+    pub const MAX_HEADER_BYTES: u64 = 64 << 10;
+    /// `limits.max_rule_body_bytes`: 64 KiB
+    pub const MAX_RULE_BODY_BYTES: u64 = 64 << 10;
+    /// `limits.max_body_bytes`: 16 MiB
+    pub const MAX_BODY_BYTES: u64 = 16 << 20;
+    /// `shutdown.grace_period`: time for in-flight requests after SIGTERM.
+    pub const GRACE_PERIOD: Duration = Duration::from_secs(5);
+    /// `shutdown.timeout`: time for runtimes to stop after the grace period.
+    pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
+}
+
+/// The whole validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The `gateway.yaml` it was read from.
+    pub source: PathBuf,
+    /// Main listener.
+    pub listen: SocketAddr,
+    /// Admin listener and token.
+    pub admin: AdminConfig,
+    /// Stock, dedup and ticket store.
+    pub store: StoreConfig,
+    /// Upstreams, indexed by `UpstreamId`.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Where unmatched requests go.
+    pub default_upstream: UpstreamId,
+    /// Rule-file globs as written (resolved against the config's folder).
+    pub rule_globs: Vec<String>,
+    /// The rules loaded from them.
+    pub rules: RuleSet,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Size limits.
+    pub limits: Limits,
+    /// SIGTERM behaviour.
+    pub shutdown: ShutdownConfig,
+    /// Worker threads of the main listener.
+    pub threads: usize,
+    /// Accept HTTP/2 over cleartext (h2c) as well as HTTP/1.1.
+    pub h2c: bool,
+}
+
+impl Config {
+    /// The upstream with this id.
+    pub fn upstream(&self, id: UpstreamId) -> &UpstreamConfig {
+        &self.upstreams[id.0]
+    }
+}
+
+/// `admin:`
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Admin listener.
+    pub listen: SocketAddr,
+    /// Environment variable holding the bearer token; unset or empty means open.
+    pub token_env: Option<String>,
+}
+
+/// `store.backend`
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreBackend {
+    /// Embedded, one node.
+    Memory,
+    /// Shared by many nodes.
+    Redis,
+}
+
+/// `store.on_failure`
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnFailure {
+    /// Answer `unavailable` (503).
+    FailClosed,
+    /// Forward without pre-deduction, at most `cap` at a time per node.
+    PassCapped {
+        /// In-flight cap while the store is down.
+        cap: u32,
+    },
+}
+
+/// `store:`
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// Which store.
+    pub backend: StoreBackend,
+    /// Redis settings (used when `backend` is Redis).
+    pub redis: RedisConfig,
+    /// What to do when the store cannot answer.
+    pub on_failure: OnFailure,
+}
+
+/// `store.redis:`
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// Connection URL.
+    pub url: String,
+    /// Prefix of every key.
+    pub key_prefix: String,
+    /// Response timeout of each command.
+    pub timeout: Duration,
+}
+
+/// `upstreams.<name>:`
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    /// The name (metric label).
+    pub name: String,
+    /// Servers, round-robin.
+    pub servers: Vec<SocketAddr>,
+    /// The backend's safe concurrency for admitted requests.
+    pub max_inflight: u32,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Time to wait for each read from the backend.
+    pub read_timeout: Duration,
+    /// Time to wait for each write to the backend.
+    pub write_timeout: Duration,
+    /// How long an idle pooled connection is kept.
+    pub idle_timeout: Duration,
+    /// Active health check.
+    pub health_check: Option<HealthCheckConfig>,
+}
+
+/// `upstreams.<name>.health_check:`
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheckConfig {
+    /// Path to GET; any 2xx is healthy.
+    pub path: String,
+    /// How often.
+    pub interval: Duration,
+    /// Connect and read timeout of one check.
+    pub timeout: Duration,
+    /// Consecutive failures that mark a server down.
+    pub failures: u32,
+    /// Consecutive successes that mark it up again.
+    pub successes: u32,
+}
+
+/// `limits:`
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Total request header bytes before 431.
+    pub max_header_bytes: u64,
+    /// Body bytes of a rule-matched request before 413.
+    pub max_rule_body_bytes: u64,
+    /// Body bytes of a pass-through request before 413.
+    pub max_body_bytes: u64,
+}
+
+/// `shutdown:`
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShutdownConfig {
+    /// After SIGTERM: listeners close, in-flight requests get this long.
+    pub grace_period: Duration,
+    /// Then runtimes get this long to stop.
+    pub timeout: Duration,
+}

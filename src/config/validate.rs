@@ -1,0 +1,437 @@
+//! Turns the raw `gateway.yaml` into the typed [`Config`], collecting every
+//! problem with its location.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde_saphyr::Spanned;
+
+use super::error::Problems;
+use super::model::{
+    defaults, AdminConfig, Config, HealthCheckConfig, Limits, OnFailure, RedisConfig,
+    ShutdownConfig, StoreBackend, StoreConfig, UpstreamConfig,
+};
+use super::raw::{RawGateway, RawGlobs, RawUpstream};
+use super::units::ConfigDuration;
+use crate::rules::{RuleSet, UpstreamId};
+
+fn socket_addr(p: &mut Problems, field: &str, v: &Spanned<String>) -> Option<SocketAddr> {
+    p.check(
+        v.referenced,
+        v.value.parse::<SocketAddr>().map_err(|_| {
+            format!(
+                "{field}: {:?} is not an ip:port address like 127.0.0.1:8080 (host names are not resolved)",
+                v.value
+            )
+        }),
+    )
+}
+
+fn positive(p: &mut Problems, field: &str, v: &Spanned<u64>) -> Option<u32> {
+    let n = u32::try_from(v.value).ok().filter(|n| *n > 0);
+    if n.is_none() {
+        p.add(
+            v.referenced,
+            format!(
+                "{field}: {} must be a whole number from 1 to {}",
+                v.value,
+                u32::MAX
+            ),
+        );
+    }
+    n
+}
+
+/// A positive duration, or the default (recording a zero as a problem).
+fn duration(
+    p: &mut Problems,
+    field: &str,
+    key: &str,
+    v: &Option<Spanned<ConfigDuration>>,
+    default: Duration,
+) -> Duration {
+    match v {
+        None => default,
+        Some(d) if d.value.0.is_zero() => {
+            p.add(d.referenced, format!("{field}.{key}: must be above 0"));
+            default
+        }
+        Some(d) => d.value.0,
+    }
+}
+
+fn upstream_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn upstream(p: &mut Problems, name: &str, raw: &Spanned<RawUpstream>) -> Option<UpstreamConfig> {
+    let u = &raw.value;
+    let before = p.count();
+    let field = format!("upstreams.{name}");
+    if !upstream_name_ok(name) {
+        p.add(
+            raw.referenced,
+            format!(
+                "{field}: the name must be 1-64 characters of letters, digits, '-', '_' or '.'"
+            ),
+        );
+    }
+    let mut servers = Vec::new();
+    for (i, s) in u.servers.value.iter().enumerate() {
+        if let Some(addr) = socket_addr(p, &format!("{field}.servers[{i}]"), s) {
+            servers.push(addr);
+        }
+    }
+    if u.servers.value.is_empty() {
+        p.add(
+            u.servers.referenced,
+            format!("{field}.servers: needs at least one server"),
+        );
+    }
+    let max_inflight = match &u.max_inflight {
+        Some(m) => positive(p, &format!("{field}.max_inflight"), m).unwrap_or(1),
+        None => defaults::MAX_INFLIGHT,
+    };
+    let connect_timeout = duration(
+        p,
+        &field,
+        "connect_timeout",
+        &u.connect_timeout,
+        defaults::CONNECT_TIMEOUT,
+    );
+    let read_timeout = duration(
+        p,
+        &field,
+        "read_timeout",
+        &u.read_timeout,
+        defaults::READ_TIMEOUT,
+    );
+    let write_timeout = duration(
+        p,
+        &field,
+        "write_timeout",
+        &u.write_timeout,
+        defaults::WRITE_TIMEOUT,
+    );
+    let idle_timeout = duration(
+        p,
+        &field,
+        "idle_timeout",
+        &u.idle_timeout,
+        defaults::IDLE_TIMEOUT,
+    );
+    let health_check = match &u.health_check {
+        None => None,
+        Some(hc) => {
+            let h = &hc.value;
+            if !h.path.value.starts_with('/') {
+                p.add(
+                    h.path.referenced,
+                    format!(
+                        "{field}.health_check.path: {:?} must start with '/'",
+                        h.path.value
+                    ),
+                );
+            }
+            let interval = duration(
+                p,
+                &field,
+                "health_check.interval",
+                &h.interval,
+                defaults::HEALTH_INTERVAL,
+            );
+            let check_timeout = duration(
+                p,
+                &field,
+                "health_check.timeout",
+                &h.timeout,
+                defaults::HEALTH_TIMEOUT,
+            );
+            let failures = h
+                .failures
+                .as_ref()
+                .and_then(|f| positive(p, &format!("{field}.health_check.failures"), f))
+                .unwrap_or(1);
+            let successes = h
+                .successes
+                .as_ref()
+                .and_then(|s| positive(p, &format!("{field}.health_check.successes"), s))
+                .unwrap_or(1);
+            Some(HealthCheckConfig {
+                path: h.path.value.clone(),
+                interval,
+                timeout: check_timeout,
+                failures,
+                successes,
+            })
+        }
+    };
+    if p.count() > before {
+        return None;
+    }
+    Some(UpstreamConfig {
+        name: name.to_string(),
+        servers,
+        max_inflight,
+        connect_timeout,
+        read_timeout,
+        write_timeout,
+        idle_timeout,
+        health_check,
+    })
+}
+
+fn store(p: &mut Problems, raw: &RawGateway) -> StoreConfig {
+    let mut out = StoreConfig {
+        backend: StoreBackend::Memory,
+        redis: RedisConfig {
+            url: defaults::REDIS_URL.to_string(),
+            key_prefix: defaults::REDIS_KEY_PREFIX.to_string(),
+            timeout: defaults::REDIS_TIMEOUT,
+        },
+        on_failure: OnFailure::FailClosed,
+    };
+    let Some(s) = &raw.store else { return out };
+    let s = &s.value;
+    if let Some(b) = &s.backend {
+        match b.value.as_str() {
+            "memory" => out.backend = StoreBackend::Memory,
+            "redis" => out.backend = StoreBackend::Redis,
+            other => p.add(
+                b.referenced,
+                format!("store.backend: {other:?} is not one of memory, redis"),
+            ),
+        }
+    }
+    if let Some(r) = &s.redis {
+        let r = &r.value;
+        if let Some(url) = &r.url {
+            let scheme_ok = ["redis://", "rediss://", "redis+unix://", "unix://"]
+                .iter()
+                .any(|s| url.value.starts_with(s));
+            if scheme_ok {
+                out.redis.url = url.value.clone();
+            } else {
+                p.add(
+                    url.referenced,
+                    format!(
+                        "store.redis.url: {:?} must start with redis:// or rediss://",
+                        url.value
+                    ),
+                );
+            }
+        }
+        if let Some(prefix) = &r.key_prefix {
+            if prefix.value.contains(['{', '}']) {
+                // Braces would break the per-(rule, sku) hash tags.
+                p.add(
+                    prefix.referenced,
+                    "store.redis.key_prefix: must not contain '{' or '}'",
+                );
+            } else {
+                out.redis.key_prefix = prefix.value.clone();
+            }
+        }
+        if let Some(t) = &r.timeout {
+            if t.value.0.is_zero() {
+                p.add(t.referenced, "store.redis.timeout: must be above 0");
+            } else {
+                out.redis.timeout = t.value.0;
+            }
+        }
+    }
+    let cap = match &s.pass_cap {
+        Some(c) => positive(p, "store.pass_cap", c).unwrap_or(defaults::PASS_CAP),
+        None => defaults::PASS_CAP,
+    };
+    if let Some(f) = &s.on_failure {
+        match f.value.as_str() {
+            "fail_closed" => out.on_failure = OnFailure::FailClosed,
+            "pass_capped" => out.on_failure = OnFailure::PassCapped { cap },
+            other => p.add(
+                f.referenced,
+                format!("store.on_failure: {other:?} is not one of fail_closed, pass_capped"),
+            ),
+        }
+    }
+    out
+}
+
+/// Validates everything in `gateway.yaml` except the rule files.
+pub fn gateway(p: &mut Problems, raw: &RawGateway) -> Option<Config> {
+    let before = p.count();
+    let listen = socket_addr(p, "listen", &raw.listen);
+    let admin = {
+        let a = raw.admin.as_ref().map(|a| &a.value);
+        let listen = match a.and_then(|a| a.listen.as_ref()) {
+            Some(l) => socket_addr(p, "admin.listen", l),
+            None => defaults::ADMIN_LISTEN.parse().ok(),
+        };
+        let token_env = a.and_then(|a| a.token_env.as_ref()).and_then(|t| {
+            if t.value.trim().is_empty() {
+                p.add(
+                    t.referenced,
+                    "admin.token_env: must name an environment variable",
+                );
+                None
+            } else {
+                Some(t.value.clone())
+            }
+        });
+        listen.map(|listen| AdminConfig { listen, token_env })
+    };
+    if let (Some(l), Some(a)) = (listen, &admin) {
+        if l == a.listen {
+            let at = raw
+                .admin
+                .as_ref()
+                .and_then(|a| a.value.listen.as_ref())
+                .map_or(raw.listen.referenced, |l| l.referenced);
+            p.add(
+                at,
+                format!("admin.listen: {l} is also the main listen address"),
+            );
+        }
+    }
+    let store = store(p, raw);
+
+    let mut names = Vec::new();
+    let mut upstreams = Vec::new();
+    for (name, u) in &raw.upstreams.value {
+        names.push(name.clone());
+        if let Some(u) = upstream(p, name, u) {
+            upstreams.push(u);
+        }
+    }
+    if raw.upstreams.value.is_empty() {
+        p.add(
+            raw.upstreams.referenced,
+            "upstreams: needs at least one upstream",
+        );
+    }
+    let default_upstream = names.iter().position(|n| *n == raw.default_upstream.value);
+    if default_upstream.is_none() {
+        p.add(
+            raw.default_upstream.referenced,
+            format!(
+                "default_upstream: {:?} is not defined under upstreams (defined: {})",
+                raw.default_upstream.value,
+                names.join(", ")
+            ),
+        );
+    }
+
+    let rule_globs = match raw.rules.as_ref().map(|g| &g.value) {
+        None => Vec::new(),
+        Some(RawGlobs::One(g)) => vec![g.clone()],
+        Some(RawGlobs::Many(gs)) => gs.clone(),
+    };
+    if let Some(g) = &raw.rules {
+        if rule_globs.iter().any(|s| s.trim().is_empty()) {
+            p.add(g.referenced, "rules: a glob must not be empty");
+        }
+    }
+
+    let mut trusted_proxies = Vec::new();
+    for (i, c) in raw.trusted_proxies.iter().enumerate() {
+        // A bare address means that one host.
+        let parsed = c
+            .value
+            .parse::<IpNet>()
+            .or_else(|_| c.value.parse::<std::net::IpAddr>().map(IpNet::from));
+        match parsed {
+            Ok(net) => trusted_proxies.push(net),
+            Err(_) => p.add(
+                c.referenced,
+                format!(
+                    "trusted_proxies[{i}]: {:?} is not a CIDR like 10.0.0.0/8",
+                    c.value
+                ),
+            ),
+        }
+    }
+
+    let mut limits = Limits {
+        max_header_bytes: defaults::MAX_HEADER_BYTES,
+        max_rule_body_bytes: defaults::MAX_RULE_BODY_BYTES,
+        max_body_bytes: defaults::MAX_BODY_BYTES,
+    };
+    if let Some(l) = &raw.limits {
+        for (field, v, slot) in [
+            (
+                "limits.max_header_bytes",
+                &l.max_header_bytes,
+                &mut limits.max_header_bytes,
+            ),
+            (
+                "limits.max_rule_body_bytes",
+                &l.max_rule_body_bytes,
+                &mut limits.max_rule_body_bytes,
+            ),
+            (
+                "limits.max_body_bytes",
+                &l.max_body_bytes,
+                &mut limits.max_body_bytes,
+            ),
+        ] {
+            if let Some(v) = v {
+                if v.value.0 == 0 {
+                    p.add(v.referenced, format!("{field}: must be above 0"));
+                } else {
+                    *slot = v.value.0;
+                }
+            }
+        }
+    }
+
+    let mut shutdown = ShutdownConfig {
+        grace_period: defaults::GRACE_PERIOD,
+        timeout: defaults::SHUTDOWN_TIMEOUT,
+    };
+    if let Some(s) = &raw.shutdown {
+        if let Some(g) = &s.grace_period {
+            shutdown.grace_period = g.value.0;
+        }
+        if let Some(t) = &s.timeout {
+            shutdown.timeout = t.value.0;
+        }
+    }
+
+    let threads = match &raw.threads {
+        Some(t) => positive(p, "threads", t).map_or(1, |n| n as usize),
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+
+    if p.count() > before {
+        return None;
+    }
+    Some(Config {
+        source: p.file().to_path_buf(),
+        listen: listen?,
+        admin: admin?,
+        store,
+        upstreams,
+        default_upstream: UpstreamId(default_upstream?),
+        rule_globs,
+        rules: RuleSet::default(),
+        trusted_proxies,
+        limits,
+        shutdown,
+        threads,
+        h2c: raw.h2c.unwrap_or(false),
+    })
+}
+
+/// The folder rule globs are relative to.
+pub fn config_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}

@@ -1,0 +1,224 @@
+//! Prometheus metrics owned by one gateway instance (no global registry,
+//! so tests can build independent gateways). Label values come from config
+//! (rule and upstream names) or from closed enums, never from requests;
+//! series known from config are created at zero on start-up.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::outcome::Outcome;
+
+/// The `rule` label of requests no rule matched.
+pub const NO_RULE: &str = "none";
+
+/// Buckets for gateway latency: sub-millisecond refusals up to backend
+/// timeouts.
+const DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Class of an upstream answer (`class` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamClass {
+    /// 1xx
+    Informational,
+    /// 2xx
+    Success,
+    /// 3xx
+    Redirect,
+    /// 4xx
+    ClientError,
+    /// 5xx
+    ServerError,
+    /// No HTTP answer: connect error, timeout, reset.
+    Error,
+}
+
+impl UpstreamClass {
+    /// Every class, for pre-registration.
+    pub const ALL: [UpstreamClass; 6] = [
+        UpstreamClass::Informational,
+        UpstreamClass::Success,
+        UpstreamClass::Redirect,
+        UpstreamClass::ClientError,
+        UpstreamClass::ServerError,
+        UpstreamClass::Error,
+    ];
+
+    /// The class of a status code.
+    pub fn of_status(status: u16) -> Self {
+        match status {
+            100..=199 => UpstreamClass::Informational,
+            200..=299 => UpstreamClass::Success,
+            300..=399 => UpstreamClass::Redirect,
+            400..=499 => UpstreamClass::ClientError,
+            _ => UpstreamClass::ServerError,
+        }
+    }
+
+    /// The label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            UpstreamClass::Informational => "1xx",
+            UpstreamClass::Success => "2xx",
+            UpstreamClass::Redirect => "3xx",
+            UpstreamClass::ClientError => "4xx",
+            UpstreamClass::ServerError => "5xx",
+            UpstreamClass::Error => "error",
+        }
+    }
+}
+
+/// Series of one rule label, resolved once so the hot path does no hashing.
+struct RuleSeries {
+    requests: Vec<IntCounter>,
+    durations: Vec<Histogram>,
+}
+
+/// All metrics of a gateway.
+pub struct Metrics {
+    registry: Registry,
+    requests_total: IntCounterVec,
+    request_duration: HistogramVec,
+    upstream_responses: IntCounterVec,
+    unmatched: RuleSeries,
+}
+
+fn outcome_index(o: Outcome) -> usize {
+    Outcome::ALL.iter().position(|x| *x == o).unwrap_or(0)
+}
+
+impl Metrics {
+    /// Registers every metric and creates the series known from config.
+    pub fn new<'a>(
+        rules: impl IntoIterator<Item = &'a str>,
+        upstreams: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let requests_total = IntCounterVec::new(
+            Opts::new("sluice_requests_total", "Requests by rule and outcome."),
+            &["rule", "outcome"],
+        )?;
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "sluice_request_duration_seconds",
+                "Time from request start to the end of the answer, by rule and outcome.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["rule", "outcome"],
+        )?;
+        let upstream_responses = IntCounterVec::new(
+            Opts::new(
+                "sluice_upstream_responses_total",
+                "Upstream answers by status class; `error` when no answer came.",
+            ),
+            &["upstream", "class"],
+        )?;
+        registry.register(Box::new(requests_total.clone()))?;
+        registry.register(Box::new(request_duration.clone()))?;
+        registry.register(Box::new(upstream_responses.clone()))?;
+        let series = |rule: &str| RuleSeries {
+            requests: Outcome::ALL
+                .iter()
+                .map(|o| requests_total.with_label_values(&[rule, o.as_str()]))
+                .collect(),
+            durations: Outcome::ALL
+                .iter()
+                .map(|o| request_duration.with_label_values(&[rule, o.as_str()]))
+                .collect(),
+        };
+        let unmatched = series(NO_RULE);
+        for rule in rules {
+            series(rule);
+        }
+        for upstream in upstreams {
+            for class in UpstreamClass::ALL {
+                upstream_responses.with_label_values(&[upstream, class.as_str()]);
+            }
+        }
+        Ok(Self {
+            registry,
+            requests_total,
+            request_duration,
+            upstream_responses,
+            unmatched,
+        })
+    }
+
+    /// Counts one finished request and its duration.
+    pub fn observe_request(&self, rule: Option<&str>, outcome: Outcome, elapsed: Duration) {
+        let i = outcome_index(outcome);
+        match rule {
+            None => {
+                self.unmatched.requests[i].inc();
+                self.unmatched.durations[i].observe(elapsed.as_secs_f64());
+            }
+            Some(rule) => {
+                let labels = [rule, outcome.as_str()];
+                self.requests_total.with_label_values(&labels).inc();
+                self.request_duration
+                    .with_label_values(&labels)
+                    .observe(elapsed.as_secs_f64());
+            }
+        }
+    }
+
+    /// Counts one upstream answer (or failure to answer).
+    pub fn observe_upstream(&self, upstream: &str, class: UpstreamClass) {
+        self.upstream_responses
+            .with_label_values(&[upstream, class.as_str()])
+            .inc();
+    }
+
+    /// The registry, for subsystems that add their own metrics.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Prometheus text exposition of everything.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for I/O reasons; a malformed
+        // family would be a bug in registration, so an empty page is fine.
+        if TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .is_err()
+        {
+            out.clear();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_from_config_start_at_zero() {
+        let m = Metrics::new(["phone"], ["mall"]).expect("metrics");
+        let text = String::from_utf8(m.encode()).expect("utf8");
+        assert!(text.contains(r#"sluice_requests_total{outcome="sold_out",rule="phone"} 0"#));
+        assert!(text.contains(r#"sluice_requests_total{outcome="passthrough",rule="none"} 0"#));
+        assert!(text.contains(r#"sluice_upstream_responses_total{class="5xx",upstream="mall"} 0"#));
+    }
+
+    #[test]
+    fn observations_count() {
+        let m = Metrics::new([], ["mall"]).expect("metrics");
+        m.observe_request(None, Outcome::Passthrough, Duration::from_millis(3));
+        m.observe_request(Some("phone"), Outcome::SoldOut, Duration::from_millis(1));
+        m.observe_upstream("mall", UpstreamClass::of_status(204));
+        let text = String::from_utf8(m.encode()).expect("utf8");
+        assert!(text.contains(r#"sluice_requests_total{outcome="passthrough",rule="none"} 1"#));
+        assert!(text.contains(r#"sluice_requests_total{outcome="sold_out",rule="phone"} 1"#));
+        assert!(text.contains(r#"sluice_upstream_responses_total{class="2xx",upstream="mall"} 1"#));
+        assert!(text.contains(
+            r#"sluice_request_duration_seconds_count{outcome="passthrough",rule="none"} 1"#
+        ));
+    }
+}

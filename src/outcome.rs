@@ -1,0 +1,379 @@
+//! Outcomes of a request and the gateway's own answers.
+//!
+//! `Outcome` is the closed set of labels of DESIGN.md section 3 (the
+//! `X-Sluice-Outcome` header and the `outcome` metric label). `Answer` is a
+//! refusal or notice the gateway makes itself; [`render`] is the one place
+//! where an answer becomes status, headers and body, with a rule's
+//! `responses` overrides applied on top.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, StatusCode};
+use serde_json::json;
+
+/// What happened to a request, as clients and dashboards see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Outcome {
+    /// A winner sent to the backend; the backend's answer is relayed.
+    Forwarded,
+    /// A winner held in the queue, with a ticket to poll.
+    Queued,
+    /// No stock left.
+    SoldOut,
+    /// A token bucket was empty.
+    RateLimited,
+    /// The same attempt again.
+    Duplicate,
+    /// The campaign window has not opened.
+    NotStarted,
+    /// The campaign window has closed.
+    Ended,
+    /// Malformed or missing input, or a request over a size limit.
+    Invalid,
+    /// The gateway cannot serve it safely now (store or backend down).
+    Unavailable,
+    /// No rule matched; proxied unchanged.
+    Passthrough,
+}
+
+impl Outcome {
+    /// Every outcome, in contract order (used to pre-register metric series).
+    pub const ALL: [Outcome; 10] = [
+        Outcome::Forwarded,
+        Outcome::Queued,
+        Outcome::SoldOut,
+        Outcome::RateLimited,
+        Outcome::Duplicate,
+        Outcome::NotStarted,
+        Outcome::Ended,
+        Outcome::Invalid,
+        Outcome::Unavailable,
+        Outcome::Passthrough,
+    ];
+
+    /// The contract name: header value and metric label.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Forwarded => "forwarded",
+            Outcome::Queued => "queued",
+            Outcome::SoldOut => "sold_out",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::Duplicate => "duplicate",
+            Outcome::NotStarted => "not_started",
+            Outcome::Ended => "ended",
+            Outcome::Invalid => "invalid",
+            Outcome::Unavailable => "unavailable",
+            Outcome::Passthrough => "passthrough",
+        }
+    }
+
+    /// Parses a contract name (used for `responses:` keys).
+    pub fn from_name(name: &str) -> Option<Outcome> {
+        Outcome::ALL.into_iter().find(|o| o.as_str() == name)
+    }
+}
+
+/// An answer the gateway writes itself instead of asking the backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// Held in the queue: 202 with the ticket and its position.
+    Queued { ticket: String, position: u64 },
+    /// 410: nothing left.
+    SoldOut,
+    /// 429 with `Retry-After` (whole seconds, rounded up).
+    RateLimited { retry_after: Duration },
+    /// 409, or 202 with a position when the first attempt is queued.
+    Duplicate {
+        ticket: String,
+        queued_position: Option<u64>,
+    },
+    /// 425 with the seconds until the window opens.
+    NotStarted { starts_in: Duration },
+    /// 410: the window has closed.
+    Ended,
+    /// 400 with a message naming the field.
+    Invalid { message: String },
+    /// 413: a body over the configured limit.
+    BodyTooLarge { limit: u64 },
+    /// 431: request headers over the configured limit.
+    HeadersTooLarge { limit: u64 },
+    /// 503 with the reason.
+    Unavailable { message: String },
+}
+
+impl Answer {
+    /// The outcome label of this answer.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Answer::Queued { .. } => Outcome::Queued,
+            Answer::SoldOut => Outcome::SoldOut,
+            Answer::RateLimited { .. } => Outcome::RateLimited,
+            Answer::Duplicate { .. } => Outcome::Duplicate,
+            Answer::NotStarted { .. } => Outcome::NotStarted,
+            Answer::Ended => Outcome::Ended,
+            Answer::Invalid { .. }
+            | Answer::BodyTooLarge { .. }
+            | Answer::HeadersTooLarge { .. } => Outcome::Invalid,
+            Answer::Unavailable { .. } => Outcome::Unavailable,
+        }
+    }
+}
+
+/// A rule's override for one outcome's answer (`responses.<outcome>`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResponseOverride {
+    /// Replaces the default status.
+    pub status: Option<StatusCode>,
+    /// Added to (and replacing same-named) default headers.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Replaces the default JSON body.
+    pub body: Option<Bytes>,
+}
+
+/// A fully formed gateway answer, ready to write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rendered {
+    /// The outcome label (for the header and metrics).
+    pub outcome: Outcome,
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Headers other than Content-Length and `X-Sluice-Outcome`.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The body.
+    pub body: Bytes,
+}
+
+/// Turns an answer into status, headers and body; the one mapping of the
+/// contract's default statuses, with the rule's override (if any) on top.
+pub fn render(answer: &Answer, overrides: Option<&ResponseOverride>) -> Rendered {
+    let outcome = answer.outcome();
+    let name = outcome.as_str();
+    let mut headers = vec![(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    )];
+    let (status, body) = match answer {
+        Answer::Queued { ticket, position } => (
+            StatusCode::ACCEPTED,
+            json!({"outcome": name, "ticket": ticket, "position": position}),
+        ),
+        Answer::SoldOut => (
+            StatusCode::GONE,
+            json!({"outcome": name, "message": "sold out"}),
+        ),
+        Answer::RateLimited { retry_after } => {
+            let secs = retry_after_secs(*retry_after);
+            headers.push((http::header::RETRY_AFTER, HeaderValue::from(secs)));
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                json!({"outcome": name, "message": "too many requests, slow down", "retry_after": secs}),
+            )
+        }
+        Answer::Duplicate {
+            ticket,
+            queued_position: Some(position),
+        } => (
+            StatusCode::ACCEPTED,
+            json!({"outcome": name, "message": "already queued", "ticket": ticket, "position": position}),
+        ),
+        Answer::Duplicate {
+            ticket,
+            queued_position: None,
+        } => (
+            StatusCode::CONFLICT,
+            json!({"outcome": name, "message": "already in progress", "ticket": ticket}),
+        ),
+        Answer::NotStarted { starts_in } => (
+            StatusCode::TOO_EARLY,
+            json!({"outcome": name, "message": "not started yet", "starts_in": retry_after_secs(*starts_in)}),
+        ),
+        Answer::Ended => (
+            StatusCode::GONE,
+            json!({"outcome": name, "message": "the sale has ended"}),
+        ),
+        Answer::Invalid { message } => (
+            StatusCode::BAD_REQUEST,
+            json!({"outcome": name, "message": message}),
+        ),
+        Answer::BodyTooLarge { limit } => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            json!({"outcome": name, "message": format!("request body over {limit} bytes")}),
+        ),
+        Answer::HeadersTooLarge { limit } => (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            json!({"outcome": name, "message": format!("request headers over {limit} bytes")}),
+        ),
+        Answer::Unavailable { message } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"outcome": name, "message": message}),
+        ),
+    };
+    let mut rendered = Rendered {
+        outcome,
+        status,
+        headers,
+        body: Bytes::from(body.to_string()),
+    };
+    if let Some(o) = overrides {
+        if let Some(status) = o.status {
+            rendered.status = status;
+        }
+        for (name, value) in &o.headers {
+            rendered.headers.retain(|(n, _)| n != name);
+            rendered.headers.push((name.clone(), value.clone()));
+        }
+        if let Some(body) = &o.body {
+            rendered.body = body.clone();
+        }
+    }
+    rendered
+}
+
+/// Whole seconds, rounded up and at least 1, so a client never retries early.
+fn retry_after_secs(d: Duration) -> u64 {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(r: &Rendered) -> serde_json::Value {
+        serde_json::from_slice(&r.body).expect("json body")
+    }
+
+    #[test]
+    fn every_answer_maps_to_its_contract_status() {
+        let table: Vec<(Answer, u16, Outcome)> = vec![
+            (
+                Answer::Queued {
+                    ticket: "t".into(),
+                    position: 3,
+                },
+                202,
+                Outcome::Queued,
+            ),
+            (Answer::SoldOut, 410, Outcome::SoldOut),
+            (
+                Answer::RateLimited {
+                    retry_after: Duration::from_millis(1500),
+                },
+                429,
+                Outcome::RateLimited,
+            ),
+            (
+                Answer::Duplicate {
+                    ticket: "t".into(),
+                    queued_position: None,
+                },
+                409,
+                Outcome::Duplicate,
+            ),
+            (
+                Answer::Duplicate {
+                    ticket: "t".into(),
+                    queued_position: Some(7),
+                },
+                202,
+                Outcome::Duplicate,
+            ),
+            (
+                Answer::NotStarted {
+                    starts_in: Duration::from_secs(30),
+                },
+                425,
+                Outcome::NotStarted,
+            ),
+            (Answer::Ended, 410, Outcome::Ended),
+            (
+                Answer::Invalid {
+                    message: "user: missing header X-User-Id".into(),
+                },
+                400,
+                Outcome::Invalid,
+            ),
+            (Answer::BodyTooLarge { limit: 10 }, 413, Outcome::Invalid),
+            (Answer::HeadersTooLarge { limit: 10 }, 431, Outcome::Invalid),
+            (
+                Answer::Unavailable {
+                    message: "down".into(),
+                },
+                503,
+                Outcome::Unavailable,
+            ),
+        ];
+        for (answer, status, outcome) in table {
+            let r = render(&answer, None);
+            assert_eq!(r.status.as_u16(), status, "{answer:?}");
+            assert_eq!(r.outcome, outcome, "{answer:?}");
+            assert_eq!(body(&r)["outcome"], outcome.as_str(), "{answer:?}");
+            assert_eq!(
+                r.headers[0],
+                (
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json")
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn rate_limited_carries_retry_after_rounded_up() {
+        let r = render(
+            &Answer::RateLimited {
+                retry_after: Duration::from_millis(1200),
+            },
+            None,
+        );
+        let retry = r
+            .headers
+            .iter()
+            .find(|(n, _)| n == http::header::RETRY_AFTER)
+            .map(|(_, v)| v.to_str().unwrap_or_default().to_string());
+        assert_eq!(retry.as_deref(), Some("2"));
+        assert_eq!(body(&r)["retry_after"], 2);
+    }
+
+    #[test]
+    fn queued_body_has_ticket_and_position() {
+        let r = render(
+            &Answer::Queued {
+                ticket: "abc".into(),
+                position: 12,
+            },
+            None,
+        );
+        assert_eq!(
+            body(&r),
+            json!({"outcome": "queued", "ticket": "abc", "position": 12})
+        );
+    }
+
+    #[test]
+    fn overrides_replace_status_headers_and_body() {
+        let o = ResponseOverride {
+            status: Some(StatusCode::OK),
+            headers: vec![(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain"),
+            )],
+            body: Some(Bytes::from_static(b"{\"code\":1001}")),
+        };
+        let r = render(&Answer::SoldOut, Some(&o));
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.outcome, Outcome::SoldOut);
+        assert_eq!(r.headers.len(), 1);
+        assert_eq!(r.headers[0].1, "text/plain");
+        assert_eq!(&r.body[..], b"{\"code\":1001}");
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for o in Outcome::ALL {
+            assert_eq!(Outcome::from_name(o.as_str()), Some(o));
+        }
+        assert_eq!(Outcome::from_name("nope"), None);
+    }
+}

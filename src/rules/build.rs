@@ -1,0 +1,552 @@
+//! Validation of one raw rule into a [`Rule`], recording every problem
+//! with its location instead of stopping at the first.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chrono::DateTime;
+use http::{HeaderName, HeaderValue, Method, StatusCode};
+use serde_saphyr::{Location, Spanned};
+
+use super::raw::{RawRule, RawSku, RawUser};
+use super::{
+    Dedup, FieldSource, PathTemplate, QuantitySpec, QueueSpec, RateKey, RateLimit, ReleaseOn,
+    Responses, Rule, UpstreamId, Window,
+};
+use crate::config::error::Problems;
+use crate::outcome::{Outcome, ResponseOverride};
+
+/// What a rule may refer to outside itself.
+pub struct RuleContext<'a> {
+    /// Upstream names, indexed by `UpstreamId`.
+    pub upstreams: &'a [String],
+    /// Where `admission.upstream` defaults to.
+    pub default_upstream: UpstreamId,
+}
+
+/// Defaults for keys a rule leaves out, in one place.
+pub mod defaults {
+    use std::time::Duration;
+    /// `dedup.ttl`
+    pub const DEDUP_TTL: Duration = Duration::from_secs(600);
+    /// `admission.queue.max_wait`
+    pub const QUEUE_MAX_WAIT: Duration = Duration::from_secs(1);
+    /// `admission.queue.capacity`
+    pub const QUEUE_CAPACITY: u32 = 10_000;
+    /// `user.jwt.header`
+    pub const JWT_HEADER: &str = "authorization";
+}
+
+/// Builds a rule, or records its problems and gives `None`.
+pub fn build_rule(raw: &Spanned<RawRule>, ctx: &RuleContext, p: &mut Problems) -> Option<Rule> {
+    let r = &raw.value;
+    let errors_before = p.count();
+
+    let name = check_name(p, &r.name);
+    let method = check_method(p, &r.matcher.value.method);
+    let path = p.check(
+        r.matcher.value.path.referenced,
+        PathTemplate::parse(&r.matcher.value.path.value).map_err(|e| format!("match.path: {e}")),
+    );
+    let user = user_source(p, &r.user);
+    let sku = sku_source(p, &r.sku, path.as_ref());
+    let quantity = quantity(p, r);
+    let window = window(p, r);
+    let rate_limits = rate_limits(p, r);
+    let dedup = dedup(p, r);
+    let per_user_limit = r.stock.as_ref().and_then(|s| {
+        s.value
+            .per_user_limit
+            .as_ref()
+            .and_then(|n| positive_u32(p, n, "stock.per_user_limit"))
+    });
+    let (upstream, queue) = admission(p, r, ctx);
+    let release_on = release_on(p, r);
+    let responses = responses(p, r);
+
+    if p.count() > errors_before {
+        return None;
+    }
+    Some(Rule {
+        name: name?,
+        method: method?,
+        path: path?,
+        user: user?,
+        sku: sku?,
+        quantity: quantity?,
+        window: window?,
+        rate_limits,
+        dedup,
+        per_user_limit,
+        upstream: upstream?,
+        queue,
+        release_on,
+        responses,
+        origin: (p.file().to_path_buf(), raw.referenced.line() as u32),
+    })
+}
+
+/// Rule names become metric labels and Redis key parts: keep them plain.
+fn check_name(p: &mut Problems, name: &Spanned<String>) -> Option<Arc<str>> {
+    let n = name.value.as_str();
+    let plain = !n.is_empty()
+        && n.len() <= 64
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !plain {
+        p.add(
+            name.referenced,
+            format!("name: {n:?} must be 1-64 characters of letters, digits, '-', '_' or '.'"),
+        );
+        return None;
+    }
+    if n == "none" {
+        p.add(
+            name.referenced,
+            "name: \"none\" is reserved for requests that match no rule",
+        );
+        return None;
+    }
+    Some(Arc::from(n))
+}
+
+fn check_method(p: &mut Problems, m: &Spanned<String>) -> Option<Method> {
+    let text = m.value.as_str();
+    let valid = !text.is_empty() && text.chars().all(|c| c.is_ascii_uppercase());
+    let parsed = Method::from_bytes(text.as_bytes()).ok().filter(|_| valid);
+    if parsed.is_none() {
+        p.add(
+            m.referenced,
+            format!("match.method: {text:?} is not an uppercase HTTP method like POST"),
+        );
+    }
+    parsed
+}
+
+fn header_name(p: &mut Problems, field: &str, v: &Spanned<String>) -> Option<HeaderName> {
+    let parsed = HeaderName::from_bytes(v.value.as_bytes()).ok();
+    if parsed.is_none() {
+        p.add(
+            v.referenced,
+            format!("{field}: {:?} is not a valid header name", v.value),
+        );
+    }
+    parsed
+}
+
+fn plain_field(p: &mut Problems, field: &str, v: &Spanned<String>) -> Option<String> {
+    if v.value.trim().is_empty() {
+        p.add(v.referenced, format!("{field}: must not be empty"));
+        return None;
+    }
+    Some(v.value.clone())
+}
+
+/// Records "exactly one of" problems; gives the single choice's index.
+fn exactly_one(
+    p: &mut Problems,
+    at: Location,
+    field: &str,
+    names: &[&str],
+    set: &[bool],
+) -> Option<usize> {
+    let chosen: Vec<usize> = (0..set.len()).filter(|&i| set[i]).collect();
+    match chosen.as_slice() {
+        [one] => Some(*one),
+        [] => {
+            p.add(at, format!("{field}: needs one of {}", names.join(", ")));
+            None
+        }
+        _ => {
+            p.add(
+                at,
+                format!("{field}: give only one of {}", names.join(", ")),
+            );
+            None
+        }
+    }
+}
+
+fn user_source(p: &mut Problems, user: &Spanned<RawUser>) -> Option<FieldSource> {
+    let u = &user.value;
+    let which = exactly_one(
+        p,
+        user.referenced,
+        "user",
+        &["header", "cookie", "query", "jwt"],
+        &[
+            u.header.is_some(),
+            u.cookie.is_some(),
+            u.query.is_some(),
+            u.jwt.is_some(),
+        ],
+    )?;
+    match which {
+        0 => header_name(p, "user.header", u.header.as_ref()?).map(FieldSource::Header),
+        1 => plain_field(p, "user.cookie", u.cookie.as_ref()?).map(FieldSource::Cookie),
+        2 => plain_field(p, "user.query", u.query.as_ref()?).map(FieldSource::Query),
+        _ => {
+            let jwt = &u.jwt.as_ref()?.value;
+            let claim = plain_field(p, "user.jwt.claim", &jwt.claim);
+            let secret_env = plain_field(p, "user.jwt.secret_env", &jwt.secret_env);
+            let header = match &jwt.header {
+                Some(h) => header_name(p, "user.jwt.header", h),
+                None => Some(HeaderName::from_static(defaults::JWT_HEADER)),
+            };
+            Some(FieldSource::Jwt {
+                header: header?,
+                claim: claim?,
+                secret_env: secret_env?,
+            })
+        }
+    }
+}
+
+fn sku_source(
+    p: &mut Problems,
+    sku: &Spanned<RawSku>,
+    path: Option<&PathTemplate>,
+) -> Option<FieldSource> {
+    let s = &sku.value;
+    let which = exactly_one(
+        p,
+        sku.referenced,
+        "sku",
+        &["path", "query", "header", "json"],
+        &[
+            s.path.is_some(),
+            s.query.is_some(),
+            s.header.is_some(),
+            s.json.is_some(),
+        ],
+    )?;
+    match which {
+        0 => {
+            let capture = s.path.as_ref()?;
+            if let Some(t) = path {
+                if !t.has_capture(&capture.value) {
+                    p.add(
+                        capture.referenced,
+                        format!(
+                            "sku.path: {:?} is not a capture of match.path {:?}",
+                            capture.value,
+                            t.as_str()
+                        ),
+                    );
+                    return None;
+                }
+            }
+            Some(FieldSource::Path(capture.value.clone()))
+        }
+        1 => plain_field(p, "sku.query", s.query.as_ref()?).map(FieldSource::Query),
+        2 => header_name(p, "sku.header", s.header.as_ref()?).map(FieldSource::Header),
+        _ => plain_field(p, "sku.json", s.json.as_ref()?).map(FieldSource::Json),
+    }
+}
+
+fn positive_u32(p: &mut Problems, n: &Spanned<i64>, field: &str) -> Option<NonZeroU32> {
+    let parsed = u32::try_from(n.value).ok().and_then(NonZeroU32::new);
+    if parsed.is_none() {
+        p.add(
+            n.referenced,
+            format!(
+                "{field}: {} must be a whole number from 1 to {}",
+                n.value,
+                u32::MAX
+            ),
+        );
+    }
+    parsed
+}
+
+fn quantity(p: &mut Problems, r: &RawRule) -> Option<QuantitySpec> {
+    let Some(q) = &r.quantity else {
+        return Some(QuantitySpec {
+            source: None,
+            default: 1,
+            max: 1,
+        });
+    };
+    let v = &q.value;
+    let sources = [v.json.is_some(), v.query.is_some(), v.header.is_some()];
+    let source = if sources.iter().any(|s| *s) {
+        match exactly_one(
+            p,
+            q.referenced,
+            "quantity",
+            &["json", "query", "header"],
+            &sources,
+        )? {
+            0 => plain_field(p, "quantity.json", v.json.as_ref()?).map(FieldSource::Json),
+            1 => plain_field(p, "quantity.query", v.query.as_ref()?).map(FieldSource::Query),
+            _ => header_name(p, "quantity.header", v.header.as_ref()?).map(FieldSource::Header),
+        }
+    } else {
+        None
+    };
+    let default = match &v.default {
+        Some(d) => positive_u32(p, d, "quantity.default")?.get(),
+        None => 1,
+    };
+    let max = match &v.max {
+        Some(m) => positive_u32(p, m, "quantity.max")?.get(),
+        None => default,
+    };
+    if max < default {
+        let at = v.max.as_ref().map_or(q.referenced, |m| m.referenced);
+        p.add(
+            at,
+            format!("quantity.max: {max} is below quantity.default {default}"),
+        );
+        return None;
+    }
+    Some(QuantitySpec {
+        source,
+        default,
+        max,
+    })
+}
+
+fn window(p: &mut Problems, r: &RawRule) -> Option<Window> {
+    let Some(w) = &r.window else {
+        return Some(Window::default());
+    };
+    let parse = |p: &mut Problems, field: &str, v: &Option<Spanned<String>>| {
+        match v {
+        None => Some(None),
+        Some(s) => p
+            .check(
+                s.referenced,
+                DateTime::parse_from_rfc3339(&s.value).map_err(|e| {
+                    format!(
+                        "{field}: {:?} is not an RFC 3339 time like 2026-11-11T00:00:00+08:00 ({e})",
+                        s.value
+                    )
+                }),
+            )
+            .map(Some),
+    }
+    };
+    let start = parse(p, "window.start", &w.value.start);
+    let end = parse(p, "window.end", &w.value.end);
+    let (start, end) = (start?, end?);
+    if let (Some(s), Some(e), Some(at)) = (start, end, w.value.end.as_ref()) {
+        if e <= s {
+            p.add(at.referenced, "window.end: must be after window.start");
+            return None;
+        }
+    }
+    Some(Window { start, end })
+}
+
+fn rate_limits(p: &mut Problems, r: &RawRule) -> Vec<RateLimit> {
+    let mut out = Vec::new();
+    for (i, rl) in r.rate_limits.iter().enumerate() {
+        let v = &rl.value;
+        let field = format!("rate_limits[{i}]");
+        let key = match v.key.value.as_str() {
+            "ip" => Some(RateKey::Ip),
+            "user" => Some(RateKey::User),
+            "rule" => Some(RateKey::Rule),
+            other => {
+                p.add(
+                    v.key.referenced,
+                    format!("{field}.key: {other:?} is not one of ip, user, rule"),
+                );
+                None
+            }
+        };
+        let rate = positive_u32(p, &v.rate, &format!("{field}.rate"));
+        let per = v.per.value.0;
+        if per.is_zero() {
+            p.add(v.per.referenced, format!("{field}.per: must be above 0"));
+        }
+        let burst = match &v.burst {
+            Some(b) => positive_u32(p, b, &format!("{field}.burst")),
+            None => rate,
+        };
+        if let (Some(key), Some(rate), Some(burst), false) = (key, rate, burst, per.is_zero()) {
+            // governor refills one token every per/rate; under 1ns it cannot.
+            if per.as_nanos() < u128::from(rate.get()) {
+                p.add(
+                    v.rate.referenced,
+                    format!("{field}.rate: {rate} per {per:?} is finer than 1ns per token"),
+                );
+                continue;
+            }
+            out.push(RateLimit {
+                key,
+                rate,
+                per,
+                burst,
+            });
+        }
+    }
+    out
+}
+
+fn dedup(p: &mut Problems, r: &RawRule) -> Option<Dedup> {
+    let d = r.dedup.as_ref()?;
+    let mut by_user = false;
+    let mut by_sku = false;
+    for k in &d.value.key.value {
+        let slot = match k.value.as_str() {
+            "user" => &mut by_user,
+            "sku" => &mut by_sku,
+            other => {
+                p.add(
+                    k.referenced,
+                    format!("dedup.key: {other:?} is not one of user, sku"),
+                );
+                continue;
+            }
+        };
+        if *slot {
+            p.add(
+                k.referenced,
+                format!("dedup.key: {:?} is listed twice", k.value),
+            );
+        }
+        *slot = true;
+    }
+    if d.value.key.value.is_empty() {
+        p.add(
+            d.value.key.referenced,
+            "dedup.key: needs at least one of user, sku",
+        );
+    }
+    let ttl = d
+        .value
+        .ttl
+        .as_ref()
+        .map_or(defaults::DEDUP_TTL, |t| t.value.0);
+    if ttl.is_zero() {
+        if let Some(t) = &d.value.ttl {
+            p.add(t.referenced, "dedup.ttl: must be above 0");
+        }
+    }
+    Some(Dedup {
+        by_user,
+        by_sku,
+        ttl,
+    })
+}
+
+fn admission(p: &mut Problems, r: &RawRule, ctx: &RuleContext) -> (Option<UpstreamId>, QueueSpec) {
+    let mut queue = QueueSpec {
+        max_wait: defaults::QUEUE_MAX_WAIT,
+        capacity: defaults::QUEUE_CAPACITY,
+    };
+    let Some(a) = &r.admission else {
+        return (Some(ctx.default_upstream), queue);
+    };
+    let upstream = match &a.value.upstream {
+        None => Some(ctx.default_upstream),
+        Some(name) => {
+            let found = ctx.upstreams.iter().position(|u| *u == name.value);
+            if found.is_none() {
+                p.add(
+                    name.referenced,
+                    format!(
+                        "admission.upstream: {:?} is not defined under upstreams (defined: {})",
+                        name.value,
+                        ctx.upstreams.join(", ")
+                    ),
+                );
+            }
+            found.map(UpstreamId)
+        }
+    };
+    if let Some(q) = &a.value.queue {
+        if let Some(w) = &q.value.max_wait {
+            queue.max_wait = w.value.0;
+        }
+        if let Some(c) = &q.value.capacity {
+            if let Some(c) = positive_u32(p, c, "admission.queue.capacity") {
+                queue.capacity = c.get();
+            }
+        }
+    }
+    (upstream, queue)
+}
+
+fn release_on(p: &mut Problems, r: &RawRule) -> ReleaseOn {
+    let Some(list) = &r.release_on else {
+        return ReleaseOn {
+            connect_error: true,
+            timeout: true,
+            status_5xx: true,
+            status_4xx: false,
+        };
+    };
+    let mut on = ReleaseOn::default();
+    for item in list {
+        match item.value.as_str() {
+            "connect_error" => on.connect_error = true,
+            "timeout" => on.timeout = true,
+            "5xx" => on.status_5xx = true,
+            "4xx" => on.status_4xx = true,
+            other => p.add(
+                item.referenced,
+                format!("release_on: {other:?} is not one of connect_error, timeout, 5xx, 4xx"),
+            ),
+        }
+    }
+    on
+}
+
+fn responses(p: &mut Problems, r: &RawRule) -> Responses {
+    let mut out = Responses::default();
+    let Some(rs) = &r.responses else {
+        return out;
+    };
+    let v = &rs.value;
+    let entries = [
+        (Outcome::Queued, &v.queued),
+        (Outcome::SoldOut, &v.sold_out),
+        (Outcome::RateLimited, &v.rate_limited),
+        (Outcome::Duplicate, &v.duplicate),
+        (Outcome::NotStarted, &v.not_started),
+        (Outcome::Ended, &v.ended),
+        (Outcome::Invalid, &v.invalid),
+        (Outcome::Unavailable, &v.unavailable),
+    ];
+    for (outcome, entry) in entries {
+        let Some(e) = entry else { continue };
+        let field = format!("responses.{}", outcome.as_str());
+        let mut o = ResponseOverride::default();
+        if let Some(s) = &e.value.status {
+            let status = u16::try_from(s.value)
+                .ok()
+                .filter(|c| (200..=599).contains(c))
+                .and_then(|c| StatusCode::from_u16(c).ok());
+            match status {
+                Some(st) => o.status = Some(st),
+                None => p.add(
+                    s.referenced,
+                    format!(
+                        "{field}.status: {} is not an HTTP status from 200 to 599",
+                        s.value
+                    ),
+                ),
+            }
+        }
+        if let Some(h) = &e.value.headers {
+            for (name, value) in &h.value {
+                let n = HeaderName::from_bytes(name.as_bytes());
+                let val = HeaderValue::from_str(value);
+                match (n, val) {
+                    (Ok(n), Ok(val)) => o.headers.push((n, val)),
+                    _ => p.add(
+                        h.referenced,
+                        format!("{field}.headers: {name:?}: {value:?} is not a valid header"),
+                    ),
+                }
+            }
+        }
+        o.body = e.value.body.clone().map(Bytes::from);
+        out.set(outcome, o);
+    }
+    out
+}

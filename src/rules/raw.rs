@@ -1,0 +1,196 @@
+//! Serde structs that mirror a rule file in `lua-free-rules/` exactly.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use crate::config::units::ConfigDuration;
+
+/// A rule file: `rules:` and a list of rules.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRuleFile {
+    pub rules: Vec<Spanned<RawRule>>,
+}
+
+/// One rule, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    pub name: Spanned<String>,
+    #[serde(rename = "match")]
+    pub matcher: Spanned<RawMatch>,
+    pub user: Spanned<RawUser>,
+    pub sku: Spanned<RawSku>,
+    #[serde(default)]
+    pub quantity: Option<Spanned<RawQuantity>>,
+    #[serde(default)]
+    pub window: Option<Spanned<RawWindow>>,
+    #[serde(default)]
+    pub rate_limits: Vec<Spanned<RawRateLimit>>,
+    #[serde(default)]
+    pub dedup: Option<Spanned<RawDedup>>,
+    #[serde(default)]
+    pub stock: Option<Spanned<RawStock>>,
+    #[serde(default)]
+    pub admission: Option<Spanned<RawAdmission>>,
+    #[serde(default)]
+    pub release_on: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub responses: Option<Spanned<RawResponses>>,
+}
+
+/// `match:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatch {
+    pub method: Spanned<String>,
+    pub path: Spanned<String>,
+}
+
+/// `user:`: exactly one source.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUser {
+    #[serde(default)]
+    pub header: Option<Spanned<String>>,
+    #[serde(default)]
+    pub cookie: Option<Spanned<String>>,
+    #[serde(default)]
+    pub query: Option<Spanned<String>>,
+    #[serde(default)]
+    pub jwt: Option<Spanned<RawJwt>>,
+}
+
+/// `user.jwt:`: an HS256 token whose claim names the user.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJwt {
+    pub claim: Spanned<String>,
+    pub secret_env: Spanned<String>,
+    #[serde(default)]
+    pub header: Option<Spanned<String>>,
+}
+
+/// `sku:`: exactly one source.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSku {
+    #[serde(default)]
+    pub path: Option<Spanned<String>>,
+    #[serde(default)]
+    pub query: Option<Spanned<String>>,
+    #[serde(default)]
+    pub header: Option<Spanned<String>>,
+    #[serde(default)]
+    pub json: Option<Spanned<String>>,
+}
+
+/// `quantity:`: at most one source, a default and a maximum.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQuantity {
+    #[serde(default)]
+    pub json: Option<Spanned<String>>,
+    #[serde(default)]
+    pub query: Option<Spanned<String>>,
+    #[serde(default)]
+    pub header: Option<Spanned<String>>,
+    #[serde(default)]
+    pub default: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub max: Option<Spanned<i64>>,
+}
+
+/// `window:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWindow {
+    #[serde(default)]
+    pub start: Option<Spanned<String>>,
+    #[serde(default)]
+    pub end: Option<Spanned<String>>,
+}
+
+/// One entry of `rate_limits:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub key: Spanned<String>,
+    pub rate: Spanned<i64>,
+    pub per: Spanned<ConfigDuration>,
+    #[serde(default)]
+    pub burst: Option<Spanned<i64>>,
+}
+
+/// `dedup:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDedup {
+    pub key: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub ttl: Option<Spanned<ConfigDuration>>,
+}
+
+/// `stock:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStock {
+    #[serde(default)]
+    pub per_user_limit: Option<Spanned<i64>>,
+}
+
+/// `admission:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmission {
+    #[serde(default)]
+    pub upstream: Option<Spanned<String>>,
+    #[serde(default)]
+    pub queue: Option<Spanned<RawQueue>>,
+}
+
+/// `admission.queue:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQueue {
+    #[serde(default)]
+    pub max_wait: Option<Spanned<ConfigDuration>>,
+    #[serde(default)]
+    pub capacity: Option<Spanned<i64>>,
+}
+
+/// `responses:`: one optional override per gateway-made outcome.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawResponses {
+    #[serde(default)]
+    pub queued: Option<Spanned<RawResponse>>,
+    #[serde(default)]
+    pub sold_out: Option<Spanned<RawResponse>>,
+    #[serde(default)]
+    pub rate_limited: Option<Spanned<RawResponse>>,
+    #[serde(default)]
+    pub duplicate: Option<Spanned<RawResponse>>,
+    #[serde(default)]
+    pub not_started: Option<Spanned<RawResponse>>,
+    #[serde(default)]
+    pub ended: Option<Spanned<RawResponse>>,
+    #[serde(default)]
+    pub invalid: Option<Spanned<RawResponse>>,
+    #[serde(default)]
+    pub unavailable: Option<Spanned<RawResponse>>,
+}
+
+/// `responses.<outcome>:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawResponse {
+    #[serde(default)]
+    pub status: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub headers: Option<Spanned<BTreeMap<String, String>>>,
+    #[serde(default)]
+    pub body: Option<String>,
+}

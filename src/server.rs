@@ -1,0 +1,131 @@
+//! Builds the pingora server from a validated [`Config`]: the proxy
+//! service on `listen`, the admin service on `admin.listen`, and one
+//! background health-check service per checked upstream. pingora's own
+//! config loader and command line are bypassed (they ignore unknown keys);
+//! its `ServerConf` is made from ours.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pingora_core::apps::http_app::HttpServer;
+use pingora_core::apps::HttpServerOptions;
+use pingora_core::server::configuration::ServerConf;
+use pingora_core::server::Server;
+use pingora_core::services::listening::Service;
+use pingora_proxy::ProxyServiceBuilder;
+
+use crate::admin::AdminApp;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::proxy::SluiceProxy;
+use crate::upstream::{UpstreamError, Upstreams};
+
+/// Errors that stop the gateway from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listen address is taken or not ours.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Which listener.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Upstream pools could not be built.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// Metrics could not be registered.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Whole seconds, rounded up: pingora's shutdown knobs are in seconds.
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// pingora would panic on a taken port; check first for a clear message.
+fn check_bindable(addr: SocketAddr, what: &'static str) -> Result<(), StartError> {
+    TcpListener::bind(addr)
+        .map(drop)
+        .map_err(|source| StartError::Listen { addr, what, source })
+}
+
+/// The pingora server conf derived from ours.
+fn server_conf(config: &Config) -> ServerConf {
+    let max_servers = config
+        .upstreams
+        .iter()
+        .map(|u| u.servers.len())
+        .max()
+        .unwrap_or(1);
+    ServerConf {
+        threads: config.threads,
+        // pingora's default lingers 300 s after SIGTERM.
+        grace_period_seconds: Some(ceil_secs(config.shutdown.grace_period)),
+        graceful_shutdown_timeout_seconds: Some(ceil_secs(config.shutdown.timeout)),
+        // One connect retry per other server of the largest upstream.
+        max_retries: max_servers,
+        ..ServerConf::default()
+    }
+}
+
+/// A built gateway, ready to run.
+pub struct Gateway {
+    server: Server,
+    /// The metrics, for embedding and tests.
+    pub metrics: Arc<Metrics>,
+}
+
+impl Gateway {
+    /// Builds every service from the config; binds nothing until `run`.
+    pub fn build(config: Config) -> Result<Self, StartError> {
+        check_bindable(config.listen, "listen")?;
+        check_bindable(config.admin.listen, "admin.listen")?;
+        let config = Arc::new(config);
+        let metrics = Arc::new(Metrics::new(
+            config.rules.rules().iter().map(|r| &*r.name),
+            config.upstreams.iter().map(|u| u.name.as_str()),
+        )?);
+        let (upstreams, health_services) = Upstreams::new(&config.upstreams)?;
+        let upstreams = Arc::new(upstreams);
+
+        let mut server = Server::new_with_opt_and_conf(None, server_conf(&config));
+        server.bootstrap();
+
+        let mut options = HttpServerOptions::default();
+        options.h2c = config.h2c;
+        let mut proxy = ProxyServiceBuilder::new(
+            &server.configuration,
+            SluiceProxy::new(config.clone(), upstreams.clone(), metrics.clone()),
+        )
+        .name("sluice proxy")
+        .server_options(options)
+        .build();
+        proxy.add_tcp(&config.listen.to_string());
+
+        let mut admin = Service::new(
+            "sluice admin".to_string(),
+            HttpServer::new_app(AdminApp::new(metrics.clone(), upstreams.clone())),
+        );
+        admin.add_tcp(&config.admin.listen.to_string());
+        // Scrapes and probes are light; one thread keeps them off the
+        // proxy's workers.
+        admin.threads = Some(1);
+
+        server.add_service(proxy);
+        server.add_service(admin);
+        for hc in health_services {
+            server.add_service(hc);
+        }
+        Ok(Self { server, metrics })
+    }
+
+    /// Runs until SIGTERM (graceful) or SIGINT (at once); then returns.
+    pub fn run(self) {
+        self.server.run(pingora_core::server::RunArgs::default());
+    }
+}

@@ -1,0 +1,383 @@
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long `GatewayBuilder::start` waits for `/healthz` to answer 200.
+const READY_DEADLINE: Duration = Duration::from_secs(30);
+/// Poll interval while waiting for readiness or exit.
+const POLL: Duration = Duration::from_millis(50);
+
+/// A port that was free on 127.0.0.1 a moment ago (bound to 0, read, released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0 to find a free port")
+        .port()
+}
+
+/// `127.0.0.1:<free_port()>`.
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// A `Command` for the `sluice` binary under test (e.g. for `sluice check`).
+pub fn sluice_cmd() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+}
+
+/// Value of the first sample of exactly `name` whose labels include all of `labels`.
+pub fn metric_value(metrics_text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    metrics_text.lines().find_map(|line| {
+        let (sample_name, sample_labels, value) = parse_sample(line)?;
+        if sample_name != name {
+            return None;
+        }
+        let all = labels
+            .iter()
+            .all(|(k, v)| sample_labels.iter().any(|(sk, sv)| sk == k && sv == v));
+        all.then_some(value)
+    })
+}
+
+/// A sample's label pairs, in line order.
+type Labels = Vec<(String, String)>;
+
+/// Parses a Prometheus text sample line `name{a="b"} value [ts]`; `None` for comments/blank/garbage.
+fn parse_sample(line: &str) -> Option<(&str, Labels, f64)> {
+    let line = line.trim();
+    if line.is_empty() || line.starts_with('#') {
+        return None;
+    }
+    let name_end = line
+        .find(|c: char| c == '{' || c.is_whitespace())
+        .unwrap_or(line.len());
+    let name = &line[..name_end];
+    let mut rest = &line[name_end..];
+    let mut labels = Vec::new();
+    if let Some(after_brace) = rest.strip_prefix('{') {
+        let mut chars = after_brace.char_indices().peekable();
+        let end = loop {
+            // Skip separators and whitespace before a label name or the closing brace.
+            while let Some(&(_, c)) = chars.peek() {
+                if c == ',' || c.is_whitespace() {
+                    chars.next();
+                } else {
+                    break;
+                }
+            }
+            let (start, c) = chars.next()?;
+            if c == '}' {
+                break start + 1;
+            }
+            let mut key_end = start + c.len_utf8();
+            loop {
+                let (i, c) = chars.next()?;
+                if c == '=' {
+                    break;
+                }
+                key_end = i + c.len_utf8();
+            }
+            let key = after_brace[start..key_end].trim().to_string();
+            if chars.next()?.1 != '"' {
+                return None;
+            }
+            let mut value = String::new();
+            loop {
+                match chars.next()?.1 {
+                    '"' => break,
+                    '\\' => match chars.next()?.1 {
+                        'n' => value.push('\n'),
+                        other => value.push(other),
+                    },
+                    other => value.push(other),
+                }
+            }
+            labels.push((key, value));
+        };
+        rest = &after_brace[end..];
+    }
+    let value = rest.split_whitespace().next()?.parse::<f64>().ok()?;
+    Some((name, labels, value))
+}
+
+/// Collects the config, extra files and environment for a gateway process.
+#[derive(Default)]
+pub struct GatewayBuilder {
+    /// gateway.yaml text with `${LISTEN}`/`${ADMIN}` placeholders.
+    config: Option<String>,
+    /// Extra files, relative to the temp dir.
+    files: Vec<(String, String)>,
+    /// Extra environment variables for the process.
+    env: Vec<(String, String)>,
+}
+
+impl GatewayBuilder {
+    /// Sets the gateway.yaml text; `${LISTEN}` and `${ADMIN}` become free loopback addresses.
+    pub fn config(mut self, yaml: &str) -> Self {
+        self.config = Some(yaml.to_string());
+        self
+    }
+
+    /// Adds a file at `relative_path` under the gateway's temp dir (parents created).
+    pub fn file(mut self, relative_path: &str, contents: &str) -> Self {
+        assert!(
+            Path::new(relative_path).is_relative(),
+            "GatewayBuilder::file wants a relative path, got {relative_path}"
+        );
+        self.files
+            .push((relative_path.to_string(), contents.to_string()));
+        self
+    }
+
+    /// Sets an environment variable for the gateway process.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Writes the files, spawns `sluice run --config <dir>/gateway.yaml`, and waits for `/healthz`.
+    pub fn start(self) -> Gateway {
+        let config = self
+            .config
+            .expect("GatewayBuilder::start needs a config(yaml) first");
+        let dir = tempfile::tempdir().expect("create gateway temp dir");
+        let listen = free_addr();
+        let mut admin = free_addr();
+        while admin == listen {
+            admin = free_addr();
+        }
+        let config = config
+            .replace("${LISTEN}", &listen.to_string())
+            .replace("${ADMIN}", &admin.to_string());
+        let config_path = dir.path().join("gateway.yaml");
+        write_file(&config_path, &config);
+        for (rel, contents) in &self.files {
+            write_file(&dir.path().join(rel), contents);
+        }
+
+        let log_path = dir.path().join("gateway.log");
+        let log = File::create(&log_path).expect("create gateway.log");
+        let log_err = log.try_clone().expect("clone gateway.log handle");
+        let mut cmd = sluice_cmd();
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log_err));
+        if !self.env.iter().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env("RUST_LOG", "info");
+        }
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn sluice run");
+        let mut gateway = Gateway {
+            child,
+            status: None,
+            listen,
+            admin,
+            log_path,
+            dir,
+            log_reported: false,
+        };
+        gateway.wait_healthy();
+        gateway
+    }
+}
+
+/// Writes `contents` to `path`, creating parent directories.
+fn write_file(path: &Path, contents: &str) {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .unwrap_or_else(|e| panic!("create dir {}: {e}", parent.display()));
+    }
+    std::fs::write(path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+/// A running `sluice run` process with its temp dir; SIGKILLed on drop.
+pub struct Gateway {
+    /// The gateway process.
+    child: Child,
+    /// Exit status once reaped.
+    status: Option<ExitStatus>,
+    /// Proxy listen address (`${LISTEN}`).
+    listen: SocketAddr,
+    /// Admin listen address (`${ADMIN}`).
+    admin: SocketAddr,
+    /// `<dir>/gateway.log`.
+    log_path: PathBuf,
+    /// Temp dir holding gateway.yaml, extra files and the log.
+    dir: tempfile::TempDir,
+    /// Set when a panic message already carries the log, so Drop does not repeat it.
+    log_reported: bool,
+}
+
+impl Gateway {
+    /// A builder for a gateway process.
+    pub fn builder() -> GatewayBuilder {
+        GatewayBuilder::default()
+    }
+
+    /// The proxy listen address (`${LISTEN}`).
+    pub fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// The admin listen address (`${ADMIN}`).
+    pub fn admin(&self) -> SocketAddr {
+        self.admin
+    }
+
+    /// The temp dir with gateway.yaml, extra files and gateway.log.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Everything the process wrote to stdout/stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read(&self.log_path)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_else(|e| format!("<cannot read {}: {e}>", self.log_path.display()))
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM (no-op once the process has been reaped).
+    pub fn sigterm(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    /// Sends `sig` unless the process has already been reaped (its pid may be reused).
+    fn signal(&self, sig: libc::c_int) {
+        if self.status.is_some() {
+            return;
+        }
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
+        // SAFETY: kill(2) with a pid we spawned and have not reaped yet.
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    }
+
+    /// SIGKILLs the process and reaps it.
+    pub fn kill(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            self.status = self.child.wait().ok();
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit; `None` if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Reaps the process if it exited, remembering the status.
+    fn try_wait(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().ok().flatten();
+        }
+        self.status
+    }
+
+    /// `GET /metrics` on the admin address; panics unless 200.
+    pub async fn metrics(&self) -> String {
+        let resp = super::client::get(self.admin, "/metrics").await;
+        assert_eq!(
+            resp.status,
+            200,
+            "GET /metrics on {} answered {}: {}",
+            self.admin,
+            resp.status,
+            resp.text()
+        );
+        resp.text()
+    }
+
+    /// Polls `/healthz` until 200; panics with exit status and log on early exit or timeout.
+    fn wait_healthy(&mut self) {
+        let deadline = Instant::now() + READY_DEADLINE;
+        loop {
+            if let Some(status) = self.try_wait() {
+                self.log_reported = true;
+                panic!(
+                    "gateway exited before becoming healthy: {status}\n--- gateway.log ---\n{}",
+                    self.log()
+                );
+            }
+            if healthz_status(self.admin) == Some(200) {
+                return;
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                self.log_reported = true;
+                panic!(
+                    "gateway not healthy on http://{}/healthz within {READY_DEADLINE:?} (killed, {:?})\n--- gateway.log ---\n{}",
+                    self.admin,
+                    self.status,
+                    self.log()
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+}
+
+impl Drop for Gateway {
+    /// SIGKILLs the process if still running; prints the log if the test is failing.
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() && !self.log_reported {
+            eprintln!(
+                "--- gateway.log ({}) ---\n{}",
+                self.log_path.display(),
+                self.log()
+            );
+        }
+    }
+}
+
+/// Blocking `GET /healthz` with short timeouts; the status code, or `None` on any error.
+fn healthz_status(admin: SocketAddr) -> Option<u16> {
+    let timeout = Duration::from_secs(1);
+    let mut stream = TcpStream::connect_timeout(&admin, timeout).ok()?;
+    stream.set_read_timeout(Some(timeout)).ok()?;
+    stream.set_write_timeout(Some(timeout)).ok()?;
+    write!(
+        stream,
+        "GET /healthz HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 256];
+    while !head.windows(2).any(|w| w == b"\r\n") {
+        let n = stream.read(&mut buf).ok()?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = String::from_utf8_lossy(&head);
+    let mut parts = line.split_whitespace();
+    if !parts.next()?.starts_with("HTTP/") {
+        return None;
+    }
+    parts.next()?.parse().ok()
+}
