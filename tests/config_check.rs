@@ -1,0 +1,319 @@
+//! `sluice check` against a table of broken configs, one mistake each: every
+//! problem must be printed as the exact `path:line:column: message` line,
+//! with the line and column of the offending token. Also checks that the
+//! full-featured good config passes and loads into the expected model.
+
+mod support;
+
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use sluice::config::{Limits, OnFailure, StoreBackend};
+use sluice::rules::{FieldSource, RateKey};
+
+/// `(fixture, every line `sluice check` must print, in order)`.
+const BAD: &[(&str, &[&str])] = &[
+    // ---- gateway.yaml ----
+    (
+        "tests/fixtures/bad_unknown_top_key.yaml",
+        &["tests/fixtures/bad_unknown_top_key.yaml:1:1: unknown field `listne`, expected one of listen, admin, store, upstreams, default_upstream, rules, trusted_proxies, limits, shutdown, threads, h2c"],
+    ),
+    (
+        "tests/fixtures/bad_unknown_nested_key.yaml",
+        &["tests/fixtures/bad_unknown_nested_key.yaml:5:5: unknown field `max_inflght`, expected one of servers, max_inflight, connect_timeout, read_timeout, write_timeout, idle_timeout, health_check"],
+    ),
+    (
+        "tests/fixtures/bad_listen_address.yaml",
+        &["tests/fixtures/bad_listen_address.yaml:1:9: listen: \"localhost:8080\" is not an ip:port address like 127.0.0.1:8080 (host names are not resolved)"],
+    ),
+    (
+        "tests/fixtures/bad_duration.yaml",
+        &["tests/fixtures/bad_duration.yaml:5:19: invalid duration \"5 sec\": expected a whole number followed by ms, s, m or h (like 250ms or 3s)"],
+    ),
+    (
+        "tests/fixtures/bad_zero_max_inflight.yaml",
+        &["tests/fixtures/bad_zero_max_inflight.yaml:5:19: upstreams.mall.max_inflight: 0 must be a whole number from 1 to 4294967295"],
+    ),
+    (
+        "tests/fixtures/bad_default_upstream.yaml",
+        &["tests/fixtures/bad_default_upstream.yaml:5:19: default_upstream: \"shop\" is not defined under upstreams (defined: mall)"],
+    ),
+    (
+        "tests/fixtures/bad_empty_servers.yaml",
+        &["tests/fixtures/bad_empty_servers.yaml:4:14: upstreams.mall.servers: needs at least one server"],
+    ),
+    (
+        "tests/fixtures/bad_health_check_path.yaml",
+        &["tests/fixtures/bad_health_check_path.yaml:5:27: upstreams.mall.health_check.path: \"health\" must start with '/'"],
+    ),
+    (
+        "tests/fixtures/bad_store_backend.yaml",
+        &["tests/fixtures/bad_store_backend.yaml:3:12: store.backend: \"postgres\" is not one of memory, redis"],
+    ),
+    (
+        "tests/fixtures/bad_on_failure.yaml",
+        &["tests/fixtures/bad_on_failure.yaml:4:15: store.on_failure: \"fail_open\" is not one of fail_closed, pass_capped"],
+    ),
+    (
+        "tests/fixtures/bad_trusted_proxies.yaml",
+        &["tests/fixtures/bad_trusted_proxies.yaml:8:5: trusted_proxies[1]: \"10.0.0.0/33\" is not a CIDR like 10.0.0.0/8"],
+    ),
+    (
+        "tests/fixtures/bad_yaml_syntax.yaml",
+        &["tests/fixtures/bad_yaml_syntax.yaml:5:4: while parsing a block mapping, did not find expected key"],
+    ),
+    (
+        "tests/fixtures/bad_several.yaml",
+        &[
+            "tests/fixtures/bad_several.yaml:2:9: listen: \"0.0.0.0:80800\" is not an ip:port address like 127.0.0.1:8080 (host names are not resolved)",
+            "tests/fixtures/bad_several.yaml:4:12: store.backend: \"mongo\" is not one of memory, redis",
+            "tests/fixtures/bad_several.yaml:8:19: upstreams.mall.max_inflight: 0 must be a whole number from 1 to 4294967295",
+            "tests/fixtures/bad_several.yaml:9:19: default_upstream: \"shop\" is not defined under upstreams (defined: mall)",
+            "tests/fixtures/bad_several.yaml:10:31: trusted_proxies[1]: \"10.1.2/24\" is not a CIDR like 10.0.0.0/8",
+        ],
+    ),
+    (
+        "tests/fixtures/bad_several_with_rules.yaml",
+        &[
+            "tests/fixtures/bad_several_with_rules.yaml:6:27: upstreams.mall.health_check.path: \"health\" must start with '/'",
+            "tests/fixtures/rules/bad_several.yaml:3:22: match.method: \"Post\" is not an uppercase HTTP method like POST",
+            "tests/fixtures/rules/bad_several.yaml:7:28: rate_limits[0].rate: 0 must be a whole number from 1 to 4294967295",
+            "tests/fixtures/rules/bad_several.yaml:13:23: release_on: \"502\" is not one of connect_error, timeout, 5xx, 4xx",
+        ],
+    ),
+    // ---- rule files (each gateway fixture points `rules:` at rules/bad_<what>.yaml) ----
+    (
+        "tests/fixtures/bad_rule_unknown_key.yaml",
+        &["tests/fixtures/rules/bad_unknown_key.yaml:6:5: unknown field `rate_limit`, expected one of name, match, user, sku, quantity, window, rate_limits, dedup, stock, admission, release_on, responses"],
+    ),
+    (
+        "tests/fixtures/bad_rule_user_two_sources.yaml",
+        &["tests/fixtures/rules/bad_user_two_sources.yaml:4:11: user: give only one of header, cookie, query, jwt"],
+    ),
+    (
+        "tests/fixtures/bad_rule_sku_not_capture.yaml",
+        &["tests/fixtures/rules/bad_sku_not_capture.yaml:5:18: sku.path: \"item\" is not a capture of match.path \"/api/seckill/{sku}/order\""],
+    ),
+    (
+        "tests/fixtures/bad_rule_path_template.yaml",
+        &["tests/fixtures/rules/bad_path_template.yaml:3:34: match.path: path template \"/api/seckill/item-{sku}/order\": a capture must be a whole segment, like /{sku}/"],
+    ),
+    (
+        "tests/fixtures/bad_rule_lowercase_method.yaml",
+        &["tests/fixtures/rules/bad_lowercase_method.yaml:3:22: match.method: \"post\" is not an uppercase HTTP method like POST"],
+    ),
+    (
+        "tests/fixtures/bad_rule_rate_limit_key.yaml",
+        &["tests/fixtures/rules/bad_rate_limit_key.yaml:8:16: rate_limits[1].key: \"session\" is not one of ip, user, rule"],
+    ),
+    (
+        "tests/fixtures/bad_rule_rate_zero.yaml",
+        &["tests/fixtures/rules/bad_rate_zero.yaml:8:15: rate_limits[0].rate: 0 must be a whole number from 1 to 4294967295"],
+    ),
+    (
+        "tests/fixtures/bad_rule_quantity_max.yaml",
+        &["tests/fixtures/rules/bad_quantity_max.yaml:6:45: quantity.max: 2 is below quantity.default 3"],
+    ),
+    (
+        "tests/fixtures/bad_rule_window_order.yaml",
+        &["tests/fixtures/rules/bad_window_order.yaml:8:12: window.end: must be after window.start"],
+    ),
+    (
+        "tests/fixtures/bad_rule_window_time.yaml",
+        &["tests/fixtures/rules/bad_window_time.yaml:7:14: window.start: \"2026-11-11 00:00\" is not an RFC 3339 time like 2026-11-11T00:00:00+08:00 (premature end of input)"],
+    ),
+    (
+        "tests/fixtures/bad_rule_dedup_ip.yaml",
+        &["tests/fixtures/rules/bad_dedup_ip.yaml:6:20: dedup.key: \"ip\" is not one of user, sku"],
+    ),
+    (
+        "tests/fixtures/bad_rule_admission_upstream.yaml",
+        &["tests/fixtures/rules/bad_admission_upstream.yaml:6:28: admission.upstream: \"shop\" is not defined under upstreams (defined: mall)"],
+    ),
+    (
+        "tests/fixtures/bad_rule_release_on.yaml",
+        &["tests/fixtures/rules/bad_release_on.yaml:6:32: release_on: \"reset\" is not one of connect_error, timeout, 5xx, 4xx"],
+    ),
+    (
+        "tests/fixtures/bad_rule_response_status.yaml",
+        &["tests/fixtures/rules/bad_response_status.yaml:7:27: responses.sold_out.status: 999 is not an HTTP status from 200 to 599"],
+    ),
+    (
+        "tests/fixtures/bad_rule_name_none.yaml",
+        &["tests/fixtures/rules/bad_name_none.yaml:2:11: name: \"none\" is reserved for requests that match no rule"],
+    ),
+    (
+        "tests/fixtures/bad_rule_duplicate_name.yaml",
+        &["tests/fixtures/rules/bad_duplicate_name_2.yaml:7:11: name: \"phone\" is already used by the rule at tests/fixtures/rules/bad_duplicate_name.yaml:2"],
+    ),
+    (
+        "tests/fixtures/bad_rule_overlap.yaml",
+        &["tests/fixtures/rules/bad_overlap.yaml:8:34: match: POST \"/api/seckill/p100/order\" overlaps rule \"phone\" (POST \"/api/seckill/{sku}/order\"); a request would match both"],
+    ),
+];
+
+const GOOD: &str = "tests/fixtures/good/gateway.yaml";
+
+/// Runs `sluice check --config <path>` from the crate root.
+fn check(path: &str) -> Output {
+    support::sluice_cmd()
+        .arg("check")
+        .arg("--config")
+        .arg(path)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run sluice check")
+}
+
+fn stdout_lines(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn bad_configs_print_every_problem_at_its_token() {
+    let mut failures = Vec::new();
+    for (fixture, expected) in BAD {
+        let out = check(fixture);
+        let got = stdout_lines(&out);
+        if out.status.code() != Some(1) || got != *expected {
+            failures.push(format!(
+                "{fixture}: exit {:?}\n  expected:\n    {}\n  got:\n    {}\n  stderr: {}",
+                out.status.code(),
+                expected.join("\n    "),
+                got.join("\n    "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n\n"));
+}
+
+#[test]
+fn good_config_passes_check() {
+    let out = check(GOOD);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout_lines(&out),
+        [format!("{GOOD}: ok (2 upstreams, 5 rules)")]
+    );
+}
+
+#[test]
+fn missing_config_file_fails_with_a_clear_message() {
+    let path = "tests/fixtures/does_not_exist.yaml";
+    let out = check(path);
+    assert_eq!(out.status.code(), Some(1));
+    let lines = stdout_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let prefix = format!("{path}:1:1: cannot read config: ");
+    assert!(
+        lines[0].starts_with(&prefix) && lines[0].contains("No such file or directory"),
+        "{}",
+        lines[0]
+    );
+}
+
+#[test]
+fn good_config_loads_into_the_typed_model() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(GOOD);
+    let config = sluice::config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+
+    assert_eq!(config.listen, "0.0.0.0:8080".parse().unwrap());
+    assert_eq!(config.admin.listen, "127.0.0.1:9901".parse().unwrap());
+    assert_eq!(
+        config.admin.token_env.as_deref(),
+        Some("SLUICE_ADMIN_TOKEN")
+    );
+
+    assert_eq!(config.store.backend, StoreBackend::Redis);
+    assert_eq!(config.store.redis.key_prefix, "shop:");
+    assert_eq!(config.store.redis.timeout, Duration::from_millis(50));
+    assert_eq!(config.store.on_failure, OnFailure::PassCapped { cap: 4 });
+
+    let upstream = |name: &str| {
+        config
+            .upstreams
+            .iter()
+            .find(|u| u.name == name)
+            .unwrap_or_else(|| panic!("upstream {name}"))
+    };
+    let mall = upstream("mall");
+    assert_eq!(config.upstream(config.default_upstream).name, "mall");
+    assert_eq!(mall.servers.len(), 2);
+    assert_eq!(mall.max_inflight, 64);
+    assert_eq!(mall.read_timeout, Duration::from_secs(5));
+    assert_eq!(mall.write_timeout, Duration::from_secs(3));
+    assert_eq!(mall.idle_timeout, Duration::from_secs(120));
+    let hc = mall.health_check.as_ref().expect("mall health_check");
+    assert_eq!(
+        (hc.path.as_str(), hc.interval, hc.timeout),
+        (
+            "/health",
+            Duration::from_secs(2),
+            Duration::from_millis(500)
+        )
+    );
+    assert_eq!(upstream("coupons").read_timeout, Duration::from_millis(750));
+
+    let proxies: Vec<String> = config
+        .trusted_proxies
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(proxies, ["10.0.0.0/8", "192.168.1.10/32", "fd00::/8"]);
+    assert_eq!(
+        config.limits,
+        Limits {
+            max_header_bytes: 32 << 10,
+            max_rule_body_bytes: 8192,
+            max_body_bytes: 8 << 20,
+        }
+    );
+    assert_eq!(config.shutdown.grace_period, Duration::from_secs(10));
+    assert_eq!(config.threads, 4);
+    assert!(config.h2c);
+
+    let rules = config.rules.rules();
+    let names: Vec<&str> = rules.iter().map(|r| &*r.name).collect();
+    assert_eq!(
+        names,
+        [
+            "phone-seckill",
+            "phone-preorder",
+            "voucher-grab",
+            "jwt-flash",
+            "jwt-default-header"
+        ]
+    );
+    let seckill = &rules[0];
+    assert_eq!(seckill.method.as_str(), "POST");
+    assert_eq!(seckill.sku, FieldSource::Path("sku".into()));
+    let limits: Vec<(RateKey, u32, Duration, u32)> = seckill
+        .rate_limits
+        .iter()
+        .map(|l| (l.key, l.rate.get(), l.per, l.burst.get()))
+        .collect();
+    assert_eq!(
+        limits,
+        [
+            (RateKey::Ip, 20, Duration::from_secs(1), 40),
+            // No `burst:` given: it defaults to the rate.
+            (RateKey::User, 1, Duration::from_secs(3), 1),
+            (RateKey::Rule, 5000, Duration::from_secs(1), 5000),
+        ]
+    );
+    assert_eq!((seckill.quantity.default, seckill.quantity.max), (1, 5));
+    let vouchers = &rules[2];
+    assert_eq!(config.upstream(vouchers.upstream).name, "coupons");
+    assert_eq!(vouchers.queue.max_wait, Duration::from_millis(250));
+}
