@@ -16,6 +16,8 @@ mod validate;
 
 use std::path::{Path, PathBuf};
 
+use serde_saphyr::Location;
+
 use crate::rules::build::{build_rule, RuleContext};
 use crate::rules::raw::RawRuleFile;
 use crate::rules::{Rule, RuleSet};
@@ -41,17 +43,30 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     let config = validate::gateway(&mut Problems::new(path, &mut found), &raw);
     // Rule files are checked even when gateway.yaml has problems, so one
     // `sluice check` shows everything; they need the upstream names.
-    let names: Vec<String> = raw.upstreams.value.keys().cloned().collect();
-    let default_upstream = names
-        .iter()
-        .position(|n| *n == raw.default_upstream.value)
+    let names: Vec<String> = raw
+        .upstreams
+        .as_ref()
+        .map(|u| u.value.keys().cloned().collect())
+        .unwrap_or_default();
+    let default_upstream = raw
+        .default_upstream
+        .as_ref()
+        .and_then(|d| names.iter().position(|n| *n == d.value))
         .unwrap_or(0);
-    let globs = match raw.rules.as_ref().map(|g| &g.value) {
-        None => Vec::new(),
-        Some(raw::RawGlobs::One(g)) => vec![g.clone()],
-        Some(raw::RawGlobs::Many(gs)) => gs.clone(),
-    };
-    let rules = load_rules_into(path, &globs, &names, default_upstream, &mut found);
+    let globs = raw
+        .rules
+        .as_ref()
+        .map(|g| g.value.0.clone())
+        .unwrap_or_default();
+    let globs_at = raw.rules.as_ref().map(|g| g.referenced);
+    let rules = load_rules_into(
+        path,
+        (&globs, globs_at),
+        &names,
+        default_upstream,
+        &mut found,
+    );
+    sort_by_position(&mut found);
     match config {
         Some(mut config) if found.is_empty() => {
             config.rules = RuleSet::new(rules);
@@ -67,7 +82,7 @@ pub fn reload_rules(config: &Config) -> Result<RuleSet, ConfigErrors> {
     let names: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
     let rules = load_rules_into(
         &config.source,
-        &config.rule_globs,
+        (&config.rule_globs, None),
         &names,
         config.default_upstream.0,
         &mut found,
@@ -79,11 +94,35 @@ pub fn reload_rules(config: &Config) -> Result<RuleSet, ConfigErrors> {
     }
 }
 
-/// The rule files a set of globs names, sorted, relative to the config.
-fn rule_files(config_path: &Path, globs: &[String], found: &mut Vec<ConfigError>) -> Vec<PathBuf> {
+/// Orders problems by file (in the order files were read), then line and
+/// column, so the output reads top to bottom.
+fn sort_by_position(found: &mut [ConfigError]) {
+    let mut files: Vec<PathBuf> = Vec::new();
+    for e in found.iter() {
+        if !files.contains(&e.file) {
+            files.push(e.file.clone());
+        }
+    }
+    found.sort_by_key(|e| {
+        let file = files.iter().position(|f| *f == e.file).unwrap_or(0);
+        (file, e.line, e.column)
+    });
+}
+
+/// The rule files a set of globs names, sorted, relative to the config;
+/// problems are reported at the `rules:` key when its location is known.
+fn rule_files(
+    config_path: &Path,
+    (globs, at): (&[String], Option<Location>),
+    found: &mut Vec<ConfigError>,
+) -> Vec<PathBuf> {
+    let at = at.unwrap_or(Location::UNKNOWN);
     let dir = validate::config_dir(config_path);
     let mut files = Vec::new();
     for g in globs {
+        if g.trim().is_empty() {
+            continue;
+        }
         let pattern = if Path::new(g).is_absolute() {
             g.clone()
         } else {
@@ -92,8 +131,9 @@ fn rule_files(config_path: &Path, globs: &[String], found: &mut Vec<ConfigError>
         let paths = match glob::glob(&pattern) {
             Ok(paths) => paths,
             Err(e) => {
-                found.push(ConfigError::whole_file(
+                found.push(ConfigError::at(
                     config_path,
+                    at,
                     format!("rules: {g:?} is not a valid glob: {e}"),
                 ));
                 continue;
@@ -110,10 +150,12 @@ fn rule_files(config_path: &Path, globs: &[String], found: &mut Vec<ConfigError>
                 )),
             }
         }
-        if files.len() == before {
-            // A typo in the glob would otherwise silently load no rules.
-            found.push(ConfigError::whole_file(
+        // A typo in the glob would otherwise silently load no rules. (An
+        // empty glob is already reported by validation.)
+        if files.len() == before && !g.trim().is_empty() {
+            found.push(ConfigError::at(
                 config_path,
+                at,
                 format!("rules: {g:?} matches no file (looked in {})", dir.display()),
             ));
         }
@@ -125,7 +167,7 @@ fn rule_files(config_path: &Path, globs: &[String], found: &mut Vec<ConfigError>
 
 fn load_rules_into(
     config_path: &Path,
-    globs: &[String],
+    globs: (&[String], Option<Location>),
     upstreams: &[String],
     default_upstream: usize,
     found: &mut Vec<ConfigError>,
@@ -160,7 +202,11 @@ fn load_rules_into(
             };
             if let Some(first) = rules.iter().find(|r| r.name == rule.name) {
                 p.add(
-                    raw_rule.value.name.referenced,
+                    raw_rule
+                        .value
+                        .name
+                        .as_ref()
+                        .map_or(raw_rule.referenced, |n| n.referenced),
                     format!(
                         "name: {:?} is already used by the rule at {}:{}",
                         &*rule.name,
@@ -175,7 +221,11 @@ fn load_rules_into(
                 .find(|r| r.method == rule.method && r.path.overlaps(&rule.path))
             {
                 p.add(
-                    raw_rule.value.matcher.value.path.referenced,
+                    raw_rule
+                        .value
+                        .matcher
+                        .as_ref()
+                        .map_or(raw_rule.referenced, |m| m.value.path.referenced),
                     format!(
                         "match: {} {:?} overlaps rule {:?} ({} {:?}); a request would match both",
                         rule.method,

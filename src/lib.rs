@@ -13,6 +13,7 @@
 //! - `logging`: tracing set-up.
 
 pub mod admin;
+pub mod admission;
 pub mod config;
 pub mod logging;
 pub mod metrics;
@@ -20,4 +21,5 @@ pub mod outcome;
 pub mod proxy;
 pub mod rules;
 pub mod server;
+pub mod store;
 pub mod upstream;

@@ -3,7 +3,11 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde_saphyr::Location;
+use std::time::Duration;
+
+use serde_saphyr::{Location, Spanned};
+
+use super::units::{ByteSize, ConfigDuration};
 
 /// One problem in one config file, at a line and column (1-based).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,10 +48,14 @@ impl ConfigError {
         let text = err.without_snippet().to_string();
         // serde-saphyr appends " at line N, column M"; we print the location
         // in front instead, in the `path:line:col:` form editors understand.
-        let message = match text.rfind(" at line ") {
+        let mut message = match text.rfind(" at line ") {
             Some(cut) => text[..cut].to_string(),
             None => text,
         };
+        // Advice meant for programmers embedding the parser, not operators.
+        if let Some(cut) = message.find(", set DuplicateKeyPolicy") {
+            message.truncate(cut);
+        }
         match err.location() {
             Some(loc) => Self::at(file, loc, message),
             None => Self::whole_file(file, message),
@@ -109,6 +117,41 @@ impl<'a> Problems<'a> {
     /// The file being checked.
     pub fn file(&self) -> &Path {
         self.file
+    }
+
+    /// Reports a missing required key at `at` (the enclosing mapping).
+    pub fn required<'r, T>(
+        &mut self,
+        at: Location,
+        field: &str,
+        v: &'r Option<Spanned<T>>,
+    ) -> Option<&'r Spanned<T>> {
+        if v.is_none() {
+            self.add(at, format!("missing required key `{field}`"));
+        }
+        v.as_ref()
+    }
+
+    /// A parsed duration, or the parse problem recorded under `field`.
+    pub fn duration(&mut self, field: &str, v: &Spanned<ConfigDuration>) -> Option<Duration> {
+        match &v.value.0 {
+            Ok(d) => Some(*d),
+            Err(e) => {
+                self.add(v.referenced, format!("{field}: {e}"));
+                None
+            }
+        }
+    }
+
+    /// A parsed byte size, or the parse problem recorded under `field`.
+    pub fn size(&mut self, field: &str, v: &Spanned<ByteSize>) -> Option<u64> {
+        match &v.value.0 {
+            Ok(n) => Some(*n),
+            Err(e) => {
+                self.add(v.referenced, format!("{field}: {e}"));
+                None
+            }
+        }
     }
 
     /// Takes `Ok` through, records `Err` at `loc` and gives `None`.

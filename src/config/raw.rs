@@ -13,13 +13,18 @@ use super::units::{ByteSize, ConfigDuration};
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawGateway {
-    pub listen: Spanned<String>,
+    // Required keys are optional here so that a missing one is reported
+    // with the others, not alone.
+    #[serde(default)]
+    pub listen: Option<Spanned<String>>,
     #[serde(default)]
     pub admin: Option<Spanned<RawAdmin>>,
     #[serde(default)]
     pub store: Option<Spanned<RawStore>>,
-    pub upstreams: Spanned<BTreeMap<String, Spanned<RawUpstream>>>,
-    pub default_upstream: Spanned<String>,
+    #[serde(default)]
+    pub upstreams: Option<Spanned<BTreeMap<String, Spanned<RawUpstream>>>>,
+    #[serde(default)]
+    pub default_upstream: Option<Spanned<String>>,
     #[serde(default)]
     pub rules: Option<Spanned<RawGlobs>>,
     #[serde(default)]
@@ -29,7 +34,7 @@ pub struct RawGateway {
     #[serde(default)]
     pub shutdown: Option<RawShutdown>,
     #[serde(default)]
-    pub threads: Option<Spanned<u64>>,
+    pub threads: Option<Spanned<i64>>,
     #[serde(default)]
     pub h2c: Option<bool>,
 }
@@ -55,7 +60,7 @@ pub struct RawStore {
     #[serde(default)]
     pub on_failure: Option<Spanned<String>>,
     #[serde(default)]
-    pub pass_cap: Option<Spanned<u64>>,
+    pub pass_cap: Option<Spanned<i64>>,
 }
 
 /// `store.redis:`
@@ -74,9 +79,10 @@ pub struct RawRedis {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
-    pub servers: Spanned<Vec<Spanned<String>>>,
     #[serde(default)]
-    pub max_inflight: Option<Spanned<u64>>,
+    pub servers: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    pub max_inflight: Option<Spanned<i64>>,
     #[serde(default)]
     pub connect_timeout: Option<Spanned<ConfigDuration>>,
     #[serde(default)]
@@ -99,17 +105,39 @@ pub struct RawHealthCheck {
     #[serde(default)]
     pub timeout: Option<Spanned<ConfigDuration>>,
     #[serde(default)]
-    pub failures: Option<Spanned<u64>>,
+    pub failures: Option<Spanned<i64>>,
     #[serde(default)]
-    pub successes: Option<Spanned<u64>>,
+    pub successes: Option<Spanned<i64>>,
 }
 
 /// `rules:` takes one glob or a list of globs.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum RawGlobs {
-    One(String),
-    Many(Vec<String>),
+#[derive(Debug)]
+pub struct RawGlobs(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for RawGlobs {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct GlobsVisitor;
+        impl<'de> serde::de::Visitor<'de> for GlobsVisitor {
+            type Value = RawGlobs;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a glob like lua-free-rules/*.yaml, or a list of globs")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawGlobs, E> {
+                Ok(RawGlobs(vec![v.to_string()]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RawGlobs, A::Error> {
+                let mut out = Vec::new();
+                while let Some(g) = seq.next_element::<String>()? {
+                    out.push(g);
+                }
+                Ok(RawGlobs(out))
+            }
+        }
+        deserializer.deserialize_any(GlobsVisitor)
+    }
 }
 
 /// `limits:`

@@ -8,8 +8,10 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
 /// A duration written as an integer and a unit: `ms`, `s`, `m` or `h`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConfigDuration(pub Duration);
+/// A malformed value is kept as its error, so validation can report it
+/// with its location and go on checking the rest of the file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigDuration(pub Result<Duration, String>);
 
 /// Parses `250ms`, `3s`, `10m`, `1h`; a bare number is refused because the
 /// unit would be a guess.
@@ -40,16 +42,38 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 impl<'de> Deserialize<'de> for ConfigDuration {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        parse_duration(&text)
-            .map(ConfigDuration)
-            .map_err(de::Error::custom)
+        struct DurationVisitor;
+        impl Visitor<'_> for DurationVisitor {
+            type Value = ConfigDuration;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a duration like 250ms or 3s")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ConfigDuration, E> {
+                Ok(ConfigDuration(parse_duration(v)))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ConfigDuration, E> {
+                Ok(ConfigDuration(Err(format!(
+                    "invalid duration {v}: needs a unit, like {v}s or {v}ms"
+                ))))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ConfigDuration, E> {
+                Ok(ConfigDuration(parse_duration(&v.to_string())))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<ConfigDuration, E> {
+                Ok(ConfigDuration(parse_duration(&v.to_string())))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<ConfigDuration, E> {
+                Ok(ConfigDuration(parse_duration(&v.to_string())))
+            }
+        }
+        deserializer.deserialize_any(DurationVisitor)
     }
 }
 
-/// A size in bytes: an integer, or an integer with `B`, `KiB`, `MiB` or `GiB`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ByteSize(pub u64);
+/// A size in bytes: an integer, or an integer with `B`, `KiB`, `MiB` or
+/// `GiB`. Like [`ConfigDuration`], a malformed value is kept as its error.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ByteSize(pub Result<u64, String>);
 
 /// Parses `65536`, `64KiB`, `16MiB`, `1GiB`.
 pub fn parse_byte_size(text: &str) -> Result<u64, String> {
@@ -82,15 +106,18 @@ impl<'de> Deserialize<'de> for ByteSize {
                 f.write_str("a size in bytes, like 65536 or 64KiB")
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<ByteSize, E> {
-                Ok(ByteSize(v))
+                Ok(ByteSize(Ok(v)))
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
-                u64::try_from(v)
-                    .map(ByteSize)
-                    .map_err(|_| E::custom(format!("invalid size {v}: must not be negative")))
+                Ok(ByteSize(u64::try_from(v).map_err(|_| {
+                    format!("invalid size {v}: must not be negative")
+                })))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<ByteSize, E> {
+                Ok(ByteSize(parse_byte_size(&v.to_string())))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
-                parse_byte_size(v).map(ByteSize).map_err(E::custom)
+                Ok(ByteSize(parse_byte_size(v)))
             }
         }
         deserializer.deserialize_any(SizeVisitor)

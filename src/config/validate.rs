@@ -6,14 +6,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use serde_saphyr::Spanned;
+use serde_saphyr::{Location, Spanned};
 
 use super::error::Problems;
 use super::model::{
     defaults, AdminConfig, Config, HealthCheckConfig, Limits, OnFailure, RedisConfig,
     ShutdownConfig, StoreBackend, StoreConfig, UpstreamConfig,
 };
-use super::raw::{RawGateway, RawGlobs, RawUpstream};
+use super::raw::{RawGateway, RawUpstream};
 use super::units::ConfigDuration;
 use crate::rules::{RuleSet, UpstreamId};
 
@@ -29,7 +29,7 @@ fn socket_addr(p: &mut Problems, field: &str, v: &Spanned<String>) -> Option<Soc
     )
 }
 
-fn positive(p: &mut Problems, field: &str, v: &Spanned<u64>) -> Option<u32> {
+fn positive(p: &mut Problems, field: &str, v: &Spanned<i64>) -> Option<u32> {
     let n = u32::try_from(v.value).ok().filter(|n| *n > 0);
     if n.is_none() {
         p.add(
@@ -52,13 +52,14 @@ fn duration(
     v: &Option<Spanned<ConfigDuration>>,
     default: Duration,
 ) -> Duration {
-    match v {
-        None => default,
-        Some(d) if d.value.0.is_zero() => {
-            p.add(d.referenced, format!("{field}.{key}: must be above 0"));
+    let Some(v) = v else { return default };
+    match p.duration(&format!("{field}.{key}"), v) {
+        Some(d) if d.is_zero() => {
+            p.add(v.referenced, format!("{field}.{key}: must be above 0"));
             default
         }
-        Some(d) => d.value.0,
+        Some(d) => d,
+        None => default,
     }
 }
 
@@ -82,17 +83,25 @@ fn upstream(p: &mut Problems, name: &str, raw: &Spanned<RawUpstream>) -> Option<
             ),
         );
     }
-    let mut servers = Vec::new();
-    for (i, s) in u.servers.value.iter().enumerate() {
-        if let Some(addr) = socket_addr(p, &format!("{field}.servers[{i}]"), s) {
-            servers.push(addr);
+    let mut servers: Vec<SocketAddr> = Vec::new();
+    if let Some(list) = p.required(raw.referenced, &format!("{field}.servers"), &u.servers) {
+        for (i, s) in list.value.iter().enumerate() {
+            if let Some(addr) = socket_addr(p, &format!("{field}.servers[{i}]"), s) {
+                if servers.contains(&addr) {
+                    p.add(
+                        s.referenced,
+                        format!("{field}.servers[{i}]: {addr} is listed twice"),
+                    );
+                }
+                servers.push(addr);
+            }
         }
-    }
-    if u.servers.value.is_empty() {
-        p.add(
-            u.servers.referenced,
-            format!("{field}.servers: needs at least one server"),
-        );
+        if list.value.is_empty() {
+            p.add(
+                list.referenced,
+                format!("{field}.servers: needs at least one server"),
+            );
+        }
     }
     let max_inflight = match &u.max_inflight {
         Some(m) => positive(p, &format!("{field}.max_inflight"), m).unwrap_or(1),
@@ -238,13 +247,7 @@ fn store(p: &mut Problems, raw: &RawGateway) -> StoreConfig {
                 out.redis.key_prefix = prefix.value.clone();
             }
         }
-        if let Some(t) = &r.timeout {
-            if t.value.0.is_zero() {
-                p.add(t.referenced, "store.redis.timeout: must be above 0");
-            } else {
-                out.redis.timeout = t.value.0;
-            }
-        }
+        out.redis.timeout = duration(p, "store.redis", "timeout", &r.timeout, out.redis.timeout);
     }
     let cap = match &s.pass_cap {
         Some(c) => positive(p, "store.pass_cap", c).unwrap_or(defaults::PASS_CAP),
@@ -266,7 +269,9 @@ fn store(p: &mut Problems, raw: &RawGateway) -> StoreConfig {
 /// Validates everything in `gateway.yaml` except the rule files.
 pub fn gateway(p: &mut Problems, raw: &RawGateway) -> Option<Config> {
     let before = p.count();
-    let listen = socket_addr(p, "listen", &raw.listen);
+    let listen = p
+        .required(Location::UNKNOWN, "listen", &raw.listen)
+        .and_then(|l| socket_addr(p, "listen", l));
     let admin = {
         let a = raw.admin.as_ref().map(|a| &a.value);
         let listen = match a.and_then(|a| a.listen.as_ref()) {
@@ -292,7 +297,8 @@ pub fn gateway(p: &mut Problems, raw: &RawGateway) -> Option<Config> {
                 .admin
                 .as_ref()
                 .and_then(|a| a.value.listen.as_ref())
-                .map_or(raw.listen.referenced, |l| l.referenced);
+                .or(raw.listen.as_ref())
+                .map_or(Location::UNKNOWN, |l| l.referenced);
             p.add(
                 at,
                 format!("admin.listen: {l} is also the main listen address"),
@@ -303,35 +309,39 @@ pub fn gateway(p: &mut Problems, raw: &RawGateway) -> Option<Config> {
 
     let mut names = Vec::new();
     let mut upstreams = Vec::new();
-    for (name, u) in &raw.upstreams.value {
-        names.push(name.clone());
-        if let Some(u) = upstream(p, name, u) {
-            upstreams.push(u);
+    if let Some(ups) = p.required(Location::UNKNOWN, "upstreams", &raw.upstreams) {
+        for (name, u) in &ups.value {
+            names.push(name.clone());
+            if let Some(u) = upstream(p, name, u) {
+                upstreams.push(u);
+            }
+        }
+        if ups.value.is_empty() {
+            p.add(ups.referenced, "upstreams: needs at least one upstream");
         }
     }
-    if raw.upstreams.value.is_empty() {
-        p.add(
-            raw.upstreams.referenced,
-            "upstreams: needs at least one upstream",
-        );
-    }
-    let default_upstream = names.iter().position(|n| *n == raw.default_upstream.value);
-    if default_upstream.is_none() {
-        p.add(
-            raw.default_upstream.referenced,
-            format!(
-                "default_upstream: {:?} is not defined under upstreams (defined: {})",
-                raw.default_upstream.value,
-                names.join(", ")
-            ),
-        );
-    }
+    let default_upstream = p
+        .required(Location::UNKNOWN, "default_upstream", &raw.default_upstream)
+        .and_then(|d| {
+            let found = names.iter().position(|n| *n == d.value);
+            if found.is_none() && !names.is_empty() {
+                p.add(
+                    d.referenced,
+                    format!(
+                        "default_upstream: {:?} is not defined under upstreams (defined: {})",
+                        d.value,
+                        names.join(", ")
+                    ),
+                );
+            }
+            found
+        });
 
-    let rule_globs = match raw.rules.as_ref().map(|g| &g.value) {
-        None => Vec::new(),
-        Some(RawGlobs::One(g)) => vec![g.clone()],
-        Some(RawGlobs::Many(gs)) => gs.clone(),
-    };
+    let rule_globs = raw
+        .rules
+        .as_ref()
+        .map(|g| g.value.0.clone())
+        .unwrap_or_default();
     if let Some(g) = &raw.rules {
         if rule_globs.iter().any(|s| s.trim().is_empty()) {
             p.add(g.referenced, "rules: a glob must not be empty");
@@ -381,10 +391,10 @@ pub fn gateway(p: &mut Problems, raw: &RawGateway) -> Option<Config> {
             ),
         ] {
             if let Some(v) = v {
-                if v.value.0 == 0 {
-                    p.add(v.referenced, format!("{field}: must be above 0"));
-                } else {
-                    *slot = v.value.0;
+                match p.size(field, v) {
+                    Some(0) => p.add(v.referenced, format!("{field}: must be above 0")),
+                    Some(n) => *slot = n,
+                    None => {}
                 }
             }
         }
@@ -395,11 +405,16 @@ pub fn gateway(p: &mut Problems, raw: &RawGateway) -> Option<Config> {
         timeout: defaults::SHUTDOWN_TIMEOUT,
     };
     if let Some(s) = &raw.shutdown {
+        // Zero is allowed here: no grace, or no wait for the runtimes.
         if let Some(g) = &s.grace_period {
-            shutdown.grace_period = g.value.0;
+            shutdown.grace_period = p
+                .duration("shutdown.grace_period", g)
+                .unwrap_or(shutdown.grace_period);
         }
         if let Some(t) = &s.timeout {
-            shutdown.timeout = t.value.0;
+            shutdown.timeout = p
+                .duration("shutdown.timeout", t)
+                .unwrap_or(shutdown.timeout);
         }
     }
 

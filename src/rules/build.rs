@@ -43,14 +43,24 @@ pub fn build_rule(raw: &Spanned<RawRule>, ctx: &RuleContext, p: &mut Problems) -
     let r = &raw.value;
     let errors_before = p.count();
 
-    let name = check_name(p, &r.name);
-    let method = check_method(p, &r.matcher.value.method);
-    let path = p.check(
-        r.matcher.value.path.referenced,
-        PathTemplate::parse(&r.matcher.value.path.value).map_err(|e| format!("match.path: {e}")),
-    );
-    let user = user_source(p, &r.user);
-    let sku = sku_source(p, &r.sku, path.as_ref());
+    let at = raw.referenced;
+    let name = p
+        .required(at, "name", &r.name)
+        .and_then(|n| check_name(p, n));
+    let matcher = p.required(at, "match", &r.matcher);
+    let method = matcher.and_then(|m| check_method(p, &m.value.method));
+    let path = matcher.and_then(|m| {
+        p.check(
+            m.value.path.referenced,
+            PathTemplate::parse(&m.value.path.value).map_err(|e| format!("match.path: {e}")),
+        )
+    });
+    let user = p
+        .required(at, "user", &r.user)
+        .and_then(|u| user_source(p, u));
+    let sku = p
+        .required(at, "sku", &r.sku)
+        .and_then(|s| sku_source(p, s, path.as_ref()));
     let quantity = quantity(p, r);
     let window = window(p, r);
     let rate_limits = rate_limits(p, r);
@@ -358,8 +368,10 @@ fn rate_limits(p: &mut Problems, r: &RawRule) -> Vec<RateLimit> {
             }
         };
         let rate = positive_u32(p, &v.rate, &format!("{field}.rate"));
-        let per = v.per.value.0;
-        if per.is_zero() {
+        let per = p
+            .duration(&format!("{field}.per"), &v.per)
+            .unwrap_or_default();
+        if per.is_zero() && v.per.value.0.is_ok() {
             p.add(v.per.referenced, format!("{field}.per: must be above 0"));
         }
         let burst = match &v.burst {
@@ -416,11 +428,10 @@ fn dedup(p: &mut Problems, r: &RawRule) -> Option<Dedup> {
             "dedup.key: needs at least one of user, sku",
         );
     }
-    let ttl = d
-        .value
-        .ttl
-        .as_ref()
-        .map_or(defaults::DEDUP_TTL, |t| t.value.0);
+    let ttl = match &d.value.ttl {
+        Some(t) => p.duration("dedup.ttl", t).unwrap_or(defaults::DEDUP_TTL),
+        None => defaults::DEDUP_TTL,
+    };
     if ttl.is_zero() {
         if let Some(t) = &d.value.ttl {
             p.add(t.referenced, "dedup.ttl: must be above 0");
@@ -460,7 +471,9 @@ fn admission(p: &mut Problems, r: &RawRule, ctx: &RuleContext) -> (Option<Upstre
     };
     if let Some(q) = &a.value.queue {
         if let Some(w) = &q.value.max_wait {
-            queue.max_wait = w.value.0;
+            queue.max_wait = p
+                .duration("admission.queue.max_wait", w)
+                .unwrap_or(queue.max_wait);
         }
         if let Some(c) = &q.value.capacity {
             if let Some(c) = positive_u32(p, c, "admission.queue.capacity") {

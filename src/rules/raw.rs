@@ -18,11 +18,16 @@ pub struct RawRuleFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRule {
-    pub name: Spanned<String>,
-    #[serde(rename = "match")]
-    pub matcher: Spanned<RawMatch>,
-    pub user: Spanned<RawUser>,
-    pub sku: Spanned<RawSku>,
+    // Required keys are optional here so that a missing one is reported
+    // at the rule, together with its other problems.
+    #[serde(default)]
+    pub name: Option<Spanned<String>>,
+    #[serde(rename = "match", default)]
+    pub matcher: Option<Spanned<RawMatch>>,
+    #[serde(default)]
+    pub user: Option<Spanned<RawUser>>,
+    #[serde(default)]
+    pub sku: Option<Spanned<RawSku>>,
     #[serde(default)]
     pub quantity: Option<Spanned<RawQuantity>>,
     #[serde(default)]

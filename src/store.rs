@@ -1,0 +1,397 @@
+//! Stock, dedup marks and the ticket ledger, behind one trait with two
+//! implementations of the same semantics: `memory` (embedded, one node)
+//! and `redis` (shared by many nodes, Lua-free).
+//!
+//! Conservation is by construction: at every instant a unit is either
+//! available or held by exactly one ticket. A reservation never overdraws
+//! (it refuses instead); releasing a ticket moves its units back, and a
+//! second release finds nothing to move. Called by the admission pipeline
+//! and the admin API.
+
+pub mod memory;
+pub mod redis;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+/// A (rule, sku) pair: the unit of stock.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SkuKey {
+    /// Rule name.
+    pub rule: Arc<str>,
+    /// Sku id (validated: 1-128 of `[A-Za-z0-9._:-]`).
+    pub sku: Arc<str>,
+}
+
+impl SkuKey {
+    /// A key from a rule name and a sku.
+    pub fn new(rule: &str, sku: &str) -> Self {
+        Self {
+            rule: Arc::from(rule),
+            sku: Arc::from(sku),
+        }
+    }
+}
+
+impl fmt::Display for SkuKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.rule, self.sku)
+    }
+}
+
+/// A ticket: 128 random bits, written as 32 lowercase hex characters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TicketId(pub u128);
+
+impl TicketId {
+    /// A fresh random ticket.
+    pub fn random() -> Self {
+        Self(rand::random())
+    }
+
+    /// Parses 32 lowercase hex characters.
+    pub fn parse(s: &str) -> Option<Self> {
+        let lower_hex = s.len() == 32
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !lower_hex {
+            return None;
+        }
+        u128::from_str_radix(s, 16).ok().map(Self)
+    }
+}
+
+impl fmt::Display for TicketId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+/// Where a dedup mark lives: per (rule, sku), or per rule across skus.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MarkScope {
+    /// One mark per (rule, sku, id).
+    Sku,
+    /// One mark per (rule, id), whatever the sku.
+    Rule,
+}
+
+/// A dedup mark a winner leaves: the same `id` in the same scope again is
+/// a duplicate of this ticket until `ttl` passes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DedupMark {
+    /// Scope of the mark.
+    pub scope: MarkScope,
+    /// Identity within the scope, e.g. `u:alice` or `i:<Idempotency-Key>`.
+    pub id: String,
+    /// How long the mark lives.
+    pub ttl: Duration,
+}
+
+/// An attempt to take units.
+#[derive(Clone, Debug)]
+pub struct Reservation<'a> {
+    /// Which stock.
+    pub key: &'a SkuKey,
+    /// The ticket that will hold the units.
+    pub ticket: TicketId,
+    /// The buyer.
+    pub user: &'a str,
+    /// Units wanted (at least 1).
+    pub qty: u32,
+    /// Marks to leave if this wins (checked atomically with the stock).
+    pub marks: &'a [DedupMark],
+    /// Units one user may hold in this (rule, sku).
+    pub per_user_limit: Option<u32>,
+}
+
+/// The answer to a reservation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reserved {
+    /// The ticket holds `qty` units.
+    Won,
+    /// Fewer than `qty` units are available; nothing is held.
+    SoldOut,
+    /// The sku was never loaded (or its stock was lost): never unlimited.
+    NotLoaded,
+    /// A mark says this is a repeat of `first`; nothing is held.
+    Duplicate {
+        /// The first attempt's ticket.
+        first: TicketId,
+    },
+    /// The user would hold more than `per_user_limit`; nothing is held.
+    OverUserLimit,
+}
+
+/// Where a ticket is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TicketState {
+    /// Holds units; the backend has not answered yet.
+    Held,
+    /// The backend accepted: the units are sold.
+    Committed,
+    /// The units went back to stock.
+    Released,
+}
+
+impl TicketState {
+    /// One-letter code used in the ledger.
+    pub fn code(self) -> char {
+        match self {
+            TicketState::Held => 'H',
+            TicketState::Committed => 'C',
+            TicketState::Released => 'R',
+        }
+    }
+
+    /// Parses a ledger code.
+    pub fn from_code(c: char) -> Option<Self> {
+        match c {
+            'H' => Some(TicketState::Held),
+            'C' => Some(TicketState::Committed),
+            'R' => Some(TicketState::Released),
+            _ => None,
+        }
+    }
+}
+
+/// Why units went back to stock (`reason` label of `sluice_released_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReleaseReason {
+    /// The backend could not be connected.
+    ConnectError,
+    /// The backend timed out.
+    Timeout,
+    /// The backend answered 5xx.
+    Status5xx,
+    /// The backend answered 4xx.
+    Status4xx,
+    /// The client went away before the backend was asked.
+    ClientGone,
+    /// An operator or the backend released it through the admin API.
+    Admin,
+}
+
+impl ReleaseReason {
+    /// Every reason, for pre-registering metric series.
+    pub const ALL: [ReleaseReason; 6] = [
+        ReleaseReason::ConnectError,
+        ReleaseReason::Timeout,
+        ReleaseReason::Status5xx,
+        ReleaseReason::Status4xx,
+        ReleaseReason::ClientGone,
+        ReleaseReason::Admin,
+    ];
+
+    /// Label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ReleaseReason::ConnectError => "connect_error",
+            ReleaseReason::Timeout => "timeout",
+            ReleaseReason::Status5xx => "5xx",
+            ReleaseReason::Status4xx => "4xx",
+            ReleaseReason::ClientGone => "client_gone",
+            ReleaseReason::Admin => "admin",
+        }
+    }
+}
+
+/// A backend answer kept for replay to duplicates and ticket polls.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredResponse {
+    /// HTTP status.
+    pub status: u16,
+    /// Content-Type, if any.
+    pub content_type: Option<String>,
+    /// The body (bounded by the caller).
+    pub body: Bytes,
+}
+
+/// One ticket as the ledger has it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TicketRecord {
+    /// The ticket.
+    pub id: TicketId,
+    /// Its stock.
+    pub key: SkuKey,
+    /// Its buyer.
+    pub user: String,
+    /// Units it took.
+    pub qty: u32,
+    /// Where it is.
+    pub state: TicketState,
+    /// The backend's answer, once committed (while kept).
+    pub response: Option<StoredResponse>,
+}
+
+/// The admin view of one (rule, sku): all integers, from the ledger.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StockView {
+    /// Units anyone can still win.
+    pub available: u64,
+    /// Units ever loaded (available + held + sold).
+    pub initial: u64,
+    /// Units in committed tickets.
+    pub sold: u64,
+    /// Units in tickets waiting for the backend.
+    pub in_flight: u64,
+    /// Units in queued tickets.
+    pub queued: u64,
+    /// Units returned to stock by releases, cumulative.
+    pub released: u64,
+}
+
+/// A store operation name (`op` label of store metrics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreOp {
+    /// Reservation.
+    Reserve,
+    /// Commit.
+    Commit,
+    /// Release.
+    Release,
+    /// Restock / set available.
+    SetAvailable,
+    /// Reads (stock view, ticket, availability).
+    Read,
+}
+
+impl StoreOp {
+    /// Every op, for pre-registering metric series.
+    pub const ALL: [StoreOp; 5] = [
+        StoreOp::Reserve,
+        StoreOp::Commit,
+        StoreOp::Release,
+        StoreOp::SetAvailable,
+        StoreOp::Read,
+    ];
+
+    /// Label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            StoreOp::Reserve => "reserve",
+            StoreOp::Commit => "commit",
+            StoreOp::Release => "release",
+            StoreOp::SetAvailable => "set_available",
+            StoreOp::Read => "read",
+        }
+    }
+}
+
+/// The store could not answer; admission fails closed on this.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No answer within the configured timeout.
+    #[error("store timeout after {timeout:?} on {op}")]
+    Timeout {
+        /// Operation.
+        op: &'static str,
+        /// Configured timeout.
+        timeout: Duration,
+    },
+    /// The store is unreachable or answered with an error.
+    #[error("store error on {op}: {message}")]
+    Backend {
+        /// Operation.
+        op: &'static str,
+        /// What went wrong.
+        message: String,
+    },
+    /// The ledger holds something this version cannot read.
+    #[error("store ledger corrupt at {key}: {message}")]
+    Corrupt {
+        /// Key.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The operation names a sku that was never loaded.
+    #[error("{0} is not loaded")]
+    NotLoaded(SkuKey),
+}
+
+/// Stock, marks and tickets. Both implementations pass the same suite
+/// (`tests/store.rs`).
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Takes `qty` units for a new ticket, atomically with the dedup marks
+    /// and the per-user limit; refuses without holding anything otherwise.
+    async fn reserve(&self, r: &Reservation<'_>) -> Result<Reserved, StoreError>;
+
+    /// Marks a held ticket sold and keeps the backend's answer for `ttl`.
+    async fn commit(
+        &self,
+        key: &SkuKey,
+        ticket: TicketId,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Returns a ticket's units to stock and clears its marks; returns the
+    /// units moved (0 when already released: idempotent).
+    async fn release(
+        &self,
+        key: &SkuKey,
+        ticket: TicketId,
+        reason: ReleaseReason,
+    ) -> Result<u64, StoreError>;
+
+    /// Sets the available units (held tickets untouched); loads the sku
+    /// if it was not loaded.
+    async fn set_available(&self, key: &SkuKey, available: u64) -> Result<StockView, StoreError>;
+
+    /// The stock view, `None` when the sku was never loaded.
+    async fn stock(&self, key: &SkuKey) -> Result<Option<StockView>, StoreError>;
+
+    /// Available units only (cheap), `None` when not loaded.
+    async fn available(&self, key: &SkuKey) -> Result<Option<u64>, StoreError>;
+
+    /// A ticket by id, from any node.
+    async fn ticket(&self, id: TicketId) -> Result<Option<TicketRecord>, StoreError>;
+
+    /// Whether the store answers at all (for `/readyz`).
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ticket_ids_are_32_lowercase_hex_and_round_trip() {
+        let t = TicketId::random();
+        let s = t.to_string();
+        assert_eq!(s.len(), 32);
+        assert!(s
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert_eq!(TicketId::parse(&s), Some(t));
+        assert_eq!(TicketId(1).to_string(), "00000000000000000000000000000001");
+        for bad in [
+            "",
+            "abc",
+            &s.to_uppercase(),
+            &format!("{s}0"),
+            "g0000000000000000000000000000000",
+        ] {
+            if bad != s {
+                assert_eq!(TicketId::parse(bad), None, "{bad}");
+            }
+        }
+    }
+
+    #[test]
+    fn state_codes_round_trip() {
+        for s in [
+            TicketState::Held,
+            TicketState::Committed,
+            TicketState::Released,
+        ] {
+            assert_eq!(TicketState::from_code(s.code()), Some(s));
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! The embedded store: one node, everything under one mutex (each
+//! operation is a few map lookups, so contention stays short), the same
+//! semantics as the Redis store.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use super::{
+    DedupMark, MarkScope, ReleaseReason, Reservation, Reserved, SkuKey, StockView, Store,
+    StoreError, StoredResponse, TicketId, TicketRecord, TicketState,
+};
+
+struct Ticket {
+    user: String,
+    qty: u32,
+    state: TicketState,
+    marks: Vec<String>,
+    response: Option<(StoredResponse, Instant)>,
+}
+
+#[derive(Default)]
+struct Sku {
+    available: u64,
+    initial: u64,
+    released: u64,
+    tickets: HashMap<TicketId, Ticket>,
+    held_by_user: HashMap<String, u64>,
+}
+
+#[derive(Default)]
+struct Inner {
+    skus: HashMap<SkuKey, Sku>,
+    marks: HashMap<String, (TicketId, Instant)>,
+    index: HashMap<TicketId, SkuKey>,
+}
+
+/// The in-process store.
+#[derive(Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+}
+
+fn mark_key(key: &SkuKey, mark: &DedupMark) -> String {
+    match mark.scope {
+        MarkScope::Sku => format!("{}:{}|{}", key.rule, key.sku, mark.id),
+        MarkScope::Rule => format!("{}|{}", key.rule, mark.id),
+    }
+}
+
+fn poisoned(op: &'static str) -> StoreError {
+    StoreError::Backend {
+        op,
+        message: "memory store lock poisoned by a panic".into(),
+    }
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Drops expired marks and kept responses; called from a background task.
+    pub fn prune(&self) {
+        let now = Instant::now();
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.marks.retain(|_, (_, expires)| *expires > now);
+            for sku in inner.skus.values_mut() {
+                for t in sku.tickets.values_mut() {
+                    if t.response.as_ref().is_some_and(|(_, exp)| *exp <= now) {
+                        t.response = None;
+                    }
+                }
+            }
+        }
+    }
+
+    fn view(sku: &Sku) -> StockView {
+        let mut v = StockView {
+            available: sku.available,
+            initial: sku.initial,
+            released: sku.released,
+            ..StockView::default()
+        };
+        for t in sku.tickets.values() {
+            match t.state {
+                TicketState::Held => v.in_flight += u64::from(t.qty),
+                TicketState::Committed => v.sold += u64::from(t.qty),
+                TicketState::Released => {}
+            }
+        }
+        v
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn reserve(&self, r: &Reservation<'_>) -> Result<Reserved, StoreError> {
+        let now = Instant::now();
+        let mut guard = self.inner.lock().map_err(|_| poisoned("reserve"))?;
+        let inner = &mut *guard;
+        let Some(sku) = inner.skus.get_mut(r.key) else {
+            return Ok(Reserved::NotLoaded);
+        };
+        let keys: Vec<String> = r.marks.iter().map(|m| mark_key(r.key, m)).collect();
+        for k in &keys {
+            if let Some((first, expires)) = inner.marks.get(k) {
+                if *expires > now {
+                    return Ok(Reserved::Duplicate { first: *first });
+                }
+            }
+        }
+        let qty = u64::from(r.qty);
+        let held = sku.held_by_user.get(r.user).copied().unwrap_or(0);
+        if let Some(limit) = r.per_user_limit {
+            if held + qty > u64::from(limit) {
+                return Ok(Reserved::OverUserLimit);
+            }
+        }
+        if sku.available < qty {
+            return Ok(Reserved::SoldOut);
+        }
+        sku.available -= qty;
+        *sku.held_by_user.entry(r.user.to_string()).or_default() += qty;
+        sku.tickets.insert(
+            r.ticket,
+            Ticket {
+                user: r.user.to_string(),
+                qty: r.qty,
+                state: TicketState::Held,
+                marks: keys.clone(),
+                response: None,
+            },
+        );
+        for (k, m) in keys.into_iter().zip(r.marks) {
+            inner.marks.insert(k, (r.ticket, now + m.ttl));
+        }
+        inner.index.insert(r.ticket, r.key.clone());
+        Ok(Reserved::Won)
+    }
+
+    async fn commit(
+        &self,
+        key: &SkuKey,
+        ticket: TicketId,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.inner.lock().map_err(|_| poisoned("commit"))?;
+        let t = inner
+            .skus
+            .get_mut(key)
+            .and_then(|s| s.tickets.get_mut(&ticket));
+        if let Some(t) = t {
+            if t.state == TicketState::Held {
+                t.state = TicketState::Committed;
+                t.response = Some((response.clone(), Instant::now() + ttl));
+            }
+        }
+        Ok(())
+    }
+
+    async fn release(
+        &self,
+        key: &SkuKey,
+        ticket: TicketId,
+        _reason: ReleaseReason,
+    ) -> Result<u64, StoreError> {
+        let mut guard = self.inner.lock().map_err(|_| poisoned("release"))?;
+        let inner = &mut *guard;
+        let Some(sku) = inner.skus.get_mut(key) else {
+            return Ok(0);
+        };
+        let Some(t) = sku.tickets.get_mut(&ticket) else {
+            return Ok(0);
+        };
+        if t.state == TicketState::Released {
+            return Ok(0);
+        }
+        t.state = TicketState::Released;
+        let qty = u64::from(t.qty);
+        sku.available += qty;
+        sku.released += qty;
+        if let Some(h) = sku.held_by_user.get_mut(&t.user) {
+            *h = h.saturating_sub(qty);
+            if *h == 0 {
+                sku.held_by_user.remove(&t.user);
+            }
+        }
+        for k in &t.marks {
+            if inner
+                .marks
+                .get(k)
+                .is_some_and(|(owner, _)| *owner == ticket)
+            {
+                inner.marks.remove(k);
+            }
+        }
+        Ok(qty)
+    }
+
+    async fn set_available(&self, key: &SkuKey, available: u64) -> Result<StockView, StoreError> {
+        let mut inner = self.inner.lock().map_err(|_| poisoned("set_available"))?;
+        let sku = inner.skus.entry(key.clone()).or_default();
+        let held = sku.initial - sku.available;
+        sku.available = available;
+        sku.initial = available + held;
+        Ok(Self::view(sku))
+    }
+
+    async fn stock(&self, key: &SkuKey) -> Result<Option<StockView>, StoreError> {
+        let inner = self.inner.lock().map_err(|_| poisoned("stock"))?;
+        Ok(inner.skus.get(key).map(Self::view))
+    }
+
+    async fn available(&self, key: &SkuKey) -> Result<Option<u64>, StoreError> {
+        let inner = self.inner.lock().map_err(|_| poisoned("available"))?;
+        Ok(inner.skus.get(key).map(|s| s.available))
+    }
+
+    async fn ticket(&self, id: TicketId) -> Result<Option<TicketRecord>, StoreError> {
+        let inner = self.inner.lock().map_err(|_| poisoned("ticket"))?;
+        let Some(key) = inner.index.get(&id) else {
+            return Ok(None);
+        };
+        let now = Instant::now();
+        Ok(inner
+            .skus
+            .get(key)
+            .and_then(|s| s.tickets.get(&id))
+            .map(|t| TicketRecord {
+                id,
+                key: key.clone(),
+                user: t.user.clone(),
+                qty: t.qty,
+                state: t.state,
+                response: t
+                    .response
+                    .as_ref()
+                    .filter(|(_, exp)| *exp > now)
+                    .map(|(r, _)| r.clone()),
+            }))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}

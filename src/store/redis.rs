@@ -1,0 +1,655 @@
+//! The shared store on Redis, Lua-free: only atomic commands, pipelines
+//! and MULTI/EXEC, so it runs on Redis, Valkey, KeyDB, Dragonfly and behind
+//! proxies that refuse scripts.
+//!
+//! Stock is a list of units. A reservation moves units with `LMOVE` from
+//! `avail` to the ticket's own list in one MULTI with the dedup marks
+//! (`SET NX GET`), the per-user count and the ticket record: it can never
+//! overdraw, and what a ticket holds can always be read back (`LLEN`).
+//! A refusal undoes only what the transaction did, by moving the units
+//! back; a timed-out step is resolved by reading, never by retrying.
+//!
+//! Keys of one (rule, sku) share the hash tag `{rule:sku}`:
+//! `avail` (list), `loaded`, `tickets` (ticket -> record), `state`
+//! (ticket -> H/C/R), `h:<ticket>` (units held), `uq:<user>`, `u:<user>`
+//! and `i:<key>` (dedup marks), `r:<ticket>` (kept response), `released`.
+//! `ticket:<id>` (no tag) points a ticket at its (rule, sku).
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Pipeline, Value};
+
+use super::{
+    DedupMark, MarkScope, ReleaseReason, Reservation, Reserved, SkuKey, StockView, Store,
+    StoreError, StoredResponse, TicketId, TicketRecord, TicketState,
+};
+use crate::config::RedisConfig;
+
+/// Field separator inside ledger values: never in ids (validated charset).
+const SEP: char = '\u{1f}';
+/// Separator of mark keys inside a ticket record.
+const MARK_SEP: char = '\u{1e}';
+/// Units pushed per RPUSH when restocking, to keep commands small.
+const RESTOCK_CHUNK: u64 = 10_000;
+
+/// The Redis store, over one multiplexed, self-reconnecting connection.
+pub struct RedisStore {
+    conn: ConnectionManager,
+    prefix: String,
+    timeout: Duration,
+    ticket_ttl: Duration,
+}
+
+/// The immutable part of a ticket, as stored in `tickets`.
+struct Record {
+    qty: u32,
+    user: String,
+    counted_for_user: bool,
+    marks: Vec<String>,
+}
+
+impl Record {
+    fn encode(&self) -> String {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let marks: Vec<&str> = self.marks.iter().map(String::as_str).collect();
+        format!(
+            "{}{SEP}{}{SEP}{}{SEP}{now_ms}{SEP}{}",
+            self.qty,
+            self.user,
+            u8::from(self.counted_for_user),
+            marks.join(&MARK_SEP.to_string())
+        )
+    }
+
+    fn decode(key: &str, text: &str) -> Result<Self, StoreError> {
+        let corrupt = || StoreError::Corrupt {
+            key: key.to_string(),
+            message: format!("unreadable ticket record {text:?}"),
+        };
+        let mut parts = text.split(SEP);
+        let qty = parts
+            .next()
+            .and_then(|q| q.parse().ok())
+            .ok_or_else(corrupt)?;
+        let user = parts.next().ok_or_else(corrupt)?.to_string();
+        let counted_for_user = parts.next().ok_or_else(corrupt)? == "1";
+        let _issued_ms = parts.next().ok_or_else(corrupt)?;
+        let marks = parts
+            .next()
+            .unwrap_or_default()
+            .split(MARK_SEP)
+            .filter(|m| !m.is_empty())
+            .map(str::to_string)
+            .collect();
+        Ok(Self {
+            qty,
+            user,
+            counted_for_user,
+            marks,
+        })
+    }
+}
+
+fn as_string(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(n) => Some(n.to_string()),
+        Value::Okay => Some("OK".into()),
+        _ => None,
+    }
+}
+
+fn as_int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(n) => Some(*n),
+        other => as_string(other).and_then(|s| s.parse().ok()),
+    }
+}
+
+fn as_pairs(v: &Value) -> Vec<(String, Value)> {
+    match v {
+        Value::Map(pairs) => pairs
+            .iter()
+            .filter_map(|(k, v)| as_string(k).map(|k| (k, v.clone())))
+            .collect(),
+        Value::Array(items) => items
+            .chunks(2)
+            .filter_map(|c| match c {
+                [k, v] => as_string(k).map(|k| (k, v.clone())),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+impl RedisStore {
+    /// A store for the configured Redis; connects lazily, so the gateway
+    /// starts (and answers `unavailable`) while Redis is down.
+    pub fn new(config: &RedisConfig, ticket_ttl: Duration) -> Result<Self, StoreError> {
+        let client = redis::Client::open(config.url.as_str()).map_err(|e| StoreError::Backend {
+            op: "connect",
+            message: e.to_string(),
+        })?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(config.timeout))
+            .set_connection_timeout(Some(config.timeout.max(Duration::from_millis(250))))
+            // Reconnect quickly when Redis comes back; requests meanwhile
+            // fail fast and are answered `unavailable`.
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn =
+            ConnectionManager::new_lazy_with_config(client, manager_config).map_err(|e| {
+                StoreError::Backend {
+                    op: "connect",
+                    message: e.to_string(),
+                }
+            })?;
+        Ok(Self {
+            conn,
+            prefix: config.key_prefix.clone(),
+            timeout: config.timeout,
+            ticket_ttl,
+        })
+    }
+
+    fn tag(&self, key: &SkuKey) -> String {
+        format!("{}{{{}:{}}}", self.prefix, key.rule, key.sku)
+    }
+
+    fn mark_key(&self, key: &SkuKey, mark: &DedupMark) -> String {
+        match mark.scope {
+            MarkScope::Sku => format!("{}:{}", self.tag(key), mark.id),
+            MarkScope::Rule => format!("{}{{{}}}:{}", self.prefix, key.rule, mark.id),
+        }
+    }
+
+    fn index_key(&self, ticket: TicketId) -> String {
+        format!("{}ticket:{ticket}", self.prefix)
+    }
+
+    fn error(&self, op: &'static str, e: redis::RedisError) -> StoreError {
+        if e.is_timeout() {
+            StoreError::Timeout {
+                op,
+                timeout: self.timeout,
+            }
+        } else {
+            StoreError::Backend {
+                op,
+                message: e.to_string(),
+            }
+        }
+    }
+
+    async fn run(&self, op: &'static str, pipe: &Pipeline) -> Result<Vec<Value>, StoreError> {
+        let mut conn = self.conn.clone();
+        pipe.query_async::<Vec<Value>>(&mut conn)
+            .await
+            .map_err(|e| self.error(op, e))
+    }
+
+    /// Moves back what a reservation took and removes what it wrote, in
+    /// one transaction: units, the marks it set, its user count, its record.
+    async fn undo(
+        &self,
+        key: &SkuKey,
+        ticket: TicketId,
+        moved: u64,
+        marks_set: &[String],
+        user_counted: Option<(&str, u32)>,
+    ) -> Result<(), StoreError> {
+        let tag = self.tag(key);
+        let held = format!("{tag}:h:{ticket}");
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for _ in 0..moved {
+            pipe.cmd("LMOVE")
+                .arg(&held)
+                .arg(format!("{tag}:avail"))
+                .arg("RIGHT")
+                .arg("LEFT")
+                .ignore();
+        }
+        for m in marks_set {
+            pipe.cmd("DEL").arg(m).ignore();
+        }
+        if let Some((user, qty)) = user_counted {
+            pipe.cmd("DECRBY")
+                .arg(format!("{tag}:uq:{user}"))
+                .arg(qty)
+                .ignore();
+        }
+        pipe.cmd("HDEL")
+            .arg(format!("{tag}:tickets"))
+            .arg(ticket.to_string())
+            .ignore();
+        pipe.cmd("HDEL")
+            .arg(format!("{tag}:state"))
+            .arg(ticket.to_string())
+            .ignore();
+        pipe.cmd("DEL").arg(self.index_key(ticket)).ignore();
+        self.run("reserve-undo", &pipe).await.map(drop)
+    }
+
+    /// After a reservation timed out: did it run? Reads the ledger on the
+    /// same connection (ordered after it) and undoes it if it did.
+    async fn resolve_timed_out_reservation(
+        &self,
+        r: &Reservation<'_>,
+        mark_keys: &[String],
+    ) -> Result<(), StoreError> {
+        let tag = self.tag(r.key);
+        let ticket = r.ticket.to_string();
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGET").arg(format!("{tag}:tickets")).arg(&ticket);
+        pipe.cmd("LLEN").arg(format!("{tag}:h:{ticket}"));
+        for m in mark_keys {
+            pipe.cmd("GET").arg(m);
+        }
+        let vals = self.run("reserve-resolve", &pipe).await?;
+        let ran = vals.first().is_some_and(|v| !matches!(v, Value::Nil));
+        if !ran {
+            return Ok(());
+        }
+        let moved = vals.get(1).and_then(as_int).unwrap_or(0).max(0) as u64;
+        let ours: Vec<String> = mark_keys
+            .iter()
+            .zip(vals.iter().skip(2))
+            .filter(|(_, v)| as_string(v).as_deref() == Some(ticket.as_str()))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let user_counted = r.per_user_limit.map(|_| (r.user, r.qty));
+        self.undo(r.key, r.ticket, moved, &ours, user_counted).await
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn reserve(&self, r: &Reservation<'_>) -> Result<Reserved, StoreError> {
+        let tag = self.tag(r.key);
+        let ticket = r.ticket.to_string();
+        let mark_keys: Vec<String> = r.marks.iter().map(|m| self.mark_key(r.key, m)).collect();
+        let record = Record {
+            qty: r.qty,
+            user: r.user.to_string(),
+            counted_for_user: r.per_user_limit.is_some(),
+            marks: mark_keys.clone(),
+        };
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.cmd("EXISTS").arg(format!("{tag}:loaded"));
+        for (k, m) in mark_keys.iter().zip(r.marks) {
+            pipe.cmd("SET")
+                .arg(k)
+                .arg(&ticket)
+                .arg("NX")
+                .arg("PX")
+                .arg(millis(m.ttl))
+                .arg("GET");
+        }
+        if r.per_user_limit.is_some() {
+            pipe.cmd("INCRBY")
+                .arg(format!("{tag}:uq:{}", r.user))
+                .arg(r.qty);
+        }
+        for _ in 0..r.qty {
+            pipe.cmd("LMOVE")
+                .arg(format!("{tag}:avail"))
+                .arg(format!("{tag}:h:{ticket}"))
+                .arg("LEFT")
+                .arg("RIGHT");
+        }
+        pipe.cmd("HSET")
+            .arg(format!("{tag}:tickets"))
+            .arg(&ticket)
+            .arg(record.encode())
+            .ignore();
+        pipe.cmd("HSET")
+            .arg(format!("{tag}:state"))
+            .arg(&ticket)
+            .arg("H")
+            .ignore();
+        pipe.cmd("SET")
+            .arg(self.index_key(r.ticket))
+            .arg(format!("{}{SEP}{}", r.key.rule, r.key.sku))
+            .arg("PX")
+            .arg(millis(self.ticket_ttl))
+            .ignore();
+        let vals = match self.run("reserve", &pipe).await {
+            Ok(v) => v,
+            Err(e @ StoreError::Timeout { .. }) => {
+                // It may have run: read back and undo, never retry.
+                if let Err(resolve) = self.resolve_timed_out_reservation(r, &mark_keys).await {
+                    tracing::warn!(ticket = %r.ticket, error = %resolve,
+                        "could not resolve a timed-out reservation; reconcile will");
+                }
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        let mut it = vals.iter();
+        let loaded = it.next().and_then(as_int) == Some(1);
+        let olds: Vec<Option<String>> = (0..mark_keys.len())
+            .map(|_| it.next().and_then(as_string))
+            .collect();
+        let user_total = if r.per_user_limit.is_some() {
+            it.next().and_then(as_int)
+        } else {
+            None
+        };
+        let moved = (0..r.qty)
+            .filter(|_| it.next().is_some_and(|v| !matches!(v, Value::Nil)))
+            .count() as u64;
+
+        let verdict = if !loaded {
+            Reserved::NotLoaded
+        } else if let Some(first) = olds.iter().flatten().find_map(|t| TicketId::parse(t)) {
+            Reserved::Duplicate { first }
+        } else if let (Some(limit), Some(total)) = (r.per_user_limit, user_total) {
+            if total > i64::from(limit) {
+                Reserved::OverUserLimit
+            } else if moved < u64::from(r.qty) {
+                Reserved::SoldOut
+            } else {
+                Reserved::Won
+            }
+        } else if moved < u64::from(r.qty) {
+            Reserved::SoldOut
+        } else {
+            Reserved::Won
+        };
+        if verdict != Reserved::Won {
+            let marks_set: Vec<String> = mark_keys
+                .iter()
+                .zip(&olds)
+                .filter(|(_, old)| old.is_none())
+                .map(|(k, _)| k.clone())
+                .collect();
+            let user_counted = r.per_user_limit.map(|_| (r.user, r.qty));
+            self.undo(r.key, r.ticket, moved, &marks_set, user_counted)
+                .await?;
+        }
+        Ok(verdict)
+    }
+
+    async fn commit(
+        &self,
+        key: &SkuKey,
+        ticket: TicketId,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let tag = self.tag(key);
+        let id = ticket.to_string();
+        let resp_key = format!("{tag}:r:{id}");
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.cmd("HSET")
+            .arg(format!("{tag}:state"))
+            .arg(&id)
+            .arg("C")
+            .ignore();
+        pipe.cmd("HSET")
+            .arg(&resp_key)
+            .arg("status")
+            .arg(response.status)
+            .arg("type")
+            .arg(response.content_type.as_deref().unwrap_or(""))
+            .arg("body")
+            .arg(response.body.as_ref())
+            .ignore();
+        pipe.cmd("PEXPIRE").arg(&resp_key).arg(millis(ttl)).ignore();
+        self.run("commit", &pipe).await.map(drop)
+    }
+
+    async fn release(
+        &self,
+        key: &SkuKey,
+        ticket: TicketId,
+        _reason: ReleaseReason,
+    ) -> Result<u64, StoreError> {
+        let tag = self.tag(key);
+        let id = ticket.to_string();
+        let mut read = redis::pipe();
+        read.cmd("HGET").arg(format!("{tag}:tickets")).arg(&id);
+        read.cmd("HGET").arg(format!("{tag}:state")).arg(&id);
+        let vals = self.run("release", &read).await?;
+        let (Some(text), Some(state)) = (
+            vals.first().and_then(as_string),
+            vals.get(1).and_then(as_string),
+        ) else {
+            return Ok(0);
+        };
+        if state == "R" {
+            return Ok(0);
+        }
+        let record = Record::decode(&format!("{tag}:tickets"), &text)?;
+
+        // Move every unit the ticket holds back; a concurrent second
+        // release finds nothing left to move.
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for _ in 0..record.qty {
+            pipe.cmd("LMOVE")
+                .arg(format!("{tag}:h:{id}"))
+                .arg(format!("{tag}:avail"))
+                .arg("RIGHT")
+                .arg("LEFT");
+        }
+        pipe.cmd("HSET")
+            .arg(format!("{tag}:state"))
+            .arg(&id)
+            .arg("R")
+            .ignore();
+        for m in &record.marks {
+            pipe.cmd("GET").arg(m);
+        }
+        let vals = self.run("release", &pipe).await?;
+        let moved = vals
+            .iter()
+            .take(record.qty as usize)
+            .filter(|v| !matches!(v, Value::Nil))
+            .count() as u64;
+        if moved == 0 {
+            return Ok(0);
+        }
+        let mut after = redis::pipe();
+        after
+            .cmd("INCRBY")
+            .arg(format!("{tag}:released"))
+            .arg(moved)
+            .ignore();
+        if record.counted_for_user {
+            after
+                .cmd("DECRBY")
+                .arg(format!("{tag}:uq:{}", record.user))
+                .arg(moved)
+                .ignore();
+        }
+        // Clear the marks that still point at this ticket, so the user may
+        // try again.
+        for (m, v) in record
+            .marks
+            .iter()
+            .zip(vals.iter().skip(record.qty as usize))
+        {
+            if as_string(v).as_deref() == Some(id.as_str()) {
+                after.cmd("DEL").arg(m).ignore();
+            }
+        }
+        self.run("release", &after).await?;
+        Ok(moved)
+    }
+
+    async fn set_available(&self, key: &SkuKey, available: u64) -> Result<StockView, StoreError> {
+        let tag = self.tag(key);
+        let avail = format!("{tag}:avail");
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET").arg(format!("{tag}:loaded")).arg(1).ignore();
+        pipe.cmd("LLEN").arg(&avail);
+        let vals = self.run("set_available", &pipe).await?;
+        let now = vals.first().and_then(as_int).unwrap_or(0).max(0) as u64;
+        // Units are interchangeable: only the list lengths matter. While a
+        // sale runs, concurrent reservations make the result approximate;
+        // at rest it is exact, and it never overdraws either way.
+        let mut change = redis::pipe();
+        if available > now {
+            let mut missing = available - now;
+            while missing > 0 {
+                let n = missing.min(RESTOCK_CHUNK);
+                let cmd = change.cmd("RPUSH").arg(&avail);
+                for _ in 0..n {
+                    cmd.arg("u");
+                }
+                cmd.ignore();
+                missing -= n;
+            }
+        } else if available < now {
+            change.cmd("LPOP").arg(&avail).arg(now - available).ignore();
+        }
+        if available != now {
+            self.run("set_available", &change).await?;
+        }
+        self.stock(key)
+            .await?
+            .ok_or_else(|| StoreError::NotLoaded(key.clone()))
+    }
+
+    async fn stock(&self, key: &SkuKey) -> Result<Option<StockView>, StoreError> {
+        let tag = self.tag(key);
+        let mut pipe = redis::pipe();
+        pipe.cmd("EXISTS").arg(format!("{tag}:loaded"));
+        pipe.cmd("LLEN").arg(format!("{tag}:avail"));
+        pipe.cmd("HGETALL").arg(format!("{tag}:state"));
+        pipe.cmd("HGETALL").arg(format!("{tag}:tickets"));
+        pipe.cmd("GET").arg(format!("{tag}:released"));
+        let vals = self.run("stock", &pipe).await?;
+        if vals.first().and_then(as_int) != Some(1) {
+            return Ok(None);
+        }
+        let available = vals.get(1).and_then(as_int).unwrap_or(0).max(0) as u64;
+        let states: HashMap<String, String> = vals
+            .get(2)
+            .map(as_pairs)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(k, v)| as_string(&v).map(|v| (k, v)))
+            .collect();
+        let mut view = StockView {
+            available,
+            released: vals.get(4).and_then(as_int).unwrap_or(0).max(0) as u64,
+            ..StockView::default()
+        };
+        let tickets_key = format!("{tag}:tickets");
+        for (id, rec) in vals.get(3).map(as_pairs).unwrap_or_default() {
+            let Some(text) = as_string(&rec) else {
+                continue;
+            };
+            let record = Record::decode(&tickets_key, &text)?;
+            match states.get(&id).map(String::as_str) {
+                Some("H") => view.in_flight += u64::from(record.qty),
+                Some("C") => view.sold += u64::from(record.qty),
+                _ => {}
+            }
+        }
+        view.initial = view.available + view.in_flight + view.sold + view.queued;
+        Ok(Some(view))
+    }
+
+    async fn available(&self, key: &SkuKey) -> Result<Option<u64>, StoreError> {
+        let tag = self.tag(key);
+        let mut pipe = redis::pipe();
+        pipe.cmd("EXISTS").arg(format!("{tag}:loaded"));
+        pipe.cmd("LLEN").arg(format!("{tag}:avail"));
+        let vals = self.run("available", &pipe).await?;
+        if vals.first().and_then(as_int) != Some(1) {
+            return Ok(None);
+        }
+        Ok(Some(vals.get(1).and_then(as_int).unwrap_or(0).max(0) as u64))
+    }
+
+    async fn ticket(&self, id: TicketId) -> Result<Option<TicketRecord>, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(self.index_key(id));
+        let vals = self.run("ticket", &pipe).await?;
+        let Some(where_) = vals.first().and_then(as_string) else {
+            return Ok(None);
+        };
+        let Some((rule, sku)) = where_.split_once(SEP) else {
+            return Err(StoreError::Corrupt {
+                key: self.index_key(id),
+                message: format!("unreadable index {where_:?}"),
+            });
+        };
+        let key = SkuKey::new(rule, sku);
+        let tag = self.tag(&key);
+        let ticket = id.to_string();
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGET").arg(format!("{tag}:tickets")).arg(&ticket);
+        pipe.cmd("HGET").arg(format!("{tag}:state")).arg(&ticket);
+        pipe.cmd("HGETALL").arg(format!("{tag}:r:{ticket}"));
+        let vals = self.run("ticket", &pipe).await?;
+        let (Some(text), Some(state)) = (
+            vals.first().and_then(as_string),
+            vals.get(1).and_then(as_string),
+        ) else {
+            return Ok(None);
+        };
+        let record = Record::decode(&format!("{tag}:tickets"), &text)?;
+        let state = state
+            .chars()
+            .next()
+            .and_then(TicketState::from_code)
+            .ok_or_else(|| StoreError::Corrupt {
+                key: format!("{tag}:state"),
+                message: format!("unknown state {state:?}"),
+            })?;
+        let fields: HashMap<String, Value> = vals
+            .get(2)
+            .map(as_pairs)
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let response = fields
+            .get("status")
+            .and_then(as_int)
+            .and_then(|s| u16::try_from(s).ok())
+            .map(|status| StoredResponse {
+                status,
+                content_type: fields
+                    .get("type")
+                    .and_then(as_string)
+                    .filter(|t| !t.is_empty()),
+                body: match fields.get("body") {
+                    Some(Value::BulkString(b)) => Bytes::from(b.clone()),
+                    _ => Bytes::new(),
+                },
+            });
+        Ok(Some(TicketRecord {
+            id,
+            key,
+            user: record.user,
+            qty: record.qty,
+            state,
+            response,
+        }))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("PING");
+        self.run("ping", &pipe).await.map(drop)
+    }
+}

@@ -1,0 +1,685 @@
+//! One suite, two stores: every case runs against the memory store and
+//! against the Redis store on a real `redis-server` started for it.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sluice::config::RedisConfig;
+use sluice::store::memory::MemoryStore;
+use sluice::store::redis::RedisStore;
+use sluice::store::{
+    DedupMark, MarkScope, ReleaseReason, Reservation, Reserved, SkuKey, StockView, Store,
+    StoredResponse, TicketId, TicketState,
+};
+use support::RedisServer;
+
+/// A store under test, with the Redis server it needs (if any).
+struct Harness {
+    store: Arc<dyn Store>,
+    redis: Option<RedisServer>,
+}
+
+fn memory() -> Harness {
+    Harness {
+        store: Arc::new(MemoryStore::new()),
+        redis: None,
+    }
+}
+
+fn redis_config(server: &RedisServer) -> RedisConfig {
+    RedisConfig {
+        url: server.url(),
+        key_prefix: "test:".into(),
+        // Generous: the machine is shared and noisy; timeouts have their
+        // own cases.
+        timeout: Duration::from_secs(2),
+    }
+}
+
+fn redis() -> Harness {
+    let server = RedisServer::start();
+    let store =
+        RedisStore::new(&redis_config(&server), Duration::from_secs(3600)).expect("redis store");
+    Harness {
+        store: Arc::new(store),
+        redis: Some(server),
+    }
+}
+
+/// Runs each case once per store.
+macro_rules! both_stores {
+    ($($case:ident),* $(,)?) => {
+        mod on_memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::memory()).await;
+                }
+            )*
+        }
+        mod on_redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::redis()).await;
+                }
+            )*
+        }
+    };
+}
+
+both_stores!(
+    unknown_sku_is_not_loaded_never_unlimited,
+    restock_loads_and_views_add_up,
+    winners_until_sold_out_then_refusals_hold_nothing,
+    quantity_above_what_is_left_takes_nothing,
+    commit_keeps_the_answer_and_counts_sold,
+    release_returns_units_once,
+    dedup_mark_points_at_the_first_ticket_and_clears_on_release,
+    losers_leave_no_mark,
+    per_user_limit_counts_held_units,
+    rule_scope_mark_spans_skus,
+    restock_keeps_held_tickets,
+    concurrent_buyers_get_exactly_the_stock,
+    marks_expire,
+    random_interleavings_conserve_units,
+);
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn key(sku: &str) -> SkuKey {
+    SkuKey::new("phone", sku)
+}
+
+fn user_mark(user: &str) -> DedupMark {
+    DedupMark {
+        scope: MarkScope::Sku,
+        id: format!("u:{user}"),
+        ttl: HOUR,
+    }
+}
+
+async fn reserve(
+    store: &dyn Store,
+    key: &SkuKey,
+    user: &str,
+    qty: u32,
+    marks: &[DedupMark],
+    limit: Option<u32>,
+) -> (TicketId, Reserved) {
+    let ticket = TicketId::random();
+    let r = Reservation {
+        key,
+        ticket,
+        user,
+        qty,
+        marks,
+        per_user_limit: limit,
+    };
+    (ticket, store.reserve(&r).await.expect("reserve"))
+}
+
+async fn view(store: &dyn Store, key: &SkuKey) -> StockView {
+    store.stock(key).await.expect("stock").expect("loaded")
+}
+
+fn ok_response() -> StoredResponse {
+    StoredResponse {
+        status: 200,
+        content_type: Some("application/json".into()),
+        body: Bytes::from_static(br#"{"order":1}"#),
+    }
+}
+
+async fn unknown_sku_is_not_loaded_never_unlimited(h: Harness) {
+    let s = &*h.store;
+    let k = key("ghost");
+    assert_eq!(
+        reserve(s, &k, "alice", 1, &[], None).await.1,
+        Reserved::NotLoaded
+    );
+    assert_eq!(s.stock(&k).await.expect("stock"), None);
+    assert_eq!(s.available(&k).await.expect("available"), None);
+    assert!(s
+        .ticket(TicketId::random())
+        .await
+        .expect("ticket")
+        .is_none());
+    // A refused attempt leaves nothing behind, not even a mark.
+    let marks = [user_mark("alice")];
+    assert_eq!(
+        reserve(s, &k, "alice", 1, &marks, Some(1)).await.1,
+        Reserved::NotLoaded
+    );
+    s.set_available(&k, 1).await.expect("restock");
+    assert_eq!(
+        reserve(s, &k, "alice", 1, &marks, Some(1)).await.1,
+        Reserved::Won
+    );
+}
+
+async fn restock_loads_and_views_add_up(h: Harness) {
+    let s = &*h.store;
+    let k = key("p1");
+    let v = s.set_available(&k, 100).await.expect("restock");
+    assert_eq!(
+        v,
+        StockView {
+            available: 100,
+            initial: 100,
+            ..StockView::default()
+        }
+    );
+    assert_eq!(s.available(&k).await.expect("available"), Some(100));
+    // Loaded with zero is loaded: sold out, not "not loaded".
+    let empty = key("p0");
+    s.set_available(&empty, 0).await.expect("restock");
+    assert_eq!(
+        reserve(s, &empty, "bob", 1, &[], None).await.1,
+        Reserved::SoldOut
+    );
+}
+
+async fn winners_until_sold_out_then_refusals_hold_nothing(h: Harness) {
+    let s = &*h.store;
+    let k = key("p1");
+    s.set_available(&k, 5).await.expect("restock");
+    let mut won = 0;
+    for i in 0..8 {
+        match reserve(s, &k, &format!("u{i}"), 1, &[], None).await.1 {
+            Reserved::Won => won += 1,
+            Reserved::SoldOut => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(won, 5);
+    let v = view(s, &k).await;
+    assert_eq!((v.available, v.in_flight, v.initial), (0, 5, 5));
+}
+
+async fn quantity_above_what_is_left_takes_nothing(h: Harness) {
+    let s = &*h.store;
+    let k = key("p1");
+    s.set_available(&k, 3).await.expect("restock");
+    assert_eq!(reserve(s, &k, "a", 2, &[], None).await.1, Reserved::Won);
+    assert_eq!(reserve(s, &k, "b", 2, &[], None).await.1, Reserved::SoldOut);
+    let v = view(s, &k).await;
+    assert_eq!(
+        (v.available, v.in_flight),
+        (1, 2),
+        "a partial take was not undone"
+    );
+    assert_eq!(reserve(s, &k, "b", 1, &[], None).await.1, Reserved::Won);
+}
+
+async fn commit_keeps_the_answer_and_counts_sold(h: Harness) {
+    let s = &*h.store;
+    let k = key("p1");
+    s.set_available(&k, 2).await.expect("restock");
+    let (t, r) = reserve(s, &k, "alice", 2, &[], None).await;
+    assert_eq!(r, Reserved::Won);
+    let rec = s.ticket(t).await.expect("ticket").expect("known");
+    assert_eq!(
+        (rec.state, rec.qty, rec.user.as_str()),
+        (TicketState::Held, 2, "alice")
+    );
+    assert_eq!(rec.key, k);
+    s.commit(&k, t, &ok_response(), HOUR).await.expect("commit");
+    let rec = s.ticket(t).await.expect("ticket").expect("known");
+    assert_eq!(rec.state, TicketState::Committed);
+    assert_eq!(rec.response, Some(ok_response()));
+    let v = view(s, &k).await;
+    assert_eq!((v.available, v.sold, v.in_flight, v.initial), (0, 2, 0, 2));
+}
+
+async fn release_returns_units_once(h: Harness) {
+    let s = &*h.store;
+    let k = key("p1");
+    s.set_available(&k, 3).await.expect("restock");
+    let (t, _) = reserve(s, &k, "alice", 2, &[], None).await;
+    assert_eq!(
+        s.release(&k, t, ReleaseReason::Status5xx)
+            .await
+            .expect("release"),
+        2
+    );
+    assert_eq!(
+        s.release(&k, t, ReleaseReason::Admin)
+            .await
+            .expect("release"),
+        0
+    );
+    let v = view(s, &k).await;
+    assert_eq!(
+        (v.available, v.in_flight, v.released, v.initial),
+        (3, 0, 2, 3)
+    );
+    let rec = s.ticket(t).await.expect("ticket").expect("known");
+    assert_eq!(rec.state, TicketState::Released);
+    // A committed order cancelled later returns its units too.
+    let (t2, _) = reserve(s, &k, "bob", 1, &[], None).await;
+    s.commit(&k, t2, &ok_response(), HOUR)
+        .await
+        .expect("commit");
+    assert_eq!(
+        s.release(&k, t2, ReleaseReason::Admin)
+            .await
+            .expect("release"),
+        1
+    );
+    let v = view(s, &k).await;
+    assert_eq!((v.available, v.sold), (3, 0));
+    // Unknown tickets release nothing.
+    assert_eq!(
+        s.release(&k, TicketId::random(), ReleaseReason::Admin)
+            .await
+            .expect("release"),
+        0
+    );
+}
+
+async fn dedup_mark_points_at_the_first_ticket_and_clears_on_release(h: Harness) {
+    let s = &*h.store;
+    let k = key("p1");
+    s.set_available(&k, 10).await.expect("restock");
+    let marks = [user_mark("alice")];
+    let (first, r) = reserve(s, &k, "alice", 1, &marks, None).await;
+    assert_eq!(r, Reserved::Won);
+    let (_, again) = reserve(s, &k, "alice", 1, &marks, None).await;
+    assert_eq!(again, Reserved::Duplicate { first });
+    // The duplicate held nothing.
+    assert_eq!(view(s, &k).await.in_flight, 1);
+    // An Idempotency-Key mark works the same way, alongside the user mark.
+    let both = [
+        user_mark("bob"),
+        DedupMark {
+            scope: MarkScope::Sku,
+            id: "i:key-1".into(),
+            ttl: HOUR,
+        },
+    ];
+    let (bob, _) = reserve(s, &k, "bob", 1, &both, None).await;
+    let only_key = [DedupMark {
+        scope: MarkScope::Sku,
+        id: "i:key-1".into(),
+        ttl: HOUR,
+    }];
+    assert_eq!(
+        reserve(s, &k, "carol", 1, &only_key, None).await.1,
+        Reserved::Duplicate { first: bob }
+    );
+    // Released: the unit is back and the user may try again.
+    s.release(&k, first, ReleaseReason::Status5xx)
+        .await
+        .expect("release");
+    let (_, retry) = reserve(s, &k, "alice", 1, &marks, None).await;
+    assert_eq!(retry, Reserved::Won);
+}
+
+async fn losers_leave_no_mark(h: Harness) {
+    let s = &*h.store;
+    let k = key("p1");
+    s.set_available(&k, 1).await.expect("restock");
+    let marks_a = [user_mark("a")];
+    let marks_b = [user_mark("b")];
+    assert_eq!(
+        reserve(s, &k, "a", 1, &marks_a, Some(1)).await.1,
+        Reserved::Won
+    );
+    assert_eq!(
+        reserve(s, &k, "b", 1, &marks_b, Some(1)).await.1,
+        Reserved::SoldOut
+    );
+    // After a restock the loser is a new attempt, not a duplicate, and its
+    // per-user count was not left behind either.
+    s.set_available(&k, 1).await.expect("restock");
+    assert_eq!(
+        reserve(s, &k, "b", 1, &marks_b, Some(1)).await.1,
+        Reserved::Won
+    );
+}
+
+async fn per_user_limit_counts_held_units(h: Harness) {
+    let s = &*h.store;
+    let k = key("p1");
+    s.set_available(&k, 10).await.expect("restock");
+    let (t1, r1) = reserve(s, &k, "alice", 1, &[], Some(2)).await;
+    let (_, r2) = reserve(s, &k, "alice", 1, &[], Some(2)).await;
+    let (_, r3) = reserve(s, &k, "alice", 1, &[], Some(2)).await;
+    assert_eq!(
+        (r1, r2, r3),
+        (Reserved::Won, Reserved::Won, Reserved::OverUserLimit)
+    );
+    assert_eq!(
+        reserve(s, &k, "alice", 3, &[], Some(2)).await.1,
+        Reserved::OverUserLimit
+    );
+    assert_eq!(view(s, &k).await.in_flight, 2, "a refusal held units");
+    // Another user is not affected; a release frees the user's quota.
+    assert_eq!(
+        reserve(s, &k, "bob", 2, &[], Some(2)).await.1,
+        Reserved::Won
+    );
+    s.release(&k, t1, ReleaseReason::Status5xx)
+        .await
+        .expect("release");
+    assert_eq!(
+        reserve(s, &k, "alice", 1, &[], Some(2)).await.1,
+        Reserved::Won
+    );
+}
+
+async fn rule_scope_mark_spans_skus(h: Harness) {
+    let s = &*h.store;
+    let (red, blue) = (key("red"), key("blue"));
+    s.set_available(&red, 5).await.expect("restock");
+    s.set_available(&blue, 5).await.expect("restock");
+    let mark = [DedupMark {
+        scope: MarkScope::Rule,
+        id: "u:alice".into(),
+        ttl: HOUR,
+    }];
+    let (first, r) = reserve(s, &red, "alice", 1, &mark, None).await;
+    assert_eq!(r, Reserved::Won);
+    assert_eq!(
+        reserve(s, &blue, "alice", 1, &mark, None).await.1,
+        Reserved::Duplicate { first }
+    );
+    assert_eq!(view(s, &blue).await.available, 5);
+}
+
+async fn restock_keeps_held_tickets(h: Harness) {
+    let s = &*h.store;
+    let k = key("p1");
+    s.set_available(&k, 10).await.expect("restock");
+    let (t, _) = reserve(s, &k, "a", 3, &[], None).await;
+    let v = s.set_available(&k, 5).await.expect("restock");
+    assert_eq!((v.available, v.in_flight, v.initial), (5, 3, 8));
+    let v = s.set_available(&k, 0).await.expect("restock");
+    assert_eq!((v.available, v.in_flight, v.initial), (0, 3, 3));
+    assert_eq!(reserve(s, &k, "b", 1, &[], None).await.1, Reserved::SoldOut);
+    s.release(&k, t, ReleaseReason::Admin)
+        .await
+        .expect("release");
+    let v = view(s, &k).await;
+    assert_eq!((v.available, v.in_flight, v.initial), (3, 0, 3));
+}
+
+async fn concurrent_buyers_get_exactly_the_stock(h: Harness) {
+    let k = key("hot");
+    h.store.set_available(&k, 50).await.expect("restock");
+    let mut tasks = Vec::new();
+    for i in 0..400 {
+        let store = h.store.clone();
+        let k = k.clone();
+        tasks.push(tokio::spawn(async move {
+            let user = format!("u{}", i % 300);
+            let marks = [user_mark(&user)];
+            reserve(&*store, &k, &user, 1, &marks, Some(1)).await.1
+        }));
+    }
+    let mut won = 0;
+    for t in tasks {
+        if t.await.expect("task") == Reserved::Won {
+            won += 1;
+        }
+    }
+    assert_eq!(won, 50);
+    let v = view(&*h.store, &k).await;
+    assert_eq!((v.available, v.in_flight, v.initial), (0, 50, 50));
+}
+
+async fn marks_expire(h: Harness) {
+    let s = &*h.store;
+    let k = key("p1");
+    s.set_available(&k, 10).await.expect("restock");
+    let short = [DedupMark {
+        scope: MarkScope::Sku,
+        id: "u:alice".into(),
+        ttl: Duration::from_millis(100),
+    }];
+    assert_eq!(
+        reserve(s, &k, "alice", 1, &short, None).await.1,
+        Reserved::Won
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match reserve(s, &k, "alice", 1, &short, None).await.1 {
+            Reserved::Won => break,
+            Reserved::Duplicate { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(Instant::now() < deadline, "the mark never expired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Random reserve / commit / release / restock steps against a model:
+/// after every step the store's view equals the model's, so no unit is
+/// ever created or lost and availability never goes below zero.
+async fn random_interleavings_conserve_units(h: Harness) {
+    let s = &*h.store;
+    let k = key("fuzz");
+    let mut rng_state: u64 = 0x5eed_1234_abcd_0001;
+    let mut next = move |n: u64| {
+        // xorshift64: deterministic, so a failure replays.
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        rng_state % n
+    };
+    let mut available: u64 = 0;
+    let mut live: Vec<(TicketId, u64, bool)> = Vec::new(); // (ticket, qty, committed)
+    s.set_available(&k, 0).await.expect("load");
+    for step in 0..300 {
+        match next(10) {
+            0..=4 => {
+                let qty = 1 + next(3) as u32;
+                let (t, r) = reserve(s, &k, &format!("u{}", next(20)), qty, &[], None).await;
+                match r {
+                    Reserved::Won => {
+                        assert!(available >= u64::from(qty), "step {step}: overdrawn");
+                        available -= u64::from(qty);
+                        live.push((t, u64::from(qty), false));
+                    }
+                    Reserved::SoldOut => assert!(available < u64::from(qty), "step {step}"),
+                    other => panic!("step {step}: {other:?}"),
+                }
+            }
+            5 if !live.is_empty() => {
+                let i = next(live.len() as u64) as usize;
+                s.commit(&k, live[i].0, &ok_response(), HOUR)
+                    .await
+                    .expect("commit");
+                live[i].2 = true;
+            }
+            6 | 7 if !live.is_empty() => {
+                let i = next(live.len() as u64) as usize;
+                let (t, qty, _) = live.swap_remove(i);
+                let moved = s
+                    .release(&k, t, ReleaseReason::Admin)
+                    .await
+                    .expect("release");
+                assert_eq!(moved, qty, "step {step}");
+                available += qty;
+                // Releasing twice moves nothing.
+                assert_eq!(
+                    s.release(&k, t, ReleaseReason::Admin)
+                        .await
+                        .expect("release"),
+                    0
+                );
+            }
+            _ => {
+                let n = next(12);
+                s.set_available(&k, n).await.expect("restock");
+                available = n;
+            }
+        }
+        let held: u64 = live.iter().filter(|l| !l.2).map(|l| l.1).sum();
+        let sold: u64 = live.iter().filter(|l| l.2).map(|l| l.1).sum();
+        let v = view(s, &k).await;
+        assert_eq!(
+            (v.available, v.in_flight, v.sold, v.initial),
+            (available, held, sold, available + held + sold),
+            "step {step}"
+        );
+    }
+    if let Some(server) = &h.redis {
+        assert_redis_lists_match(server, &k, available, &live).await;
+    }
+}
+
+/// Reads the Redis lists themselves: units are where the ledger says.
+async fn assert_redis_lists_match(
+    server: &RedisServer,
+    k: &SkuKey,
+    available: u64,
+    live: &[(TicketId, u64, bool)],
+) {
+    let client = redis::Client::open(server.url()).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let tag = format!("test:{{{}:{}}}", k.rule, k.sku);
+    let avail: u64 = redis::cmd("LLEN")
+        .arg(format!("{tag}:avail"))
+        .query_async(&mut conn)
+        .await
+        .expect("llen");
+    assert_eq!(avail, available);
+    for (t, qty, _) in live {
+        let held: u64 = redis::cmd("LLEN")
+            .arg(format!("{tag}:h:{t}"))
+            .query_async(&mut conn)
+            .await
+            .expect("llen");
+        assert_eq!(held, *qty, "ticket {t}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_empty_is_not_loaded_and_reconnects() {
+    let mut h = redis();
+    let k = key("p1");
+    h.store.set_available(&k, 5).await.expect("restock");
+    assert_eq!(
+        reserve(&*h.store, &k, "a", 1, &[], None).await.1,
+        Reserved::Won
+    );
+    let server = h.redis.as_mut().expect("redis");
+    server.kill();
+    // Down: an error, quickly, never a verdict.
+    let r = Reservation {
+        key: &k,
+        ticket: TicketId::random(),
+        user: "b",
+        qty: 1,
+        marks: &[],
+        per_user_limit: None,
+    };
+    assert!(
+        h.store.reserve(&r).await.is_err(),
+        "a verdict without Redis"
+    );
+    server.restart();
+    // Back, empty: the same store object reconnects and says not loaded.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match h.store.reserve(&r).await {
+            Ok(verdict) => {
+                assert_eq!(verdict, Reserved::NotLoaded);
+                break;
+            }
+            Err(_) => {
+                assert!(Instant::now() < deadline, "the store never reconnected");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_commands_are_lua_free() {
+    // The contract: no EVAL, EVALSHA, FUNCTION or FCALL anywhere.
+    let src = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/store/redis.rs"))
+        .expect("read source");
+    for forbidden in [
+        "\"EVAL",
+        "\"EVALSHA",
+        "\"FUNCTION",
+        "\"FCALL",
+        "Script::new",
+    ] {
+        assert!(!src.contains(forbidden), "{forbidden} in the Redis store");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_timed_out_reservation_never_creates_or_loses_units() {
+    let server = RedisServer::start();
+    let mut config = redis_config(&server);
+    config.timeout = Duration::from_millis(50);
+    let store = RedisStore::new(&config, HOUR).expect("store");
+    let k = key("slow");
+    store.set_available(&k, 5).await.expect("restock");
+    let client = redis::Client::open(server.url()).expect("client");
+    let mut admin = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    // Stall Redis longer than the store's timeout: the reservation times
+    // out while its transaction may still run afterwards.
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(300)
+        .arg("ALL")
+        .query_async(&mut admin)
+        .await
+        .expect("pause");
+    let ticket = TicketId::random();
+    let r = Reservation {
+        key: &k,
+        ticket,
+        user: "a",
+        qty: 2,
+        marks: &[],
+        per_user_limit: None,
+    };
+    assert!(
+        store.reserve(&r).await.is_err(),
+        "a verdict from a stalled Redis"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Whatever happened, every unit is either available or held by the
+    // ticket, and the ledger agrees with the lists.
+    let tag = "test:{phone:slow}";
+    let avail: u64 = redis::cmd("LLEN")
+        .arg(format!("{tag}:avail"))
+        .query_async(&mut admin)
+        .await
+        .expect("llen");
+    let held: u64 = redis::cmd("LLEN")
+        .arg(format!("{tag}:h:{ticket}"))
+        .query_async(&mut admin)
+        .await
+        .expect("llen");
+    assert_eq!(avail + held, 5, "units created or lost");
+    let v = view(&store, &k).await;
+    assert_eq!((v.available, v.in_flight), (avail, held));
+    if held > 0 {
+        // Stuck in flight, not lost: releasing it returns the units.
+        assert_eq!(
+            store
+                .release(&k, ticket, ReleaseReason::Admin)
+                .await
+                .expect("release"),
+            held
+        );
+    }
+    assert_eq!(view(&store, &k).await.available, 5);
+}
