@@ -1,59 +1,42 @@
 //! The admin listener: `GET /metrics` (Prometheus text), `GET /healthz`
-//! (the process is up) and `GET /readyz` (it can serve: the store is
-//! reachable and at least one upstream server is healthy).
+//! (the process is up), `GET /readyz` (the store answers and at least one
+//! upstream server is healthy), and the admin API under `/admin/v1/`:
+//! stock (`PUT`/`GET /admin/v1/stock/{rule}/{sku}`) and releases
+//! (`POST /admin/v1/release`). Everything under `/admin/` needs
+//! `Authorization: Bearer <token>` when `admin.token_env` names a set
+//! variable.
 //!
-//! It runs on its own listener (loopback by default) so that scraping
-//! and probes never compete with shoppers for the main listener.
+//! It runs on its own listener (loopback by default) so that scraping,
+//! probes and operators never compete with shoppers.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
-use http::{Response, StatusCode};
+use http::{Method, Response, StatusCode};
 use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
-use serde_json::json;
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
 
+use crate::admission::extract::valid_id;
+use crate::admission::Admission;
 use crate::metrics::Metrics;
+use crate::store::{SkuKey, StoreError, TicketId};
 use crate::upstream::Upstreams;
+
+/// Admin request bodies are tiny JSON objects.
+const MAX_ADMIN_BODY: usize = 64 << 10;
+
+/// `/readyz` waits this long for the store at most.
+const READY_STORE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The admin HTTP app.
 pub struct AdminApp {
     metrics: Arc<Metrics>,
     upstreams: Arc<Upstreams>,
-}
-
-impl AdminApp {
-    /// An admin app over the gateway's metrics and upstream pools.
-    pub fn new(metrics: Arc<Metrics>, upstreams: Arc<Upstreams>) -> Self {
-        Self { metrics, upstreams }
-    }
-
-    fn readiness(&self) -> (StatusCode, serde_json::Value) {
-        let upstreams: Vec<_> = self
-            .upstreams
-            .pools()
-            .iter()
-            .map(|p| {
-                json!({
-                    "name": p.config.name,
-                    "servers": p.config.servers.len(),
-                    "healthy": p.healthy_servers(),
-                })
-            })
-            .collect();
-        // The memory store is in-process and always reachable; the Redis
-        // store adds its own check here.
-        let ready = self.upstreams.any_healthy();
-        let status = if ready {
-            StatusCode::OK
-        } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        };
-        (
-            status,
-            json!({"ready": ready, "store": "ok", "upstreams": upstreams}),
-        )
-    }
+    admission: Arc<Admission>,
+    token: Option<Vec<u8>>,
 }
 
 fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -68,8 +51,179 @@ fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<
     resp
 }
 
-fn json_reply(status: StatusCode, value: &serde_json::Value) -> Response<Vec<u8>> {
+fn json_reply(status: StatusCode, value: &Value) -> Response<Vec<u8>> {
     reply(status, "application/json", value.to_string().into_bytes())
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response<Vec<u8>> {
+    json_reply(status, &json!({"error": message.into()}))
+}
+
+fn store_error(e: &StoreError) -> Response<Vec<u8>> {
+    error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+}
+
+impl AdminApp {
+    /// An admin app; the token is read once from `token_env` if it is set.
+    pub fn new(
+        metrics: Arc<Metrics>,
+        upstreams: Arc<Upstreams>,
+        admission: Arc<Admission>,
+        token_env: Option<&str>,
+    ) -> Self {
+        let token = token_env.and_then(|name| match std::env::var(name) {
+            Ok(t) if !t.is_empty() => Some(t.into_bytes()),
+            _ => {
+                tracing::warn!(
+                    variable = name,
+                    "admin token variable unset or empty: the admin API is open"
+                );
+                None
+            }
+        });
+        Self {
+            metrics,
+            upstreams,
+            admission,
+            token,
+        }
+    }
+
+    fn authorized(&self, session: &ServerSession) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        let given = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        // Constant time, so the token cannot be guessed byte by byte.
+        given.as_bytes().ct_eq(token).into()
+    }
+
+    async fn readiness(&self) -> Response<Vec<u8>> {
+        let upstreams: Vec<_> = self
+            .upstreams
+            .pools()
+            .iter()
+            .map(|p| {
+                json!({
+                    "name": p.config.name,
+                    "servers": p.config.servers.len(),
+                    "healthy": p.healthy_servers(),
+                })
+            })
+            .collect();
+        let store = tokio::time::timeout(READY_STORE_TIMEOUT, self.admission.store().ping()).await;
+        let store_ok = matches!(store, Ok(Ok(())));
+        let ready = store_ok && self.upstreams.any_healthy();
+        let status = if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        json_reply(
+            status,
+            &json!({"ready": ready, "store": if store_ok { "ok" } else { "unreachable" }, "upstreams": upstreams}),
+        )
+    }
+
+    async fn read_json(session: &mut ServerSession) -> Result<Value, Response<Vec<u8>>> {
+        let mut body = Vec::new();
+        loop {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) => {
+                    body.extend_from_slice(&chunk);
+                    if body.len() > MAX_ADMIN_BODY {
+                        return Err(error(StatusCode::PAYLOAD_TOO_LARGE, "body too large"));
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(error(
+                        StatusCode::BAD_REQUEST,
+                        format!("cannot read body: {e}"),
+                    ))
+                }
+            }
+        }
+        serde_json::from_slice(&body)
+            .map_err(|e| error(StatusCode::BAD_REQUEST, format!("body is not JSON: {e}")))
+    }
+
+    async fn stock(
+        &self,
+        session: &mut ServerSession,
+        method: &Method,
+        rule: &str,
+        sku: &str,
+    ) -> Response<Vec<u8>> {
+        let Some(index) = self.admission.rule_index(rule) else {
+            return error(StatusCode::NOT_FOUND, format!("no rule named {rule:?}"));
+        };
+        if !valid_id(sku) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "sku must be 1-128 characters of A-Z a-z 0-9 . _ : -",
+            );
+        }
+        let key = SkuKey::new(rule, sku);
+        match *method {
+            Method::GET => match self.admission.store().stock(&key).await {
+                Ok(Some(view)) => {
+                    self.metrics.set_stock_available(rule, sku, view.available);
+                    json_reply(StatusCode::OK, &json!(view))
+                }
+                Ok(None) => error(StatusCode::NOT_FOUND, format!("{key} was never loaded")),
+                Err(e) => store_error(&e),
+            },
+            Method::PUT => {
+                let body = match Self::read_json(session).await {
+                    Ok(b) => b,
+                    Err(resp) => return resp,
+                };
+                let Some(available) = body.get("available").and_then(Value::as_u64) else {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "body must be {\"available\": N} with N a whole number >= 0",
+                    );
+                };
+                match self.admission.restock(index, &key, available).await {
+                    Ok(view) => json_reply(StatusCode::OK, &json!(view)),
+                    Err(e) => store_error(&e),
+                }
+            }
+            _ => error(StatusCode::METHOD_NOT_ALLOWED, "use GET or PUT"),
+        }
+    }
+
+    async fn release(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let body = match Self::read_json(session).await {
+            Ok(b) => b,
+            Err(resp) => return resp,
+        };
+        let Some(ticket) = body
+            .get("ticket")
+            .and_then(Value::as_str)
+            .and_then(TicketId::parse)
+        else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "body must be {\"ticket\": \"<32 lowercase hex>\"}",
+            );
+        };
+        match self.admission.release_ticket(ticket).await {
+            Ok(Some(units)) => json_reply(
+                StatusCode::OK,
+                &json!({"ticket": ticket.to_string(), "released": units}),
+            ),
+            Ok(None) => error(StatusCode::NOT_FOUND, "unknown or expired ticket"),
+            Err(e) => store_error(&e),
+        }
+    }
 }
 
 #[async_trait]
@@ -78,10 +232,26 @@ impl ServeHttp for AdminApp {
         let req = session.req_header();
         let path = req.uri.path().to_string();
         let method = req.method.clone();
-        if method != http::Method::GET && method != http::Method::HEAD {
-            return json_reply(
+        if path.starts_with("/admin/") {
+            if !self.authorized(session) {
+                return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+            }
+            let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+            return match (&method, parts.as_slice()) {
+                (_, ["admin", "v1", "stock", rule, sku]) => {
+                    self.stock(session, &method, rule, sku).await
+                }
+                (&Method::POST, ["admin", "v1", "release"]) => self.release(session).await,
+                _ => error(
+                    StatusCode::NOT_FOUND,
+                    format!("no admin endpoint {method} {path}"),
+                ),
+            };
+        }
+        if method != Method::GET && method != Method::HEAD {
+            return error(
                 StatusCode::METHOD_NOT_ALLOWED,
-                &json!({"error": format!("{method} is not allowed on {path}")}),
+                format!("{method} is not allowed on {path}"),
             );
         }
         match path.as_str() {
@@ -91,13 +261,10 @@ impl ServeHttp for AdminApp {
                 self.metrics.encode(),
             ),
             "/healthz" => json_reply(StatusCode::OK, &json!({"status": "ok"})),
-            "/readyz" => {
-                let (status, body) = self.readiness();
-                json_reply(status, &body)
-            }
-            _ => json_reply(
+            "/readyz" => self.readiness().await,
+            _ => error(
                 StatusCode::NOT_FOUND,
-                &json!({"error": format!("no admin endpoint at {path}")}),
+                format!("no admin endpoint at {path}"),
             ),
         }
     }

@@ -6,11 +6,17 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::outcome::Outcome;
+use crate::store::{ReleaseReason, StoreOp};
+
+/// Buckets for store round trips: tens of microseconds to the timeout.
+const STORE_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
 
 /// The `rule` label of requests no rule matched.
 pub const NO_RULE: &str = "none";
@@ -86,6 +92,10 @@ pub struct Metrics {
     request_duration: HistogramVec,
     upstream_responses: IntCounterVec,
     unmatched: RuleSeries,
+    store_errors: IntCounterVec,
+    store_duration: HistogramVec,
+    released: IntCounterVec,
+    stock_available: IntGaugeVec,
 }
 
 fn outcome_index(o: Outcome) -> usize {
@@ -118,6 +128,40 @@ impl Metrics {
             ),
             &["upstream", "class"],
         )?;
+        let store_errors = IntCounterVec::new(
+            Opts::new(
+                "sluice_store_errors_total",
+                "Store operations that failed or timed out.",
+            ),
+            &["op"],
+        )?;
+        let store_duration = HistogramVec::new(
+            HistogramOpts::new("sluice_store_duration_seconds", "Store operation latency.")
+                .buckets(STORE_BUCKETS.to_vec()),
+            &["op"],
+        )?;
+        let released = IntCounterVec::new(
+            Opts::new(
+                "sluice_released_total",
+                "Units returned to stock, by rule and reason.",
+            ),
+            &["rule", "reason"],
+        )?;
+        let stock_available = IntGaugeVec::new(
+            Opts::new(
+                "sluice_stock_available",
+                "Available units of skus an operator loaded, as last seen by this node.",
+            ),
+            &["rule", "sku"],
+        )?;
+        registry.register(Box::new(store_errors.clone()))?;
+        registry.register(Box::new(store_duration.clone()))?;
+        registry.register(Box::new(released.clone()))?;
+        registry.register(Box::new(stock_available.clone()))?;
+        for op in StoreOp::ALL {
+            store_errors.with_label_values(&[op.as_str()]);
+            store_duration.with_label_values(&[op.as_str()]);
+        }
         registry.register(Box::new(requests_total.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(upstream_responses.clone()))?;
@@ -134,6 +178,9 @@ impl Metrics {
         let unmatched = series(NO_RULE);
         for rule in rules {
             series(rule);
+            for reason in ReleaseReason::ALL {
+                released.with_label_values(&[rule, reason.as_str()]);
+            }
         }
         for upstream in upstreams {
             for class in UpstreamClass::ALL {
@@ -146,7 +193,36 @@ impl Metrics {
             request_duration,
             upstream_responses,
             unmatched,
+            store_errors,
+            store_duration,
+            released,
+            stock_available,
         })
+    }
+
+    /// Times one store operation; counts it as an error when it failed.
+    pub fn observe_store(&self, op: StoreOp, elapsed: Duration, ok: bool) {
+        self.store_duration
+            .with_label_values(&[op.as_str()])
+            .observe(elapsed.as_secs_f64());
+        if !ok {
+            self.store_errors.with_label_values(&[op.as_str()]).inc();
+        }
+    }
+
+    /// Counts units returned to stock.
+    pub fn observe_released(&self, rule: &str, reason: ReleaseReason, units: u64) {
+        self.released
+            .with_label_values(&[rule, reason.as_str()])
+            .inc_by(units);
+    }
+
+    /// Sets the available-units gauge of a loaded sku (labels from admin
+    /// actions, never from shopper requests).
+    pub fn set_stock_available(&self, rule: &str, sku: &str, available: u64) {
+        self.stock_available
+            .with_label_values(&[rule, sku])
+            .set(i64::try_from(available).unwrap_or(i64::MAX));
     }
 
     /// Counts one finished request and its duration.

@@ -85,8 +85,21 @@ pub enum Answer {
     RateLimited { retry_after: Duration },
     /// 409, or 202 with a position when the first attempt is queued.
     Duplicate {
-        ticket: String,
+        /// The first attempt's ticket, when there is one to point at.
+        ticket: Option<String>,
+        /// Its position, while queued.
         queued_position: Option<u64>,
+        /// Why it is a duplicate.
+        message: &'static str,
+    },
+    /// The first attempt is done: its stored answer, replayed as it was.
+    Replay {
+        /// Status the backend gave.
+        status: StatusCode,
+        /// Its Content-Type.
+        content_type: Option<HeaderValue>,
+        /// Its body.
+        body: Bytes,
     },
     /// 425 with the seconds until the window opens.
     NotStarted { starts_in: Duration },
@@ -109,7 +122,7 @@ impl Answer {
             Answer::Queued { .. } => Outcome::Queued,
             Answer::SoldOut => Outcome::SoldOut,
             Answer::RateLimited { .. } => Outcome::RateLimited,
-            Answer::Duplicate { .. } => Outcome::Duplicate,
+            Answer::Duplicate { .. } | Answer::Replay { .. } => Outcome::Duplicate,
             Answer::NotStarted { .. } => Outcome::NotStarted,
             Answer::Ended => Outcome::Ended,
             Answer::Invalid { .. }
@@ -173,17 +186,37 @@ pub fn render(answer: &Answer, overrides: Option<&ResponseOverride>) -> Rendered
         Answer::Duplicate {
             ticket,
             queued_position: Some(position),
+            message,
         } => (
             StatusCode::ACCEPTED,
-            json!({"outcome": name, "message": "already queued", "ticket": ticket, "position": position}),
+            json!({"outcome": name, "message": message, "ticket": ticket, "position": position}),
         ),
         Answer::Duplicate {
             ticket,
             queued_position: None,
+            message,
         } => (
             StatusCode::CONFLICT,
-            json!({"outcome": name, "message": "already in progress", "ticket": ticket}),
+            json!({"outcome": name, "message": message, "ticket": ticket}),
         ),
+        Answer::Replay {
+            status,
+            content_type,
+            body,
+        } => {
+            // The first attempt's own answer, byte for byte; overrides do
+            // not apply to what the backend said.
+            let mut headers = Vec::new();
+            if let Some(ct) = content_type {
+                headers.push((http::header::CONTENT_TYPE, ct.clone()));
+            }
+            return Rendered {
+                outcome,
+                status: *status,
+                headers,
+                body: body.clone(),
+            };
+        }
         Answer::NotStarted { starts_in } => (
             StatusCode::TOO_EARLY,
             json!({"outcome": name, "message": "not started yet", "starts_in": retry_after_secs(*starts_in)}),
@@ -265,16 +298,18 @@ mod tests {
             ),
             (
                 Answer::Duplicate {
-                    ticket: "t".into(),
+                    ticket: Some("t".into()),
                     queued_position: None,
+                    message: "already in progress",
                 },
                 409,
                 Outcome::Duplicate,
             ),
             (
                 Answer::Duplicate {
-                    ticket: "t".into(),
+                    ticket: Some("t".into()),
                     queued_position: Some(7),
+                    message: "already queued",
                 },
                 202,
                 Outcome::Duplicate,
@@ -317,6 +352,31 @@ mod tests {
                 )
             );
         }
+    }
+
+    #[test]
+    fn replay_is_the_stored_answer_untouched_by_overrides() {
+        let answer = Answer::Replay {
+            status: StatusCode::CREATED,
+            content_type: Some(HeaderValue::from_static("text/plain")),
+            body: Bytes::from_static(b"order 7"),
+        };
+        let o = ResponseOverride {
+            status: Some(StatusCode::OK),
+            headers: vec![],
+            body: Some(Bytes::from_static(b"x")),
+        };
+        let r = render(&answer, Some(&o));
+        assert_eq!(r.outcome, Outcome::Duplicate);
+        assert_eq!(r.status, StatusCode::CREATED);
+        assert_eq!(&r.body[..], b"order 7");
+        assert_eq!(
+            r.headers,
+            vec![(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain")
+            )]
+        );
     }
 
     #[test]

@@ -4,8 +4,10 @@
 //! ```text
 //!  client ──► request_filter ── over a size limit? ──► gateway answer (413/431)
 //!                  │
-//!                  ▼
-//!            upstream_peer ──── no healthy server? ──► fail_to_proxy ─► JSON 503
+//!                  ├── matches a rule? ── admission pipeline ── refused ──► gateway answer
+//!                  │                            │ winner (ticket)
+//!                  ▼                            ▼
+//!            upstream_peer ──── no healthy server? ──► fail_to_proxy ─► release, JSON 503
 //!                  │                                        ▲
 //!                  ▼                                        │
 //!       upstream_request_filter  (strip X-Sluice-*,         │
@@ -14,7 +16,10 @@
 //!   connect ── fail_to_connect ── retry next server ────────┘ (when all failed)
 //!                  │
 //!                  ▼
-//!      upstream_response_filter  (class metric, X-Sluice-Outcome)
+//!      upstream_response_filter  (class metric, X-Sluice-Outcome,
+//!                  │           winner: commit or release before the answer)
+//!                  ▼
+//!      response_body_filter  (winner: keep the body for duplicates)
 //!                  │
 //!                  ▼
 //!              logging  (sluice_requests_total, duration)
@@ -23,20 +28,24 @@
 pub mod forwarded;
 pub mod respond;
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
+use crate::admission::extract::RequestParts;
+use crate::admission::{Admission, Candidate, Settlement, Verdict, Winner, MAX_KEPT_BODY};
 use crate::config::Config;
 use crate::metrics::{Metrics, UpstreamClass};
 use crate::outcome::{render, Answer, Outcome};
 use crate::rules::UpstreamId;
+use crate::store::ReleaseReason;
 use crate::upstream::Upstreams;
 use respond::{write_answer, OUTCOME_HEADER};
 
@@ -48,38 +57,179 @@ pub struct SluiceProxy {
     config: Arc<Config>,
     upstreams: Arc<Upstreams>,
     metrics: Arc<Metrics>,
+    admission: Arc<Admission>,
+}
+
+/// A winner's answer being kept for replay to duplicates.
+struct KeptAnswer {
+    status: u16,
+    content_type: Option<String>,
+    body: BytesMut,
 }
 
 /// Per-request state carried across phases.
 pub struct RequestCtx {
     started: Instant,
     rule: Option<Arc<str>>,
+    rule_index: Option<usize>,
     outcome: Outcome,
     upstream: UpstreamId,
     connect_failures: usize,
     body_bytes: u64,
+    winner: Option<Winner>,
+    settled: bool,
+    sent_upstream: bool,
+    kept: Option<KeptAnswer>,
+    pass_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Which release reason a proxy error stands for.
+fn failure_reason(e: &Error) -> ReleaseReason {
+    match e.etype() {
+        ErrorType::ConnectTimedout
+        | ErrorType::ConnectRefused
+        | ErrorType::ConnectNoRoute
+        | ErrorType::ConnectError
+        | ErrorType::BindError
+        | ErrorType::SocketError => ReleaseReason::ConnectError,
+        // Timeouts, resets and closes after the request left: the backend
+        // may have acted, which is what `release_on: [timeout]` is about.
+        _ => ReleaseReason::Timeout,
+    }
 }
 
 impl SluiceProxy {
-    /// A proxy over the given config, pools and metrics.
-    pub fn new(config: Arc<Config>, upstreams: Arc<Upstreams>, metrics: Arc<Metrics>) -> Self {
+    /// A proxy over the given config, pools, metrics and pipeline.
+    pub fn new(
+        config: Arc<Config>,
+        upstreams: Arc<Upstreams>,
+        metrics: Arc<Metrics>,
+        admission: Arc<Admission>,
+    ) -> Self {
         Self {
             config,
             upstreams,
             metrics,
+            admission,
         }
     }
 
-    /// Writes a gateway answer and records its outcome.
+    /// Writes a gateway answer (with the rule's overrides) and records its
+    /// outcome.
     async fn answer(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
         answer: &Answer,
     ) -> Result<()> {
-        let rendered = render(answer, None);
+        let overrides = ctx
+            .rule_index
+            .and_then(|i| self.admission.stage(i))
+            .and_then(|s| s.rule.responses.get(answer.outcome()));
+        let rendered = render(answer, overrides);
         ctx.outcome = rendered.outcome;
         write_answer(session, &rendered).await
+    }
+
+    /// Reads a rule-matched body (bounded) into pingora's retry buffer, so
+    /// it can be inspected now and still reach the backend later.
+    async fn read_rule_body(
+        &self,
+        session: &mut Session,
+    ) -> Result<std::result::Result<Bytes, Answer>> {
+        let limit = self.config.limits.max_rule_body_bytes;
+        session.as_downstream_mut().enable_retry_buffering();
+        let mut body = BytesMut::new();
+        while let Some(chunk) = session.as_downstream_mut().read_request_body().await? {
+            body.extend_from_slice(&chunk);
+            if body.len() as u64 > limit {
+                return Ok(Err(Answer::BodyTooLarge { limit }));
+            }
+        }
+        Ok(Ok(body.freeze()))
+    }
+
+    /// Settles a winner once, whatever path the request takes.
+    async fn settle(&self, ctx: &mut RequestCtx, how: Settlement) {
+        if ctx.settled {
+            return;
+        }
+        let Some(winner) = &ctx.winner else { return };
+        ctx.settled = true;
+        if let Err(e) = self.admission.settle(winner, &how).await {
+            // Not settled in the store: the units stay held (never
+            // oversold) until an admin release or reconcile.
+            tracing::warn!(ticket = %winner.ticket, error = %e, "could not settle a ticket");
+        }
+    }
+
+    /// Stages 1-7 for a request that matched a rule; `Ok(true)` when the
+    /// gateway has answered.
+    async fn admit(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        index: usize,
+        captures: Vec<(String, String)>,
+    ) -> Result<bool> {
+        let declared = session
+            .req_header()
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let limit = self.config.limits.max_rule_body_bytes;
+        let body = if declared.is_some_and(|n| n > limit) {
+            Err(Answer::BodyTooLarge { limit })
+        } else {
+            self.read_rule_body(session).await?
+        };
+        let body = match body {
+            Ok(b) => b,
+            Err(refusal) => {
+                session.set_keepalive(None);
+                self.answer(session, ctx, &refusal).await?;
+                return Ok(true);
+            }
+        };
+        let req = session.req_header();
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
+        let xff = req
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok());
+        let captures: Vec<(&str, &str)> = captures
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let candidate = Candidate {
+            parts: RequestParts {
+                headers: &req.headers,
+                query: req.uri.query(),
+                captures: &captures,
+                body: Some(&body),
+            },
+            client_ip: forwarded::client_ip(peer, xff, &self.config.trusted_proxies),
+        };
+        match self.admission.admit(index, &candidate).await {
+            Verdict::Answer(answer) => {
+                self.answer(session, ctx, &answer).await?;
+                Ok(true)
+            }
+            Verdict::Forward(winner) => {
+                ctx.outcome = Outcome::Forwarded;
+                ctx.winner = Some(winner);
+                Ok(false)
+            }
+            Verdict::PassCapped(permit) => {
+                ctx.outcome = Outcome::Forwarded;
+                ctx.pass_permit = Some(permit);
+                Ok(false)
+            }
+        }
     }
 
     /// Checks the size limits that apply before any rule: 431 and 413.
@@ -122,6 +272,12 @@ impl ProxyHttp for SluiceProxy {
             upstream: self.config.default_upstream,
             connect_failures: 0,
             body_bytes: 0,
+            rule_index: None,
+            winner: None,
+            settled: false,
+            sent_upstream: false,
+            kept: None,
+            pass_permit: None,
         }
     }
 
@@ -133,7 +289,20 @@ impl ProxyHttp for SluiceProxy {
             return Ok(true);
         }
         ctx.upstream = self.config.default_upstream;
-        Ok(false)
+        let req = session.req_header();
+        let Some(m) = self.admission.find(&req.method, req.uri.path()) else {
+            return Ok(false);
+        };
+        let index = m.index;
+        ctx.rule = Some(m.rule.name.clone());
+        ctx.rule_index = Some(index);
+        ctx.upstream = m.rule.upstream;
+        let captures = m
+            .captures
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.admit(session, ctx, index, captures).await
     }
 
     async fn request_body_filter(
@@ -213,7 +382,7 @@ impl ProxyHttp for SluiceProxy {
         &self,
         session: &mut Session,
         upstream_request: &mut RequestHeader,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<()> {
         let ours: Vec<http::HeaderName> = upstream_request
             .headers
@@ -236,6 +405,12 @@ impl ProxyHttp for SluiceProxy {
             let xff = forwarded::forwarded_for(peer, incoming, &self.config.trusted_proxies);
             upstream_request.insert_header("X-Forwarded-For", xff)?;
         }
+        if let Some(w) = &ctx.winner {
+            upstream_request.insert_header("X-Sluice-Ticket", w.ticket.to_string())?;
+            upstream_request.insert_header("X-Sluice-Quantity", w.qty.to_string())?;
+            upstream_request.insert_header("X-Sluice-Rule", &*w.key.rule)?;
+        }
+        ctx.sent_upstream = true;
         Ok(())
     }
 
@@ -246,12 +421,58 @@ impl ProxyHttp for SluiceProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let pool = self.upstreams.pool(ctx.upstream);
-        self.metrics.observe_upstream(
-            &pool.config.name,
-            UpstreamClass::of_status(upstream_response.status.as_u16()),
-        );
+        let status = upstream_response.status.as_u16();
+        self.metrics
+            .observe_upstream(&pool.config.name, UpstreamClass::of_status(status));
         upstream_response.insert_header(OUTCOME_HEADER, ctx.outcome.as_str())?;
+        if ctx.winner.is_some() && !ctx.settled {
+            let content_type = upstream_response
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            self.settle(
+                ctx,
+                Settlement::Answered {
+                    status,
+                    content_type: content_type.clone(),
+                },
+            )
+            .await;
+            ctx.kept = Some(KeptAnswer {
+                status,
+                content_type,
+                body: BytesMut::new(),
+            });
+        }
         Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        if let Some(kept) = &mut ctx.kept {
+            if let Some(chunk) = body {
+                let room = MAX_KEPT_BODY.saturating_sub(kept.body.len());
+                kept.body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            if end_of_stream {
+                if let (Some(kept), Some(winner)) = (ctx.kept.take(), ctx.winner.clone()) {
+                    // Off the answer's path: the state is already committed.
+                    let admission = self.admission.clone();
+                    tokio::spawn(async move {
+                        admission
+                            .keep_body(&winner, kept.status, kept.content_type, kept.body.freeze())
+                            .await;
+                    });
+                }
+            }
+        }
+        Ok(None)
     }
 
     async fn fail_to_proxy(
@@ -260,6 +481,25 @@ impl ProxyHttp for SluiceProxy {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
+        // Release (or keep, per release_on) before the answer is written.
+        if ctx.winner.is_some() && !ctx.settled {
+            let reason = if e.esource() == &ErrorSource::Downstream && !ctx.sent_upstream {
+                Some(ReleaseReason::ClientGone)
+            } else if e.esource() == &ErrorSource::Downstream {
+                // The client left after the backend was asked: we cannot
+                // know what it did; the units stay held for reconcile.
+                None
+            } else {
+                Some(failure_reason(e))
+            };
+            match reason {
+                Some(r) => self.settle(ctx, Settlement::Failed(r)).await,
+                None => {
+                    ctx.settled = true;
+                    tracing::warn!(error = %e, "client left after its order was sent; ticket left in flight");
+                }
+            }
+        }
         let answer = match (e.etype(), e.esource()) {
             (ErrorType::HTTPStatus(413), _) => Some(Answer::BodyTooLarge {
                 limit: self.config.limits.max_body_bytes,
@@ -302,6 +542,17 @@ impl ProxyHttp for SluiceProxy {
     }
 
     async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        if ctx.winner.is_some() && !ctx.settled {
+            // Ended without an upstream answer or a proxy failure (the
+            // client went away early): the backend was never asked.
+            let reason = if ctx.sent_upstream {
+                ReleaseReason::Timeout
+            } else {
+                ReleaseReason::ClientGone
+            };
+            self.settle(ctx, Settlement::Failed(reason)).await;
+        }
+        ctx.pass_permit = None;
         self.metrics
             .observe_request(ctx.rule.as_deref(), ctx.outcome, ctx.started.elapsed());
     }

@@ -194,6 +194,8 @@ pub struct RuleSet {
 
 /// A request's rule and the path captures it produced.
 pub struct RuleMatch<'r, 'p> {
+    /// Its index in the rule set.
+    pub index: usize,
     /// The matched rule.
     pub rule: &'r Arc<Rule>,
     /// `(capture name, value)` in template order.
@@ -220,13 +222,15 @@ impl RuleSet {
 
     /// The first rule whose method and template match.
     pub fn find<'r, 'p>(&'r self, method: &Method, path: &'p str) -> Option<RuleMatch<'r, 'p>> {
-        self.rules.iter().find_map(|rule| {
+        self.rules.iter().enumerate().find_map(|(index, rule)| {
             if rule.method != *method {
                 return None;
             }
-            rule.path
-                .matches(path)
-                .map(|captures| RuleMatch { rule, captures })
+            rule.path.matches(path).map(|captures| RuleMatch {
+                index,
+                rule,
+                captures,
+            })
         })
     }
 }

@@ -15,10 +15,18 @@ use pingora_core::server::Server;
 use pingora_core::services::listening::Service;
 use pingora_proxy::ProxyServiceBuilder;
 
+use pingora_core::services::background::background_service;
+
 use crate::admin::AdminApp;
-use crate::config::Config;
+use crate::admission::housekeeping::Housekeeping;
+use crate::admission::{Admission, AdmissionError};
+use crate::config::{Config, StoreBackend};
 use crate::metrics::Metrics;
 use crate::proxy::SluiceProxy;
+use crate::store::instrumented::InstrumentedStore;
+use crate::store::memory::MemoryStore;
+use crate::store::redis::RedisStore;
+use crate::store::{Store, StoreError};
 use crate::upstream::{UpstreamError, Upstreams};
 
 /// Errors that stop the gateway from starting.
@@ -40,6 +48,12 @@ pub enum StartError {
     /// Metrics could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The store could not be set up.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A rule could not be built.
+    #[error(transparent)]
+    Admission(#[from] AdmissionError),
 }
 
 /// Whole seconds, rounded up: pingora's shutdown knobs are in seconds.
@@ -92,6 +106,22 @@ impl Gateway {
         )?);
         let (upstreams, health_services) = Upstreams::new(&config.upstreams)?;
         let upstreams = Arc::new(upstreams);
+        let (store, memory): (Arc<dyn Store>, Option<Arc<MemoryStore>>) = match config.store.backend
+        {
+            StoreBackend::Memory => {
+                let m = Arc::new(MemoryStore::new());
+                (m.clone(), Some(m))
+            }
+            StoreBackend::Redis => (
+                Arc::new(RedisStore::new(
+                    &config.store.redis,
+                    config.store.result_ttl,
+                )?),
+                None,
+            ),
+        };
+        let store: Arc<dyn Store> = Arc::new(InstrumentedStore::new(store, metrics.clone()));
+        let admission = Arc::new(Admission::new(&config, store)?);
 
         let mut server = Server::new_with_opt_and_conf(None, server_conf(&config));
         server.bootstrap();
@@ -100,7 +130,12 @@ impl Gateway {
         options.h2c = config.h2c;
         let mut proxy = ProxyServiceBuilder::new(
             &server.configuration,
-            SluiceProxy::new(config.clone(), upstreams.clone(), metrics.clone()),
+            SluiceProxy::new(
+                config.clone(),
+                upstreams.clone(),
+                metrics.clone(),
+                admission.clone(),
+            ),
         )
         .name("sluice proxy")
         .server_options(options)
@@ -109,7 +144,12 @@ impl Gateway {
 
         let mut admin = Service::new(
             "sluice admin".to_string(),
-            HttpServer::new_app(AdminApp::new(metrics.clone(), upstreams.clone())),
+            HttpServer::new_app(AdminApp::new(
+                metrics.clone(),
+                upstreams.clone(),
+                admission.clone(),
+                config.admin.token_env.as_deref(),
+            )),
         );
         admin.add_tcp(&config.admin.listen.to_string());
         // Scrapes and probes are light; one thread keeps them off the
@@ -121,6 +161,10 @@ impl Gateway {
         for hc in health_services {
             server.add_service(hc);
         }
+        server.add_service(background_service(
+            "sluice housekeeping",
+            Housekeeping::new(admission, memory, config.store.recheck_interval),
+        ));
         Ok(Self { server, metrics })
     }
 

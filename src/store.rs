@@ -8,6 +8,7 @@
 //! second release finds nothing to move. Called by the admission pipeline
 //! and the admin API.
 
+pub mod instrumented;
 pub mod memory;
 pub mod redis;
 
@@ -324,6 +325,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Marks a held ticket sold and keeps the backend's answer for `ttl`.
     async fn commit(
+        &self,
+        key: &SkuKey,
+        ticket: TicketId,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Replaces the kept answer of a committed ticket: the body arrives
+    /// after the commit, which happens before the answer is written.
+    async fn keep_response(
         &self,
         key: &SkuKey,
         ticket: TicketId,

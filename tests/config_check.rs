@@ -1,4 +1,5 @@
-//! `sluice check` against a table of broken configs, one mistake each: every
+//! `sluice check` against a table of broken configs (mostly one mistake
+//! each; the `*several*` fixtures prove that one run reports them all): every
 //! problem must be printed as the exact `path:line:column: message` line,
 //! with the line and column of the offending token. Also checks that the
 //! full-featured good config passes and loads into the expected model.
@@ -29,11 +30,31 @@ const BAD: &[(&str, &[&str])] = &[
     ),
     (
         "tests/fixtures/bad_duration.yaml",
-        &["tests/fixtures/bad_duration.yaml:5:19: invalid duration \"5 sec\": expected a whole number followed by ms, s, m or h (like 250ms or 3s)"],
+        &["tests/fixtures/bad_duration.yaml:5:19: upstreams.mall.read_timeout: invalid duration \"5 sec\": expected a whole number followed by ms, s, m or h (like 250ms or 3s)"],
     ),
     (
         "tests/fixtures/bad_zero_max_inflight.yaml",
         &["tests/fixtures/bad_zero_max_inflight.yaml:5:19: upstreams.mall.max_inflight: 0 must be a whole number from 1 to 4294967295"],
+    ),
+    (
+        "tests/fixtures/bad_negative_max_inflight.yaml",
+        &["tests/fixtures/bad_negative_max_inflight.yaml:5:19: upstreams.mall.max_inflight: -1 must be a whole number from 1 to 4294967295"],
+    ),
+    (
+        "tests/fixtures/bad_missing_listen.yaml",
+        &["tests/fixtures/bad_missing_listen.yaml:1:1: missing required key `listen`"],
+    ),
+    (
+        "tests/fixtures/bad_duplicate_key.yaml",
+        &["tests/fixtures/bad_duplicate_key.yaml:6:1: duplicate mapping key: listen"],
+    ),
+    (
+        "tests/fixtures/bad_rules_glob.yaml",
+        &["tests/fixtures/bad_rules_glob.yaml:6:8: rules: \"no-such-dir/*.yaml\" matches no file (looked in tests/fixtures)"],
+    ),
+    (
+        "tests/fixtures/bad_duplicate_server.yaml",
+        &["tests/fixtures/bad_duplicate_server.yaml:4:47: upstreams.mall.servers[2]: 127.0.0.1:8000 is listed twice"],
     ),
     (
         "tests/fixtures/bad_default_upstream.yaml",
@@ -74,6 +95,15 @@ const BAD: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "tests/fixtures/bad_parse_several.yaml",
+        &[
+            "tests/fixtures/bad_parse_several.yaml:6:19: upstreams.mall.max_inflight: -1 must be a whole number from 1 to 4294967295",
+            "tests/fixtures/bad_parse_several.yaml:7:19: upstreams.mall.read_timeout: invalid duration \"5 sec\": expected a whole number followed by ms, s, m or h (like 250ms or 3s)",
+            "tests/fixtures/bad_parse_several.yaml:9:31: trusted_proxies[1]: \"300.0.0.0/8\" is not a CIDR like 10.0.0.0/8",
+            "tests/fixtures/bad_parse_several.yaml:11:19: limits.max_body_bytes: invalid size \"8 MB\": expected bytes like 65536, 64KiB or 16MiB",
+        ],
+    ),
+    (
         "tests/fixtures/bad_several_with_rules.yaml",
         &[
             "tests/fixtures/bad_several_with_rules.yaml:6:27: upstreams.mall.health_check.path: \"health\" must start with '/'",
@@ -86,6 +116,28 @@ const BAD: &[(&str, &[&str])] = &[
     (
         "tests/fixtures/bad_rule_unknown_key.yaml",
         &["tests/fixtures/rules/bad_unknown_key.yaml:6:5: unknown field `rate_limit`, expected one of name, match, user, sku, quantity, window, rate_limits, dedup, stock, admission, release_on, responses"],
+    ),
+    (
+        "tests/fixtures/bad_rule_missing_user.yaml",
+        &["tests/fixtures/rules/bad_missing_user.yaml:2:5: missing required key `user`"],
+    ),
+    (
+        "tests/fixtures/bad_rule_missing_sku_match.yaml",
+        &[
+            "tests/fixtures/rules/bad_missing_sku_match.yaml:2:5: missing required key `match`",
+            "tests/fixtures/rules/bad_missing_sku_match.yaml:2:5: missing required key `sku`",
+        ],
+    ),
+    (
+        "tests/fixtures/bad_rule_parse_several.yaml",
+        &[
+            "tests/fixtures/rules/bad_parse_several.yaml:8:36: rate_limits[0].per: invalid duration \"1.5s\": expected a whole number followed by ms, s, m or h (like 250ms or 3s)",
+            "tests/fixtures/rules/bad_parse_several.yaml:11:22: match.method: \"post\" is not an uppercase HTTP method like POST",
+            "tests/fixtures/rules/bad_parse_several.yaml:13:18: sku.path: \"item\" is not a capture of match.path \"/api/tablets/{sku}/order\"",
+            "tests/fixtures/rules/bad_parse_several.yaml:15:16: rate_limits[0].key: \"session\" is not one of ip, user, rule",
+            "tests/fixtures/rules/bad_parse_several.yaml:16:32: dedup.ttl: invalid duration 10: needs a unit, like 10s or 10ms",
+            "tests/fixtures/rules/bad_parse_several.yaml:17:23: release_on: \"reset\" is not one of connect_error, timeout, 5xx, 4xx",
+        ],
     ),
     (
         "tests/fixtures/bad_rule_user_two_sources.yaml",

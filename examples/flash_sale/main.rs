@@ -16,6 +16,20 @@ use anyhow::{bail, Context};
 
 const SKU: &str = "phone-1";
 
+const DEMO_RULE: &str = r#"rules:
+  - name: phone-seckill
+    match: { method: POST, path: "/api/seckill/{sku}/order" }
+    user: { header: X-User-Id }
+    sku: { path: sku }
+    quantity: { json: qty, default: 1, max: 1 }
+    rate_limits:
+      - { key: user, rate: 1, per: 3s }
+      - { key: rule, rate: 20000, per: 1s }
+    dedup: { key: [user, sku], ttl: 10m }
+    stock: { per_user_limit: 1 }
+    release_on: [connect_error, timeout, 5xx]
+"#;
+
 struct Args {
     buyers: u64,
     stock: u64,
@@ -73,26 +87,34 @@ fn write_config(
     );
     std::fs::create_dir_all(dir.join("lua-free-rules"))?;
     std::fs::write(dir.join("gateway.yaml"), config)?;
-    std::fs::copy(
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/lua-free-rules/phone-seckill.yaml"
-        ),
-        dir.join("lua-free-rules/phone-seckill.yaml"),
-    )?;
+    // The shipped pack (lua-free-rules/phone-seckill.yaml) limits each ip to
+    // 20/s; every simulated buyer here shares 127.0.0.1, so the demo keeps
+    // the per-user and per-rule buckets and drops the per-ip one.
+    std::fs::write(dir.join("lua-free-rules/phone-seckill.yaml"), DEMO_RULE)?;
     Ok((dir.join("gateway.yaml"), listen, admin))
 }
 
-async fn admin_get(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
+async fn admin_request(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(admin).await?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await?;
+    s.write_all(body.as_bytes()).await?;
     let mut out = String::new();
     s.read_to_string(&mut out).await?;
     Ok(out)
+}
+
+async fn admin_get(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
+    admin_request(admin, "GET", path, "").await
 }
 
 fn ms(d: Duration) -> f64 {
@@ -120,6 +142,17 @@ async fn main() -> anyhow::Result<()> {
             bail!("the gateway did not become ready");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let loaded = admin_request(
+        admin,
+        "PUT",
+        &format!("/admin/v1/stock/phone-seckill/{SKU}"),
+        &format!("{{\"available\": {}}}", args.stock),
+    )
+    .await?;
+    if !loaded.starts_with("HTTP/1.1 200") {
+        bail!("could not load the stock: {loaded}");
     }
 
     println!(
@@ -157,6 +190,10 @@ async fn main() -> anyhow::Result<()> {
         mall.repeat_buyers(),
     );
 
+    let stock = admin_get(admin, &format!("/admin/v1/stock/phone-seckill/{SKU}")).await?;
+    if let Some(body) = stock.split("\r\n\r\n").nth(1) {
+        println!("\nSluice's stock view: {body}");
+    }
     let metrics = admin_get(admin, "/metrics").await?;
     println!("\nFrom Sluice's /metrics:");
     for line in metrics.lines() {

@@ -21,6 +21,11 @@ pub mod defaults {
     pub const REDIS_TIMEOUT: Duration = Duration::from_millis(50);
     /// `store.pass_cap`: with `on_failure: pass_capped`, one request at a time.
     pub const PASS_CAP: u32 = 1;
+    /// `store.recheck_interval`: how soon a sold-out flag notices stock that
+    /// came back through another node.
+    pub const RECHECK_INTERVAL: Duration = Duration::from_millis(500);
+    /// `store.result_ttl`: how long tickets and backend answers are kept.
+    pub const RESULT_TTL: Duration = Duration::from_secs(3600);
     /// `upstreams.*.max_inflight`
     pub const MAX_INFLIGHT: u32 = 64;
     /// `upstreams.*.connect_timeout`
@@ -124,6 +129,10 @@ pub struct StoreConfig {
     pub redis: RedisConfig,
     /// What to do when the store cannot answer.
     pub on_failure: OnFailure,
+    /// Poll interval of sold-out flags.
+    pub recheck_interval: Duration,
+    /// How long tickets and kept answers live.
+    pub result_ttl: Duration,
 }
 
 /// `store.redis:`

@@ -61,6 +61,10 @@ pub struct RawStore {
     pub on_failure: Option<Spanned<String>>,
     #[serde(default)]
     pub pass_cap: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub recheck_interval: Option<Spanned<ConfigDuration>>,
+    #[serde(default)]
+    pub result_ttl: Option<Spanned<ConfigDuration>>,
 }
 
 /// `store.redis:`

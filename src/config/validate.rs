@@ -44,6 +44,9 @@ fn positive(p: &mut Problems, field: &str, v: &Spanned<i64>) -> Option<u32> {
     n
 }
 
+/// The largest rule-matched body pingora can hold for forwarding.
+const RULE_BODY_CEILING: u64 = 64 << 10;
+
 /// A positive duration, or the default (recording a zero as a problem).
 fn duration(
     p: &mut Problems,
@@ -205,9 +208,19 @@ fn store(p: &mut Problems, raw: &RawGateway) -> StoreConfig {
             timeout: defaults::REDIS_TIMEOUT,
         },
         on_failure: OnFailure::FailClosed,
+        recheck_interval: defaults::RECHECK_INTERVAL,
+        result_ttl: defaults::RESULT_TTL,
     };
     let Some(s) = &raw.store else { return out };
     let s = &s.value;
+    out.recheck_interval = duration(
+        p,
+        "store",
+        "recheck_interval",
+        &s.recheck_interval,
+        out.recheck_interval,
+    );
+    out.result_ttl = duration(p, "store", "result_ttl", &s.result_ttl, out.result_ttl);
     if let Some(b) = &s.backend {
         match b.value.as_str() {
             "memory" => out.backend = StoreBackend::Memory,
@@ -373,6 +386,16 @@ pub fn gateway(p: &mut Problems, raw: &RawGateway) -> Option<Config> {
         max_body_bytes: defaults::MAX_BODY_BYTES,
     };
     if let Some(l) = &raw.limits {
+        // pingora buffers a rule-matched body in its 64 KiB retry buffer,
+        // which is how the body reaches the backend after admission.
+        if let Some(v) = &l.max_rule_body_bytes {
+            if matches!(v.value.0, Ok(n) if n > RULE_BODY_CEILING) {
+                p.add(
+                    v.referenced,
+                    format!("limits.max_rule_body_bytes: at most {RULE_BODY_CEILING} (64KiB)"),
+                );
+            }
+        }
         for (field, v, slot) in [
             (
                 "limits.max_header_bytes",

@@ -163,6 +163,26 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn keep_response(
+        &self,
+        key: &SkuKey,
+        ticket: TicketId,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.inner.lock().map_err(|_| poisoned("keep_response"))?;
+        let t = inner
+            .skus
+            .get_mut(key)
+            .and_then(|s| s.tickets.get_mut(&ticket));
+        if let Some(t) = t {
+            if t.state == TicketState::Committed {
+                t.response = Some((response.clone(), Instant::now() + ttl));
+            }
+        }
+        Ok(())
+    }
+
     async fn release(
         &self,
         key: &SkuKey,

@@ -130,6 +130,21 @@ fn as_pairs(v: &Value) -> Vec<(String, Value)> {
     }
 }
 
+/// Adds the commands that keep a ticket's answer for `ttl`.
+fn add_response(pipe: &mut Pipeline, tag: &str, id: &str, r: &StoredResponse, ttl: Duration) {
+    let resp_key = format!("{tag}:r:{id}");
+    pipe.cmd("HSET")
+        .arg(&resp_key)
+        .arg("status")
+        .arg(r.status)
+        .arg("type")
+        .arg(r.content_type.as_deref().unwrap_or(""))
+        .arg("body")
+        .arg(r.body.as_ref())
+        .ignore();
+    pipe.cmd("PEXPIRE").arg(&resp_key).arg(millis(ttl)).ignore();
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
@@ -393,7 +408,6 @@ impl Store for RedisStore {
     ) -> Result<(), StoreError> {
         let tag = self.tag(key);
         let id = ticket.to_string();
-        let resp_key = format!("{tag}:r:{id}");
         let mut pipe = redis::pipe();
         pipe.atomic();
         pipe.cmd("HSET")
@@ -401,17 +415,22 @@ impl Store for RedisStore {
             .arg(&id)
             .arg("C")
             .ignore();
-        pipe.cmd("HSET")
-            .arg(&resp_key)
-            .arg("status")
-            .arg(response.status)
-            .arg("type")
-            .arg(response.content_type.as_deref().unwrap_or(""))
-            .arg("body")
-            .arg(response.body.as_ref())
-            .ignore();
-        pipe.cmd("PEXPIRE").arg(&resp_key).arg(millis(ttl)).ignore();
+        add_response(&mut pipe, &tag, &id, response, ttl);
         self.run("commit", &pipe).await.map(drop)
+    }
+
+    async fn keep_response(
+        &self,
+        key: &SkuKey,
+        ticket: TicketId,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let tag = self.tag(key);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        add_response(&mut pipe, &tag, &ticket.to_string(), response, ttl);
+        self.run("keep_response", &pipe).await.map(drop)
     }
 
     async fn release(
