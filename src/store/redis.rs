@@ -38,7 +38,11 @@ const RESTOCK_CHUNK: u64 = 10_000;
 
 /// The Redis store, over one multiplexed, self-reconnecting connection.
 pub struct RedisStore {
-    conn: ConnectionManager,
+    client: redis::Client,
+    manager_config: ConnectionManagerConfig,
+    // Made on first use: the manager spawns its driver on the runtime it
+    // is created in, and the gateway's runtimes exist only once it runs.
+    conn: tokio::sync::OnceCell<ConnectionManager>,
     prefix: String,
     timeout: Duration,
     ticket_ttl: Duration,
@@ -164,15 +168,10 @@ impl RedisStore {
             // fail fast and are answered `unavailable`.
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
-        let conn =
-            ConnectionManager::new_lazy_with_config(client, manager_config).map_err(|e| {
-                StoreError::Backend {
-                    op: "connect",
-                    message: e.to_string(),
-                }
-            })?;
         Ok(Self {
-            conn,
+            client,
+            manager_config,
+            conn: tokio::sync::OnceCell::new(),
             prefix: config.key_prefix.clone(),
             timeout: config.timeout,
             ticket_ttl,
@@ -209,7 +208,17 @@ impl RedisStore {
     }
 
     async fn run(&self, op: &'static str, pipe: &Pipeline) -> Result<Vec<Value>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self
+            .conn
+            .get_or_try_init(|| async {
+                ConnectionManager::new_lazy_with_config(
+                    self.client.clone(),
+                    self.manager_config.clone(),
+                )
+            })
+            .await
+            .map_err(|e| self.error(op, e))?
+            .clone();
         pipe.query_async::<Vec<Value>>(&mut conn)
             .await
             .map_err(|e| self.error(op, e))

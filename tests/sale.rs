@@ -1,0 +1,304 @@
+//! Whole sales against real processes: several gateway nodes sharing one
+//! real Redis, a backend that fails some winners, and Redis killed in the
+//! middle of a sale. Nothing may be oversold, lost, or won twice.
+
+mod support;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::{metric_value, request, Gateway, RedisServer, Upstream};
+
+const RULE: &str = r#"rules:
+  - name: seckill
+    match: { method: POST, path: "/api/seckill/{sku}/order" }
+    user: { header: X-User-Id }
+    sku: { path: sku }
+    dedup: { key: [user, sku], ttl: 10m }
+    stock: { per_user_limit: 1 }
+    release_on: [connect_error, timeout, 5xx]
+"#;
+
+fn config(up: &Upstream, store: &str) -> String {
+    format!(
+        "listen: ${{LISTEN}}\n\
+         admin: {{ listen: ${{ADMIN}} }}\n\
+         threads: 2\n\
+         store: {store}\n\
+         shutdown: {{ grace_period: 0s, timeout: 1s }}\n\
+         upstreams:\n  mall:\n    servers: [{}]\n    read_timeout: 5s\n\
+         default_upstream: mall\n\
+         rules: lua-free-rules/*.yaml\n",
+        up.addr()
+    )
+}
+
+fn redis_store(r: &RedisServer) -> String {
+    format!(
+        "{{ backend: redis, recheck_interval: 200ms, redis: {{ url: \"{}\", timeout: 1s }} }}",
+        r.url()
+    )
+}
+
+fn node(up: &Upstream, store: &str) -> Gateway {
+    Gateway::builder()
+        .config(&config(up, store))
+        .file("lua-free-rules/seckill.yaml", RULE)
+        .start()
+}
+
+async fn load_stock(admin: SocketAddr, sku: &str, n: u64) -> serde_json::Value {
+    let resp = request(
+        admin,
+        "PUT",
+        &format!("/admin/v1/stock/seckill/{sku}"),
+        &[("content-type", "application/json")],
+        format!("{{\"available\": {n}}}").as_bytes(),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "load stock: {}", resp.text());
+    resp.json()
+}
+
+async fn stock(admin: SocketAddr, sku: &str) -> serde_json::Value {
+    let resp = request(
+        admin,
+        "GET",
+        &format!("/admin/v1/stock/seckill/{sku}"),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(resp.status, 200, "stock view: {}", resp.text());
+    resp.json()
+}
+
+/// One buy attempt; returns (status, outcome).
+async fn buy(listen: SocketAddr, sku: &str, user: &str) -> (u16, String) {
+    let resp = request(
+        listen,
+        "POST",
+        &format!("/api/seckill/{sku}/order"),
+        &[("x-user-id", user)],
+        b"{}",
+    )
+    .await;
+    let outcome = resp
+        .header("x-sluice-outcome")
+        .unwrap_or("none")
+        .to_string();
+    (resp.status, outcome)
+}
+
+/// Runs `users` buyers, each clicking `clicks` times on successive nodes,
+/// `concurrency` at a time; returns every (user, outcome).
+async fn burst(
+    nodes: &[SocketAddr],
+    sku: &str,
+    users: usize,
+    clicks: usize,
+    concurrency: usize,
+) -> Vec<(String, String)> {
+    let nodes = Arc::new(nodes.to_vec());
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let nodes = nodes.clone();
+        let next = next.clone();
+        let sku = sku.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= users * clicks {
+                    return seen;
+                }
+                let (user, click) = (i / clicks, i % clicks);
+                let user = format!("user-{user}");
+                let at = nodes[(i + click) % nodes.len()];
+                let (_, outcome) = buy(at, &sku, &user).await;
+                seen.push((user, outcome));
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("buyer task"));
+    }
+    all
+}
+
+fn count(outcomes: &[(String, String)], what: &str) -> usize {
+    outcomes.iter().filter(|(_, o)| o == what).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_on_one_redis_sell_exactly_the_stock_once_per_user() {
+    let redis = RedisServer::start();
+    let up = Upstream::start();
+    let store = redis_store(&redis);
+    let nodes: Vec<Gateway> = (0..3).map(|_| node(&up, &store)).collect();
+    load_stock(nodes[0].admin(), "phone", 60).await;
+
+    let listens: Vec<SocketAddr> = nodes.iter().map(|n| n.listen()).collect();
+    // 1500 users, each clicking twice on two different nodes.
+    let outcomes = burst(&listens, "phone", 1500, 2, 48).await;
+
+    assert_eq!(count(&outcomes, "forwarded"), 60, "winners != stock");
+    let seen = up.recorded();
+    assert_eq!(seen.len(), 60, "the backend did not get exactly the stock");
+    let tickets: HashSet<_> = seen
+        .iter()
+        .filter_map(|r| r.header("x-sluice-ticket"))
+        .collect();
+    let users: HashSet<_> = seen.iter().filter_map(|r| r.header("x-user-id")).collect();
+    assert_eq!(tickets.len(), 60, "a ticket reached the backend twice");
+    assert_eq!(users.len(), 60, "a user won twice");
+    for o in &outcomes {
+        assert!(
+            ["forwarded", "sold_out", "duplicate"].contains(&o.1.as_str()),
+            "unexpected outcome {o:?}"
+        );
+    }
+    // Every node sees the same ledger.
+    for n in &nodes {
+        let v = stock(n.admin(), "phone").await;
+        assert_eq!(v["available"], 0);
+        assert_eq!(v["sold"], 60);
+        assert_eq!(v["in_flight"], 0);
+        assert_eq!(v["initial"], 60);
+    }
+}
+
+async fn failing_backend_resells(store: &str, up: &Upstream) {
+    let gw = node(up, store);
+    load_stock(gw.admin(), "phone", 30).await;
+    up.set_fail_every(3);
+    let outcomes = burst(&[gw.listen()], "phone", 900, 1, 24).await;
+    // Each 500 released its unit, which was sold again to someone else.
+    let v = stock(gw.admin(), "phone").await;
+    assert_eq!(v["sold"], 30, "{v}");
+    assert_eq!(v["available"], 0, "{v}");
+    assert_eq!(v["in_flight"], 0, "{v}");
+    let ok_orders = up.recorded().len() as u64 - up.requests() / 3;
+    assert!(up.requests() > 30, "no failure happened");
+    assert_eq!(ok_orders, 30, "successful orders != stock");
+    let m = gw.metrics().await;
+    let released = metric_value(
+        &m,
+        "sluice_released_total",
+        &[("rule", "seckill"), ("reason", "5xx")],
+    )
+    .unwrap_or(0.0);
+    assert_eq!(
+        released as u64,
+        up.requests() / 3,
+        "every failure released its unit"
+    );
+    assert_eq!(count(&outcomes, "forwarded") as u64, up.requests());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_backend_units_are_resold_on_memory() {
+    let up = Upstream::start();
+    failing_backend_resells("{ backend: memory }", &up).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_backend_units_are_resold_on_redis() {
+    let redis = RedisServer::start();
+    let up = Upstream::start();
+    failing_backend_resells(&redis_store(&redis), &up).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_mid_sale_fails_closed_then_recovers_without_restart() {
+    let mut redis = RedisServer::start();
+    let up = Upstream::start();
+    let gw = node(&up, &redis_store(&redis));
+    load_stock(gw.admin(), "phone", 100).await;
+    let first = burst(&[gw.listen()], "phone", 40, 1, 8).await;
+    assert_eq!(count(&first, "forwarded"), 40);
+
+    redis.kill();
+    let down = burst(&[gw.listen()], "phone", 30, 1, 8).await;
+    assert_eq!(count(&down, "unavailable"), 30, "{down:?}");
+    let ready = request(gw.admin(), "GET", "/readyz", &[], b"").await;
+    assert_eq!(ready.status, 503, "ready without a store");
+    assert_eq!(
+        up.requests(),
+        40,
+        "something was forwarded without the store"
+    );
+
+    // Back, but empty: nothing is sold until the operator loads stock, and
+    // then the same gateway sells again.
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, outcome) = buy(gw.listen(), "phone", "probe").await;
+        assert_eq!(status, 503, "sold without stock: {outcome}");
+        let resp = request(
+            gw.admin(),
+            "PUT",
+            "/admin/v1/stock/seckill/phone",
+            &[],
+            br#"{"available": 5}"#,
+        )
+        .await;
+        if resp.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the gateway never reconnected");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after = burst(&[gw.listen()], "phone", 20, 1, 4).await;
+    assert_eq!(count(&after, "forwarded"), 5, "{after:?}");
+    assert_eq!(up.requests(), 45);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_on_one_node_is_sold_on_another() {
+    let redis = RedisServer::start();
+    let up = Upstream::start();
+    let store = redis_store(&redis);
+    let (a, b) = (node(&up, &store), node(&up, &store));
+    load_stock(a.admin(), "phone", 1).await;
+    assert_eq!(buy(a.listen(), "phone", "first").await.1, "forwarded");
+    // b learns the sku is gone and answers from its local flag.
+    assert_eq!(buy(b.listen(), "phone", "second").await.1, "sold_out");
+    assert_eq!(buy(b.listen(), "phone", "third").await.1, "sold_out");
+    let ticket = up
+        .last()
+        .and_then(|r| r.header("x-sluice-ticket").map(str::to_string));
+    let ticket = ticket.expect("the winner's ticket");
+    let resp = request(
+        a.admin(),
+        "POST",
+        "/admin/v1/release",
+        &[],
+        format!("{{\"ticket\": \"{ticket}\"}}").as_bytes(),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.json()["released"], 1);
+    // b's flag clears within its recheck interval; poll, bounded.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let (_, outcome) = buy(b.listen(), "phone", &format!("retry-{attempt}")).await;
+        if outcome == "forwarded" {
+            break;
+        }
+        assert_eq!(outcome, "sold_out");
+        assert!(
+            Instant::now() < deadline,
+            "b never noticed the unit came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(stock(b.admin(), "phone").await["available"], 0);
+}
