@@ -116,6 +116,9 @@ pub struct Admission {
     on_failure: OnFailure,
     pass_permits: Arc<Semaphore>,
     result_ttl: Duration,
+    /// Skus loaded through this node's admin API, whose gauge housekeeping
+    /// refreshes (labels from admin actions only, never from shoppers).
+    loaded: std::sync::Mutex<std::collections::BTreeSet<(usize, String)>>,
 }
 
 /// Answer for a store that cannot answer (fail closed).
@@ -149,6 +152,7 @@ impl Admission {
             on_failure: config.store.on_failure,
             pass_permits: Arc::new(Semaphore::new(cap)),
             result_ttl: config.store.result_ttl,
+            loaded: std::sync::Mutex::new(Default::default()),
         })
     }
 
@@ -439,12 +443,30 @@ impl Admission {
         if view.available > 0 {
             self.flags.clear(rule, &key.sku);
         }
+        if let Ok(mut loaded) = self.loaded.lock() {
+            loaded.insert((rule, key.sku.to_string()));
+        }
         Ok(view)
     }
 
     /// Background: clears flags of skus whose stock came back through
     /// another node, and prunes rate-limit state.
     pub async fn housekeeping(&self) {
+        // Reading availability refreshes `sluice_stock_available` (the
+        // instrumented store sets it).
+        let loaded: Vec<(usize, String)> = self
+            .loaded
+            .lock()
+            .map(|l| l.iter().cloned().collect())
+            .unwrap_or_default();
+        for (rule, sku) in loaded {
+            if let Some(stage) = self.stages.get(rule) {
+                let _ = self
+                    .store
+                    .available(&SkuKey::new(&stage.rule.name, &sku))
+                    .await;
+            }
+        }
         for (rule, sku) in self.flags.flagged() {
             let Some(stage) = self.stages.get(rule) else {
                 continue;

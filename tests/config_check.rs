@@ -369,3 +369,47 @@ fn good_config_loads_into_the_typed_model() {
     assert_eq!(config.upstream(vouchers.upstream).name, "coupons");
     assert_eq!(vouchers.queue.max_wait, Duration::from_millis(250));
 }
+
+/// Every shipped rule pack passes `sluice check`: the default
+/// `gateway.yaml` with its rules, and each opt-in pack in
+/// `lua-free-rules/more/` loaded through a config that points at it.
+#[test]
+fn shipped_gateway_and_every_rule_pack_pass_check() {
+    let out = support::sluice_cmd()
+        .args(["check", "--config", "gateway.yaml"])
+        .output()
+        .expect("run sluice check");
+    assert!(
+        out.status.success(),
+        "gateway.yaml: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let packs = std::fs::read_dir("lua-free-rules/more").expect("lua-free-rules/more");
+    let mut checked = 0;
+    for pack in packs {
+        let pack = pack.expect("dir entry").path();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = format!(
+            "listen: 127.0.0.1:8080\nupstreams: {{ mall: {{ servers: [127.0.0.1:8000] }} }}\n\
+             default_upstream: mall\nrules: [\"{}\", \"{}\"]\n",
+            std::fs::canonicalize("lua-free-rules/phone-seckill.yaml")
+                .expect("pack")
+                .display(),
+            std::fs::canonicalize(&pack).expect("pack").display()
+        );
+        std::fs::write(dir.path().join("gateway.yaml"), config).expect("write config");
+        let out = support::sluice_cmd()
+            .args(["check", "--config"])
+            .arg(dir.path().join("gateway.yaml"))
+            .output()
+            .expect("run sluice check");
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            pack.display(),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        checked += 1;
+    }
+    assert!(checked >= 3, "expected the opt-in packs, found {checked}");
+}

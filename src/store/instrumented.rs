@@ -104,7 +104,11 @@ impl Store for InstrumentedStore {
     }
 
     async fn available(&self, key: &SkuKey) -> Result<Option<u64>, StoreError> {
-        self.timed(StoreOp::Read, self.inner.available(key)).await
+        let n = self.timed(StoreOp::Read, self.inner.available(key)).await?;
+        if let Some(n) = n {
+            self.metrics.set_stock_available(&key.rule, &key.sku, n);
+        }
+        Ok(n)
     }
 
     async fn ticket(&self, id: TicketId) -> Result<Option<TicketRecord>, StoreError> {

@@ -78,6 +78,25 @@ impl MemoryStore {
         }
     }
 
+    /// Applies `f` to a ticket if it exists; unknown tickets are a no-op.
+    fn with_ticket(
+        &self,
+        op: &'static str,
+        key: &SkuKey,
+        ticket: TicketId,
+        f: impl FnOnce(&mut Ticket),
+    ) -> Result<(), StoreError> {
+        let mut inner = self.inner.lock().map_err(|_| poisoned(op))?;
+        if let Some(t) = inner
+            .skus
+            .get_mut(key)
+            .and_then(|s| s.tickets.get_mut(&ticket))
+        {
+            f(t);
+        }
+        Ok(())
+    }
+
     fn view(sku: &Sku) -> StockView {
         let mut v = StockView {
             available: sku.available,
@@ -149,18 +168,12 @@ impl Store for MemoryStore {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let mut inner = self.inner.lock().map_err(|_| poisoned("commit"))?;
-        let t = inner
-            .skus
-            .get_mut(key)
-            .and_then(|s| s.tickets.get_mut(&ticket));
-        if let Some(t) = t {
+        self.with_ticket("commit", key, ticket, |t| {
             if t.state == TicketState::Held {
                 t.state = TicketState::Committed;
                 t.response = Some((response.clone(), Instant::now() + ttl));
             }
-        }
-        Ok(())
+        })
     }
 
     async fn keep_response(
@@ -170,17 +183,11 @@ impl Store for MemoryStore {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let mut inner = self.inner.lock().map_err(|_| poisoned("keep_response"))?;
-        let t = inner
-            .skus
-            .get_mut(key)
-            .and_then(|s| s.tickets.get_mut(&ticket));
-        if let Some(t) = t {
+        self.with_ticket("keep_response", key, ticket, |t| {
             if t.state == TicketState::Committed {
                 t.response = Some((response.clone(), Instant::now() + ttl));
             }
-        }
-        Ok(())
+        })
     }
 
     async fn release(

@@ -43,6 +43,7 @@ pub struct RedisStore {
     // Made on first use: the manager spawns its driver on the runtime it
     // is created in, and the gateway's runtimes exist only once it runs.
     conn: tokio::sync::OnceCell<ConnectionManager>,
+    round_trips: std::sync::atomic::AtomicU64,
     prefix: String,
     timeout: Duration,
     ticket_ttl: Duration,
@@ -134,6 +135,24 @@ fn as_pairs(v: &Value) -> Vec<(String, Value)> {
     }
 }
 
+/// Adds `n` single-unit moves from `from` to `to`. Taking pops from the
+/// head of `avail`; giving back (`back`) returns units to its head, so the
+/// most recently released units are sold first.
+fn add_moves(pipe: &mut Pipeline, from: &str, to: &str, n: u64, back: bool) {
+    let (from_end, to_end) = if back {
+        ("RIGHT", "LEFT")
+    } else {
+        ("LEFT", "RIGHT")
+    };
+    for _ in 0..n {
+        pipe.cmd("LMOVE")
+            .arg(from)
+            .arg(to)
+            .arg(from_end)
+            .arg(to_end);
+    }
+}
+
 /// Adds the commands that keep a ticket's answer for `ttl`.
 fn add_response(pipe: &mut Pipeline, tag: &str, id: &str, r: &StoredResponse, ttl: Duration) {
     let resp_key = format!("{tag}:r:{id}");
@@ -172,6 +191,7 @@ impl RedisStore {
             client,
             manager_config,
             conn: tokio::sync::OnceCell::new(),
+            round_trips: std::sync::atomic::AtomicU64::new(0),
             prefix: config.key_prefix.clone(),
             timeout: config.timeout,
             ticket_ttl,
@@ -207,7 +227,15 @@ impl RedisStore {
         }
     }
 
+    /// Round trips made so far (each pipeline or transaction is one), for
+    /// benchmarks.
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     async fn run(&self, op: &'static str, pipe: &Pipeline) -> Result<Vec<Value>, StoreError> {
+        self.round_trips
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut conn = self
             .conn
             .get_or_try_init(|| async {
@@ -238,14 +266,7 @@ impl RedisStore {
         let held = format!("{tag}:h:{ticket}");
         let mut pipe = redis::pipe();
         pipe.atomic();
-        for _ in 0..moved {
-            pipe.cmd("LMOVE")
-                .arg(&held)
-                .arg(format!("{tag}:avail"))
-                .arg("RIGHT")
-                .arg("LEFT")
-                .ignore();
-        }
+        add_moves(&mut pipe, &held, &format!("{tag}:avail"), moved, true);
         for m in marks_set {
             pipe.cmd("DEL").arg(m).ignore();
         }
@@ -328,13 +349,8 @@ impl Store for RedisStore {
                 .arg(format!("{tag}:uq:{}", r.user))
                 .arg(r.qty);
         }
-        for _ in 0..r.qty {
-            pipe.cmd("LMOVE")
-                .arg(format!("{tag}:avail"))
-                .arg(format!("{tag}:h:{ticket}"))
-                .arg("LEFT")
-                .arg("RIGHT");
-        }
+        let (avail, held) = (format!("{tag}:avail"), format!("{tag}:h:{ticket}"));
+        add_moves(&mut pipe, &avail, &held, u64::from(r.qty), false);
         pipe.cmd("HSET")
             .arg(format!("{tag}:tickets"))
             .arg(&ticket)
@@ -469,13 +485,8 @@ impl Store for RedisStore {
         // release finds nothing left to move.
         let mut pipe = redis::pipe();
         pipe.atomic();
-        for _ in 0..record.qty {
-            pipe.cmd("LMOVE")
-                .arg(format!("{tag}:h:{id}"))
-                .arg(format!("{tag}:avail"))
-                .arg("RIGHT")
-                .arg("LEFT");
-        }
+        let (held, avail) = (format!("{tag}:h:{id}"), format!("{tag}:avail"));
+        add_moves(&mut pipe, &held, &avail, u64::from(record.qty), true);
         pipe.cmd("HSET")
             .arg(format!("{tag}:state"))
             .arg(&id)
