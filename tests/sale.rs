@@ -302,3 +302,49 @@ async fn a_release_on_one_node_is_sold_on_another() {
     }
     assert_eq!(stock(b.admin(), "phone").await["available"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pass_capped_forwards_without_tickets_while_the_store_is_down() {
+    let mut redis = RedisServer::start();
+    let up = Upstream::start();
+    let store = format!(
+        "{{ backend: redis, on_failure: pass_capped, pass_cap: 2, redis: {{ url: \"{}\", timeout: 200ms }} }}",
+        redis.url()
+    );
+    let gw = node(&up, &store);
+    load_stock(gw.admin(), "phone", 10).await;
+    assert_eq!(buy(gw.listen(), "phone", "before").await.1, "forwarded");
+    redis.kill();
+    // The operator chose to keep selling through an outage: requests go
+    // through, without tickets, a few at a time.
+    for i in 0..3 {
+        let (status, outcome) = buy(gw.listen(), "phone", &format!("during-{i}")).await;
+        assert_eq!((status, outcome.as_str()), (200, "forwarded"));
+    }
+    let seen = up.recorded();
+    assert_eq!(seen.len(), 4);
+    assert!(seen[0].header("x-sluice-ticket").is_some());
+    for r in &seen[1..] {
+        assert_eq!(
+            r.header("x-sluice-ticket"),
+            None,
+            "a ticket without a store"
+        );
+    }
+    // The cap holds: with the upstream stalled, at most 2 pass at once.
+    up.set_stall(Duration::from_millis(500));
+    let listen = gw.listen();
+    let tasks: Vec<_> = (0..6)
+        .map(|i| tokio::spawn(async move { buy(listen, "phone", &format!("burst-{i}")).await }))
+        .collect();
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.push(t.await.expect("task").1);
+    }
+    assert!(
+        up.peak_inflight() <= 2,
+        "cap exceeded: {}",
+        up.peak_inflight()
+    );
+    assert!(outcomes.iter().any(|o| o == "unavailable"), "{outcomes:?}");
+}
