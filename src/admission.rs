@@ -326,14 +326,12 @@ impl Admission {
         }
     }
 
-    /// Stage 9: commits or releases a winner's ticket. Called before the
-    /// answer is written, so the admin view agrees with the client.
-    pub async fn settle(&self, winner: &Winner, how: &Settlement) -> Result<(), StoreError> {
-        let Some(stage) = self.stages.get(winner.rule) else {
-            return Ok(());
-        };
-        let on = &stage.rule.release_on;
-        let release = match how {
+    /// The release reason a settlement stands for under the rule's
+    /// `release_on`, or `None` when it commits (or, for an unlisted
+    /// failure, keeps the units held).
+    fn release_reason(&self, rule: usize, how: &Settlement) -> Option<ReleaseReason> {
+        let on = &self.stages.get(rule)?.rule.release_on;
+        match how {
             Settlement::Answered { status, .. } => match status {
                 500..=599 if on.status_5xx => Some(ReleaseReason::Status5xx),
                 400..=499 if on.status_4xx => Some(ReleaseReason::Status4xx),
@@ -343,14 +341,29 @@ impl Admission {
                 let listed = match reason {
                     ReleaseReason::ConnectError => on.connect_error,
                     ReleaseReason::Timeout => on.timeout,
-                    // The backend was never asked: always safe to return.
-                    ReleaseReason::ClientGone | ReleaseReason::Admin => true,
                     ReleaseReason::Status5xx => on.status_5xx,
                     ReleaseReason::Status4xx => on.status_4xx,
+                    // The backend was never asked: always safe to return.
+                    ReleaseReason::ClientGone | ReleaseReason::Admin | ReleaseReason::QueueFull => true,
                 };
                 listed.then_some(*reason)
             }
-        };
+        }
+    }
+
+    /// Whether settling this way would return the units (a failure the
+    /// queue may retry).
+    pub fn would_release(&self, rule: usize, how: &Settlement) -> bool {
+        self.release_reason(rule, how).is_some()
+    }
+
+    /// Stage 9: commits or releases a winner's ticket. Called before the
+    /// answer is written, so the admin view agrees with the client.
+    pub async fn settle(&self, winner: &Winner, how: &Settlement) -> Result<(), StoreError> {
+        if self.stages.get(winner.rule).is_none() {
+            return Ok(());
+        }
+        let release = self.release_reason(winner.rule, how);
         match (release, how) {
             (Some(reason), _) => self
                 .release(winner.rule, &winner.key, winner.ticket, reason)

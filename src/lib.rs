@@ -19,6 +19,7 @@ pub mod logging;
 pub mod metrics;
 pub mod outcome;
 pub mod proxy;
+pub mod queue;
 pub mod rules;
 pub mod server;
 pub mod store;

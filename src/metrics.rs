@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::outcome::Outcome;
@@ -96,6 +96,9 @@ pub struct Metrics {
     store_duration: HistogramVec,
     released: IntCounterVec,
     stock_available: IntGaugeVec,
+    upstream_inflight: IntGaugeVec,
+    queue_depth: IntGaugeVec,
+    queue_wait: HistogramVec,
 }
 
 fn outcome_index(o: Outcome) -> usize {
@@ -154,6 +157,28 @@ impl Metrics {
             ),
             &["rule", "sku"],
         )?;
+        let upstream_inflight = IntGaugeVec::new(
+            Opts::new(
+                "sluice_upstream_inflight",
+                "Admitted requests at the upstream now, on this node (capped by max_inflight).",
+            ),
+            &["upstream"],
+        )?;
+        let queue_depth = IntGaugeVec::new(
+            Opts::new("sluice_queue_depth", "Queued winners waiting or being sent, as last seen."),
+            &["upstream"],
+        )?;
+        let queue_wait = HistogramVec::new(
+            HistogramOpts::new(
+                "sluice_queue_wait_seconds",
+                "Time from queueing to the gateway sending the request to the backend.",
+            )
+            .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]),
+            &["upstream"],
+        )?;
+        registry.register(Box::new(upstream_inflight.clone()))?;
+        registry.register(Box::new(queue_depth.clone()))?;
+        registry.register(Box::new(queue_wait.clone()))?;
         registry.register(Box::new(store_errors.clone()))?;
         registry.register(Box::new(store_duration.clone()))?;
         registry.register(Box::new(released.clone()))?;
@@ -183,6 +208,9 @@ impl Metrics {
             }
         }
         for upstream in upstreams {
+            upstream_inflight.with_label_values(&[upstream]);
+            queue_depth.with_label_values(&[upstream]);
+            queue_wait.with_label_values(&[upstream]);
             for class in UpstreamClass::ALL {
                 upstream_responses.with_label_values(&[upstream, class.as_str()]);
             }
@@ -197,7 +225,29 @@ impl Metrics {
             store_duration,
             released,
             stock_available,
+            upstream_inflight,
+            queue_depth,
+            queue_wait,
         })
+    }
+
+    /// The in-flight gauge of an upstream (moved by its slot guards).
+    pub fn upstream_inflight(&self, upstream: &str) -> IntGauge {
+        self.upstream_inflight.with_label_values(&[upstream])
+    }
+
+    /// Sets the queue depth gauge of an upstream.
+    pub fn set_queue_depth(&self, upstream: &str, depth: u64) {
+        self.queue_depth
+            .with_label_values(&[upstream])
+            .set(i64::try_from(depth).unwrap_or(i64::MAX));
+    }
+
+    /// Observes how long a queued request waited.
+    pub fn observe_queue_wait(&self, upstream: &str, waited: Duration) {
+        self.queue_wait
+            .with_label_values(&[upstream])
+            .observe(waited.as_secs_f64());
     }
 
     /// Times one store operation; counts it as an error when it failed.

@@ -27,6 +27,7 @@
 
 pub mod forwarded;
 pub mod respond;
+pub mod tickets;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -45,7 +46,10 @@ use crate::config::Config;
 use crate::metrics::{Metrics, UpstreamClass};
 use crate::outcome::{render, Answer, Outcome};
 use crate::rules::UpstreamId;
-use crate::store::ReleaseReason;
+use crate::queue::drain::DrainRates;
+use crate::queue::{now_ms, Queue, QueuedRequest};
+use crate::store::{ReleaseReason, TicketId, TicketState};
+use crate::upstream::slots::Slot;
 use crate::upstream::Upstreams;
 use respond::{write_answer, OUTCOME_HEADER};
 
@@ -58,6 +62,8 @@ pub struct SluiceProxy {
     upstreams: Arc<Upstreams>,
     metrics: Arc<Metrics>,
     admission: Arc<Admission>,
+    queue: Arc<dyn Queue>,
+    rates: Arc<DrainRates>,
 }
 
 /// A winner's answer being kept for replay to duplicates.
@@ -81,6 +87,7 @@ pub struct RequestCtx {
     sent_upstream: bool,
     kept: Option<KeptAnswer>,
     pass_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    slot: Option<Slot>,
 }
 
 /// Which release reason a proxy error stands for.
@@ -105,12 +112,16 @@ impl SluiceProxy {
         upstreams: Arc<Upstreams>,
         metrics: Arc<Metrics>,
         admission: Arc<Admission>,
+        queue: Arc<dyn Queue>,
+        rates: Arc<DrainRates>,
     ) -> Self {
         Self {
             config,
             upstreams,
             metrics,
             admission,
+            queue,
+            rates,
         }
     }
 
@@ -214,15 +225,32 @@ impl SluiceProxy {
             },
             client_ip: forwarded::client_ip(peer, xff, &self.config.trusted_proxies),
         };
-        match self.admission.admit(index, &candidate).await {
+        let verdict = self.admission.admit(index, &candidate).await;
+        match verdict {
             Verdict::Answer(answer) => {
                 self.answer(session, ctx, &answer).await?;
                 Ok(true)
             }
             Verdict::Forward(winner) => {
-                ctx.outcome = Outcome::Forwarded;
+                // Stage 8: a slot now, or within max_wait in FIFO order,
+                // or the queue.
+                let max_wait = self
+                    .admission
+                    .stage(index)
+                    .map_or(Duration::ZERO, |s| s.rule.queue.max_wait);
+                let pool = self.upstreams.pool(ctx.upstream);
                 ctx.winner = Some(winner);
-                Ok(false)
+                match pool.slots.acquire_within(max_wait).await {
+                    Some(slot) => {
+                        ctx.outcome = Outcome::Forwarded;
+                        ctx.slot = Some(slot);
+                        Ok(false)
+                    }
+                    None => {
+                        self.enqueue(session, ctx, index, body).await?;
+                        Ok(true)
+                    }
+                }
             }
             Verdict::PassCapped(permit) => {
                 ctx.outcome = Outcome::Forwarded;
@@ -230,6 +258,129 @@ impl SluiceProxy {
                 Ok(false)
             }
         }
+    }
+
+    /// Answers a ticket poll from the store (any node can).
+    async fn poll_ticket(&self, session: &mut Session, ctx: &mut RequestCtx, id: &str) -> Result<()> {
+        let rendered = match TicketId::parse(id) {
+            None => tickets::poll_answer(id, None, None, None),
+            Some(ticket) => match self.admission.store().ticket(ticket).await {
+                Err(e) => {
+                    tracing::debug!(error = %e, "ticket poll: store unavailable");
+                    render(
+                        &Answer::Unavailable {
+                            message: "the sale is busy, please try again shortly".into(),
+                        },
+                        None,
+                    )
+                }
+                Ok(record) => {
+                    let upstream = record
+                        .as_ref()
+                        .filter(|r| r.state == TicketState::Queued)
+                        .and_then(|r| self.admission.rule_index(&r.key.rule))
+                        .and_then(|i| self.admission.stage(i))
+                        .map(|s| self.upstreams.pool(s.rule.upstream).config.name.clone());
+                    let position = match &upstream {
+                        Some(u) => self.queue.position(u, ticket).await.ok().flatten(),
+                        None => None,
+                    };
+                    let eta = match (&upstream, position) {
+                        (Some(u), Some(p)) => self.rates.eta_seconds(u, p),
+                        _ => None,
+                    };
+                    tickets::poll_answer(id, record, position, eta)
+                }
+            },
+        };
+        ctx.outcome = rendered.outcome;
+        write_answer(session, &rendered).await
+    }
+
+    /// Keeps a winner's request in the queue and answers `queued`; a full
+    /// queue returns the units and answers `unavailable`.
+    async fn enqueue(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        rule: usize,
+        body: Bytes,
+    ) -> Result<()> {
+        let Some(winner) = ctx.winner.clone() else {
+            return Ok(());
+        };
+        let pool = self.upstreams.pool(ctx.upstream);
+        let capacity = self
+            .admission
+            .stage(rule)
+            .map_or(0, |s| s.rule.queue.capacity);
+        let req = session.req_header();
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
+        let incoming = req
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok());
+        let mut headers: Vec<(String, String)> = req
+            .headers
+            .iter()
+            .filter(|(n, _)| {
+                !n.as_str().starts_with(SLUICE_HEADER_PREFIX) && n.as_str() != "x-forwarded-for"
+            })
+            .filter_map(|(n, v)| v.to_str().ok().map(|v| (n.to_string(), v.to_string())))
+            .collect();
+        headers.push((
+            "x-forwarded-for".into(),
+            forwarded::forwarded_for(peer, incoming, &self.config.trusted_proxies),
+        ));
+        let queued = QueuedRequest {
+            ticket: winner.ticket,
+            key: winner.key.clone(),
+            qty: winner.qty,
+            method: req.method.to_string(),
+            path_and_query: req
+                .uri
+                .path_and_query()
+                .map_or_else(|| "/".to_string(), |p| p.to_string()),
+            headers,
+            body,
+            queued_at_ms: now_ms(),
+        };
+        let store = self.admission.store();
+        let pushed = match store
+            .set_state(&winner.key, winner.ticket, TicketState::Queued)
+            .await
+        {
+            Ok(()) => self.queue.push(&pool.config.name, &queued, capacity).await,
+            Err(e) => Err(e),
+        };
+        let answer = match pushed {
+            Ok(Some(position)) => {
+                ctx.settled = true;
+                Answer::Queued {
+                    ticket: winner.ticket.to_string(),
+                    position,
+                }
+            }
+            Ok(None) => {
+                self.settle(ctx, Settlement::Failed(ReleaseReason::QueueFull))
+                    .await;
+                Answer::Unavailable {
+                    message: "too many orders are waiting, please try again shortly".into(),
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "could not queue a winner");
+                self.settle(ctx, Settlement::Failed(ReleaseReason::QueueFull))
+                    .await;
+                Answer::Unavailable {
+                    message: "the sale is busy, please try again shortly".into(),
+                }
+            }
+        };
+        self.answer(session, ctx, &answer).await
     }
 
     /// Checks the size limits that apply before any rule: 431 and 413.
@@ -278,6 +429,7 @@ impl ProxyHttp for SluiceProxy {
             sent_upstream: false,
             kept: None,
             pass_permit: None,
+            slot: None,
         }
     }
 
@@ -290,6 +442,13 @@ impl ProxyHttp for SluiceProxy {
         }
         ctx.upstream = self.config.default_upstream;
         let req = session.req_header();
+        if req.method == http::Method::GET {
+            if let Some(id) = req.uri.path().strip_prefix(tickets::TICKETS_PATH) {
+                let id = id.to_string();
+                self.poll_ticket(session, ctx, &id).await?;
+                return Ok(true);
+            }
+        }
         let Some(m) = self.admission.find(&req.method, req.uri.path()) else {
             return Ok(false);
         };
@@ -553,6 +712,7 @@ impl ProxyHttp for SluiceProxy {
             self.settle(ctx, Settlement::Failed(reason)).await;
         }
         ctx.pass_permit = None;
+        ctx.slot = None;
         self.metrics
             .observe_request(ctx.rule.as_deref(), ctx.outcome, ctx.started.elapsed());
     }

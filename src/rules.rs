@@ -114,6 +114,10 @@ pub struct QueueSpec {
     pub max_wait: Duration,
     /// Bound on queued requests.
     pub capacity: u32,
+    /// Tries of a queued request whose backend call fails (`release_on`).
+    pub max_attempts: u32,
+    /// Wait before the first retry; doubled for each next one.
+    pub backoff: Duration,
 }
 
 /// `release_on:`: backend failures that return the units to stock.

@@ -23,6 +23,10 @@ use crate::admission::{Admission, AdmissionError};
 use crate::config::{Config, StoreBackend};
 use crate::metrics::Metrics;
 use crate::proxy::SluiceProxy;
+use crate::queue::drain::{DrainRates, Drainer};
+use crate::queue::memory::MemoryQueue;
+use crate::queue::redis::RedisQueue;
+use crate::queue::Queue;
 use crate::store::instrumented::InstrumentedStore;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::RedisStore;
@@ -54,6 +58,16 @@ pub enum StartError {
     /// A rule could not be built.
     #[error(transparent)]
     Admission(#[from] AdmissionError),
+}
+
+/// This node's name in the queue's consumer group: unique per process,
+/// so a restarted node does not take over its old self's entries before
+/// they have been idle long enough.
+fn consumer_name() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "node".into());
+    format!("{host}-{}-{:08x}", std::process::id(), rand::random::<u32>())
 }
 
 /// Whole seconds, rounded up: pingora's shutdown knobs are in seconds.
@@ -104,7 +118,7 @@ impl Gateway {
             config.rules.rules().iter().map(|r| &*r.name),
             config.upstreams.iter().map(|u| u.name.as_str()),
         )?);
-        let (upstreams, health_services) = Upstreams::new(&config.upstreams)?;
+        let (upstreams, health_services) = Upstreams::new(&config.upstreams, &metrics)?;
         let upstreams = Arc::new(upstreams);
         let (store, memory): (Arc<dyn Store>, Option<Arc<MemoryStore>>) = match config.store.backend
         {
@@ -120,6 +134,11 @@ impl Gateway {
                 None,
             ),
         };
+        let queue: Arc<dyn Queue> = match config.store.backend {
+            StoreBackend::Memory => Arc::new(MemoryQueue::new()),
+            StoreBackend::Redis => Arc::new(RedisQueue::new(&config.store.redis)?),
+        };
+        let rates = Arc::new(DrainRates::default());
         let store: Arc<dyn Store> = Arc::new(InstrumentedStore::new(store, metrics.clone()));
         let admission = Arc::new(Admission::new(&config, store)?);
 
@@ -135,6 +154,8 @@ impl Gateway {
                 upstreams.clone(),
                 metrics.clone(),
                 admission.clone(),
+                queue.clone(),
+                rates.clone(),
             ),
         )
         .name("sluice proxy")
@@ -161,6 +182,17 @@ impl Gateway {
         for hc in health_services {
             server.add_service(hc);
         }
+        server.add_service(background_service(
+            "sluice queue drainer",
+            Drainer::new(
+                admission.clone(),
+                upstreams.clone(),
+                queue,
+                metrics.clone(),
+                rates,
+                consumer_name(),
+            ),
+        ));
         server.add_service(background_service(
             "sluice housekeeping",
             Housekeeping::new(admission, memory, config.store.recheck_interval),

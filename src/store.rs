@@ -11,6 +11,7 @@
 pub mod instrumented;
 pub mod memory;
 pub mod redis;
+pub mod redis_conn;
 
 use std::fmt;
 use std::sync::Arc;
@@ -131,6 +132,8 @@ pub enum Reserved {
 /// Where a ticket is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TicketState {
+    /// Holds units; waiting in the queue for a slot.
+    Queued,
     /// Holds units; the backend has not answered yet.
     Held,
     /// The backend accepted: the units are sold.
@@ -143,6 +146,7 @@ impl TicketState {
     /// One-letter code used in the ledger.
     pub fn code(self) -> char {
         match self {
+            TicketState::Queued => 'Q',
             TicketState::Held => 'H',
             TicketState::Committed => 'C',
             TicketState::Released => 'R',
@@ -152,6 +156,7 @@ impl TicketState {
     /// Parses a ledger code.
     pub fn from_code(c: char) -> Option<Self> {
         match c {
+            'Q' => Some(TicketState::Queued),
             'H' => Some(TicketState::Held),
             'C' => Some(TicketState::Committed),
             'R' => Some(TicketState::Released),
@@ -175,17 +180,20 @@ pub enum ReleaseReason {
     ClientGone,
     /// An operator or the backend released it through the admin API.
     Admin,
+    /// No slot was free and the queue was full.
+    QueueFull,
 }
 
 impl ReleaseReason {
     /// Every reason, for pre-registering metric series.
-    pub const ALL: [ReleaseReason; 6] = [
+    pub const ALL: [ReleaseReason; 7] = [
         ReleaseReason::ConnectError,
         ReleaseReason::Timeout,
         ReleaseReason::Status5xx,
         ReleaseReason::Status4xx,
         ReleaseReason::ClientGone,
         ReleaseReason::Admin,
+        ReleaseReason::QueueFull,
     ];
 
     /// Label value.
@@ -197,6 +205,7 @@ impl ReleaseReason {
             ReleaseReason::Status4xx => "4xx",
             ReleaseReason::ClientGone => "client_gone",
             ReleaseReason::Admin => "admin",
+            ReleaseReason::QueueFull => "queue_full",
         }
     }
 }
@@ -332,7 +341,12 @@ pub trait Store: Send + Sync + 'static {
         ttl: Duration,
     ) -> Result<(), StoreError>;
 
-    /// Replaces the kept answer of a committed ticket: the body arrives
+    /// Moves a live ticket between `Queued` and `Held` (queue in, drainer
+    /// out); a committed or released ticket is left as it is.
+    async fn set_state(&self, key: &SkuKey, ticket: TicketId, state: TicketState) -> Result<(), StoreError>;
+
+    /// Replaces the kept answer of a committed (or, for a queued request
+    /// that failed, released) ticket: the body arrives
     /// after the commit, which happens before the answer is written.
     async fn keep_response(
         &self,

@@ -3,6 +3,8 @@
 //! keep-alive) of every connection. Addresses are `SocketAddr`s resolved
 //! at config time, so selecting a peer never does DNS.
 
+pub mod slots;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -14,6 +16,8 @@ use pingora_load_balancing::selection::RoundRobin;
 use pingora_load_balancing::{Backend, LoadBalancer};
 
 use crate::config::UpstreamConfig;
+use crate::metrics::Metrics;
+use slots::Slots;
 use crate::rules::UpstreamId;
 
 /// Errors building upstream pools.
@@ -34,6 +38,8 @@ pub struct UpstreamPool {
     /// The validated config.
     pub config: UpstreamConfig,
     balancer: Arc<LoadBalancer<RoundRobin>>,
+    /// The `max_inflight` slots of this node.
+    pub slots: Slots,
 }
 
 /// All upstreams, indexed by [`UpstreamId`].
@@ -46,7 +52,10 @@ pub type HealthServices = Vec<GenBackgroundService<LoadBalancer<RoundRobin>>>;
 
 impl Upstreams {
     /// Builds one balancer per upstream, with its health check if configured.
-    pub fn new(configs: &[UpstreamConfig]) -> Result<(Self, HealthServices), UpstreamError> {
+    pub fn new(
+        configs: &[UpstreamConfig],
+        metrics: &Metrics,
+    ) -> Result<(Self, HealthServices), UpstreamError> {
         let mut pools = Vec::new();
         let mut services = Vec::new();
         for config in configs {
@@ -96,6 +105,7 @@ impl Upstreams {
             pools.push(UpstreamPool {
                 config: config.clone(),
                 balancer,
+                slots: Slots::new(config.max_inflight, metrics.upstream_inflight(&config.name)),
             });
         }
         Ok((Self { pools }, services))
@@ -109,6 +119,11 @@ impl Upstreams {
     /// All pools.
     pub fn pools(&self) -> &[UpstreamPool] {
         &self.pools
+    }
+
+    /// The pool of an upstream by name.
+    pub fn by_name(&self, name: &str) -> Option<&UpstreamPool> {
+        self.pools.iter().find(|p| p.config.name == name)
     }
 
     /// Whether any upstream has at least one healthy server.
@@ -126,6 +141,15 @@ impl UpstreamPool {
             .balancer
             .select(b"", self.config.servers.len().max(1))?;
         Some(self.peer(&backend))
+    }
+
+    /// The next healthy server's address (for the queue drainer, which
+    /// sends requests itself).
+    pub fn select_addr(&self) -> Option<SocketAddr> {
+        let backend = self
+            .balancer
+            .select(b"", self.config.servers.len().max(1))?;
+        backend.addr.as_inet().copied()
     }
 
     /// How many servers the health check currently considers up.

@@ -22,7 +22,7 @@ const BAD: &[(&str, &[&str])] = &[
     ),
     (
         "tests/fixtures/bad_unknown_nested_key.yaml",
-        &["tests/fixtures/bad_unknown_nested_key.yaml:5:5: unknown field `max_inflght`, expected one of servers, max_inflight, connect_timeout, read_timeout, write_timeout, idle_timeout, health_check"],
+        &["tests/fixtures/bad_unknown_nested_key.yaml:5:5: unknown field `max_inflght`, expected one of servers, max_inflight, connect_timeout, read_timeout, write_timeout, idle_timeout, health_check, queue_claim_idle"],
     ),
     (
         "tests/fixtures/bad_listen_address.yaml",

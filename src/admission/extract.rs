@@ -673,6 +673,8 @@ mod tests {
             queue: QueueSpec {
                 max_wait: Duration::from_secs(1),
                 capacity: 100,
+                max_attempts: 3,
+                backoff: Duration::from_millis(200),
             },
             release_on: ReleaseOn::default(),
             responses: Responses::default(),

@@ -165,6 +165,9 @@ pub struct UpstreamConfig {
     pub idle_timeout: Duration,
     /// Active health check.
     pub health_check: Option<HealthCheckConfig>,
+    /// How long a queued request may sit with a node that took it before
+    /// another node takes it over (that node is presumed dead).
+    pub queue_claim_idle: Duration,
 }
 
 /// `upstreams.<name>.health_check:`

@@ -97,6 +97,8 @@ pub struct RawUpstream {
     pub idle_timeout: Option<Spanned<ConfigDuration>>,
     #[serde(default)]
     pub health_check: Option<Spanned<RawHealthCheck>>,
+    #[serde(default)]
+    pub queue_claim_idle: Option<Spanned<ConfigDuration>>,
 }
 
 /// `upstreams.<name>.health_check:`

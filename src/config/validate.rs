@@ -184,10 +184,24 @@ fn upstream(p: &mut Problems, name: &str, raw: &Spanned<RawUpstream>) -> Option<
             })
         }
     };
+    // Above the longest a live node can take to serve a queued request
+    // (three tries of connect + read), so a slow node is not mistaken for
+    // a dead one.
+    let default_claim_idle = (connect_timeout + read_timeout) * 3 + Duration::from_secs(5);
+    let queue_claim_idle = duration(p, &field, "queue_claim_idle", &u.queue_claim_idle, default_claim_idle);
+    if queue_claim_idle <= read_timeout {
+        if let Some(c) = &u.queue_claim_idle {
+            p.add(
+                c.referenced,
+                format!("{field}.queue_claim_idle: must be above read_timeout ({read_timeout:?})"),
+            );
+        }
+    }
     if p.count() > before {
         return None;
     }
     Some(UpstreamConfig {
+        queue_claim_idle,
         name: name.to_string(),
         servers,
         max_inflight,

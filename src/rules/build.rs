@@ -34,6 +34,10 @@ pub mod defaults {
     pub const QUEUE_MAX_WAIT: Duration = Duration::from_secs(1);
     /// `admission.queue.capacity`
     pub const QUEUE_CAPACITY: u32 = 10_000;
+    /// `admission.queue.max_attempts`
+    pub const QUEUE_MAX_ATTEMPTS: u32 = 3;
+    /// `admission.queue.backoff`
+    pub const QUEUE_BACKOFF: Duration = Duration::from_millis(200);
     /// `user.jwt.header`
     pub const JWT_HEADER: &str = "authorization";
 }
@@ -448,6 +452,8 @@ fn admission(p: &mut Problems, r: &RawRule, ctx: &RuleContext) -> (Option<Upstre
     let mut queue = QueueSpec {
         max_wait: defaults::QUEUE_MAX_WAIT,
         capacity: defaults::QUEUE_CAPACITY,
+        max_attempts: defaults::QUEUE_MAX_ATTEMPTS,
+        backoff: defaults::QUEUE_BACKOFF,
     };
     let Some(a) = &r.admission else {
         return (Some(ctx.default_upstream), queue);
@@ -479,6 +485,14 @@ fn admission(p: &mut Problems, r: &RawRule, ctx: &RuleContext) -> (Option<Upstre
             if let Some(c) = positive_u32(p, c, "admission.queue.capacity") {
                 queue.capacity = c.get();
             }
+        }
+        if let Some(n) = &q.value.max_attempts {
+            if let Some(n) = positive_u32(p, n, "admission.queue.max_attempts") {
+                queue.max_attempts = n.get();
+            }
+        }
+        if let Some(b) = &q.value.backoff {
+            queue.backoff = p.duration("admission.queue.backoff", b).unwrap_or(queue.backoff);
         }
     }
     (upstream, queue)

@@ -164,6 +164,10 @@ pub struct RawQueue {
     pub max_wait: Option<Spanned<ConfigDuration>>,
     #[serde(default)]
     pub capacity: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub max_attempts: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub backoff: Option<Spanned<ConfigDuration>>,
 }
 
 /// `responses:`: one optional override per gateway-made outcome.

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 
 use super::{
     ReleaseReason, Reservation, Reserved, SkuKey, StockView, Store, StoreError, StoreOp,
-    StoredResponse, TicketId, TicketRecord,
+    StoredResponse, TicketId, TicketRecord, TicketState,
 };
 use crate::metrics::Metrics;
 
@@ -56,6 +56,10 @@ impl Store for InstrumentedStore {
             self.inner.commit(key, ticket, response, ttl),
         )
         .await
+    }
+
+    async fn set_state(&self, key: &SkuKey, ticket: TicketId, state: TicketState) -> Result<(), StoreError> {
+        self.timed(StoreOp::Commit, self.inner.set_state(key, ticket, state)).await
     }
 
     async fn keep_response(

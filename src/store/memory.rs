@@ -106,6 +106,7 @@ impl MemoryStore {
         };
         for t in sku.tickets.values() {
             match t.state {
+                TicketState::Queued => v.queued += u64::from(t.qty),
                 TicketState::Held => v.in_flight += u64::from(t.qty),
                 TicketState::Committed => v.sold += u64::from(t.qty),
                 TicketState::Released => {}
@@ -176,6 +177,15 @@ impl Store for MemoryStore {
         })
     }
 
+    async fn set_state(&self, key: &SkuKey, ticket: TicketId, state: TicketState) -> Result<(), StoreError> {
+        self.with_ticket("set_state", key, ticket, |t| {
+            let live = matches!(t.state, TicketState::Queued | TicketState::Held);
+            if live && matches!(state, TicketState::Queued | TicketState::Held) {
+                t.state = state;
+            }
+        })
+    }
+
     async fn keep_response(
         &self,
         key: &SkuKey,
@@ -184,7 +194,7 @@ impl Store for MemoryStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         self.with_ticket("keep_response", key, ticket, |t| {
-            if t.state == TicketState::Committed {
+            if matches!(t.state, TicketState::Committed | TicketState::Released) {
                 t.response = Some((response.clone(), Instant::now() + ttl));
             }
         })

@@ -20,9 +20,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Pipeline, Value};
 
+use super::redis_conn::{as_int, as_pairs, as_string, RedisConn};
 use super::{
     DedupMark, MarkScope, ReleaseReason, Reservation, Reserved, SkuKey, StockView, Store,
     StoreError, StoredResponse, TicketId, TicketRecord, TicketState,
@@ -38,14 +38,9 @@ const RESTOCK_CHUNK: u64 = 10_000;
 
 /// The Redis store, over one multiplexed, self-reconnecting connection.
 pub struct RedisStore {
-    client: redis::Client,
-    manager_config: ConnectionManagerConfig,
-    // Made on first use: the manager spawns its driver on the runtime it
-    // is created in, and the gateway's runtimes exist only once it runs.
-    conn: tokio::sync::OnceCell<ConnectionManager>,
-    round_trips: std::sync::atomic::AtomicU64,
+    // Made on first use (see `redis_conn`).
+    conn: RedisConn,
     prefix: String,
-    timeout: Duration,
     ticket_ttl: Duration,
 }
 
@@ -101,40 +96,6 @@ impl Record {
     }
 }
 
-fn as_string(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
-        Value::Int(n) => Some(n.to_string()),
-        Value::Okay => Some("OK".into()),
-        _ => None,
-    }
-}
-
-fn as_int(v: &Value) -> Option<i64> {
-    match v {
-        Value::Int(n) => Some(*n),
-        other => as_string(other).and_then(|s| s.parse().ok()),
-    }
-}
-
-fn as_pairs(v: &Value) -> Vec<(String, Value)> {
-    match v {
-        Value::Map(pairs) => pairs
-            .iter()
-            .filter_map(|(k, v)| as_string(k).map(|k| (k, v.clone())))
-            .collect(),
-        Value::Array(items) => items
-            .chunks(2)
-            .filter_map(|c| match c {
-                [k, v] => as_string(k).map(|k| (k, v.clone())),
-                _ => None,
-            })
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
 /// Adds `n` single-unit moves from `from` to `to`. Taking pops from the
 /// head of `avail`; giving back (`back`) returns units to its head, so the
 /// most recently released units are sold first.
@@ -176,24 +137,9 @@ impl RedisStore {
     /// A store for the configured Redis; connects lazily, so the gateway
     /// starts (and answers `unavailable`) while Redis is down.
     pub fn new(config: &RedisConfig, ticket_ttl: Duration) -> Result<Self, StoreError> {
-        let client = redis::Client::open(config.url.as_str()).map_err(|e| StoreError::Backend {
-            op: "connect",
-            message: e.to_string(),
-        })?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(config.timeout))
-            .set_connection_timeout(Some(config.timeout.max(Duration::from_millis(250))))
-            // Reconnect quickly when Redis comes back; requests meanwhile
-            // fail fast and are answered `unavailable`.
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
         Ok(Self {
-            client,
-            manager_config,
-            conn: tokio::sync::OnceCell::new(),
-            round_trips: std::sync::atomic::AtomicU64::new(0),
+            conn: RedisConn::new(config)?,
             prefix: config.key_prefix.clone(),
-            timeout: config.timeout,
             ticket_ttl,
         })
     }
@@ -213,43 +159,14 @@ impl RedisStore {
         format!("{}ticket:{ticket}", self.prefix)
     }
 
-    fn error(&self, op: &'static str, e: redis::RedisError) -> StoreError {
-        if e.is_timeout() {
-            StoreError::Timeout {
-                op,
-                timeout: self.timeout,
-            }
-        } else {
-            StoreError::Backend {
-                op,
-                message: e.to_string(),
-            }
-        }
-    }
-
     /// Round trips made so far (each pipeline or transaction is one), for
     /// benchmarks.
     pub fn round_trips(&self) -> u64 {
-        self.round_trips.load(std::sync::atomic::Ordering::Relaxed)
+        self.conn.round_trips()
     }
 
     async fn run(&self, op: &'static str, pipe: &Pipeline) -> Result<Vec<Value>, StoreError> {
-        self.round_trips
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut conn = self
-            .conn
-            .get_or_try_init(|| async {
-                ConnectionManager::new_lazy_with_config(
-                    self.client.clone(),
-                    self.manager_config.clone(),
-                )
-            })
-            .await
-            .map_err(|e| self.error(op, e))?
-            .clone();
-        pipe.query_async::<Vec<Value>>(&mut conn)
-            .await
-            .map_err(|e| self.error(op, e))
+        self.conn.run(op, pipe).await
     }
 
     /// Moves back what a reservation took and removes what it wrote, in
@@ -444,6 +361,28 @@ impl Store for RedisStore {
         self.run("commit", &pipe).await.map(drop)
     }
 
+    async fn set_state(
+        &self,
+        key: &SkuKey,
+        ticket: TicketId,
+        state: TicketState,
+    ) -> Result<(), StoreError> {
+        let code = match state {
+            TicketState::Queued => "Q",
+            TicketState::Held => "H",
+            // Commit and release have their own operations.
+            TicketState::Committed | TicketState::Released => return Ok(()),
+        };
+        let tag = self.tag(key);
+        let mut pipe = redis::pipe();
+        pipe.cmd("HSET")
+            .arg(format!("{tag}:state"))
+            .arg(ticket.to_string())
+            .arg(code)
+            .ignore();
+        self.run("set_state", &pipe).await.map(drop)
+    }
+
     async fn keep_response(
         &self,
         key: &SkuKey,
@@ -598,6 +537,7 @@ impl Store for RedisStore {
             };
             let record = Record::decode(&tickets_key, &text)?;
             match states.get(&id).map(String::as_str) {
+                Some("Q") => view.queued += u64::from(record.qty),
                 Some("H") => view.in_flight += u64::from(record.qty),
                 Some("C") => view.sold += u64::from(record.qty),
                 _ => {}
