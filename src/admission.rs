@@ -344,7 +344,9 @@ impl Admission {
                     ReleaseReason::Status5xx => on.status_5xx,
                     ReleaseReason::Status4xx => on.status_4xx,
                     // The backend was never asked: always safe to return.
-                    ReleaseReason::ClientGone | ReleaseReason::Admin | ReleaseReason::QueueFull => true,
+                    ReleaseReason::ClientGone | ReleaseReason::Admin | ReleaseReason::QueueFull => {
+                        true
+                    }
                 };
                 listed.then_some(*reason)
             }
@@ -369,20 +371,10 @@ impl Admission {
                 .release(winner.rule, &winner.key, winner.ticket, reason)
                 .await
                 .map(drop),
-            (
-                None,
-                Settlement::Answered {
-                    status,
-                    content_type,
-                },
-            ) => {
-                let response = StoredResponse {
-                    status: *status,
-                    content_type: content_type.clone(),
-                    body: Bytes::new(),
-                };
+            (None, Settlement::Answered { .. }) => {
+                // The answer itself is kept once its body is through.
                 self.store
-                    .commit(&winner.key, winner.ticket, &response, self.result_ttl)
+                    .commit(&winner.key, winner.ticket, None, self.result_ttl)
                     .await
             }
             (None, Settlement::Failed(reason)) => {

@@ -165,7 +165,10 @@ impl Metrics {
             &["upstream"],
         )?;
         let queue_depth = IntGaugeVec::new(
-            Opts::new("sluice_queue_depth", "Queued winners waiting or being sent, as last seen."),
+            Opts::new(
+                "sluice_queue_depth",
+                "Queued winners waiting or being sent, as last seen.",
+            ),
             &["upstream"],
         )?;
         let queue_wait = HistogramVec::new(
@@ -173,7 +176,9 @@ impl Metrics {
                 "sluice_queue_wait_seconds",
                 "Time from queueing to the gateway sending the request to the backend.",
             )
-            .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]),
+            .buckets(vec![
+                0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+            ]),
             &["upstream"],
         )?;
         registry.register(Box::new(upstream_inflight.clone()))?;

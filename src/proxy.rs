@@ -45,9 +45,9 @@ use crate::admission::{Admission, Candidate, Settlement, Verdict, Winner, MAX_KE
 use crate::config::Config;
 use crate::metrics::{Metrics, UpstreamClass};
 use crate::outcome::{render, Answer, Outcome};
-use crate::rules::UpstreamId;
 use crate::queue::drain::DrainRates;
 use crate::queue::{now_ms, Queue, QueuedRequest};
+use crate::rules::UpstreamId;
 use crate::store::{ReleaseReason, TicketId, TicketState};
 use crate::upstream::slots::Slot;
 use crate::upstream::Upstreams;
@@ -240,15 +240,29 @@ impl SluiceProxy {
                     .map_or(Duration::ZERO, |s| s.rule.queue.max_wait);
                 let pool = self.upstreams.pool(ctx.upstream);
                 ctx.winner = Some(winner);
-                match pool.slots.acquire_within(max_wait).await {
-                    Some(slot) => {
+                // While waiting, watch the client: one who leaves gets its
+                // units back instead of an order nobody will read.
+                let waited = tokio::select! {
+                    slot = pool.slots.acquire_within(max_wait) => Some(slot),
+                    _ = session.as_downstream_mut().read_body_or_idle(true) => None,
+                };
+                match waited {
+                    Some(Some(slot)) => {
                         ctx.outcome = Outcome::Forwarded;
                         ctx.slot = Some(slot);
                         Ok(false)
                     }
-                    None => {
+                    Some(None) => {
                         self.enqueue(session, ctx, index, body).await?;
                         Ok(true)
+                    }
+                    None => {
+                        self.settle(ctx, Settlement::Failed(ReleaseReason::ClientGone))
+                            .await;
+                        Error::e_explain(
+                            ErrorType::ConnectionClosed,
+                            "client left while waiting for a slot",
+                        )
                     }
                 }
             }
@@ -261,7 +275,12 @@ impl SluiceProxy {
     }
 
     /// Answers a ticket poll from the store (any node can).
-    async fn poll_ticket(&self, session: &mut Session, ctx: &mut RequestCtx, id: &str) -> Result<()> {
+    async fn poll_ticket(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        id: &str,
+    ) -> Result<()> {
         let rendered = match TicketId::parse(id) {
             None => tickets::poll_answer(id, None, None, None),
             Some(ticket) => match self.admission.store().ticket(ticket).await {

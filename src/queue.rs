@@ -96,7 +96,11 @@ impl QueuedRequest {
             method: w.method,
             path_and_query: w.path,
             headers: w.headers,
-            body: Bytes::from(STANDARD.decode(&w.body).map_err(|e| corrupt(e.to_string()))?),
+            body: Bytes::from(
+                STANDARD
+                    .decode(&w.body)
+                    .map_err(|e| corrupt(e.to_string()))?,
+            ),
             queued_at_ms: w.at,
         })
     }

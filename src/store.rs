@@ -332,18 +332,26 @@ pub trait Store: Send + Sync + 'static {
     /// and the per-user limit; refuses without holding anything otherwise.
     async fn reserve(&self, r: &Reservation<'_>) -> Result<Reserved, StoreError>;
 
-    /// Marks a held ticket sold and keeps the backend's answer for `ttl`.
+    /// Marks a held ticket sold, keeping the backend's answer (if given)
+    /// for `ttl`. The proxy commits when the headers arrive and keeps the
+    /// full answer once its body is through (`keep_response`), so a repeat
+    /// in between is told "in progress", never replayed half an answer.
     async fn commit(
         &self,
         key: &SkuKey,
         ticket: TicketId,
-        response: &StoredResponse,
+        response: Option<&StoredResponse>,
         ttl: Duration,
     ) -> Result<(), StoreError>;
 
     /// Moves a live ticket between `Queued` and `Held` (queue in, drainer
     /// out); a committed or released ticket is left as it is.
-    async fn set_state(&self, key: &SkuKey, ticket: TicketId, state: TicketState) -> Result<(), StoreError>;
+    async fn set_state(
+        &self,
+        key: &SkuKey,
+        ticket: TicketId,
+        state: TicketState,
+    ) -> Result<(), StoreError>;
 
     /// Replaces the kept answer of a committed (or, for a queued request
     /// that failed, released) ticket: the body arrives

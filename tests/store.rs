@@ -227,7 +227,9 @@ async fn commit_keeps_the_answer_and_counts_sold(h: Harness) {
         (TicketState::Held, 2, "alice")
     );
     assert_eq!(rec.key, k);
-    s.commit(&k, t, &ok_response(), HOUR).await.expect("commit");
+    s.commit(&k, t, Some(&ok_response()), HOUR)
+        .await
+        .expect("commit");
     let rec = s.ticket(t).await.expect("ticket").expect("known");
     assert_eq!(rec.state, TicketState::Committed);
     assert_eq!(rec.response, Some(ok_response()));
@@ -261,7 +263,7 @@ async fn release_returns_units_once(h: Harness) {
     assert_eq!(rec.state, TicketState::Released);
     // A committed order cancelled later returns its units too.
     let (t2, _) = reserve(s, &k, "bob", 1, &[], None).await;
-    s.commit(&k, t2, &ok_response(), HOUR)
+    s.commit(&k, t2, Some(&ok_response()), HOUR)
         .await
         .expect("commit");
     assert_eq!(
@@ -491,7 +493,7 @@ async fn random_interleavings_conserve_units(h: Harness) {
             }
             5 if !live.is_empty() => {
                 let i = next(live.len() as u64) as usize;
-                s.commit(&k, live[i].0, &ok_response(), HOUR)
+                s.commit(&k, live[i].0, Some(&ok_response()), HOUR)
                     .await
                     .expect("commit");
                 live[i].2 = true;

@@ -139,7 +139,9 @@ impl BackgroundService for Drainer {
         for index in 0..self.inner.upstreams.pools().len() {
             let inner = self.inner.clone();
             let shutdown = shutdown.clone();
-            tasks.push(tokio::spawn(async move { inner.drain(index, shutdown).await }));
+            tasks.push(tokio::spawn(
+                async move { inner.drain(index, shutdown).await },
+            ));
         }
         let _ = shutdown.changed().await;
         for t in tasks {
@@ -150,9 +152,12 @@ impl BackgroundService for Drainer {
 
 impl Inner {
     async fn drain(self: Arc<Self>, index: usize, mut shutdown: ShutdownWatch) {
-        let Some(pool) = self.upstreams.pools().get(index) else { return };
+        let Some(pool) = self.upstreams.pools().get(index) else {
+            return;
+        };
         let name = pool.config.name.clone();
-        let claim_idle_ms = u64::try_from(pool.config.queue_claim_idle.as_millis()).unwrap_or(u64::MAX);
+        let claim_idle_ms =
+            u64::try_from(pool.config.queue_claim_idle.as_millis()).unwrap_or(u64::MAX);
         loop {
             if *shutdown.borrow() {
                 return;
@@ -185,7 +190,9 @@ impl Inner {
 
     /// Sends one queued request, with retries, and settles its ticket.
     async fn serve(self: Arc<Self>, index: usize, delivery: Delivery, mut slot: Slot) {
-        let Some(pool) = self.upstreams.pools().get(index) else { return };
+        let Some(pool) = self.upstreams.pools().get(index) else {
+            return;
+        };
         let req = &delivery.request;
         let store = self.admission.store().clone();
         let state = match store.ticket(req.ticket).await {
@@ -210,7 +217,9 @@ impl Inner {
                 return;
             }
         }
-        let _ = store.set_state(&req.key, req.ticket, TicketState::Held).await;
+        let _ = store
+            .set_state(&req.key, req.ticket, TicketState::Held)
+            .await;
         let waited = Duration::from_millis(now_ms().saturating_sub(req.queued_at_ms));
         self.metrics.observe_queue_wait(&pool.config.name, waited);
         self.rates.record(&pool.config.name);
@@ -220,10 +229,9 @@ impl Inner {
             ticket: req.ticket,
             qty: req.qty,
         };
-        let (max_attempts, backoff) = self
-            .admission
-            .stage(rule)
-            .map_or((1, Duration::ZERO), |s| (s.rule.queue.max_attempts, s.rule.queue.backoff));
+        let (max_attempts, backoff) = self.admission.stage(rule).map_or((1, Duration::ZERO), |s| {
+            (s.rule.queue.max_attempts, s.rule.queue.backoff)
+        });
         let mut attempt = 1;
         loop {
             let sent = self.send(pool, &delivery).await;
@@ -310,10 +318,13 @@ impl Inner {
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let body = match tokio::time::timeout(pool.config.read_timeout, response.into_body().collect()).await {
-            Ok(Ok(b)) => b.to_bytes(),
-            _ => return Sent::Failed(ReleaseReason::Timeout),
-        };
+        let body =
+            match tokio::time::timeout(pool.config.read_timeout, response.into_body().collect())
+                .await
+            {
+                Ok(Ok(b)) => b.to_bytes(),
+                _ => return Sent::Failed(ReleaseReason::Timeout),
+            };
         let body = body.slice(..body.len().min(MAX_KEPT_BODY));
         Sent::Answered(StoredResponse {
             status,

@@ -186,7 +186,7 @@ impl RedisQueue {
         self.ensure_group(op, upstream).await?;
         match self.conn.query(pipe).await {
             Ok(vals) => Ok(vals),
-            Err(e) if has_error_code(&e, "XNOGROUP") => {
+            Err(e) if has_error_code(&e, "NOGROUP") => {
                 tracing::info!(upstream, "queue consumer group missing; re-creating it");
                 lock(&self.groups).remove(upstream);
                 lock(&self.cursors).remove(upstream);
@@ -328,8 +328,7 @@ impl Queue for RedisQueue {
             .arg("r")
             .arg(request.encode())
             .arg("n")
-            .arg(seq)
-            .ignore();
+            .arg(seq);
         pipe.cmd("SET")
             .arg(self.pos_key(upstream, &ticket))
             .arg(seq)
@@ -339,9 +338,43 @@ impl Queue for RedisQueue {
         pipe.cmd("ZSCORE")
             .arg(format!("{stream}:served"))
             .arg(SERVED_MEMBER);
+        // Counted again with our entry in: concurrent pushes all pass the
+        // first check, so the one that finds the queue over capacity takes
+        // its own entry out again. Racing pushes may each back out (the
+        // queue ends a little short), but it never ends over capacity.
+        pipe.cmd("XLEN").arg(&stream);
+        pipe.cmd("XPENDING").arg(&stream).arg(GROUP);
         match self.conn.run("queue_push", &pipe).await {
             Ok(vals) => {
-                let served = vals.first().and_then(as_score).unwrap_or(0);
+                let id = vals.first().and_then(as_string);
+                let served = vals.get(1).and_then(as_score).unwrap_or(0);
+                let len = vals.get(2).and_then(as_int).unwrap_or(0).max(0) as u64;
+                let pending = match vals.get(3) {
+                    Some(Value::Array(summary)) => summary.first().and_then(as_int).unwrap_or(0),
+                    _ => 0,
+                }
+                .max(0) as u64;
+                if let (true, Some(id)) = (len.saturating_sub(pending) > u64::from(capacity), &id) {
+                    // Out again, unless a drainer already took it: then it
+                    // will be sent, and the ticket must stay as it is.
+                    let mut undo = redis::pipe();
+                    undo.atomic();
+                    undo.cmd("XPENDING")
+                        .arg(&stream)
+                        .arg(GROUP)
+                        .arg(id)
+                        .arg(id)
+                        .arg(1);
+                    undo.cmd("XDEL").arg(&stream).arg(id).ignore();
+                    let vals = self.conn.run("queue_push", &undo).await?;
+                    let taken = matches!(vals.first(), Some(Value::Array(e)) if !e.is_empty());
+                    if !taken {
+                        let mut pos = redis::pipe();
+                        pos.cmd("DEL").arg(self.pos_key(upstream, &ticket)).ignore();
+                        self.conn.run("queue_push", &pos).await?;
+                        return Ok(None);
+                    }
+                }
                 Ok(Some(position_of(seq, served)))
             }
             Err(e @ StoreError::Timeout { .. }) => {

@@ -48,7 +48,7 @@ impl Store for InstrumentedStore {
         &self,
         key: &SkuKey,
         ticket: TicketId,
-        response: &StoredResponse,
+        response: Option<&StoredResponse>,
         ttl: Duration,
     ) -> Result<(), StoreError> {
         self.timed(
@@ -58,8 +58,14 @@ impl Store for InstrumentedStore {
         .await
     }
 
-    async fn set_state(&self, key: &SkuKey, ticket: TicketId, state: TicketState) -> Result<(), StoreError> {
-        self.timed(StoreOp::Commit, self.inner.set_state(key, ticket, state)).await
+    async fn set_state(
+        &self,
+        key: &SkuKey,
+        ticket: TicketId,
+        state: TicketState,
+    ) -> Result<(), StoreError> {
+        self.timed(StoreOp::Commit, self.inner.set_state(key, ticket, state))
+            .await
     }
 
     async fn keep_response(

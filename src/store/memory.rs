@@ -166,18 +166,23 @@ impl Store for MemoryStore {
         &self,
         key: &SkuKey,
         ticket: TicketId,
-        response: &StoredResponse,
+        response: Option<&StoredResponse>,
         ttl: Duration,
     ) -> Result<(), StoreError> {
         self.with_ticket("commit", key, ticket, |t| {
-            if t.state == TicketState::Held {
+            if matches!(t.state, TicketState::Held | TicketState::Queued) {
                 t.state = TicketState::Committed;
-                t.response = Some((response.clone(), Instant::now() + ttl));
+                t.response = response.map(|r| (r.clone(), Instant::now() + ttl));
             }
         })
     }
 
-    async fn set_state(&self, key: &SkuKey, ticket: TicketId, state: TicketState) -> Result<(), StoreError> {
+    async fn set_state(
+        &self,
+        key: &SkuKey,
+        ticket: TicketId,
+        state: TicketState,
+    ) -> Result<(), StoreError> {
         self.with_ticket("set_state", key, ticket, |t| {
             let live = matches!(t.state, TicketState::Queued | TicketState::Held);
             if live && matches!(state, TicketState::Queued | TicketState::Held) {

@@ -345,7 +345,7 @@ impl Store for RedisStore {
         &self,
         key: &SkuKey,
         ticket: TicketId,
-        response: &StoredResponse,
+        response: Option<&StoredResponse>,
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let tag = self.tag(key);
@@ -357,7 +357,9 @@ impl Store for RedisStore {
             .arg(&id)
             .arg("C")
             .ignore();
-        add_response(&mut pipe, &tag, &id, response, ttl);
+        if let Some(response) = response {
+            add_response(&mut pipe, &tag, &id, response, ttl);
+        }
         self.run("commit", &pipe).await.map(drop)
     }
 

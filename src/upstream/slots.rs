@@ -107,6 +107,10 @@ mod tests {
         tokio::task::yield_now().await;
         drop(held);
         assert!(waiter.await.expect("task"));
-        assert_eq!(s.in_use(), 0, "the waiter's slot was dropped with its task result");
+        assert_eq!(
+            s.in_use(),
+            0,
+            "the waiter's slot was dropped with its task result"
+        );
     }
 }
