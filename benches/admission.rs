@@ -47,7 +47,16 @@ fn start_redis() -> RedisProcess {
         .map(|a| a.port())
         .expect("free port");
     let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -125,7 +134,10 @@ async fn ping_rate(url: &str, n: usize) -> f64 {
         let mut conn = conn.clone();
         tasks.push(tokio::spawn(async move {
             for _ in 0..n / CONCURRENCY {
-                let _: String = redis::cmd("PING").query_async(&mut conn).await.expect("ping");
+                let _: String = redis::cmd("PING")
+                    .query_async(&mut conn)
+                    .await
+                    .expect("ping");
             }
         }));
     }
@@ -148,7 +160,10 @@ async fn main() {
 
     // Memory store.
     let memory: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    memory.set_available(&key, STOCK as u64).await.expect("restock");
+    memory
+        .set_available(&key, STOCK as u64)
+        .await
+        .expect("restock");
     let adm = Arc::new(admission(memory, &dir.join("memory")));
     let (t_win, won) = decide(&adm, 0, STOCK).await;
     let (t_lose, _) = decide(&adm, STOCK, LOSERS).await;
@@ -168,7 +183,10 @@ async fn main() {
         )
         .expect("redis store"),
     );
-    redis_store.set_available(&key, STOCK as u64).await.expect("restock");
+    redis_store
+        .set_available(&key, STOCK as u64)
+        .await
+        .expect("restock");
     let adm_r = Arc::new(admission(redis_store.clone(), &dir.join("redis")));
     let rt0 = redis_store.round_trips();
     let (r_win, won_r) = decide(&adm_r, 0, STOCK).await;
@@ -181,8 +199,18 @@ async fn main() {
 
     println!("admission decisions, {CONCURRENCY} concurrent, 2 worker threads");
     println!("{:<34} {:>12} {:>14}", "case", "decisions/s", "round trips");
-    println!("{:<34} {:>12.0} {:>14}", "memory: winners", rate(STOCK, t_win), "-");
-    println!("{:<34} {:>12.0} {:>14}", "memory: losers after sold out", rate(LOSERS, t_lose), "-");
+    println!(
+        "{:<34} {:>12.0} {:>14}",
+        "memory: winners",
+        rate(STOCK, t_win),
+        "-"
+    );
+    println!(
+        "{:<34} {:>12.0} {:>14}",
+        "memory: losers after sold out",
+        rate(LOSERS, t_lose),
+        "-"
+    );
     println!(
         "{:<34} {:>12.0} {:>14.3}",
         "redis: winners",

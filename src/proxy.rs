@@ -719,7 +719,16 @@ impl ProxyHttp for SluiceProxy {
         true
     }
 
-    async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        // One line per decision, at debug only: never per request at info.
+        tracing::debug!(
+            rule = ctx.rule.as_deref().unwrap_or(crate::metrics::NO_RULE),
+            outcome = ctx.outcome.as_str(),
+            status = session.response_written().map_or(0, |r| r.status.as_u16()),
+            ticket = ?ctx.winner.as_ref().map(|w| w.ticket.to_string()),
+            elapsed_ms = ctx.started.elapsed().as_millis() as u64,
+            "decision"
+        );
         if ctx.winner.is_some() && !ctx.settled {
             // Ended without an upstream answer or a proxy failure (the
             // client went away early): the backend was never asked.

@@ -17,8 +17,8 @@ use pingora_load_balancing::{Backend, LoadBalancer};
 
 use crate::config::UpstreamConfig;
 use crate::metrics::Metrics;
-use slots::Slots;
 use crate::rules::UpstreamId;
+use slots::Slots;
 
 /// Errors building upstream pools.
 #[derive(Debug, thiserror::Error)]

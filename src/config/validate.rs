@@ -188,7 +188,13 @@ fn upstream(p: &mut Problems, name: &str, raw: &Spanned<RawUpstream>) -> Option<
     // (three tries of connect + read), so a slow node is not mistaken for
     // a dead one.
     let default_claim_idle = (connect_timeout + read_timeout) * 3 + Duration::from_secs(5);
-    let queue_claim_idle = duration(p, &field, "queue_claim_idle", &u.queue_claim_idle, default_claim_idle);
+    let queue_claim_idle = duration(
+        p,
+        &field,
+        "queue_claim_idle",
+        &u.queue_claim_idle,
+        default_claim_idle,
+    );
     if queue_claim_idle <= read_timeout {
         if let Some(c) = &u.queue_claim_idle {
             p.add(

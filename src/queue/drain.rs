@@ -30,6 +30,8 @@ use crate::upstream::{UpstreamPool, Upstreams};
 const IDLE_POLL: Duration = Duration::from_millis(20);
 /// After a queue error (store down), wait longer.
 const ERROR_POLL: Duration = Duration::from_millis(250);
+/// How often the queue depth gauge is refreshed.
+const DEPTH_EVERY: Duration = Duration::from_millis(250);
 /// Dispatches remembered per upstream to estimate the drain rate.
 const RATE_WINDOW: usize = 64;
 /// Hop-by-hop headers are the connection's, not the request's.
@@ -158,9 +160,18 @@ impl Inner {
         let name = pool.config.name.clone();
         let claim_idle_ms =
             u64::try_from(pool.config.queue_claim_idle.as_millis()).unwrap_or(u64::MAX);
+        let mut depth_seen: Option<Instant> = None;
         loop {
             if *shutdown.borrow() {
                 return;
+            }
+            // The depth gauge follows the queue while it drains, at a
+            // bounded cost (one read per DEPTH_EVERY).
+            if depth_seen.is_none_or(|t| t.elapsed() >= DEPTH_EVERY) {
+                depth_seen = Some(Instant::now());
+                if let Ok(depth) = self.queue.depth(&name).await {
+                    self.metrics.set_queue_depth(&name, depth);
+                }
             }
             let slot = tokio::select! {
                 _ = shutdown.changed() => return,
@@ -174,9 +185,6 @@ impl Inner {
                 }
                 Ok(None) => {
                     drop(slot);
-                    if let Ok(depth) = self.queue.depth(&name).await {
-                        self.metrics.set_queue_depth(&name, depth);
-                    }
                     tokio::time::sleep(IDLE_POLL).await;
                 }
                 Err(e) => {

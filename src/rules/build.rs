@@ -492,7 +492,9 @@ fn admission(p: &mut Problems, r: &RawRule, ctx: &RuleContext) -> (Option<Upstre
             }
         }
         if let Some(b) = &q.value.backoff {
-            queue.backoff = p.duration("admission.queue.backoff", b).unwrap_or(queue.backoff);
+            queue.backoff = p
+                .duration("admission.queue.backoff", b)
+                .unwrap_or(queue.backoff);
         }
     }
     (upstream, queue)
