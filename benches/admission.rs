@@ -78,7 +78,8 @@ fn admission(store: Arc<dyn Store>, dir: &std::path::Path) -> Admission {
     )
     .expect("config");
     let config = sluice::config::load(&dir.join("gateway.yaml")).expect("valid config");
-    Admission::new(&config, store).expect("admission")
+    let queue = Arc::new(sluice::queue::memory::MemoryQueue::new());
+    Admission::new(&config, store, queue).expect("admission")
 }
 
 /// Runs `n` decisions for distinct users, `CONCURRENCY` at a time; returns

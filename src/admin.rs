@@ -28,6 +28,10 @@ use crate::upstream::Upstreams;
 /// Admin request bodies are tiny JSON objects.
 const MAX_ADMIN_BODY: usize = 64 << 10;
 
+/// Units one restock may set: a flash sale's stock, with room to spare,
+/// bounded so one request cannot build a giant Redis list.
+const MAX_RESTOCK: u64 = 10_000_000;
+
 /// `/readyz` waits this long for the store at most.
 const READY_STORE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -185,10 +189,14 @@ impl AdminApp {
                     Ok(b) => b,
                     Err(resp) => return resp,
                 };
-                let Some(available) = body.get("available").and_then(Value::as_u64) else {
+                let Some(available) = body
+                    .get("available")
+                    .and_then(Value::as_u64)
+                    .filter(|n| *n <= MAX_RESTOCK)
+                else {
                     return error(
                         StatusCode::BAD_REQUEST,
-                        "body must be {\"available\": N} with N a whole number >= 0",
+                        format!("body must be {{\"available\": N}} with N a whole number from 0 to {MAX_RESTOCK}"),
                     );
                 };
                 match self.admission.restock(index, &key, available).await {

@@ -29,6 +29,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{Config, OnFailure};
 use crate::outcome::Answer;
+use crate::queue::Queue;
 use crate::rules::{Rule, RuleMatch, RuleSet};
 use crate::store::{
     DedupMark, MarkScope, ReleaseReason, Reservation, Reserved, SkuKey, StockView, Store,
@@ -116,6 +117,10 @@ pub struct Admission {
     on_failure: OnFailure,
     pass_permits: Arc<Semaphore>,
     result_ttl: Duration,
+    /// Where queued winners wait (to answer a repeat with its position).
+    queue: Arc<dyn Queue>,
+    /// Upstream names by `UpstreamId`.
+    upstream_names: Vec<String>,
     /// Skus loaded through this node's admin API, whose gauge housekeeping
     /// refreshes (labels from admin actions only, never from shoppers).
     loaded: std::sync::Mutex<std::collections::BTreeSet<(usize, String)>>,
@@ -131,7 +136,11 @@ fn store_down(e: &StoreError) -> Answer {
 
 impl Admission {
     /// Builds the stages of every rule of `config`.
-    pub fn new(config: &Config, store: Arc<dyn Store>) -> Result<Self, AdmissionError> {
+    pub fn new(
+        config: &Config,
+        store: Arc<dyn Store>,
+        queue: Arc<dyn Queue>,
+    ) -> Result<Self, AdmissionError> {
         let mut stages = Vec::new();
         for rule in config.rules.rules() {
             stages.push(RuleStage {
@@ -153,6 +162,8 @@ impl Admission {
             pass_permits: Arc::new(Semaphore::new(cap)),
             result_ttl: config.store.result_ttl,
             loaded: std::sync::Mutex::new(Default::default()),
+            queue,
+            upstream_names: config.upstreams.iter().map(|u| u.name.clone()).collect(),
         })
     }
 
@@ -273,6 +284,9 @@ impl Admission {
                 self.flags.set(rule, &attempt.sku);
                 Verdict::Answer(Answer::SoldOut)
             }
+            // Not enough for this quantity, but some left for others: no
+            // flag, or one greedy request would close the sale on this node.
+            Ok(Reserved::NotEnough) => Verdict::Answer(Answer::SoldOut),
             Ok(Reserved::NotLoaded) => Verdict::Answer(Answer::Unavailable {
                 message: format!("{} is not on sale", attempt.sku),
             }),
@@ -313,6 +327,25 @@ impl Admission {
                     .and_then(|t| HeaderValue::from_str(&t).ok()),
                 body: resp.body,
             },
+            Ok(Some(TicketRecord {
+                state: TicketState::Queued,
+                key,
+                ..
+            })) => {
+                let upstream = self
+                    .rule_index(&key.rule)
+                    .and_then(|i| self.stages.get(i))
+                    .and_then(|s| self.upstream_names.get(s.rule.upstream.0));
+                let position = match upstream {
+                    Some(u) => self.queue.position(u, first).await.ok().flatten(),
+                    None => None,
+                };
+                Answer::Duplicate {
+                    ticket: Some(first.to_string()),
+                    queued_position: Some(position.unwrap_or(1)),
+                    message: "already queued",
+                }
+            }
             Ok(Some(TicketRecord {
                 state: TicketState::Committed,
                 ..

@@ -600,6 +600,10 @@ impl ProxyHttp for SluiceProxy {
     ) -> Result<()> {
         let pool = self.upstreams.pool(ctx.upstream);
         let status = upstream_response.status.as_u16();
+        if upstream_response.status.is_informational() {
+            // 100 Continue / 103 Early Hints: not the answer yet.
+            return Ok(());
+        }
         self.metrics
             .observe_upstream(&pool.config.name, UpstreamClass::of_status(status));
         upstream_response.insert_header(OUTCOME_HEADER, ctx.outcome.as_str())?;

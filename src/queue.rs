@@ -137,6 +137,15 @@ pub trait Queue: Send + Sync + 'static {
         claim_idle_ms: u64,
     ) -> Result<Option<Delivery>, StoreError>;
 
+    /// Says `consumer` is still working on an entry (resets its idle
+    /// time), so no other node takes it over while it is being served.
+    async fn touch(
+        &self,
+        upstream: &str,
+        consumer: &str,
+        delivery: &Delivery,
+    ) -> Result<(), StoreError>;
+
     /// Marks an entry done (served, or given up and released).
     async fn ack(&self, upstream: &str, delivery: &Delivery) -> Result<(), StoreError>;
 

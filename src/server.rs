@@ -144,7 +144,7 @@ impl Gateway {
         };
         let rates = Arc::new(DrainRates::default());
         let store: Arc<dyn Store> = Arc::new(InstrumentedStore::new(store, metrics.clone()));
-        let admission = Arc::new(Admission::new(&config, store)?);
+        let admission = Arc::new(Admission::new(&config, store, queue.clone())?);
 
         let mut server = Server::new_with_opt_and_conf(None, server_conf(&config));
         server.bootstrap();

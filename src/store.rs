@@ -116,8 +116,10 @@ pub struct Reservation<'a> {
 pub enum Reserved {
     /// The ticket holds `qty` units.
     Won,
-    /// Fewer than `qty` units are available; nothing is held.
+    /// No unit is left; nothing is held.
     SoldOut,
+    /// Some units are left, fewer than `qty`; nothing is held.
+    NotEnough,
     /// The sku was never loaded (or its stock was lost): never unlimited.
     NotLoaded,
     /// A mark says this is a repeat of `first`; nothing is held.

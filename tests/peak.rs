@@ -443,7 +443,7 @@ async fn a_node_killed_mid_drain_loses_nothing() {
     let sale = Sale {
         max_inflight: 2,
         max_wait: "0s",
-        claim_idle: "2s",
+        claim_idle: "3s",
         ..Sale::default()
     };
     let mut a = node(&up, &store, &sale);

@@ -179,6 +179,33 @@ async fn main() -> anyhow::Result<()> {
         ms(report.latency(0.99)),
         ms(report.latency(1.0)),
     );
+    // Queued winners are sent by the gateway itself as the mall frees up;
+    // wait for them before reading the mall's books.
+    let queued = report
+        .outcomes()
+        .iter()
+        .filter(|((o, _), _)| *o == "queued")
+        .map(|(_, n)| *n)
+        .sum::<usize>();
+    if queued > 0 {
+        let t0 = Instant::now();
+        loop {
+            let view = admin_get(admin, &format!("/admin/v1/stock/phone-seckill/{SKU}")).await?;
+            let body = view.split("\r\n\r\n").nth(1).unwrap_or("");
+            let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+            if v["queued"] == 0 && v["in_flight"] == 0 {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(120) {
+                bail!("queued orders did not drain: {body}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        println!(
+            "{queued} queued winners were sent to the mall by Sluice within {:.2}s after the burst",
+            t0.elapsed().as_secs_f64()
+        );
+    }
     let s = &mall.stats;
     println!(
         "\nThe mall received {} orders: {} sold, {} refused for lack of stock; \

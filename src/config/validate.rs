@@ -195,11 +195,17 @@ fn upstream(p: &mut Problems, name: &str, raw: &Spanned<RawUpstream>) -> Option<
         &u.queue_claim_idle,
         default_claim_idle,
     );
-    if queue_claim_idle <= read_timeout {
+    // One try of the drainer waits at most connect + read (headers) +
+    // read (body); a node is also kept alive by heartbeats, but a claim
+    // time shorter than one try would hand over entries mid-send.
+    let one_try = connect_timeout + read_timeout * 2;
+    if queue_claim_idle <= one_try {
         if let Some(c) = &u.queue_claim_idle {
             p.add(
                 c.referenced,
-                format!("{field}.queue_claim_idle: must be above read_timeout ({read_timeout:?})"),
+                format!(
+                    "{field}.queue_claim_idle: must be above connect_timeout + 2 x read_timeout ({one_try:?})"
+                ),
             );
         }
     }

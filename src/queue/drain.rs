@@ -21,7 +21,7 @@ use pingora_core::services::background::BackgroundService;
 
 use super::{now_ms, Delivery, Queue};
 use crate::admission::{Admission, Settlement, Winner, MAX_KEPT_BODY};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, UpstreamClass};
 use crate::store::{ReleaseReason, StoredResponse, TicketState};
 use crate::upstream::slots::Slot;
 use crate::upstream::{UpstreamPool, Upstreams};
@@ -30,6 +30,8 @@ use crate::upstream::{UpstreamPool, Upstreams};
 const IDLE_POLL: Duration = Duration::from_millis(20);
 /// After a queue error (store down), wait longer.
 const ERROR_POLL: Duration = Duration::from_millis(250);
+/// Retries never wait longer than this, however many there are.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// How often the queue depth gauge is refreshed.
 const DEPTH_EVERY: Duration = Duration::from_millis(250);
 /// Dispatches remembered per upstream to estimate the drain rate.
@@ -83,6 +85,33 @@ impl DrainRates {
         }
         let per_sec = (q.len() - 1) as f64 / span;
         Some((position as f64 / per_sec).ceil() as u64)
+    }
+}
+
+/// Touches a queue entry periodically until dropped.
+struct Heartbeat(tokio::task::JoinHandle<()>);
+
+impl Heartbeat {
+    fn start(
+        queue: Arc<dyn Queue>,
+        upstream: String,
+        consumer: String,
+        delivery: Delivery,
+        every: Duration,
+    ) -> Self {
+        let every = every.max(Duration::from_millis(100));
+        Self(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let _ = queue.touch(&upstream, &consumer, &delivery).await;
+            }
+        }))
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -213,6 +242,11 @@ impl Inner {
             }
         };
         let Some(rule) = self.admission.rule_index(&req.key.rule) else {
+            // Its rule is gone (renamed across a restart): nobody can send
+            // it under the right rule; give its units back.
+            let _ = store
+                .release(&req.key, req.ticket, ReleaseReason::Admin)
+                .await;
             self.ack(&pool.config.name, &delivery).await;
             return;
         };
@@ -228,6 +262,15 @@ impl Inner {
         let _ = store
             .set_state(&req.key, req.ticket, TicketState::Held)
             .await;
+        // While this node serves it (tries, backoff, waiting for a slot),
+        // keep the entry's idle time below the takeover threshold.
+        let _heartbeat = Heartbeat::start(
+            self.queue.clone(),
+            pool.config.name.clone(),
+            self.consumer.clone(),
+            delivery.clone(),
+            pool.config.queue_claim_idle / 3,
+        );
         let waited = Duration::from_millis(now_ms().saturating_sub(req.queued_at_ms));
         self.metrics.observe_queue_wait(&pool.config.name, waited);
         self.rates.record(&pool.config.name);
@@ -242,6 +285,15 @@ impl Inner {
         });
         let mut attempt = 1;
         loop {
+            // Tell the queue this node is alive and still on it, so the
+            // entry is not taken over while a slow try or a retry runs.
+            if let Err(e) = self
+                .queue
+                .touch(&pool.config.name, &self.consumer, &delivery)
+                .await
+            {
+                tracing::debug!(ticket = %req.ticket, error = %e, "queue touch failed");
+            }
             let sent = self.send(pool, &delivery).await;
             let settlement = match &sent {
                 Sent::Answered(r) => Settlement::Answered {
@@ -253,7 +305,11 @@ impl Inner {
             let releases = self.admission.would_release(rule, &settlement);
             if releases && attempt < max_attempts {
                 drop(slot);
-                tokio::time::sleep(backoff * 2u32.saturating_pow(attempt - 1)).await;
+                let wait = backoff
+                    .checked_mul(2u32.saturating_pow(attempt - 1))
+                    .unwrap_or(MAX_BACKOFF)
+                    .min(MAX_BACKOFF);
+                tokio::time::sleep(wait).await;
                 attempt += 1;
                 slot = match pool.slots.acquire().await {
                     Some(s) => s,
@@ -315,12 +371,19 @@ impl Inner {
         };
         let budget = pool.config.connect_timeout + pool.config.read_timeout;
         let response = match tokio::time::timeout(budget, self.client.request(request)).await {
-            Err(_) => return Sent::Failed(ReleaseReason::Timeout),
-            Ok(Err(e)) if e.is_connect() => return Sent::Failed(ReleaseReason::ConnectError),
-            Ok(Err(_)) => return Sent::Failed(ReleaseReason::Timeout),
             Ok(Ok(r)) => r,
+            failed => {
+                self.metrics
+                    .observe_upstream(&pool.config.name, UpstreamClass::Error);
+                return Sent::Failed(match failed {
+                    Ok(Err(e)) if e.is_connect() => ReleaseReason::ConnectError,
+                    _ => ReleaseReason::Timeout,
+                });
+            }
         };
         let status = response.status().as_u16();
+        self.metrics
+            .observe_upstream(&pool.config.name, UpstreamClass::of_status(status));
         let content_type = response
             .headers()
             .get(http::header::CONTENT_TYPE)

@@ -77,6 +77,16 @@ impl Queue for MemoryQueue {
         }))
     }
 
+    async fn touch(
+        &self,
+        _upstream: &str,
+        _consumer: &str,
+        _delivery: &Delivery,
+    ) -> Result<(), StoreError> {
+        // One node: nobody else could take it over.
+        Ok(())
+    }
+
     async fn ack(&self, upstream: &str, _delivery: &Delivery) -> Result<(), StoreError> {
         let mut lines = self.lines.lock().map_err(|_| poisoned())?;
         if let Some(line) = lines.get_mut(upstream) {

@@ -466,6 +466,26 @@ impl Queue for RedisQueue {
         Ok(None)
     }
 
+    async fn touch(
+        &self,
+        upstream: &str,
+        consumer: &str,
+        delivery: &Delivery,
+    ) -> Result<(), StoreError> {
+        // XCLAIM to ourselves with min-idle 0 resets the entry's idle time
+        // (JUSTID: no redelivery count bump, no payload back).
+        let mut pipe = redis::pipe();
+        pipe.cmd("XCLAIM")
+            .arg(self.stream(upstream))
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(0)
+            .arg(&delivery.id)
+            .arg("JUSTID")
+            .ignore();
+        self.conn.run("queue_touch", &pipe).await.map(drop)
+    }
+
     async fn ack(&self, upstream: &str, delivery: &Delivery) -> Result<(), StoreError> {
         let stream = self.stream(upstream);
         let mut pipe = redis::pipe();

@@ -17,6 +17,9 @@ use super::{
 use crate::config::error::Problems;
 use crate::outcome::{Outcome, ResponseOverride};
 
+/// Units one attempt may ask for, at most.
+pub const MAX_QUANTITY: u32 = 1000;
+
 /// What a rule may refer to outside itself.
 pub struct RuleContext<'a> {
     /// Upstream names, indexed by `UpstreamId`.
@@ -307,6 +310,20 @@ fn quantity(p: &mut Problems, r: &RawRule) -> Option<QuantitySpec> {
         Some(m) => positive_u32(p, m, "quantity.max")?.get(),
         None => default,
     };
+    // Each unit is one LMOVE in the reservation's transaction: keep a
+    // single attempt's work bounded.
+    if max > MAX_QUANTITY {
+        let at = v
+            .max
+            .as_ref()
+            .or(v.default.as_ref())
+            .map_or(q.referenced, |m| m.referenced);
+        p.add(
+            at,
+            format!("quantity.max: {max} is over the limit of {MAX_QUANTITY} units per attempt"),
+        );
+        return None;
+    }
     if max < default {
         let at = v.max.as_ref().map_or(q.referenced, |m| m.referenced);
         p.add(

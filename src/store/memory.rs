@@ -140,8 +140,11 @@ impl Store for MemoryStore {
                 return Ok(Reserved::OverUserLimit);
             }
         }
-        if sku.available < qty {
+        if sku.available == 0 {
             return Ok(Reserved::SoldOut);
+        }
+        if sku.available < qty {
+            return Ok(Reserved::NotEnough);
         }
         sku.available -= qty;
         *sku.held_by_user.entry(r.user.to_string()).or_default() += qty;
@@ -209,7 +212,7 @@ impl Store for MemoryStore {
         &self,
         key: &SkuKey,
         ticket: TicketId,
-        _reason: ReleaseReason,
+        reason: ReleaseReason,
     ) -> Result<u64, StoreError> {
         let mut guard = self.inner.lock().map_err(|_| poisoned("release"))?;
         let inner = &mut *guard;
@@ -219,7 +222,12 @@ impl Store for MemoryStore {
         let Some(t) = sku.tickets.get_mut(&ticket) else {
             return Ok(0);
         };
-        if t.state == TicketState::Released {
+        // Only an operator (or the backend, through the admin API) may
+        // cancel a committed order; a late failure of another copy of the
+        // same order must not put sold units back on sale.
+        if t.state == TicketState::Released
+            || (t.state == TicketState::Committed && reason != ReleaseReason::Admin)
+        {
             return Ok(0);
         }
         t.state = TicketState::Released;

@@ -169,6 +169,18 @@ impl RedisStore {
         self.conn.run(op, pipe).await
     }
 
+    /// Whether a ticket is still queued or held (not committed, released
+    /// or unknown).
+    async fn is_live(&self, tag: &str, id: &str) -> Result<bool, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGET").arg(format!("{tag}:state")).arg(id);
+        let vals = self.run("state", &pipe).await?;
+        Ok(matches!(
+            vals.first().and_then(as_string).as_deref(),
+            Some("Q") | Some("H")
+        ))
+    }
+
     /// Moves back what a reservation took and removes what it wrote, in
     /// one transaction: units, the marks it set, its user count, its record.
     async fn undo(
@@ -286,15 +298,16 @@ impl Store for RedisStore {
             .ignore();
         let vals = match self.run("reserve", &pipe).await {
             Ok(v) => v,
-            Err(e @ StoreError::Timeout { .. }) => {
-                // It may have run: read back and undo, never retry.
+            Err(e) => {
+                // A timeout or a connection lost after the transaction was
+                // sent: it may have run. Read back and undo, never retry.
+                // (When Redis is down the read fails too; nothing ran then.)
                 if let Err(resolve) = self.resolve_timed_out_reservation(r, &mark_keys).await {
-                    tracing::warn!(ticket = %r.ticket, error = %resolve,
-                        "could not resolve a timed-out reservation; reconcile will");
+                    tracing::debug!(ticket = %r.ticket, error = %resolve,
+                        "could not resolve an interrupted reservation; reconcile will");
                 }
                 return Err(e);
             }
-            Err(e) => return Err(e),
         };
         let mut it = vals.iter();
         let loaded = it.next().and_then(as_int) == Some(1);
@@ -310,6 +323,11 @@ impl Store for RedisStore {
             .filter(|_| it.next().is_some_and(|v| !matches!(v, Value::Nil)))
             .count() as u64;
 
+        let short = match moved {
+            0 => Some(Reserved::SoldOut),
+            m if m < u64::from(r.qty) => Some(Reserved::NotEnough),
+            _ => None,
+        };
         let verdict = if !loaded {
             Reserved::NotLoaded
         } else if let Some(first) = olds.iter().flatten().find_map(|t| TicketId::parse(t)) {
@@ -317,15 +335,11 @@ impl Store for RedisStore {
         } else if let (Some(limit), Some(total)) = (r.per_user_limit, user_total) {
             if total > i64::from(limit) {
                 Reserved::OverUserLimit
-            } else if moved < u64::from(r.qty) {
-                Reserved::SoldOut
             } else {
-                Reserved::Won
+                short.unwrap_or(Reserved::Won)
             }
-        } else if moved < u64::from(r.qty) {
-            Reserved::SoldOut
         } else {
-            Reserved::Won
+            short.unwrap_or(Reserved::Won)
         };
         if verdict != Reserved::Won {
             let marks_set: Vec<String> = mark_keys
@@ -350,6 +364,13 @@ impl Store for RedisStore {
     ) -> Result<(), StoreError> {
         let tag = self.tag(key);
         let id = ticket.to_string();
+        // Only a live ticket is committed: a ticket released meanwhile (an
+        // operator, or a failed copy of the same queued order) stays
+        // released. The read and the write are two steps; the window
+        // between them is one round trip.
+        if !self.is_live(&tag, &id).await? {
+            return Ok(());
+        }
         let mut pipe = redis::pipe();
         pipe.atomic();
         pipe.cmd("HSET")
@@ -376,6 +397,9 @@ impl Store for RedisStore {
             TicketState::Committed | TicketState::Released => return Ok(()),
         };
         let tag = self.tag(key);
+        if !self.is_live(&tag, &ticket.to_string()).await? {
+            return Ok(());
+        }
         let mut pipe = redis::pipe();
         pipe.cmd("HSET")
             .arg(format!("{tag}:state"))
@@ -403,7 +427,7 @@ impl Store for RedisStore {
         &self,
         key: &SkuKey,
         ticket: TicketId,
-        _reason: ReleaseReason,
+        reason: ReleaseReason,
     ) -> Result<u64, StoreError> {
         let tag = self.tag(key);
         let id = ticket.to_string();
@@ -417,7 +441,9 @@ impl Store for RedisStore {
         ) else {
             return Ok(0);
         };
-        if state == "R" {
+        // As in the memory store: a committed order is cancelled only by
+        // an admin release.
+        if state == "R" || (state == "C" && reason != ReleaseReason::Admin) {
             return Ok(0);
         }
         let record = Record::decode(&format!("{tag}:tickets"), &text)?;
