@@ -86,6 +86,7 @@ both_stores!(
     concurrent_buyers_get_exactly_the_stock,
     marks_expire,
     random_interleavings_conserve_units,
+    concurrent_restocks_do_not_add_up,
 );
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -435,6 +436,24 @@ async fn concurrent_buyers_get_exactly_the_stock(h: Harness) {
     assert_eq!(won, 50);
     let v = view(&*h.store, &k).await;
     assert_eq!((v.available, v.in_flight, v.initial), (0, 50, 50));
+}
+
+async fn concurrent_restocks_do_not_add_up(h: Harness) {
+    // An ops script setting the same stock through every node at once.
+    let k = key("p1");
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let store = h.store.clone();
+        let k = k.clone();
+        tasks.push(tokio::spawn(
+            async move { store.set_available(&k, 50).await },
+        ));
+    }
+    for t in tasks {
+        t.await.expect("task").expect("restock");
+    }
+    let v = view(&*h.store, &k).await;
+    assert_eq!((v.available, v.initial), (50, 50));
 }
 
 async fn marks_expire(h: Harness) {

@@ -33,6 +33,10 @@ use crate::config::RedisConfig;
 const SEP: char = '\u{1f}';
 /// Separator of mark keys inside a ticket record.
 const MARK_SEP: char = '\u{1e}';
+/// Tries of the restock lock, 25 ms apart.
+const RESTOCK_LOCK_TRIES: u32 = 40;
+/// The restock lock expires by itself after this (a crashed restock).
+const RESTOCK_LOCK_MS: u64 = 10_000;
 /// Units pushed per RPUSH when restocking, to keep commands small.
 const RESTOCK_CHUNK: u64 = 10_000;
 
@@ -167,6 +171,45 @@ impl RedisStore {
 
     async fn run(&self, op: &'static str, pipe: &Pipeline) -> Result<Vec<Value>, StoreError> {
         self.conn.run(op, pipe).await
+    }
+
+    /// Sets the list length to `available` (under the restock lock).
+    async fn adjust_available(
+        &self,
+        key: &SkuKey,
+        tag: &str,
+        available: u64,
+    ) -> Result<StockView, StoreError> {
+        let avail = format!("{tag}:avail");
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET").arg(format!("{tag}:loaded")).arg(1).ignore();
+        pipe.cmd("LLEN").arg(&avail);
+        let vals = self.run("set_available", &pipe).await?;
+        let now = vals.first().and_then(as_int).unwrap_or(0).max(0) as u64;
+        // Units are interchangeable: only the list lengths matter. While a
+        // sale runs, concurrent reservations make the result approximate;
+        // at rest it is exact, and it never overdraws either way.
+        let mut change = redis::pipe();
+        if available > now {
+            let mut missing = available - now;
+            while missing > 0 {
+                let n = missing.min(RESTOCK_CHUNK);
+                let cmd = change.cmd("RPUSH").arg(&avail);
+                for _ in 0..n {
+                    cmd.arg("u");
+                }
+                cmd.ignore();
+                missing -= n;
+            }
+        } else if available < now {
+            change.cmd("LPOP").arg(&avail).arg(now - available).ignore();
+        }
+        if available != now {
+            self.run("set_available", &change).await?;
+        }
+        self.stock(key)
+            .await?
+            .ok_or_else(|| StoreError::NotLoaded(key.clone()))
     }
 
     /// Whether a ticket is still queued or held (not committed, released
@@ -501,36 +544,45 @@ impl Store for RedisStore {
 
     async fn set_available(&self, key: &SkuKey, available: u64) -> Result<StockView, StoreError> {
         let tag = self.tag(key);
-        let avail = format!("{tag}:avail");
-        let mut pipe = redis::pipe();
-        pipe.cmd("SET").arg(format!("{tag}:loaded")).arg(1).ignore();
-        pipe.cmd("LLEN").arg(&avail);
-        let vals = self.run("set_available", &pipe).await?;
-        let now = vals.first().and_then(as_int).unwrap_or(0).max(0) as u64;
-        // Units are interchangeable: only the list lengths matter. While a
-        // sale runs, concurrent reservations make the result approximate;
-        // at rest it is exact, and it never overdraws either way.
-        let mut change = redis::pipe();
-        if available > now {
-            let mut missing = available - now;
-            while missing > 0 {
-                let n = missing.min(RESTOCK_CHUNK);
-                let cmd = change.cmd("RPUSH").arg(&avail);
-                for _ in 0..n {
-                    cmd.arg("u");
-                }
-                cmd.ignore();
-                missing -= n;
+        // Restocks of one sku take turns (an ops script may call every
+        // node at once): each reads the list length and adjusts it, and two
+        // at once would both add the difference.
+        let lock = format!("{tag}:restock");
+        let token = TicketId::random().to_string();
+        let mut taken = false;
+        for _ in 0..RESTOCK_LOCK_TRIES {
+            let mut pipe = redis::pipe();
+            pipe.cmd("SET")
+                .arg(&lock)
+                .arg(&token)
+                .arg("NX")
+                .arg("PX")
+                .arg(RESTOCK_LOCK_MS);
+            let vals = self.run("set_available", &pipe).await?;
+            if vals.first().is_some_and(|v| !matches!(v, Value::Nil)) {
+                taken = true;
+                break;
             }
-        } else if available < now {
-            change.cmd("LPOP").arg(&avail).arg(now - available).ignore();
+            tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        if available != now {
-            self.run("set_available", &change).await?;
+        if !taken {
+            return Err(StoreError::Backend {
+                op: "set_available",
+                message: format!("another restock of {key} is running; try again"),
+            });
         }
-        self.stock(key)
-            .await?
-            .ok_or_else(|| StoreError::NotLoaded(key.clone()))
+        let result = self.adjust_available(key, &tag, available).await;
+        // Released only if still ours (it expires by itself otherwise).
+        let mut check = redis::pipe();
+        check.cmd("GET").arg(&lock);
+        if let Ok(vals) = self.run("set_available", &check).await {
+            if vals.first().and_then(as_string).as_deref() == Some(token.as_str()) {
+                let mut del = redis::pipe();
+                del.cmd("DEL").arg(&lock).ignore();
+                let _ = self.run("set_available", &del).await;
+            }
+        }
+        result
     }
 
     async fn stock(&self, key: &SkuKey) -> Result<Option<StockView>, StoreError> {
