@@ -90,6 +90,20 @@ pub struct RequestCtx {
     slot: Option<Slot>,
 }
 
+/// The socket peer and the incoming `X-Forwarded-For` chain.
+fn peer_and_chain(session: &Session) -> (IpAddr, Option<&str>) {
+    let peer = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
+    let chain = session
+        .req_header()
+        .headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok());
+    (peer, chain)
+}
+
 /// Which release reason a proxy error stands for.
 fn failure_reason(e: &Error) -> ReleaseReason {
     match e.etype() {
@@ -204,14 +218,7 @@ impl SluiceProxy {
             }
         };
         let req = session.req_header();
-        let peer = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
-        let xff = req
-            .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok());
+        let (peer, xff) = peer_and_chain(session);
         let captures: Vec<(&str, &str)> = captures
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
@@ -334,14 +341,7 @@ impl SluiceProxy {
             .stage(rule)
             .map_or(0, |s| s.rule.queue.capacity);
         let req = session.req_header();
-        let peer = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
-        let incoming = req
-            .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok());
+        let (peer, incoming) = peer_and_chain(session);
         let mut headers: Vec<(String, String)> = req
             .headers
             .iter()

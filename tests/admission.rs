@@ -7,6 +7,7 @@
 //! Every scenario runs twice: on the memory store, and on the Redis store
 //! backed by a real `redis-server` started for that test.
 
+#[macro_use]
 mod support;
 
 use std::collections::HashSet;
@@ -45,28 +46,6 @@ fn redis() -> StoreUnderTest {
         ),
         _redis: Some(server),
     }
-}
-
-/// Runs each scenario once per store.
-macro_rules! both_stores {
-    ($($case:ident),* $(,)?) => {
-        mod on_memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::memory()).await;
-                }
-            )*
-        }
-        mod on_redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::redis()).await;
-                }
-            )*
-        }
-    };
 }
 
 both_stores!(

@@ -3,6 +3,7 @@
 //! with a ticket and served later by the gateway itself, and no slot or
 //! unit leaks when the queue is full, a client leaves or the backend dies.
 
+#[macro_use]
 mod support;
 
 use std::collections::HashSet;
@@ -162,27 +163,6 @@ async fn wait_done(listen: SocketAddr, ticket: &str, limit: Duration) -> (u16, V
         assert!(Instant::now() < deadline, "ticket {ticket} never finished");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-}
-
-macro_rules! both_stores {
-    ($($case:ident),* $(,)?) => {
-        mod on_memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::memory()).await;
-                }
-            )*
-        }
-        mod on_redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::redis()).await;
-                }
-            )*
-        }
-    };
 }
 
 both_stores!(

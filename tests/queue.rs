@@ -4,6 +4,7 @@
 //! (a dead consumer's entry claimed by another, Redis restarted empty,
 //! corrupt entries).
 
+#[macro_use]
 mod support;
 
 use std::collections::HashSet;
@@ -56,29 +57,7 @@ fn redis() -> Harness {
     }
 }
 
-/// Runs each case once per queue.
-macro_rules! both_queues {
-    ($($case:ident),* $(,)?) => {
-        mod on_memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::memory()).await;
-                }
-            )*
-        }
-        mod on_redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::redis()).await;
-                }
-            )*
-        }
-    };
-}
-
-both_queues!(
+both_stores!(
     pops_come_out_in_push_order,
     positions_count_down_as_entries_are_popped,
     a_full_queue_refuses_and_takes_again_once_one_leaves,

@@ -1,6 +1,7 @@
 //! One suite, two stores: every case runs against the memory store and
 //! against the Redis store on a real `redis-server` started for it.
 
+#[macro_use]
 mod support;
 
 use std::sync::Arc;
@@ -47,28 +48,6 @@ fn redis() -> Harness {
         store: Arc::new(store),
         redis: Some(server),
     }
-}
-
-/// Runs each case once per store.
-macro_rules! both_stores {
-    ($($case:ident),* $(,)?) => {
-        mod on_memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::memory()).await;
-                }
-            )*
-        }
-        mod on_redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::redis()).await;
-                }
-            )*
-        }
-    };
 }
 
 both_stores!(

@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 // Each test binary uses a subset of the re-exports below.
 #![allow(unused_imports)]
+// Only the suites that run on both stores use `both_stores!`.
+#![allow(unused_macros)]
 
 /// Raw HTTP/1.1 client helpers with exact connection control.
 pub mod client;
@@ -17,3 +19,27 @@ pub use client::{get, request, Conn, Response};
 pub use gateway::{free_addr, free_port, metric_value, sluice_cmd, Gateway, GatewayBuilder};
 pub use redis::RedisServer;
 pub use upstream::{Recorded, Upstream};
+
+/// Runs each case twice: on the memory store and on Redis. The test file
+/// provides `memory()` and `redis()`, each building the case's argument
+/// (a Redis one keeps its own `RedisServer` alive for the case).
+macro_rules! both_stores {
+    ($($case:ident),* $(,)?) => {
+        mod on_memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::memory()).await;
+                }
+            )*
+        }
+        mod on_redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::redis()).await;
+                }
+            )*
+        }
+    };
+}
