@@ -101,6 +101,18 @@ async fn burst(
     clicks: usize,
     concurrency: usize,
 ) -> Vec<(String, String)> {
+    burst_as(nodes, sku, "user", users, clicks, concurrency).await
+}
+
+/// `burst` with user ids `<prefix>-<n>`.
+async fn burst_as(
+    nodes: &[SocketAddr],
+    sku: &str,
+    prefix: &str,
+    users: usize,
+    clicks: usize,
+    concurrency: usize,
+) -> Vec<(String, String)> {
     let nodes = Arc::new(nodes.to_vec());
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
@@ -108,6 +120,7 @@ async fn burst(
         let nodes = nodes.clone();
         let next = next.clone();
         let sku = sku.to_string();
+        let prefix = prefix.to_string();
         tasks.push(tokio::spawn(async move {
             let mut seen = Vec::new();
             loop {
@@ -116,7 +129,7 @@ async fn burst(
                     return seen;
                 }
                 let (user, click) = (i / clicks, i % clicks);
-                let user = format!("user-{user}");
+                let user = format!("{prefix}-{user}");
                 let at = nodes[(i + click) % nodes.len()];
                 let (_, outcome) = buy(at, &sku, &user).await;
                 seen.push((user, outcome));
@@ -176,8 +189,22 @@ async fn failing_backend_resells(store: &str, up: &Upstream) {
     let gw = node(up, store);
     load_stock(gw.admin(), "phone", 30).await;
     up.set_fail_every(3);
-    let outcomes = burst(&[gw.listen()], "phone", 900, 1, 24).await;
-    // Each 500 released its unit, which was sold again to someone else.
+    let mut outcomes = burst(&[gw.listen()], "phone", 900, 1, 24).await;
+    // Each 500 released its unit, which was sold again to someone else. The
+    // last failures may come after the last buyer: more buyers come then.
+    for round in 0..200 {
+        let v = stock(gw.admin(), "phone").await;
+        if v["sold"] == 30 && v["in_flight"] == 0 {
+            break;
+        }
+        if v["available"] == 0 {
+            // Units still in flight may yet fail and come back.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        let more = burst_as(&[gw.listen()], "phone", &format!("late{round}"), 10, 1, 1).await;
+        outcomes.extend(more);
+    }
     let v = stock(gw.admin(), "phone").await;
     assert_eq!(v["sold"], 30, "{v}");
     assert_eq!(v["available"], 0, "{v}");
