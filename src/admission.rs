@@ -29,7 +29,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{Config, OnFailure};
 use crate::outcome::Answer;
-use crate::queue::Queue;
+use crate::queue::{Queue, QueuedRequest};
 use crate::rules::{Rule, RuleMatch, RuleSet};
 use crate::store::{
     DedupMark, MarkScope, ReleaseReason, Reservation, Reserved, SkuKey, StockView, Store,
@@ -418,6 +418,48 @@ impl Admission {
                     "backend failure not in release_on; units stay in flight");
                 Ok(())
             }
+        }
+    }
+
+    /// Stage 8, overflow: keeps a winner's request in `upstream`'s queue
+    /// and answers `queued` with its position; a full (or unreachable)
+    /// queue returns the units and answers `unavailable`.
+    pub async fn enqueue(
+        &self,
+        winner: &Winner,
+        request: &QueuedRequest,
+        upstream: &str,
+        capacity: u32,
+    ) -> Answer {
+        let pushed = match self
+            .store
+            .set_state(&winner.key, winner.ticket, TicketState::Queued)
+            .await
+        {
+            Ok(()) => self.queue.push(upstream, request, capacity).await,
+            Err(e) => Err(e),
+        };
+        let message = match pushed {
+            Ok(Some(position)) => {
+                return Answer::Queued {
+                    ticket: winner.ticket.to_string(),
+                    position,
+                }
+            }
+            Ok(None) => "too many orders are waiting, please try again shortly",
+            Err(e) => {
+                tracing::debug!(error = %e, "could not queue a winner");
+                "the sale is busy, please try again shortly"
+            }
+        };
+        if let Err(e) = self
+            .settle(winner, &Settlement::Failed(ReleaseReason::QueueFull))
+            .await
+        {
+            tracing::warn!(ticket = %winner.ticket, error = %e, "could not release a refused winner");
+        }
+        Answer::Unavailable {
+            message: message.into(),
         }
     }
 

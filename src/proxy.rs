@@ -367,38 +367,12 @@ impl SluiceProxy {
             body,
             queued_at_ms: now_ms(),
         };
-        let store = self.admission.store();
-        let pushed = match store
-            .set_state(&winner.key, winner.ticket, TicketState::Queued)
-            .await
-        {
-            Ok(()) => self.queue.push(&pool.config.name, &queued, capacity).await,
-            Err(e) => Err(e),
-        };
-        let answer = match pushed {
-            Ok(Some(position)) => {
-                ctx.settled = true;
-                Answer::Queued {
-                    ticket: winner.ticket.to_string(),
-                    position,
-                }
-            }
-            Ok(None) => {
-                self.settle(ctx, Settlement::Failed(ReleaseReason::QueueFull))
-                    .await;
-                Answer::Unavailable {
-                    message: "too many orders are waiting, please try again shortly".into(),
-                }
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "could not queue a winner");
-                self.settle(ctx, Settlement::Failed(ReleaseReason::QueueFull))
-                    .await;
-                Answer::Unavailable {
-                    message: "the sale is busy, please try again shortly".into(),
-                }
-            }
-        };
+        let answer = self
+            .admission
+            .enqueue(&winner, &queued, &pool.config.name, capacity)
+            .await;
+        // Queued, the ticket is the queue's now; refused, it was released.
+        ctx.settled = true;
         self.answer(session, ctx, &answer).await
     }
 

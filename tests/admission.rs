@@ -292,27 +292,6 @@ fn expect_view(
     }
 }
 
-/// Polls `/metrics` until the sample equals `want` (metrics are recorded
-/// just after the answer is written); panics with the series after [`WAIT`].
-async fn wait_metric(gw: &Gateway, name: &str, labels: &[(&str, &str)], want: f64) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let text = gw.metrics().await;
-        let got = metric_value(&text, name, labels);
-        if got == Some(want) {
-            return;
-        }
-        if Instant::now() >= deadline {
-            let series: Vec<&str> = text.lines().filter(|l| l.starts_with(name)).collect();
-            panic!(
-                "{name}{labels:?}: want {want}, got {got:?} after {WAIT:?}\n{}",
-                series.join("\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Polls `cond` every 20 ms until it holds, or panics after [`WAIT`].
 async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + WAIT;
@@ -407,8 +386,7 @@ async fn invalid_input_is_refused_before_the_backend(store: StoreUnderTest) {
         "the backend saw invalid requests: {:?}",
         up.recorded()
     );
-    wait_metric(
-        &gw,
+    gw.wait_metric(
         "sluice_requests_total",
         &[("rule", "inv"), ("outcome", "invalid")],
         cases.len() as f64,
@@ -479,8 +457,7 @@ async fn rate_limit_per_user_answers_retry_after(store: StoreUnderTest) {
     expect(&buy(&gw, "rl", "p1", "u2").await, 200, "forwarded");
     assert_eq!(up.requests(), 2);
     expect_view(&stock(&gw, "rl", "p1").await, 8, 10, 2, 0, 0);
-    wait_metric(
-        &gw,
+    gw.wait_metric(
         "sluice_requests_total",
         &[("rule", "rl"), ("outcome", "rate_limited")],
         1.0,
@@ -575,12 +552,11 @@ async fn sale_forwards_exactly_the_stock_with_tickets(store: StoreUnderTest) {
         metric_value(&metrics, "sluice_stock_available", &labels).is_some(),
         "no sluice_stock_available series for a loaded sku"
     );
-    wait_metric(&gw, "sluice_stock_available", &labels, 0.0).await;
+    gw.wait_metric("sluice_stock_available", &labels, 0.0).await;
 
     expect_view(&stock(&gw, "sale", "phone").await, 0, 3, 3, 0, 0);
     for (outcome, n) in [("forwarded", 3.0), ("sold_out", 3.0)] {
-        wait_metric(
-            &gw,
+        gw.wait_metric(
             "sluice_requests_total",
             &[("rule", "sale"), ("outcome", outcome)],
             n,
@@ -745,8 +721,7 @@ async fn backend_5xx_releases_the_units(store: StoreUnderTest) {
         "the backend's own body"
     );
     expect_view(&stock(&gw, "rel", "s1").await, 1, 1, 0, 0, 1);
-    wait_metric(
-        &gw,
+    gw.wait_metric(
         "sluice_released_total",
         &[("rule", "rel"), ("reason", "5xx")],
         1.0,
@@ -792,15 +767,13 @@ async fn connect_error_answers_unavailable_and_returns_units(store: StoreUnderTe
         0,
         "the default upstream got the rule's traffic"
     );
-    wait_metric(
-        &gw,
+    gw.wait_metric(
         "sluice_released_total",
         &[("rule", "conn"), ("reason", "connect_error")],
         2.0,
     )
     .await;
-    wait_metric(
-        &gw,
+    gw.wait_metric(
         "sluice_requests_total",
         &[("rule", "conn"), ("outcome", "unavailable")],
         2.0,
@@ -830,8 +803,7 @@ async fn response_overrides_keep_the_outcome_header(store: StoreUnderTest) {
         assert_eq!(resp.text(), r#"{"code":1001}"#);
     }
     assert_eq!(up.requests(), 0);
-    wait_metric(
-        &gw,
+    gw.wait_metric(
         "sluice_requests_total",
         &[("rule", "ovr"), ("outcome", "sold_out")],
         2.0,
@@ -904,8 +876,7 @@ async fn admin_api_needs_the_token_and_releases_tickets(store: StoreUnderTest) {
         assert_eq!(resp.status, 400, "{bad}: {}", resp.text());
     }
     expect_view(&stock_as(&gw, token, "adm", "s1").await, 1, 1, 0, 0, 1);
-    wait_metric(
-        &gw,
+    gw.wait_metric(
         "sluice_released_total",
         &[("rule", "adm"), ("reason", "admin")],
         1.0,
@@ -985,15 +956,13 @@ async fn concurrent_buyers_get_exactly_the_stock(store: StoreUnderTest) {
     );
 
     expect_view(&stock(&gw, "rush", "s1").await, 0, STOCK, STOCK, 0, 0);
-    wait_metric(
-        &gw,
+    gw.wait_metric(
         "sluice_requests_total",
         &[("rule", "rush"), ("outcome", "forwarded")],
         STOCK as f64,
     )
     .await;
-    wait_metric(
-        &gw,
+    gw.wait_metric(
         "sluice_requests_total",
         &[("rule", "rush"), ("outcome", "sold_out")],
         (USERS as u64 - STOCK) as f64,

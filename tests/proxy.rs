@@ -194,13 +194,14 @@ async fn upstream_down_answers_json_unavailable() {
     assert_eq!(resp.json()["outcome"], "unavailable");
     assert_eq!(get(gw.admin(), "/readyz").await.status, 503);
 
-    let metrics = gw.metrics().await;
-    let unavailable = metric_value(
-        &metrics,
+    // Requests are counted just after their answer: wait for the count.
+    gw.wait_metric(
         "sluice_requests_total",
         &[("rule", "none"), ("outcome", "unavailable")],
-    );
-    assert_eq!(unavailable, Some(2.0));
+        2.0,
+    )
+    .await;
+    let metrics = gw.metrics().await;
     let errors = metric_value(
         &metrics,
         "sluice_upstream_responses_total",
@@ -282,16 +283,12 @@ async fn metrics_count_requests_and_upstream_classes() {
     for _ in 0..3 {
         get(gw.listen(), "/").await;
     }
-    let m = gw.metrics().await;
     let passthrough = [("rule", "none"), ("outcome", "passthrough")];
-    assert_eq!(
-        metric_value(&m, "sluice_requests_total", &passthrough),
-        Some(10.0)
-    );
-    assert_eq!(
-        metric_value(&m, "sluice_request_duration_seconds_count", &passthrough),
-        Some(10.0)
-    );
+    gw.wait_metric("sluice_requests_total", &passthrough, 10.0)
+        .await;
+    gw.wait_metric("sluice_request_duration_seconds_count", &passthrough, 10.0)
+        .await;
+    let m = gw.metrics().await;
     let class = |c| {
         metric_value(
             &m,

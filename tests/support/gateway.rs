@@ -310,6 +310,28 @@ impl Gateway {
         self.status
     }
 
+    /// Polls `/metrics` until the sample `name{labels}` equals `want`
+    /// (requests are counted just after their answer is written), or
+    /// panics after 10 s with the series it saw.
+    pub async fn wait_metric(&self, name: &str, labels: &[(&str, &str)], want: f64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = self.metrics().await;
+            let got = metric_value(&text, name, labels);
+            if got == Some(want) {
+                return;
+            }
+            if std::time::Instant::now() >= deadline {
+                let series: Vec<&str> = text.lines().filter(|l| l.starts_with(name)).collect();
+                panic!(
+                    "{name}{labels:?}: want {want}, got {got:?}\n{}",
+                    series.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// `GET /metrics` on the admin address; panics unless 200.
     pub async fn metrics(&self) -> String {
         let resp = super::client::get(self.admin, "/metrics").await;
