@@ -317,13 +317,12 @@ impl Inner {
                 };
                 continue;
             }
-            if let Err(e) = self.admission.settle(&winner, &settlement).await {
-                tracing::warn!(ticket = %req.ticket, error = %e, "could not settle a queued ticket");
-                return;
-            }
-            // Kept for the client's poll: the answer, or the failure.
-            let kept = match sent {
-                Sent::Answered(r) => r,
+            // Kept for the client's poll: the answer, or the failure. A
+            // failure is kept before the release, so a poll never sees a
+            // released ticket without its reason; an answer after the
+            // commit, like on the proxied path.
+            let kept = match &sent {
+                Sent::Answered(r) => r.clone(),
                 Sent::Failed(reason) => StoredResponse {
                     status: 503,
                     content_type: Some("application/json".into()),
@@ -333,9 +332,25 @@ impl Inner {
                     )),
                 },
             };
-            self.admission
-                .keep_body(&winner, kept.status, kept.content_type, kept.body)
-                .await;
+            if releases {
+                self.admission
+                    .keep_body(
+                        &winner,
+                        kept.status,
+                        kept.content_type.clone(),
+                        kept.body.clone(),
+                    )
+                    .await;
+            }
+            if let Err(e) = self.admission.settle(&winner, &settlement).await {
+                tracing::warn!(ticket = %req.ticket, error = %e, "could not settle a queued ticket");
+                return;
+            }
+            if !releases {
+                self.admission
+                    .keep_body(&winner, kept.status, kept.content_type, kept.body)
+                    .await;
+            }
             self.ack(&pool.config.name, &delivery).await;
             drop(slot);
             return;

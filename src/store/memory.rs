@@ -201,10 +201,10 @@ impl Store for MemoryStore {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<(), StoreError> {
+        // Any state, as in Redis: the state decides whether it is shown
+        // (a held ticket's poll says "in progress" whatever is kept).
         self.with_ticket("keep_response", key, ticket, |t| {
-            if matches!(t.state, TicketState::Committed | TicketState::Released) {
-                t.response = Some((response.clone(), Instant::now() + ttl));
-            }
+            t.response = Some((response.clone(), Instant::now() + ttl));
         })
     }
 
