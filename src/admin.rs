@@ -2,7 +2,8 @@
 //! (the process is up), `GET /readyz` (the store answers and at least one
 //! upstream server is healthy), and the admin API under `/admin/v1/`:
 //! stock (`PUT`/`GET /admin/v1/stock/{rule}/{sku}`) and releases
-//! (`POST /admin/v1/release`). Everything under `/admin/` needs
+//! (`POST /admin/v1/release`) and the effective config, redacted
+//! (`GET /admin/v1/config`). Everything under `/admin/` needs
 //! `Authorization: Bearer <token>` when `admin.token_env` names a set
 //! variable.
 //!
@@ -21,6 +22,7 @@ use subtle::ConstantTimeEq;
 
 use crate::admission::extract::valid_id;
 use crate::admission::Admission;
+use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::store::{SkuKey, StoreError, TicketId};
 use crate::upstream::Upstreams;
@@ -37,6 +39,7 @@ const READY_STORE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The admin HTTP app.
 pub struct AdminApp {
+    config: Arc<Config>,
     metrics: Arc<Metrics>,
     upstreams: Arc<Upstreams>,
     admission: Arc<Admission>,
@@ -70,6 +73,7 @@ fn store_error(e: &StoreError) -> Response<Vec<u8>> {
 impl AdminApp {
     /// An admin app; the token is read once from `token_env` if it is set.
     pub fn new(
+        config: Arc<Config>,
         metrics: Arc<Metrics>,
         upstreams: Arc<Upstreams>,
         admission: Arc<Admission>,
@@ -86,6 +90,7 @@ impl AdminApp {
             }
         });
         Self {
+            config,
             metrics,
             upstreams,
             admission,
@@ -250,6 +255,9 @@ impl ServeHttp for AdminApp {
                     self.stock(session, &method, rule, sku).await
                 }
                 (&Method::POST, ["admin", "v1", "release"]) => self.release(session).await,
+                (&Method::GET, ["admin", "v1", "config"]) => {
+                    json_reply(StatusCode::OK, &crate::config::view::view(&self.config))
+                }
                 _ => error(
                     StatusCode::NOT_FOUND,
                     format!("no admin endpoint {method} {path}"),

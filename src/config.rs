@@ -13,6 +13,7 @@ pub mod model;
 pub mod raw;
 pub mod units;
 mod validate;
+pub mod view;
 
 use std::path::{Path, PathBuf};
 

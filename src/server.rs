@@ -170,6 +170,7 @@ impl Gateway {
         let mut admin = Service::new(
             "sluice admin".to_string(),
             HttpServer::new_app(AdminApp::new(
+                config.clone(),
                 metrics.clone(),
                 upstreams.clone(),
                 admission.clone(),

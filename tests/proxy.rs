@@ -361,3 +361,29 @@ async fn sigterm_finishes_in_flight_requests_then_exits() {
         .expect("the gateway did not exit after SIGTERM");
     assert!(status.success(), "exit status {status:?}\n{}", gw.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_config_shows_the_effective_config_without_secrets() {
+    let up = Upstream::start();
+    let gw = start(
+        &[&up],
+        "store: { backend: memory, redis: { url: \"redis://app:hunter2@10.0.0.9:6379/0\" } }\n",
+    );
+    let resp = get(gw.admin(), "/admin/v1/config").await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert!(
+        !resp.text().contains("hunter2"),
+        "a secret leaked: {}",
+        resp.text()
+    );
+    let c = resp.json();
+    assert_eq!(c["listen"], gw.listen().to_string());
+    assert_eq!(
+        c["store"]["redis"]["url"],
+        "redis://app:***@10.0.0.9:6379/0"
+    );
+    assert_eq!(c["upstreams"][0]["servers"][0], up.addr().to_string());
+    // Defaults are shown as they are in force.
+    assert_eq!(c["upstreams"][0]["max_inflight"], 64);
+    assert_eq!(c["limits"]["max_body_bytes"], 16 << 20);
+}

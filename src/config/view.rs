@@ -1,0 +1,147 @@
+//! The effective config as JSON for `GET /admin/v1/config`: every value
+//! in force, defaults included, with secrets redacted (a password in the
+//! Redis URL; tokens and JWT secrets are only ever named by their
+//! environment variable, never read into the config).
+
+use serde_json::{json, Value};
+
+use super::{Config, OnFailure, StoreBackend};
+use crate::rules::{FieldSource, RateKey};
+
+fn ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// `redis://user:secret@host/0` -> `redis://user:***@host/0`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            let shown = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                "***".to_string()
+            };
+            format!("{scheme}://{shown}@{host}")
+        }
+        None => url.to_string(),
+    }
+}
+
+fn source(s: &FieldSource) -> Value {
+    match s {
+        FieldSource::Header(h) => json!({"header": h.as_str()}),
+        FieldSource::Cookie(c) => json!({"cookie": c}),
+        FieldSource::Query(q) => json!({"query": q}),
+        FieldSource::Path(p) => json!({"path": p}),
+        FieldSource::Json(j) => json!({"json": j}),
+        FieldSource::Jwt {
+            header,
+            claim,
+            secret_env,
+        } => json!({"jwt": {"header": header.as_str(), "claim": claim, "secret_env": secret_env}}),
+    }
+}
+
+/// The effective config, redacted.
+pub fn view(c: &Config) -> Value {
+    let upstreams: Vec<Value> = c
+        .upstreams
+        .iter()
+        .map(|u| {
+            json!({
+                "name": u.name,
+                "servers": u.servers.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+                "max_inflight": u.max_inflight,
+                "connect_timeout_ms": ms(u.connect_timeout),
+                "read_timeout_ms": ms(u.read_timeout),
+                "write_timeout_ms": ms(u.write_timeout),
+                "idle_timeout_ms": ms(u.idle_timeout),
+                "queue_claim_idle_ms": ms(u.queue_claim_idle),
+                "health_check": u.health_check.as_ref().map(|h| json!({
+                    "path": h.path, "interval_ms": ms(h.interval), "timeout_ms": ms(h.timeout),
+                    "failures": h.failures, "successes": h.successes,
+                })),
+            })
+        })
+        .collect();
+    let rules: Vec<Value> = c
+        .rules
+        .rules()
+        .iter()
+        .map(|r| {
+            json!({
+                "name": &*r.name,
+                "match": {"method": r.method.as_str(), "path": r.path.as_str()},
+                "user": source(&r.user),
+                "sku": source(&r.sku),
+                "quantity": {"source": r.quantity.source.as_ref().map(source), "default": r.quantity.default, "max": r.quantity.max},
+                "window": {"start": r.window.start.map(|t| t.to_rfc3339()), "end": r.window.end.map(|t| t.to_rfc3339())},
+                "rate_limits": r.rate_limits.iter().map(|l| json!({
+                    "key": match l.key { RateKey::Ip => "ip", RateKey::User => "user", RateKey::Rule => "rule" },
+                    "rate": l.rate.get(), "per_ms": ms(l.per), "burst": l.burst.get(),
+                })).collect::<Vec<_>>(),
+                "dedup": r.dedup.as_ref().map(|d| json!({"user": d.by_user, "sku": d.by_sku, "ttl_ms": ms(d.ttl)})),
+                "per_user_limit": r.per_user_limit.map(|n| n.get()),
+                "upstream": c.upstream(r.upstream).name,
+                "queue": {"max_wait_ms": ms(r.queue.max_wait), "capacity": r.queue.capacity,
+                          "max_attempts": r.queue.max_attempts, "backoff_ms": ms(r.queue.backoff)},
+                "release_on": {"connect_error": r.release_on.connect_error, "timeout": r.release_on.timeout,
+                               "5xx": r.release_on.status_5xx, "4xx": r.release_on.status_4xx},
+                "source": format!("{}:{}", r.origin.0.display(), r.origin.1),
+            })
+        })
+        .collect();
+    json!({
+        "source": c.source.display().to_string(),
+        "listen": c.listen.to_string(),
+        "admin": {"listen": c.admin.listen.to_string(), "token_env": c.admin.token_env},
+        "store": {
+            "backend": match c.store.backend { StoreBackend::Memory => "memory", StoreBackend::Redis => "redis" },
+            "redis": {"url": redact_url(&c.store.redis.url), "key_prefix": c.store.redis.key_prefix,
+                      "timeout_ms": ms(c.store.redis.timeout)},
+            "on_failure": match c.store.on_failure {
+                OnFailure::FailClosed => json!("fail_closed"),
+                OnFailure::PassCapped { cap } => json!({"pass_capped": cap}),
+            },
+            "recheck_interval_ms": ms(c.store.recheck_interval),
+            "result_ttl_ms": ms(c.store.result_ttl),
+        },
+        "upstreams": upstreams,
+        "default_upstream": c.upstream(c.default_upstream).name,
+        "rule_globs": c.rule_globs,
+        "rules": rules,
+        "trusted_proxies": c.trusted_proxies.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+        "limits": {"max_header_bytes": c.limits.max_header_bytes, "max_rule_body_bytes": c.limits.max_rule_body_bytes,
+                   "max_body_bytes": c.limits.max_body_bytes},
+        "shutdown": {"grace_period_ms": ms(c.shutdown.grace_period), "timeout_ms": ms(c.shutdown.timeout)},
+        "threads": c.threads,
+        "h2c": c.h2c,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_in_urls_are_redacted() {
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379/0"),
+            "redis://127.0.0.1:6379/0"
+        );
+        assert_eq!(
+            redact_url("redis://:s3cret@10.0.0.1/0"),
+            "redis://:***@10.0.0.1/0"
+        );
+        assert_eq!(
+            redact_url("rediss://app:s3cret@redis/1"),
+            "rediss://app:***@redis/1"
+        );
+        assert_eq!(redact_url("redis://token@redis/1"), "redis://***@redis/1");
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
+}
