@@ -430,6 +430,8 @@ async fn a_node_killed_mid_drain_loses_nothing() {
         ..Sale::default()
     };
     let mut a = node(&up, &store, &sale);
+    // b runs alongside from the start, sharing the Redis queue.
+    let b = node(&up, &store, &sale);
     load_stock(a.admin(), 40).await;
     let answers = buyers(a.listen(), 40, 20).await;
     let queued: Vec<String> = answers
@@ -440,10 +442,27 @@ async fn a_node_killed_mid_drain_loses_nothing() {
     assert!(queued.len() >= 20, "{} queued", queued.len());
     // Let a take some entries, then kill it with entries pending.
     tokio::time::sleep(Duration::from_millis(150)).await;
+    // a holds entries it took (in its consumer's pending list) when it dies.
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    // Extended form: one row per pending entry, with its consumer, whose
+    // name carries the node's pid.
+    let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg("sluice:{queue:mall}")
+        .arg("sluice")
+        .arg("-")
+        .arg("+")
+        .arg(100)
+        .query_async(&mut conn)
+        .await
+        .expect("xpending");
+    let mine = format!("-{}-", a.pid());
+    let held = rows.iter().filter(|r| r.1.contains(&mine)).count();
+    assert!(held > 0, "the node held nothing when it died: {rows:?}");
     a.kill();
-    // A second node, started after the first died, finds the waiting
-    // entries and claims the ones the dead node held once they are idle.
-    let b = node(&up, &store, &sale);
     for t in &queued {
         let (status, _) = wait_done(b.listen(), t, Duration::from_secs(60)).await;
         assert_eq!(status, 200, "ticket {t} was lost with its node");

@@ -387,3 +387,40 @@ async fn admin_config_shows_the_effective_config_without_secrets() {
     assert_eq!(c["upstreams"][0]["max_inflight"], 64);
     assert_eq!(c["limits"]["max_body_bytes"], 16 << 20);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_matched_body_over_its_limit_is_413_before_admission() {
+    let up = Upstream::start();
+    let gw = Gateway::builder()
+        .config(&config(
+            &[&up],
+            "rules: lua-free-rules/*.yaml\nlimits: { max_rule_body_bytes: 1KiB }\n",
+        ))
+        .file(
+            "lua-free-rules/buy.yaml",
+            "rules:\n  - name: buy\n    match: { method: POST, path: \"/buy/{sku}\" }\n    \
+             user: { header: X-User-Id }\n    sku: { path: sku }\n",
+        )
+        .start();
+    let big = vec![b'x'; 2048];
+    let declared = request(gw.listen(), "POST", "/buy/p1", &[("x-user-id", "u1")], &big).await;
+    assert_eq!(declared.status, 413, "{}", declared.text());
+    assert_eq!(declared.header("x-sluice-outcome"), Some("invalid"));
+    let chunked = request(
+        gw.listen(),
+        "POST",
+        "/buy/p1",
+        &[("x-user-id", "u1"), ("transfer-encoding", "chunked")],
+        &big,
+    )
+    .await;
+    assert_eq!(chunked.status, 413, "{}", chunked.text());
+    assert_eq!(up.requests(), 0, "a refused body reached the backend");
+    // The default pass-through limit (16 MiB) is not the rule's.
+    assert_eq!(
+        request(gw.listen(), "POST", "/other", &[], &big)
+            .await
+            .status,
+        200
+    );
+}

@@ -156,8 +156,8 @@ async fn three_nodes_on_one_redis_sell_exactly_the_stock_once_per_user() {
     load_stock(nodes[0].admin(), "phone", 60).await;
 
     let listens: Vec<SocketAddr> = nodes.iter().map(|n| n.listen()).collect();
-    // 1500 users, each clicking twice on two different nodes.
-    let outcomes = burst(&listens, "phone", 1500, 2, 48).await;
+    // 3000 users, each clicking twice on two different nodes.
+    let outcomes = burst(&listens, "phone", 3000, 2, 48).await;
 
     assert_eq!(count(&outcomes, "forwarded"), 60, "winners != stock");
     let seen = up.recorded();
@@ -244,19 +244,48 @@ async fn failing_backend_units_are_resold_on_redis() {
 async fn redis_killed_mid_sale_fails_closed_then_recovers_without_restart() {
     let mut redis = RedisServer::start();
     let up = Upstream::start();
-    let gw = node(&up, &redis_store(&redis));
-    load_stock(gw.admin(), "phone", 100).await;
+    // A short store timeout, so refusals while Redis is down are quick.
+    let store = format!(
+        "{{ backend: redis, recheck_interval: 200ms, redis: {{ url: \"{}\", timeout: 200ms }} }}",
+        redis.url()
+    );
+    let gw = node(&up, &store);
+    load_stock(gw.admin(), "phone", 5000).await;
     let first = burst(&[gw.listen()], "phone", 40, 1, 8).await;
     assert_eq!(count(&first, "forwarded"), 40);
 
+    // Killed while a burst runs: whatever the store had not confirmed is
+    // refused; only confirmed winners reach the backend.
+    let listen = gw.listen();
+    let during = tokio::spawn(async move { burst_as(&[listen], "phone", "mid", 300, 1, 8).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
     redis.kill();
+    let during = during.await.expect("burst");
+    let forwarded_during = count(&during, "forwarded");
+    let unavailable_during = count(&during, "unavailable");
+    assert_eq!(
+        forwarded_during + unavailable_during,
+        300,
+        "only confirmed winners and 503s"
+    );
+    assert!(
+        unavailable_during > 0,
+        "Redis died after the burst; the test proves nothing"
+    );
+    // Every confirmed winner reached the backend, and nothing else did.
+    assert_eq!(
+        up.requests() as usize,
+        40 + forwarded_during,
+        "forwarded != backend orders"
+    );
+
     let down = burst(&[gw.listen()], "phone", 30, 1, 8).await;
     assert_eq!(count(&down, "unavailable"), 30, "{down:?}");
     let ready = request(gw.admin(), "GET", "/readyz", &[], b"").await;
     assert_eq!(ready.status, 503, "ready without a store");
     assert_eq!(
-        up.requests(),
-        40,
+        up.requests() as usize,
+        40 + forwarded_during,
         "something was forwarded without the store"
     );
 
@@ -283,7 +312,7 @@ async fn redis_killed_mid_sale_fails_closed_then_recovers_without_restart() {
     }
     let after = burst(&[gw.listen()], "phone", 20, 1, 4).await;
     assert_eq!(count(&after, "forwarded"), 5, "{after:?}");
-    assert_eq!(up.requests(), 45);
+    assert_eq!(up.requests() as usize, 45 + forwarded_during);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

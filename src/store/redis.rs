@@ -409,22 +409,36 @@ impl Store for RedisStore {
         let id = ticket.to_string();
         // Only a live ticket is committed: a ticket released meanwhile (an
         // operator, or a failed copy of the same queued order) stays
-        // released. The read and the write are two steps; the window
-        // between them is one round trip.
-        if !self.is_live(&tag, &id).await? {
-            return Ok(());
-        }
+        // released. One transaction reads the old state and writes `C`;
+        // in the rare case the old state was not live, a second step puts
+        // it back (no unit moves either way, so stock is never affected).
+        let state_key = format!("{tag}:state");
         let mut pipe = redis::pipe();
         pipe.atomic();
-        pipe.cmd("HSET")
-            .arg(format!("{tag}:state"))
-            .arg(&id)
-            .arg("C")
-            .ignore();
+        pipe.cmd("HGET").arg(&state_key).arg(&id);
+        pipe.cmd("HSET").arg(&state_key).arg(&id).arg("C").ignore();
         if let Some(response) = response {
             add_response(&mut pipe, &tag, &id, response, ttl);
         }
-        self.run("commit", &pipe).await.map(drop)
+        let vals = self.run("commit", &pipe).await?;
+        let old = vals.first().and_then(as_string);
+        match old.as_deref() {
+            Some("Q") | Some("H") => Ok(()),
+            Some(other) => {
+                let mut undo = redis::pipe();
+                undo.cmd("HSET")
+                    .arg(&state_key)
+                    .arg(&id)
+                    .arg(other)
+                    .ignore();
+                self.run("commit", &undo).await.map(drop)
+            }
+            None => {
+                let mut undo = redis::pipe();
+                undo.cmd("HDEL").arg(&state_key).arg(&id).ignore();
+                self.run("commit", &undo).await.map(drop)
+            }
+        }
     }
 
     async fn set_state(

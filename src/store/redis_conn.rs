@@ -82,7 +82,16 @@ impl RedisConn {
             })
             .await?
             .clone();
-        pipe.query_async::<Vec<Value>>(&mut conn).await
+        // The client's own response timeout does not cover its reconnect
+        // attempts while Redis is down; the whole call is bounded here, so
+        // admission fails closed within the configured timeout.
+        match tokio::time::timeout(self.timeout, pipe.query_async::<Vec<Value>>(&mut conn)).await {
+            Ok(result) => result,
+            Err(_) => Err(RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "store timeout",
+            ))),
+        }
     }
 
     /// Sends a pipeline (or transaction) in one round trip.
