@@ -24,7 +24,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, StatusCode};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{Config, OnFailure};
@@ -320,13 +319,7 @@ impl Admission {
                 state: TicketState::Committed,
                 response: Some(resp),
                 ..
-            })) => Answer::Replay {
-                status: StatusCode::from_u16(resp.status).unwrap_or(StatusCode::OK),
-                content_type: resp
-                    .content_type
-                    .and_then(|t| HeaderValue::from_str(&t).ok()),
-                body: resp.body,
-            },
+            })) => Answer::Replay(resp),
             Ok(Some(TicketRecord {
                 state: TicketState::Queued,
                 key,

@@ -12,6 +12,8 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 use serde_json::json;
 
+use crate::store::StoredResponse;
+
 /// What happened to a request, as clients and dashboards see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Outcome {
@@ -93,14 +95,7 @@ pub enum Answer {
         message: &'static str,
     },
     /// The first attempt is done: its stored answer, replayed as it was.
-    Replay {
-        /// Status the backend gave.
-        status: StatusCode,
-        /// Its Content-Type.
-        content_type: Option<HeaderValue>,
-        /// Its body.
-        body: Bytes,
-    },
+    Replay(StoredResponse),
     /// 425 with the seconds until the window opens.
     NotStarted { starts_in: Duration },
     /// 410: the window has closed.
@@ -122,7 +117,7 @@ impl Answer {
             Answer::Queued { .. } => Outcome::Queued,
             Answer::SoldOut => Outcome::SoldOut,
             Answer::RateLimited { .. } => Outcome::RateLimited,
-            Answer::Duplicate { .. } | Answer::Replay { .. } => Outcome::Duplicate,
+            Answer::Duplicate { .. } | Answer::Replay(_) => Outcome::Duplicate,
             Answer::NotStarted { .. } => Outcome::NotStarted,
             Answer::Ended => Outcome::Ended,
             Answer::Invalid { .. }
@@ -199,24 +194,9 @@ pub fn render(answer: &Answer, overrides: Option<&ResponseOverride>) -> Rendered
             StatusCode::CONFLICT,
             json!({"outcome": name, "message": message, "ticket": ticket}),
         ),
-        Answer::Replay {
-            status,
-            content_type,
-            body,
-        } => {
-            // The first attempt's own answer, byte for byte; overrides do
-            // not apply to what the backend said.
-            let mut headers = Vec::new();
-            if let Some(ct) = content_type {
-                headers.push((http::header::CONTENT_TYPE, ct.clone()));
-            }
-            return Rendered {
-                outcome,
-                status: *status,
-                headers,
-                body: body.clone(),
-            };
-        }
+        // The first attempt's own answer, byte for byte; overrides do not
+        // apply to what the backend said.
+        Answer::Replay(stored) => return replayed(outcome, stored),
         Answer::NotStarted { starts_in } => (
             StatusCode::TOO_EARLY,
             json!({"outcome": name, "message": "not started yet", "starts_in": retry_after_secs(*starts_in)}),
@@ -261,6 +241,25 @@ pub fn render(answer: &Answer, overrides: Option<&ResponseOverride>) -> Rendered
         }
     }
     rendered
+}
+
+/// A kept backend answer as it was (status, Content-Type, body), under the
+/// given outcome label: replays to duplicates and ticket polls.
+pub fn replayed(outcome: Outcome, stored: &StoredResponse) -> Rendered {
+    let mut headers = Vec::new();
+    if let Some(ct) = stored
+        .content_type
+        .as_deref()
+        .and_then(|t| HeaderValue::from_str(t).ok())
+    {
+        headers.push((http::header::CONTENT_TYPE, ct));
+    }
+    Rendered {
+        outcome,
+        status: StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK),
+        headers,
+        body: stored.body.clone(),
+    }
 }
 
 /// Whole seconds, rounded up and at least 1, so a client never retries early.
@@ -356,11 +355,11 @@ mod tests {
 
     #[test]
     fn replay_is_the_stored_answer_untouched_by_overrides() {
-        let answer = Answer::Replay {
-            status: StatusCode::CREATED,
-            content_type: Some(HeaderValue::from_static("text/plain")),
+        let answer = Answer::Replay(StoredResponse {
+            status: 201,
+            content_type: Some("text/plain".into()),
             body: Bytes::from_static(b"order 7"),
-        };
+        });
         let o = ResponseOverride {
             status: Some(StatusCode::OK),
             headers: vec![],

@@ -90,6 +90,14 @@ pub struct RequestCtx {
     slot: Option<Slot>,
 }
 
+/// The body length a request declares (`None` for chunked or absent).
+fn declared_length(req: &RequestHeader) -> Option<u64> {
+    req.headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+}
+
 /// The socket peer and the incoming `X-Forwarded-For` chain.
 fn peer_and_chain(session: &Session) -> (IpAddr, Option<&str>) {
     let peer = session
@@ -197,12 +205,7 @@ impl SluiceProxy {
         index: usize,
         captures: Vec<(String, String)>,
     ) -> Result<bool> {
-        let declared = session
-            .req_header()
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
+        let declared = declared_length(session.req_header());
         let limit = self.config.limits.max_rule_body_bytes;
         let body = if declared.is_some_and(|n| n > limit) {
             Err(Answer::BodyTooLarge { limit })
@@ -390,11 +393,7 @@ impl SluiceProxy {
                 limit: limits.max_header_bytes,
             });
         }
-        let declared = req
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
+        let declared = declared_length(req);
         match declared {
             Some(n) if n > limits.max_body_bytes => Some(Answer::BodyTooLarge {
                 limit: limits.max_body_bytes,

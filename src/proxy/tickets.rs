@@ -8,8 +8,8 @@ use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 use serde_json::json;
 
-use crate::outcome::{Outcome, Rendered};
-use crate::store::{StoredResponse, TicketRecord, TicketState};
+use crate::outcome::{replayed, Outcome, Rendered};
+use crate::store::{TicketRecord, TicketState};
 
 /// The path prefix of ticket polls.
 pub const TICKETS_PATH: &str = "/sluice/tickets/";
@@ -23,19 +23,6 @@ fn json_answer(outcome: Outcome, status: StatusCode, body: serde_json::Value) ->
             HeaderValue::from_static("application/json"),
         )],
         body: Bytes::from(body.to_string()),
-    }
-}
-
-fn replay(outcome: Outcome, r: StoredResponse) -> Rendered {
-    let mut headers = Vec::new();
-    if let Some(ct) = r.content_type.and_then(|t| HeaderValue::from_str(&t).ok()) {
-        headers.push((http::header::CONTENT_TYPE, ct));
-    }
-    Rendered {
-        outcome,
-        status: StatusCode::from_u16(r.status).unwrap_or(StatusCode::OK),
-        headers,
-        body: r.body,
     }
 }
 
@@ -65,13 +52,13 @@ pub fn poll_answer(
             StatusCode::CONFLICT,
             json!({"outcome": "forwarded", "state": "in_flight", "ticket": id, "message": "the order is being placed"}),
         ),
-        (TicketState::Committed, Some(r)) => replay(Outcome::Forwarded, r),
+        (TicketState::Committed, Some(r)) => replayed(Outcome::Forwarded, &r),
         (TicketState::Committed, None) => json_answer(
             Outcome::Forwarded,
             StatusCode::OK,
             json!({"outcome": "forwarded", "state": "done", "ticket": id}),
         ),
-        (TicketState::Released, Some(r)) => replay(Outcome::Unavailable, r),
+        (TicketState::Released, Some(r)) => replayed(Outcome::Unavailable, &r),
         (TicketState::Released, None) => json_answer(
             Outcome::Unavailable,
             StatusCode::GONE,
