@@ -34,10 +34,7 @@ fn memory() -> StoreUnderTest {
 }
 
 fn redis() -> StoreUnderTest {
-    let server = {
-        let _one_at_a_time = port_lock();
-        RedisServer::start()
-    };
+    let server = RedisServer::start();
     StoreUnderTest {
         // Generous timeout: the machine is shared and noisy.
         yaml: format!(
@@ -114,30 +111,7 @@ fn start_with(store: &StoreUnderTest, mall: &Upstream, rules: &[String], extra: 
     for (k, v) in extra.env {
         builder = builder.env(k, v);
     }
-    let _one_at_a_time = port_lock();
-    let gw = builder.start();
-    // Healthy means the admin listener is up; hold the lock until the main
-    // listener is bound too, so no later probe picks its port.
-    let deadline = Instant::now() + WAIT;
-    while std::net::TcpStream::connect_timeout(&gw.listen(), Duration::from_secs(1)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "gateway listener {} not accepting",
-            gw.listen()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    gw
-}
-
-/// Serializes everything in this binary that probes a free port and binds
-/// it later (`Gateway::start`, `RedisServer::start`): two tests probing at
-/// once can be handed the same port, and one gateway's main listener then
-/// lands on another's admin listener.
-fn port_lock() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    // A test that panicked while holding it poisons it; the ports are fine.
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+    builder.start()
 }
 
 /// A rule entry named `name` matching `POST /api/<name>/{sku}/order`, user

@@ -151,7 +151,8 @@ impl GatewayBuilder {
         self
     }
 
-    /// Writes the files, spawns `sluice run --config <dir>/gateway.yaml`, and waits for `/healthz`.
+    /// Writes the files, spawns `sluice run --config <dir>/gateway.yaml`, and waits for
+    /// `/healthz` and the main listener.
     pub fn start(self) -> Gateway {
         let config = self
             .config
@@ -357,7 +358,11 @@ impl Gateway {
                     self.log()
                 );
             }
-            if healthz_status(self.admin) == Some(200) {
+            // Healthy admin, and the main listener accepting too: pingora
+            // starts its services side by side.
+            if healthz_status(self.admin) == Some(200)
+                && std::net::TcpStream::connect_timeout(&self.listen, POLL).is_ok()
+            {
                 return;
             }
             if Instant::now() >= deadline {
