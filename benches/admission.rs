@@ -6,19 +6,21 @@
 //!
 //! `cargo bench --bench admission` (needs `redis-server` on PATH).
 
-use std::net::{IpAddr, Ipv4Addr, TcpListener};
-use std::process::{Child, Command, Stdio};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::HeaderMap;
 use sluice::admission::extract::RequestParts;
-use sluice::admission::{Admission, Candidate, Settlement, Verdict};
+use sluice::admission::hold::Settlement;
+use sluice::admission::{Admission, Candidate, Verdict};
 use sluice::config::RedisConfig;
 use sluice::outcome::Answer;
 use sluice::store::memory::MemoryStore;
 use sluice::store::redis::RedisStore;
-use sluice::store::{SkuKey, Store};
+use sluice::store::Store;
+use sluice::vocab::{SkuKey, StoredResponse};
+use sluice_testkit::RedisServer;
 
 const RULE: &str = r#"rules:
   - name: bench
@@ -32,43 +34,6 @@ const RULE: &str = r#"rules:
 /// Concurrent decisions in flight, like a busy gateway node.
 const CONCURRENCY: usize = 64;
 
-struct RedisProcess(Child, u16);
-
-impl Drop for RedisProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_redis() -> RedisProcess {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port");
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server on PATH (scripts/setup installs it)");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    RedisProcess(child, port)
-}
-
 fn admission(store: Arc<dyn Store>, dir: &std::path::Path) -> Admission {
     std::fs::create_dir_all(dir.join("rules")).expect("dir");
     std::fs::write(dir.join("rules/bench.yaml"), RULE).expect("rule");
@@ -79,7 +44,7 @@ fn admission(store: Arc<dyn Store>, dir: &std::path::Path) -> Admission {
     .expect("config");
     let config = sluice::config::load(&dir.join("gateway.yaml")).expect("valid config");
     let queue = Arc::new(sluice::queue::memory::MemoryQueue::new());
-    Admission::new(&config, store, queue).expect("admission")
+    Admission::new(&config, store, queue, Default::default())
 }
 
 /// Runs `n` decisions for distinct users, `CONCURRENCY` at a time; returns
@@ -106,15 +71,16 @@ async fn decide(adm: &Arc<Admission>, first_user: usize, n: usize) -> (Duration,
                     client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
                 };
                 match adm.admit(0, &c).await {
-                    Verdict::Forward(w) => {
+                    Verdict::Forward(hold) => {
                         // A winner's whole life: reserve (above), commit
                         // before the answer, keep the answer after it.
-                        let answered = Settlement::Answered {
-                            status: 200,
-                            content_type: Some("application/json".into()),
-                        };
-                        adm.settle(&w, &answered).await.expect("commit");
-                        adm.keep_body(&w, 200, None, bytes::Bytes::from_static(b"{}"))
+                        let receipt = hold.settle(Settlement::Commit).await.expect("commit");
+                        receipt
+                            .keep(&StoredResponse {
+                                status: 200,
+                                content_type: Some("application/json".into()),
+                                body: bytes::Bytes::from_static(b"{}"),
+                            })
                             .await;
                         won += 1
                     }
@@ -182,8 +148,8 @@ async fn main() {
     assert_eq!(won, STOCK);
 
     // Redis store.
-    let server = start_redis();
-    let url = format!("redis://127.0.0.1:{}/0", server.1);
+    let server = RedisServer::start();
+    let url = server.url();
     let redis_store = Arc::new(
         RedisStore::new(
             &RedisConfig {

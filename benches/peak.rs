@@ -7,7 +7,7 @@
 //! `cargo bench --bench peak`
 
 use std::convert::Infallible;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -16,18 +16,13 @@ use hyper::client::conn::http1 as client_http1;
 use hyper::server::conn::http1 as server_http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use sluice_testkit::free_addr;
 use tokio::net::{TcpListener as TokioListener, TcpStream};
 
 const SAMPLES: usize = 2000;
 const DRAIN_ORDERS: usize = 400;
 const SLOW_SERVICE: Duration = Duration::from_millis(10);
 const SLOW_INFLIGHT: u32 = 4;
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-}
 
 /// A backend answering 200 after `delay`.
 async fn backend(delay: Duration) -> SocketAddr {

@@ -20,12 +20,13 @@ use pingora_core::protocols::http::ServerSession;
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
-use crate::admission::extract::valid_id;
 use crate::admission::Admission;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::store::{SkuKey, StoreError, TicketId};
+use crate::store::StoreError;
 use crate::upstream::Upstreams;
+use crate::vocab::valid_id;
+use crate::vocab::{SkuKey, TicketId};
 
 /// Admin request bodies are tiny JSON objects.
 const MAX_ADMIN_BODY: usize = 64 << 10;

@@ -2,41 +2,44 @@
 //! (DESIGN.md section 3). Stages, in order, each of which can end the
 //! request with an [`Answer`]:
 //!
-//! 1. match a rule (done by the proxy through [`Admission::find`]);
+//! 1. match a rule (the proxy asks [`Admission::find`]);
 //! 2. extract and validate user, sku, quantity (`extract`);
 //! 3. campaign window;
 //! 4. rate limits (`ratelimit`);
 //! 5. local sold-out flag (`soldout`);
-//! 6. + 7. dedup and stock pre-deduction, atomically in the store;
-//! 8. forward the winner (queueing comes later);
-//! 9. settle: commit or release on the backend's answer ([`Admission::settle`]).
+//! 6. + 7. dedup and stock pre-deduction, atomically in the store; a
+//!         winner leaves with a [`Hold`] on its units (`hold`);
+//! 8. a backend slot now, within `max_wait`, or the queue (`overflow`);
+//! 9. settle the hold on the backend's answer (`hold::classify`).
 //!
-//! Owned by the proxy; the admin API uses it to restock and release so that
-//! local sold-out flags clear at once.
+//! Repeats and ticket polls are answered from the ticket's state by one
+//! handler (`tickets`). Owned by the proxy; the admin API uses it to
+//! restock and release so that local sold-out flags clear at once, and
+//! the drainer to take back the holds of queued requests.
 
 pub mod extract;
+pub mod hold;
 pub mod housekeeping;
+pub mod overflow;
 pub mod ratelimit;
 pub mod soldout;
+pub mod tickets;
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{Config, OnFailure};
-use crate::outcome::Answer;
-use crate::queue::{Queue, QueuedRequest};
+use crate::outcome::{render, Answer, Rendered};
+use crate::queue::rates::DrainRates;
+use crate::queue::Queue;
 use crate::rules::{Rule, RuleMatch, RuleSet};
-use crate::store::{
-    DedupMark, MarkScope, ReleaseReason, Reservation, Reserved, SkuKey, StockView, Store,
-    StoreError, StoredResponse, TicketId, TicketRecord, TicketState,
-};
-use extract::{valid_id, Extractor, ExtractorError, RequestParts};
+use crate::store::{DedupMark, MarkScope, Reservation, Reserved, StockView, Store, StoreError};
+use crate::vocab::{valid_id, ReleaseReason, SkuKey, TicketId};
+use extract::{Extractor, RequestParts};
+use hold::{Hold, HoldTerms, Ledger};
 use ratelimit::RateLimitStage;
-use soldout::SoldOutFlags;
 
 /// The header a client may send to make retries of one attempt idempotent.
 pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
@@ -61,63 +64,28 @@ pub struct Candidate<'a> {
     pub client_ip: IpAddr,
 }
 
-/// A winner: its stock, its ticket, its units.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Winner {
-    /// Index of its rule.
-    pub rule: usize,
-    /// Its stock.
-    pub key: SkuKey,
-    /// Its ticket (the backend's idempotency key).
-    pub ticket: TicketId,
-    /// Units held.
-    pub qty: u32,
-}
-
 /// The pipeline's decision.
 pub enum Verdict {
     /// Answer now, from the gateway.
     Answer(Answer),
-    /// Forward, holding a ticket.
-    Forward(Winner),
+    /// Forward, holding a ticket's units.
+    Forward(Hold),
     /// The store is down and `on_failure: pass_capped`: forward without a
     /// ticket while holding one of the few permits.
     PassCapped(OwnedSemaphorePermit),
 }
 
-/// How a forwarded winner ended.
-#[derive(Clone, Debug)]
-pub enum Settlement {
-    /// The backend answered with this status (and, later, this body).
-    Answered {
-        /// Status.
-        status: u16,
-        /// Content-Type.
-        content_type: Option<String>,
-    },
-    /// No answer: why.
-    Failed(ReleaseReason),
-}
-
-/// Building the pipeline failed (a rule's secret is missing).
-#[derive(Debug, thiserror::Error)]
-pub enum AdmissionError {
-    /// A JWT secret variable is unset.
-    #[error(transparent)]
-    Extractor(#[from] ExtractorError),
-}
-
-/// The pipeline: rules, their stages, the store and the sold-out flags.
+/// The pipeline: rules, their stages, the ledger of holds and the queue.
 pub struct Admission {
     rules: RuleSet,
     stages: Vec<RuleStage>,
-    store: Arc<dyn Store>,
-    flags: SoldOutFlags,
+    ledger: Arc<Ledger>,
     on_failure: OnFailure,
     pass_permits: Arc<Semaphore>,
-    result_ttl: Duration,
-    /// Where queued winners wait (to answer a repeat with its position).
+    /// Where queued winners wait.
     queue: Arc<dyn Queue>,
+    /// How fast each upstream's queue drains (for poll ETAs).
+    rates: Arc<DrainRates>,
     /// Upstream names by `UpstreamId`.
     upstream_names: Vec<String>,
     /// Skus loaded through this node's admin API, whose gauge housekeeping
@@ -139,31 +107,33 @@ impl Admission {
         config: &Config,
         store: Arc<dyn Store>,
         queue: Arc<dyn Queue>,
-    ) -> Result<Self, AdmissionError> {
-        let mut stages = Vec::new();
-        for rule in config.rules.rules() {
-            stages.push(RuleStage {
+        rates: Arc<DrainRates>,
+    ) -> Self {
+        let stages: Vec<RuleStage> = config
+            .rules
+            .rules()
+            .iter()
+            .map(|rule| RuleStage {
                 rule: rule.clone(),
-                extractor: Extractor::new(rule)?,
+                extractor: Extractor::new(rule),
                 limits: RateLimitStage::new(&rule.rate_limits),
-            });
-        }
+            })
+            .collect();
         let cap = match config.store.on_failure {
             OnFailure::PassCapped { cap } => cap as usize,
             OnFailure::FailClosed => 0,
         };
-        Ok(Self {
-            flags: SoldOutFlags::new(stages.len()),
+        Self {
+            ledger: Arc::new(Ledger::new(store, stages.len(), config.store.result_ttl)),
             rules: config.rules.clone(),
             stages,
-            store,
             on_failure: config.store.on_failure,
             pass_permits: Arc::new(Semaphore::new(cap)),
-            result_ttl: config.store.result_ttl,
             loaded: std::sync::Mutex::new(Default::default()),
             queue,
+            rates,
             upstream_names: config.upstreams.iter().map(|u| u.name.clone()).collect(),
-        })
+        }
     }
 
     /// Stage 1: the rule a request matches, if any.
@@ -187,7 +157,21 @@ impl Admission {
 
     /// The store (for the admin API and ticket polls).
     pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
+        self.ledger.store()
+    }
+
+    /// The ledger holds settle through (for the drainer).
+    pub fn ledger(&self) -> &Arc<Ledger> {
+        &self.ledger
+    }
+
+    /// An answer as written to the client: the rule's overrides, if any,
+    /// on top of the contract's defaults.
+    pub fn render(&self, rule: Option<usize>, answer: &Answer) -> Rendered {
+        let overrides = rule
+            .and_then(|i| self.stages.get(i))
+            .and_then(|s| s.rule.responses.get(answer.outcome()));
+        render(answer, overrides)
     }
 
     /// Stages 2-7 for a request that matched rule `rule`.
@@ -231,13 +215,13 @@ impl Admission {
             return Verdict::Answer(Answer::RateLimited { retry_after });
         }
         // 5. local sold-out flag
-        if self.flags.is_set(rule, &attempt.sku) {
+        if self.ledger.flags().is_set(rule, &attempt.sku) {
             return Verdict::Answer(Answer::SoldOut);
         }
         // 6. + 7. dedup and stock, one atomic step in the store
         let key = SkuKey::new(&r.name, &attempt.sku);
         let mut marks = Vec::new();
-        let mark_ttl = r.dedup.as_ref().map_or(self.result_ttl, |d| d.ttl);
+        let mark_ttl = r.dedup.as_ref().map_or(self.ledger.result_ttl(), |d| d.ttl);
         if let Some(d) = &r.dedup {
             let scope = if d.by_sku {
                 MarkScope::Sku
@@ -272,15 +256,17 @@ impl Admission {
             marks: &marks,
             per_user_limit: r.per_user_limit.map(|n| n.get()),
         };
-        match self.store.reserve(&reservation).await {
-            Ok(Reserved::Won) => Verdict::Forward(Winner {
-                rule,
-                key,
-                ticket,
-                qty: attempt.qty,
-            }),
+        match self.ledger.store().reserve(&reservation).await {
+            Ok(Reserved::Won) => {
+                let terms = HoldTerms {
+                    rule,
+                    qty: attempt.qty,
+                    release_on: r.release_on,
+                };
+                Verdict::Forward(Hold::new(self.ledger.clone(), terms, key, ticket))
+            }
             Ok(Reserved::SoldOut) => {
-                self.flags.set(rule, &attempt.sku);
+                self.ledger.flags().set(rule, &attempt.sku);
                 Verdict::Answer(Answer::SoldOut)
             }
             // Not enough for this quantity, but some left for others: no
@@ -306,200 +292,14 @@ impl Admission {
         }
     }
 
-    /// The answer to a repeat of `first`: its state now, or its stored
-    /// answer when it is done.
-    async fn duplicate_of(&self, first: TicketId) -> Answer {
-        let in_progress = Answer::Duplicate {
-            ticket: Some(first.to_string()),
-            queued_position: None,
-            message: "already in progress",
-        };
-        match self.store.ticket(first).await {
-            Ok(Some(TicketRecord {
-                state: TicketState::Committed,
-                response: Some(resp),
-                ..
-            })) => Answer::Replay(resp),
-            Ok(Some(TicketRecord {
-                state: TicketState::Queued,
-                key,
-                ..
-            })) => {
-                let upstream = self
-                    .rule_index(&key.rule)
-                    .and_then(|i| self.stages.get(i))
-                    .and_then(|s| self.upstream_names.get(s.rule.upstream.0));
-                let position = match upstream {
-                    Some(u) => self.queue.position(u, first).await.ok().flatten(),
-                    None => None,
-                };
-                Answer::Duplicate {
-                    ticket: Some(first.to_string()),
-                    queued_position: Some(position.unwrap_or(1)),
-                    message: "already queued",
-                }
-            }
-            Ok(Some(TicketRecord {
-                state: TicketState::Committed,
-                ..
-            })) => Answer::Duplicate {
-                ticket: Some(first.to_string()),
-                queued_position: None,
-                message: "already ordered",
-            },
-            Ok(_) => in_progress,
-            Err(e) => store_down(&e),
-        }
-    }
-
-    /// The release reason a settlement stands for under the rule's
-    /// `release_on`, or `None` when it commits (or, for an unlisted
-    /// failure, keeps the units held).
-    fn release_reason(&self, rule: usize, how: &Settlement) -> Option<ReleaseReason> {
-        let on = &self.stages.get(rule)?.rule.release_on;
-        match how {
-            Settlement::Answered { status, .. } => match status {
-                500..=599 if on.status_5xx => Some(ReleaseReason::Status5xx),
-                400..=499 if on.status_4xx => Some(ReleaseReason::Status4xx),
-                _ => None,
-            },
-            Settlement::Failed(reason) => {
-                let listed = match reason {
-                    ReleaseReason::ConnectError => on.connect_error,
-                    ReleaseReason::Timeout => on.timeout,
-                    ReleaseReason::Status5xx => on.status_5xx,
-                    ReleaseReason::Status4xx => on.status_4xx,
-                    // The backend was never asked: always safe to return.
-                    ReleaseReason::ClientGone | ReleaseReason::Admin | ReleaseReason::QueueFull => {
-                        true
-                    }
-                };
-                listed.then_some(*reason)
-            }
-        }
-    }
-
-    /// Whether settling this way would return the units (a failure the
-    /// queue may retry).
-    pub fn would_release(&self, rule: usize, how: &Settlement) -> bool {
-        self.release_reason(rule, how).is_some()
-    }
-
-    /// Stage 9: commits or releases a winner's ticket. Called before the
-    /// answer is written, so the admin view agrees with the client.
-    pub async fn settle(&self, winner: &Winner, how: &Settlement) -> Result<(), StoreError> {
-        if self.stages.get(winner.rule).is_none() {
-            return Ok(());
-        }
-        let release = self.release_reason(winner.rule, how);
-        match (release, how) {
-            (Some(reason), _) => self
-                .release(winner.rule, &winner.key, winner.ticket, reason)
-                .await
-                .map(drop),
-            (None, Settlement::Answered { .. }) => {
-                // The answer itself is kept once its body is through.
-                self.store
-                    .commit(&winner.key, winner.ticket, None, self.result_ttl)
-                    .await
-            }
-            (None, Settlement::Failed(reason)) => {
-                // Not listed in release_on: the backend may have taken the
-                // order, so the units stay held for reconcile or an admin
-                // release.
-                tracing::warn!(ticket = %winner.ticket, reason = reason.as_str(),
-                    "backend failure not in release_on; units stay in flight");
-                Ok(())
-            }
-        }
-    }
-
-    /// Stage 8, overflow: keeps a winner's request in `upstream`'s queue
-    /// and answers `queued` with its position; a full (or unreachable)
-    /// queue returns the units and answers `unavailable`.
-    pub async fn enqueue(
-        &self,
-        winner: &Winner,
-        request: &QueuedRequest,
-        upstream: &str,
-        capacity: u32,
-    ) -> Answer {
-        let pushed = match self
-            .store
-            .set_state(&winner.key, winner.ticket, TicketState::Queued)
-            .await
-        {
-            Ok(()) => self.queue.push(upstream, request, capacity).await,
-            Err(e) => Err(e),
-        };
-        let message = match pushed {
-            Ok(Some(position)) => {
-                return Answer::Queued {
-                    ticket: winner.ticket.to_string(),
-                    position,
-                }
-            }
-            Ok(None) => "too many orders are waiting, please try again shortly",
-            Err(e) => {
-                tracing::debug!(error = %e, "could not queue a winner");
-                "the sale is busy, please try again shortly"
-            }
-        };
-        if let Err(e) = self
-            .settle(winner, &Settlement::Failed(ReleaseReason::QueueFull))
-            .await
-        {
-            tracing::warn!(ticket = %winner.ticket, error = %e, "could not release a refused winner");
-        }
-        Answer::Unavailable {
-            message: message.into(),
-        }
-    }
-
-    /// Keeps the body of a committed winner's answer for replay.
-    pub async fn keep_body(
-        &self,
-        winner: &Winner,
-        status: u16,
-        content_type: Option<String>,
-        body: Bytes,
-    ) {
-        let response = StoredResponse {
-            status,
-            content_type,
-            body,
-        };
-        if let Err(e) = self
-            .store
-            .keep_response(&winner.key, winner.ticket, &response, self.result_ttl)
-            .await
-        {
-            tracing::debug!(ticket = %winner.ticket, error = %e, "could not keep the answer");
-        }
-    }
-
-    /// Returns a ticket's units and clears the local sold-out flag.
-    pub async fn release(
-        &self,
-        rule: usize,
-        key: &SkuKey,
-        ticket: TicketId,
-        reason: ReleaseReason,
-    ) -> Result<u64, StoreError> {
-        let moved = self.store.release(key, ticket, reason).await?;
-        if moved > 0 {
-            self.flags.clear(rule, &key.sku);
-        }
-        Ok(moved)
-    }
-
     /// Admin: releases a ticket by id, wherever it is.
     pub async fn release_ticket(&self, ticket: TicketId) -> Result<Option<u64>, StoreError> {
-        let Some(record) = self.store.ticket(ticket).await? else {
+        let Some(record) = self.store().ticket(ticket).await? else {
             return Ok(None);
         };
         let rule = self.rule_index(&record.key.rule).unwrap_or(usize::MAX);
         let moved = self
+            .ledger
             .release(rule, &record.key, ticket, ReleaseReason::Admin)
             .await?;
         Ok(Some(moved))
@@ -512,9 +312,9 @@ impl Admission {
         key: &SkuKey,
         available: u64,
     ) -> Result<StockView, StoreError> {
-        let view = self.store.set_available(key, available).await?;
+        let view = self.store().set_available(key, available).await?;
         if view.available > 0 {
-            self.flags.clear(rule, &key.sku);
+            self.ledger.flags().clear(rule, &key.sku);
         }
         if let Ok(mut loaded) = self.loaded.lock() {
             loaded.insert((rule, key.sku.to_string()));
@@ -535,28 +335,31 @@ impl Admission {
         for (rule, sku) in loaded {
             if let Some(stage) = self.stages.get(rule) {
                 let _ = self
-                    .store
+                    .store()
                     .available(&SkuKey::new(&stage.rule.name, &sku))
                     .await;
             }
         }
-        for (rule, sku) in self.flags.flagged() {
+        let flags = self.ledger.flags();
+        for (rule, sku) in flags.flagged() {
             let Some(stage) = self.stages.get(rule) else {
                 continue;
             };
             let key = SkuKey::new(&stage.rule.name, &sku);
-            if let Ok(Some(n)) = self.store.available(&key).await {
+            if let Ok(Some(n)) = self.store().available(&key).await {
                 if n > 0 {
-                    self.flags.clear(rule, &sku);
+                    flags.clear(rule, &sku);
                 }
             }
         }
     }
 
-    /// Background: drops rate-limit state of full buckets.
+    /// Background: drops rate-limit state of full buckets and the
+    /// store's expired local state.
     pub fn prune(&self) {
         for s in &self.stages {
             s.limits.prune();
         }
+        self.store().prune();
     }
 }

@@ -1,8 +1,10 @@
 //! Configuration: `gateway.yaml` and the rule files it points at.
 //!
-//! Parsing is strict (unknown keys are errors) and two-layered: `raw`
-//! mirrors the YAML with source locations, `validate` and
-//! `rules::build` turn it into the typed [`Config`]. Every problem is
+//! Parsing is strict (unknown keys are errors) and two-layered: `raw` and
+//! `rule_raw` mirror the YAML with source locations, `validate` and
+//! `rule_build` turn it into the typed [`Config`] and its rules (JWT
+//! secrets included, read from the environment here so that a missing one
+//! is reported at its rule's `secret_env`). Every problem is
 //! reported as `path:line:column: message`; one file's YAML syntax error
 //! stops that file, but the other files are still checked.
 //!
@@ -11,6 +13,8 @@
 pub mod error;
 pub mod model;
 pub mod raw;
+pub mod rule_build;
+pub mod rule_raw;
 pub mod units;
 mod validate;
 pub mod view;
@@ -19,14 +23,21 @@ use std::path::{Path, PathBuf};
 
 use serde_saphyr::Location;
 
-use crate::rules::build::{build_rule, RuleContext};
-use crate::rules::raw::RawRuleFile;
 use crate::rules::{Rule, RuleSet};
+use crate::vocab::UpstreamId;
 use error::{ConfigError, ConfigErrors, Problems};
 pub use model::*;
+use rule_build::{build_rule, EnvLookup, RuleContext};
+use rule_raw::RawRuleFile;
 
-/// Reads and validates `gateway.yaml` and every rule file it names.
+/// Reads and validates `gateway.yaml` and every rule file it names, with
+/// JWT secrets from the process environment.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    load_with_env(path, &|name| std::env::var_os(name))
+}
+
+/// [`load`] with `env` standing in for the process environment.
+pub fn load_with_env(path: &Path, env: EnvLookup) -> Result<Config, ConfigErrors> {
     let mut found = Vec::new();
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
@@ -60,13 +71,12 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         .map(|g| g.value.0.clone())
         .unwrap_or_default();
     let globs_at = raw.rules.as_ref().map(|g| g.referenced);
-    let rules = load_rules_into(
-        path,
-        (&globs, globs_at),
-        &names,
-        default_upstream,
-        &mut found,
-    );
+    let ctx = RuleContext {
+        upstreams: &names,
+        default_upstream: UpstreamId(default_upstream),
+        env,
+    };
+    let rules = load_rules_into(path, (&globs, globs_at), &ctx, &mut found);
     sort_by_position(&mut found);
     match config {
         Some(mut config) if found.is_empty() => {
@@ -81,13 +91,12 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 pub fn reload_rules(config: &Config) -> Result<RuleSet, ConfigErrors> {
     let mut found = Vec::new();
     let names: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
-    let rules = load_rules_into(
-        &config.source,
-        (&config.rule_globs, None),
-        &names,
-        config.default_upstream.0,
-        &mut found,
-    );
+    let ctx = RuleContext {
+        upstreams: &names,
+        default_upstream: config.default_upstream,
+        env: &|name| std::env::var_os(name),
+    };
+    let rules = load_rules_into(&config.source, (&config.rule_globs, None), &ctx, &mut found);
     if found.is_empty() {
         Ok(RuleSet::new(rules))
     } else {
@@ -169,14 +178,9 @@ fn rule_files(
 fn load_rules_into(
     config_path: &Path,
     globs: (&[String], Option<Location>),
-    upstreams: &[String],
-    default_upstream: usize,
+    ctx: &RuleContext,
     found: &mut Vec<ConfigError>,
 ) -> Vec<Rule> {
-    let ctx = RuleContext {
-        upstreams,
-        default_upstream: crate::rules::UpstreamId(default_upstream),
-    };
     let mut rules: Vec<Rule> = Vec::new();
     for file in rule_files(config_path, globs, found) {
         let text = match std::fs::read_to_string(&file) {
@@ -198,7 +202,7 @@ fn load_rules_into(
         };
         let mut p = Problems::new(&file, found);
         for raw_rule in &raw.rules {
-            let Some(rule) = build_rule(raw_rule, &ctx, &mut p) else {
+            let Some(rule) = build_rule(raw_rule, ctx, &mut p) else {
                 continue;
             };
             if let Some(first) = rules.iter().find(|r| r.name == rule.name) {

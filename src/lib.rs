@@ -1,20 +1,48 @@
 //! Sluice: a flash-sale gateway in front of a legacy mall backend.
 //!
 //! The library holds everything; `main.rs` only parses the command line.
-//! Module map (see `proxy` for the path of a request):
-//! - `config`: strict YAML config and rule files, typed model;
-//! - `rules`: flash-sale rules and request matching;
-//! - `outcome`: outcomes and the gateway's own answers;
-//! - `upstream`: upstream server pools, round robin, health checks;
-//! - `proxy`: the pingora glue, phase by phase;
-//! - `admin`: the admin listener (metrics, health, admin API);
-//! - `metrics`: Prometheus metrics owned by the gateway;
-//! - `server`: builds and runs the pingora server from a config;
-//! - `logging`: tracing set-up.
+//!
+//! Modules, leaves first (each imports only those above it):
+//!
+//! | module | owns |
+//! |---|---|
+//! | `vocab` | shared value types: ticket ids, sku keys, upstream ids, kept answers, release reasons, id validation |
+//! | `outcome` | outcomes and every answer the gateway writes itself |
+//! | `rules` | the run-time rule model and matching by method and path |
+//! | `config` | loading and validating `gateway.yaml` and rule files (secrets too), `path:line:col` errors |
+//! | `metrics` | the Prometheus series of one gateway |
+//! | `store` | stock, dedup marks and the ticket ledger: memory and Redis |
+//! | `queue` | the overflow queue of winners: memory and Redis Streams |
+//! | `upstream` | server pools, health checks, `max_inflight` slots |
+//! | `backend` | how a request is presented to the backend and how an exchange ended |
+//! | `admission` | the pipeline: stages 2-8, a winner's [`admission::hold::Hold`], ticket polls |
+//! | `drain` | the background sender of queued winners |
+//! | `proxy` | the pingora glue, one or two calls per phase |
+//! | `admin` | the admin listener: metrics, health, stock and release API |
+//! | `server` | builds and runs the pingora server from a config |
+//! | `logging` | tracing set-up |
+//!
+//! The path of a request (details in `proxy`):
+//!
+//! ```text
+//! client ─► proxy::request_filter ─► rules::RuleSet::find ── no rule ──► passthrough to the backend
+//!                                        │ rule
+//!                                        ▼
+//!           admission::Admission::admit: extract, window, rate limits,
+//!           sold-out flag, dedup + stock in the store ── refused ──► outcome::render ─► client
+//!                                        │ winner: a Hold
+//!                                        ▼
+//!           admission overflow: a slot now or within max_wait ── none ──► queue (202 + ticket)
+//!                                        │                                  │ drain, later
+//!                                        ▼                                  ▼
+//!           backend::present ─► the backend ─► hold.settle(classify(how it ended)) ─► client
+//! ```
 
 pub mod admin;
 pub mod admission;
+pub mod backend;
 pub mod config;
+pub mod drain;
 pub mod logging;
 pub mod metrics;
 pub mod outcome;
@@ -24,3 +52,4 @@ pub mod rules;
 pub mod server;
 pub mod store;
 pub mod upstream;
+pub mod vocab;

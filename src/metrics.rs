@@ -11,7 +11,7 @@ use prometheus::{
 };
 
 use crate::outcome::Outcome;
-use crate::store::{ReleaseReason, StoreOp};
+use crate::vocab::{ReleaseReason, StoreOp};
 
 /// Buckets for store round trips: tens of microseconds to the timeout.
 const STORE_BUCKETS: &[f64] = &[

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 use serde_json::json;
 
-use crate::store::StoredResponse;
+use crate::vocab::StoredResponse;
 
 /// What happened to a request, as clients and dashboards see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -108,6 +108,34 @@ pub enum Answer {
     HeadersTooLarge { limit: u64 },
     /// 503 with the reason.
     Unavailable { message: String },
+    /// The answer to a ticket poll (`GET /sluice/tickets/{id}`).
+    Ticket {
+        /// The ticket as the client wrote it.
+        id: String,
+        /// Where it is.
+        poll: TicketPoll,
+    },
+}
+
+/// Where a polled ticket is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TicketPoll {
+    /// Never issued, or expired: 404.
+    Unknown,
+    /// Waiting in the queue: 202 with its position and, once the drain
+    /// rate is known, an ETA.
+    Queued {
+        /// 1 = next.
+        position: u64,
+        /// Seconds until it is sent, at the recent drain rate.
+        eta_seconds: Option<u64>,
+    },
+    /// At the backend now: 409.
+    InFlight,
+    /// Placed: the backend's kept answer, or a plain 200.
+    Done(Option<StoredResponse>),
+    /// Not placed, units back in stock: the kept failure, or a plain 410.
+    NotPlaced(Option<StoredResponse>),
 }
 
 impl Answer {
@@ -124,6 +152,12 @@ impl Answer {
             | Answer::BodyTooLarge { .. }
             | Answer::HeadersTooLarge { .. } => Outcome::Invalid,
             Answer::Unavailable { .. } => Outcome::Unavailable,
+            Answer::Ticket { poll, .. } => match poll {
+                TicketPoll::Unknown => Outcome::Invalid,
+                TicketPoll::Queued { .. } => Outcome::Queued,
+                TicketPoll::InFlight | TicketPoll::Done(_) => Outcome::Forwarded,
+                TicketPoll::NotPlaced(_) => Outcome::Unavailable,
+            },
         }
     }
 }
@@ -221,6 +255,34 @@ pub fn render(answer: &Answer, overrides: Option<&ResponseOverride>) -> Rendered
             StatusCode::SERVICE_UNAVAILABLE,
             json!({"outcome": name, "message": message}),
         ),
+        Answer::Ticket { id, poll } => match poll {
+            TicketPoll::Unknown => (
+                StatusCode::NOT_FOUND,
+                json!({"outcome": name, "message": "unknown or expired ticket", "ticket": id}),
+            ),
+            TicketPoll::Queued {
+                position,
+                eta_seconds,
+            } => (
+                StatusCode::ACCEPTED,
+                json!({"outcome": name, "ticket": id, "position": position, "eta_seconds": eta_seconds}),
+            ),
+            TicketPoll::InFlight => (
+                StatusCode::CONFLICT,
+                json!({"outcome": name, "state": "in_flight", "ticket": id, "message": "the order is being placed"}),
+            ),
+            TicketPoll::Done(Some(r)) | TicketPoll::NotPlaced(Some(r)) => {
+                return replayed(outcome, r)
+            }
+            TicketPoll::Done(None) => (
+                StatusCode::OK,
+                json!({"outcome": name, "state": "done", "ticket": id}),
+            ),
+            TicketPoll::NotPlaced(None) => (
+                StatusCode::GONE,
+                json!({"outcome": name, "state": "released", "ticket": id, "message": "the order was not placed; the units went back to stock"}),
+            ),
+        },
     };
     let mut rendered = Rendered {
         outcome,
@@ -274,6 +336,41 @@ mod tests {
 
     fn body(r: &Rendered) -> serde_json::Value {
         serde_json::from_slice(&r.body).expect("json body")
+    }
+
+    fn ticket(poll: TicketPoll) -> Answer {
+        Answer::Ticket {
+            id: "0123".into(),
+            poll,
+        }
+    }
+
+    #[test]
+    fn a_polled_ticket_that_is_done_replays_the_kept_answer() {
+        let kept = StoredResponse {
+            status: 201,
+            content_type: Some("text/plain".into()),
+            body: Bytes::from_static(b"order 7"),
+        };
+        let done = render(&ticket(TicketPoll::Done(Some(kept.clone()))), None);
+        assert_eq!(
+            (done.status.as_u16(), done.outcome),
+            (201, Outcome::Forwarded)
+        );
+        assert_eq!(&done.body[..], b"order 7");
+        let failed = render(&ticket(TicketPoll::NotPlaced(Some(kept))), None);
+        assert_eq!(failed.outcome, Outcome::Unavailable);
+        let queued = render(
+            &ticket(TicketPoll::Queued {
+                position: 3,
+                eta_seconds: None,
+            }),
+            None,
+        );
+        assert_eq!(
+            body(&queued),
+            json!({"outcome": "queued", "ticket": "0123", "position": 3, "eta_seconds": null})
+        );
     }
 
     #[test]
@@ -335,6 +432,22 @@ mod tests {
                     message: "down".into(),
                 },
                 503,
+                Outcome::Unavailable,
+            ),
+            (ticket(TicketPoll::Unknown), 404, Outcome::Invalid),
+            (
+                ticket(TicketPoll::Queued {
+                    position: 2,
+                    eta_seconds: Some(1),
+                }),
+                202,
+                Outcome::Queued,
+            ),
+            (ticket(TicketPoll::InFlight), 409, Outcome::Forwarded),
+            (ticket(TicketPoll::Done(None)), 200, Outcome::Forwarded),
+            (
+                ticket(TicketPoll::NotPlaced(None)),
+                410,
                 Outcome::Unavailable,
             ),
         ];

@@ -1,18 +1,17 @@
 //! The overflow queue: winners that found no free upstream slot within
 //! `admission.queue.max_wait` are kept here (method, path, headers, body)
-//! and sent to the backend by the gateway itself as slots free, oldest
-//! first. The store decides where it lives: `memory` in-process, `redis` in
-//! a Redis Stream with a consumer group, so any node drains it and entries
-//! of a node killed mid-drain are claimed by another after an idle time.
+//! and sent to the backend by the gateway itself (`drain`) as slots free,
+//! oldest first; the entry carries the winner's hold meanwhile. The
+//! store decides where it lives: `memory` in-process, `redis` in a Redis
+//! Stream with a consumer group, so any node drains it and entries of a
+//! node killed mid-drain are claimed by another after an idle time.
 //!
 //! Delivery is at least once: the backend may see a queued order twice
 //! after a crash, and must treat `X-Sluice-Ticket` as its idempotency key.
 
-pub mod drain;
 pub mod memory;
+pub mod rates;
 pub mod redis;
-
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use base64::engine::general_purpose::STANDARD;
@@ -20,7 +19,9 @@ use base64::Engine as _;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::store::{SkuKey, StoreError, TicketId};
+use crate::store::StoreError;
+
+use crate::vocab::{SkuKey, TicketId};
 
 /// A winner's request, kept until the backend takes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,7 +36,7 @@ pub struct QueuedRequest {
     pub method: String,
     /// Path and query, as the client sent them.
     pub path_and_query: String,
-    /// Headers to forward (ours stripped; ticket headers are added on send).
+    /// Headers as the backend will receive them (`backend::queued`).
     pub headers: Vec<(String, String)>,
     /// The body.
     pub body: Bytes,
@@ -55,13 +56,6 @@ struct Wire {
     headers: Vec<(String, String)>,
     body: String,
     at: u64,
-}
-
-/// Milliseconds since the epoch, now.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl QueuedRequest {

@@ -1,12 +1,11 @@
-//! Flash-sale rules: the typed model of `lua-free-rules/*.yaml` and the
-//! rule set that matches requests to rules by method and path template.
+//! Flash-sale rules at run time: the typed model of a rule and the rule
+//! set that matches requests to rules by method and path template.
 //!
-//! Rule files are parsed by `config` (which owns file loading and error
-//! locations); `build` turns each raw rule into a [`Rule`]. The admission
-//! pipeline reads these values; nothing here touches a request body.
+//! Building rules from files is `config`'s job (it owns file loading,
+//! secrets and error locations); this module only holds the result and
+//! matches against it. The admission pipeline reads these values; nothing
+//! here touches a request body.
 
-pub mod build;
-pub mod raw;
 pub mod template;
 
 use std::num::NonZeroU32;
@@ -18,11 +17,8 @@ use chrono::{DateTime, FixedOffset};
 use http::{HeaderName, Method};
 
 use crate::outcome::{Outcome, ResponseOverride};
+use crate::vocab::UpstreamId;
 pub use template::PathTemplate;
-
-/// Index of an upstream in `Config::upstreams`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct UpstreamId(pub usize);
 
 /// Where an id or a number is read from in a request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,10 +35,37 @@ pub enum FieldSource {
     Json(String),
     /// A claim of an HS256 JWT carried in a header (`Bearer` optional).
     Jwt {
+        /// The header carrying the token.
         header: HeaderName,
+        /// The claim naming the value.
         claim: String,
+        /// The environment variable the secret was read from.
         secret_env: String,
+        /// The HMAC key, read from `secret_env` when the config was loaded.
+        secret: Secret,
     },
+}
+
+/// Key material: compared and cloned like bytes, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Arc<[u8]>);
+
+impl Secret {
+    /// Wraps key bytes.
+    pub fn new(bytes: impl Into<Arc<[u8]>>) -> Self {
+        Self(bytes.into())
+    }
+
+    /// The key bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 impl FieldSource {

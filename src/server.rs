@@ -19,12 +19,13 @@ use pingora_core::services::background::background_service;
 
 use crate::admin::AdminApp;
 use crate::admission::housekeeping::Housekeeping;
-use crate::admission::{Admission, AdmissionError};
+use crate::admission::Admission;
 use crate::config::{Config, StoreBackend};
+use crate::drain::Drainer;
 use crate::metrics::Metrics;
 use crate::proxy::SluiceProxy;
-use crate::queue::drain::{DrainRates, Drainer};
 use crate::queue::memory::MemoryQueue;
+use crate::queue::rates::DrainRates;
 use crate::queue::redis::RedisQueue;
 use crate::queue::Queue;
 use crate::store::instrumented::InstrumentedStore;
@@ -55,9 +56,6 @@ pub enum StartError {
     /// The store could not be set up.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// A rule could not be built.
-    #[error(transparent)]
-    Admission(#[from] AdmissionError),
 }
 
 /// This node's name in the queue's consumer group: unique per process,
@@ -124,19 +122,12 @@ impl Gateway {
         )?);
         let (upstreams, health_services) = Upstreams::new(&config.upstreams, &metrics)?;
         let upstreams = Arc::new(upstreams);
-        let (store, memory): (Arc<dyn Store>, Option<Arc<MemoryStore>>) = match config.store.backend
-        {
-            StoreBackend::Memory => {
-                let m = Arc::new(MemoryStore::new());
-                (m.clone(), Some(m))
-            }
-            StoreBackend::Redis => (
-                Arc::new(RedisStore::new(
-                    &config.store.redis,
-                    config.store.result_ttl,
-                )?),
-                None,
-            ),
+        let store: Arc<dyn Store> = match config.store.backend {
+            StoreBackend::Memory => Arc::new(MemoryStore::new()),
+            StoreBackend::Redis => Arc::new(RedisStore::new(
+                &config.store.redis,
+                config.store.result_ttl,
+            )?),
         };
         let queue: Arc<dyn Queue> = match config.store.backend {
             StoreBackend::Memory => Arc::new(MemoryQueue::new()),
@@ -144,7 +135,7 @@ impl Gateway {
         };
         let rates = Arc::new(DrainRates::default());
         let store: Arc<dyn Store> = Arc::new(InstrumentedStore::new(store, metrics.clone()));
-        let admission = Arc::new(Admission::new(&config, store, queue.clone())?);
+        let admission = Arc::new(Admission::new(&config, store, queue.clone(), rates.clone()));
 
         let mut server = Server::new_with_opt_and_conf(None, server_conf(&config));
         server.bootstrap();
@@ -158,8 +149,6 @@ impl Gateway {
                 upstreams.clone(),
                 metrics.clone(),
                 admission.clone(),
-                queue.clone(),
-                rates.clone(),
             ),
         )
         .name("sluice proxy")
@@ -200,7 +189,7 @@ impl Gateway {
         ));
         server.add_service(background_service(
             "sluice housekeeping",
-            Housekeeping::new(admission, memory, config.store.recheck_interval),
+            Housekeeping::new(admission, config.store.recheck_interval),
         ));
         Ok(Self { server, metrics })
     }

@@ -13,65 +13,11 @@ pub mod memory;
 pub mod redis;
 pub mod redis_conn;
 
-use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 
-/// A (rule, sku) pair: the unit of stock.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SkuKey {
-    /// Rule name.
-    pub rule: Arc<str>,
-    /// Sku id (validated: 1-128 of `[A-Za-z0-9._:-]`).
-    pub sku: Arc<str>,
-}
-
-impl SkuKey {
-    /// A key from a rule name and a sku.
-    pub fn new(rule: &str, sku: &str) -> Self {
-        Self {
-            rule: Arc::from(rule),
-            sku: Arc::from(sku),
-        }
-    }
-}
-
-impl fmt::Display for SkuKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.rule, self.sku)
-    }
-}
-
-/// A ticket: 128 random bits, written as 32 lowercase hex characters.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TicketId(pub u128);
-
-impl TicketId {
-    /// A fresh random ticket.
-    pub fn random() -> Self {
-        Self(rand::random())
-    }
-
-    /// Parses 32 lowercase hex characters.
-    pub fn parse(s: &str) -> Option<Self> {
-        let lower_hex = s.len() == 32
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-        if !lower_hex {
-            return None;
-        }
-        u128::from_str_radix(s, 16).ok().map(Self)
-    }
-}
-
-impl fmt::Display for TicketId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:032x}", self.0)
-    }
-}
+use crate::vocab::{ReleaseReason, SkuKey, StoredResponse, TicketId};
 
 /// Where a dedup mark lives: per (rule, sku), or per rule across skus.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -167,62 +113,6 @@ impl TicketState {
     }
 }
 
-/// Why units went back to stock (`reason` label of `sluice_released_total`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ReleaseReason {
-    /// The backend could not be connected.
-    ConnectError,
-    /// The backend timed out.
-    Timeout,
-    /// The backend answered 5xx.
-    Status5xx,
-    /// The backend answered 4xx.
-    Status4xx,
-    /// The client went away before the backend was asked.
-    ClientGone,
-    /// An operator or the backend released it through the admin API.
-    Admin,
-    /// No slot was free and the queue was full.
-    QueueFull,
-}
-
-impl ReleaseReason {
-    /// Every reason, for pre-registering metric series.
-    pub const ALL: [ReleaseReason; 7] = [
-        ReleaseReason::ConnectError,
-        ReleaseReason::Timeout,
-        ReleaseReason::Status5xx,
-        ReleaseReason::Status4xx,
-        ReleaseReason::ClientGone,
-        ReleaseReason::Admin,
-        ReleaseReason::QueueFull,
-    ];
-
-    /// Label value.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            ReleaseReason::ConnectError => "connect_error",
-            ReleaseReason::Timeout => "timeout",
-            ReleaseReason::Status5xx => "5xx",
-            ReleaseReason::Status4xx => "4xx",
-            ReleaseReason::ClientGone => "client_gone",
-            ReleaseReason::Admin => "admin",
-            ReleaseReason::QueueFull => "queue_full",
-        }
-    }
-}
-
-/// A backend answer kept for replay to duplicates and ticket polls.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StoredResponse {
-    /// HTTP status.
-    pub status: u16,
-    /// Content-Type, if any.
-    pub content_type: Option<String>,
-    /// The body (bounded by the caller).
-    pub body: Bytes,
-}
-
 /// One ticket as the ledger has it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TicketRecord {
@@ -255,43 +145,6 @@ pub struct StockView {
     pub queued: u64,
     /// Units returned to stock by releases, cumulative.
     pub released: u64,
-}
-
-/// A store operation name (`op` label of store metrics).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StoreOp {
-    /// Reservation.
-    Reserve,
-    /// Commit.
-    Commit,
-    /// Release.
-    Release,
-    /// Restock / set available.
-    SetAvailable,
-    /// Reads (stock view, ticket, availability).
-    Read,
-}
-
-impl StoreOp {
-    /// Every op, for pre-registering metric series.
-    pub const ALL: [StoreOp; 5] = [
-        StoreOp::Reserve,
-        StoreOp::Commit,
-        StoreOp::Release,
-        StoreOp::SetAvailable,
-        StoreOp::Read,
-    ];
-
-    /// Label value.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            StoreOp::Reserve => "reserve",
-            StoreOp::Commit => "commit",
-            StoreOp::Release => "release",
-            StoreOp::SetAvailable => "set_available",
-            StoreOp::Read => "read",
-        }
-    }
 }
 
 /// The store could not answer; admission fails closed on this.
@@ -390,34 +243,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether the store answers at all (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Drops expired local state (marks, kept answers); called by
+    /// housekeeping. Stores whose entries expire by themselves (Redis
+    /// TTLs) have nothing to do.
+    fn prune(&self) {}
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ticket_ids_are_32_lowercase_hex_and_round_trip() {
-        let t = TicketId::random();
-        let s = t.to_string();
-        assert_eq!(s.len(), 32);
-        assert!(s
-            .bytes()
-            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
-        assert_eq!(TicketId::parse(&s), Some(t));
-        assert_eq!(TicketId(1).to_string(), "00000000000000000000000000000001");
-        for bad in [
-            "",
-            "abc",
-            &s.to_uppercase(),
-            &format!("{s}0"),
-            "g0000000000000000000000000000000",
-        ] {
-            if bad != s {
-                assert_eq!(TicketId::parse(bad), None, "{bad}");
-            }
-        }
-    }
 
     #[test]
     fn state_codes_round_trip() {

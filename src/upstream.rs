@@ -17,7 +17,7 @@ use pingora_load_balancing::{Backend, LoadBalancer};
 
 use crate::config::UpstreamConfig;
 use crate::metrics::Metrics;
-use crate::rules::UpstreamId;
+use crate::vocab::UpstreamId;
 use slots::Slots;
 
 /// Errors building upstream pools.
@@ -141,15 +141,6 @@ impl UpstreamPool {
             .balancer
             .select(b"", self.config.servers.len().max(1))?;
         Some(self.peer(&backend))
-    }
-
-    /// The next healthy server's address (for the queue drainer, which
-    /// sends requests itself).
-    pub fn select_addr(&self) -> Option<SocketAddr> {
-        let backend = self
-            .balancer
-            .select(b"", self.config.servers.len().max(1))?;
-        backend.addr.as_inet().copied()
     }
 
     /// How many servers the health check currently considers up.

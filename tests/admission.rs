@@ -7,8 +7,8 @@
 //! Every scenario runs twice: on the memory store, and on the Redis store
 //! backed by a real `redis-server` started for that test.
 
-#[macro_use]
-mod support;
+use sluice_testkit as support;
+use support::both_stores;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;

@@ -4,7 +4,7 @@
 //! with the line and column of the offending token. Also checks that the
 //! full-featured good config passes and loads into the expected model.
 
-mod support;
+use sluice_testkit as support;
 
 use std::path::Path;
 use std::process::Output;
@@ -200,6 +200,13 @@ const BAD: &[(&str, &[&str])] = &[
         &["tests/fixtures/rules/bad_duplicate_name_2.yaml:7:11: name: \"phone\" is already used by the rule at tests/fixtures/rules/bad_duplicate_name.yaml:2"],
     ),
     (
+        "tests/fixtures/bad_rule_jwt_secret.yaml",
+        &[
+            "tests/fixtures/rules/bad_jwt_secret.yaml:4:44: user.jwt.secret_env: environment variable SLUICE_TEST_UNSET_SECRET is unset or empty",
+            "tests/fixtures/rules/bad_jwt_secret.yaml:8:44: user.jwt.secret_env: environment variable SLUICE_TEST_EMPTY_SECRET is unset or empty",
+        ],
+    ),
+    (
         "tests/fixtures/bad_rule_overlap.yaml",
         &["tests/fixtures/rules/bad_overlap.yaml:8:34: match: POST \"/api/seckill/p100/order\" overlaps rule \"phone\" (POST \"/api/seckill/{sku}/order\"); a request would match both"],
     ),
@@ -207,9 +214,24 @@ const BAD: &[(&str, &[&str])] = &[
 
 const GOOD: &str = "tests/fixtures/good/gateway.yaml";
 
+/// The JWT secrets the good fixtures and the shipped packs name; rules
+/// read them when loaded, so `check` needs them set.
+const SECRETS: &[(&str, &str)] = &[
+    ("SHOP_JWT_SECRET", "fixture-secret"),
+    ("SLUICE_JWT_SECRET", "fixture-secret"),
+    ("SLUICE_TEST_EMPTY_SECRET", ""),
+];
+
+/// `sluice` with the fixtures' secrets in its environment.
+fn sluice_with_secrets() -> std::process::Command {
+    let mut cmd = support::sluice_cmd();
+    cmd.envs(SECRETS.iter().copied());
+    cmd
+}
+
 /// Runs `sluice check --config <path>` from the crate root.
 fn check(path: &str) -> Output {
-    support::sluice_cmd()
+    sluice_with_secrets()
         .arg("check")
         .arg("--config")
         .arg(path)
@@ -278,7 +300,13 @@ fn missing_config_file_fails_with_a_clear_message() {
 #[test]
 fn good_config_loads_into_the_typed_model() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(GOOD);
-    let config = sluice::config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let env = |name: &str| {
+        SECRETS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| std::ffi::OsString::from(v))
+    };
+    let config = sluice::config::load_with_env(&path, &env).unwrap_or_else(|e| panic!("{e}"));
 
     assert_eq!(config.listen, "0.0.0.0:8080".parse().unwrap());
     assert_eq!(config.admin.listen, "127.0.0.1:9901".parse().unwrap());
@@ -365,6 +393,17 @@ fn good_config_loads_into_the_typed_model() {
         ]
     );
     assert_eq!((seckill.quantity.default, seckill.quantity.max), (1, 5));
+    // JWT secrets are read when the rules are loaded, and never printed.
+    match &rules[3].user {
+        FieldSource::Jwt {
+            secret, secret_env, ..
+        } => {
+            assert_eq!(secret_env, "SHOP_JWT_SECRET");
+            assert_eq!(secret.bytes(), b"fixture-secret");
+        }
+        other => panic!("jwt-flash user: {other:?}"),
+    }
+    assert!(!format!("{:?}", rules[3]).contains("fixture-secret"));
     let vouchers = &rules[2];
     assert_eq!(config.upstream(vouchers.upstream).name, "coupons");
     assert_eq!(vouchers.queue.max_wait, Duration::from_millis(250));
@@ -375,7 +414,7 @@ fn good_config_loads_into_the_typed_model() {
 /// `lua-free-rules/more/` loaded through a config that points at it.
 #[test]
 fn shipped_gateway_and_every_rule_pack_pass_check() {
-    let out = support::sluice_cmd()
+    let out = sluice_with_secrets()
         .args(["check", "--config", "gateway.yaml"])
         .output()
         .expect("run sluice check");
@@ -398,7 +437,7 @@ fn shipped_gateway_and_every_rule_pack_pass_check() {
             std::fs::canonicalize(&pack).expect("pack").display()
         );
         std::fs::write(dir.path().join("gateway.yaml"), config).expect("write config");
-        let out = support::sluice_cmd()
+        let out = sluice_with_secrets()
             .args(["check", "--config"])
             .arg(dir.path().join("gateway.yaml"))
             .output()

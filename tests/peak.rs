@@ -3,8 +3,8 @@
 //! with a ticket and served later by the gateway itself, and no slot or
 //! unit leaks when the queue is full, a client leaves or the backend dies.
 
-#[macro_use]
-mod support;
+use sluice_testkit as support;
+use support::both_stores;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;

@@ -2,7 +2,7 @@
 //! loopback upstreams: bodies and queries, keep-alive, round robin, health
 //! checks, upstream failure, header hygiene, limits, metrics, shutdown.
 
-mod support;
+use sluice_testkit as support;
 
 use std::time::{Duration, Instant};
 

@@ -4,8 +4,8 @@
 //! (a dead consumer's entry claimed by another, Redis restarted empty,
 //! corrupt entries).
 
-#[macro_use]
-mod support;
+use sluice_testkit as support;
+use support::both_stores;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -17,20 +17,21 @@ use sluice::config::RedisConfig;
 use sluice::queue::memory::MemoryQueue;
 use sluice::queue::redis::RedisQueue;
 use sluice::queue::{Delivery, Queue, QueuedRequest};
-use sluice::store::{SkuKey, StoreError, TicketId};
+use sluice::store::StoreError;
+use sluice::vocab::{SkuKey, TicketId};
 use support::RedisServer;
 
 /// A queue under test, with the Redis server it needs (if any).
 struct Harness {
     queue: Arc<dyn Queue>,
-    #[allow(dead_code)]
-    redis: Option<RedisServer>,
+    /// Kept alive for the case; killed on drop.
+    _redis: Option<RedisServer>,
 }
 
 fn memory() -> Harness {
     Harness {
         queue: Arc::new(MemoryQueue::new()),
-        redis: None,
+        _redis: None,
     }
 }
 
@@ -53,7 +54,7 @@ fn redis() -> Harness {
     let server = RedisServer::start();
     Harness {
         queue: Arc::new(redis_queue(&server)),
-        redis: Some(server),
+        _redis: Some(server),
     }
 }
 

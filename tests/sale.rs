@@ -2,7 +2,7 @@
 //! real Redis, a backend that fails some winners, and Redis killed in the
 //! middle of a sale. Nothing may be oversold, lost, or won twice.
 
-mod support;
+use sluice_testkit as support;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;

@@ -1,8 +1,8 @@
 //! One suite, two stores: every case runs against the memory store and
 //! against the Redis store on a real `redis-server` started for it.
 
-#[macro_use]
-mod support;
+use sluice_testkit as support;
+use support::both_stores;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,10 +11,8 @@ use bytes::Bytes;
 use sluice::config::RedisConfig;
 use sluice::store::memory::MemoryStore;
 use sluice::store::redis::RedisStore;
-use sluice::store::{
-    DedupMark, MarkScope, ReleaseReason, Reservation, Reserved, SkuKey, StockView, Store,
-    StoredResponse, TicketId, TicketState,
-};
+use sluice::store::{DedupMark, MarkScope, Reservation, Reserved, StockView, Store, TicketState};
+use sluice::vocab::{ReleaseReason, SkuKey, StoredResponse, TicketId};
 use support::RedisServer;
 
 /// A store under test, with the Redis server it needs (if any).

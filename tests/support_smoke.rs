@@ -1,6 +1,6 @@
 //! Smoke tests for the integration-test support helpers that do not need the gateway.
 
-mod support;
+use sluice_testkit as support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -1,7 +1,7 @@
 //! The pipeline's background work, as a pingora background service:
 //! rechecking sold-out flags (so stock restored through another node is
-//! sold again), pruning rate-limit state and expired marks of the memory
-//! store. Runs until shutdown.
+//! sold again), pruning rate-limit state and the store's expired local
+//! state. Runs until shutdown.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,7 +11,6 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 
 use super::Admission;
-use crate::store::memory::MemoryStore;
 
 /// How often full rate-limit buckets and expired marks are dropped.
 const PRUNE_EVERY: Duration = Duration::from_secs(10);
@@ -19,20 +18,14 @@ const PRUNE_EVERY: Duration = Duration::from_secs(10);
 /// The background service.
 pub struct Housekeeping {
     admission: Arc<Admission>,
-    memory: Option<Arc<MemoryStore>>,
     interval: Duration,
 }
 
 impl Housekeeping {
     /// Housekeeping for `admission`, ticking every `interval`.
-    pub fn new(
-        admission: Arc<Admission>,
-        memory: Option<Arc<MemoryStore>>,
-        interval: Duration,
-    ) -> Self {
+    pub fn new(admission: Arc<Admission>, interval: Duration) -> Self {
         Self {
             admission,
-            memory,
             interval,
         }
     }
@@ -53,9 +46,6 @@ impl BackgroundService for Housekeeping {
             if last_prune.elapsed() >= PRUNE_EVERY {
                 last_prune = Instant::now();
                 self.admission.prune();
-                if let Some(m) = &self.memory {
-                    m.prune();
-                }
             }
         }
     }

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use crate::rules::{RuleSet, UpstreamId};
+use crate::rules::RuleSet;
+
+use crate::vocab::UpstreamId;
 
 /// Defaults for keys `gateway.yaml` leaves out, in one place.
 pub mod defaults {

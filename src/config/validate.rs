@@ -15,7 +15,8 @@ use super::model::{
 };
 use super::raw::{RawGateway, RawUpstream};
 use super::units::ConfigDuration;
-use crate::rules::{RuleSet, UpstreamId};
+use crate::rules::RuleSet;
+use crate::vocab::UpstreamId;
 
 fn socket_addr(p: &mut Problems, field: &str, v: &Spanned<String>) -> Option<SocketAddr> {
     p.check(

@@ -42,6 +42,7 @@ fn source(s: &FieldSource) -> Value {
             header,
             claim,
             secret_env,
+            ..
         } => json!({"jwt": {"header": header.as_str(), "claim": claim, "secret_env": secret_env}}),
     }
 }

@@ -1,12 +1,18 @@
 //! Writes the gateway's own answers to the client, keeping the connection
 //! alive (pingora's `respond_error*` helpers turn keep-alive off, which
-//! costs about 4x on the refusal path; see ../shared/PINGORA.md).
+//! costs about 4x on the refusal path; see ../shared/PINGORA.md), picks the
+//! answer to a failed proxy attempt, and keeps a winner's backend answer
+//! for duplicates and polls.
 
-use pingora_core::Result;
+use bytes::BytesMut;
+use pingora_core::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 
-use crate::outcome::Rendered;
+use crate::admission::hold::Receipt;
+use crate::admission::MAX_KEPT_BODY;
+use crate::outcome::{Answer, Rendered};
+use crate::vocab::StoredResponse;
 
 /// The response header every answer carries.
 pub const OUTCOME_HEADER: &str = "X-Sluice-Outcome";
@@ -25,4 +31,62 @@ pub async fn write_answer(session: &mut Session, answer: &Rendered) -> Result<()
     session
         .write_response_body(Some(answer.body.clone()), true)
         .await
+}
+
+/// What to tell a client whose request failed with `e`; `None` when the
+/// client itself went away or sent garbage (nothing useful to say).
+pub fn failure_answer(e: &Error, max_body_bytes: u64) -> Option<Answer> {
+    match (e.etype(), e.esource()) {
+        (ErrorType::HTTPStatus(413), _) => Some(Answer::BodyTooLarge {
+            limit: max_body_bytes,
+        }),
+        (_, ErrorSource::Downstream) => None,
+        _ => Some(Answer::Unavailable {
+            message: "the shop is busy, please try again shortly".into(),
+        }),
+    }
+}
+
+/// A settled winner's backend answer, collected as it streams to the
+/// client (bounded by [`MAX_KEPT_BODY`]) and kept once it is through.
+pub struct KeptAnswer {
+    receipt: Receipt,
+    status: u16,
+    content_type: Option<String>,
+    body: BytesMut,
+}
+
+impl KeptAnswer {
+    /// Starts keeping the answer that `header` begins.
+    pub fn new(receipt: Receipt, header: &ResponseHeader) -> Self {
+        Self {
+            receipt,
+            status: header.status.as_u16(),
+            content_type: header
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            body: BytesMut::new(),
+        }
+    }
+
+    /// Adds a body chunk, up to the bound.
+    pub fn push(&mut self, chunk: &[u8]) {
+        let room = MAX_KEPT_BODY.saturating_sub(self.body.len());
+        self.body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+    }
+
+    /// Keeps the whole answer, off the answer's path (the hold is already
+    /// settled).
+    pub fn finish(self) {
+        tokio::spawn(async move {
+            let answer = StoredResponse {
+                status: self.status,
+                content_type: self.content_type,
+                body: self.body.freeze(),
+            };
+            self.receipt.keep(&answer).await;
+        });
+    }
 }

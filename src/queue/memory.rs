@@ -7,7 +7,8 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 
 use super::{Delivery, Queue, QueuedRequest};
-use crate::store::{StoreError, TicketId};
+use crate::store::StoreError;
+use crate::vocab::TicketId;
 
 #[derive(Default)]
 struct Line {

@@ -34,7 +34,8 @@ use redis::{Pipeline, Value};
 use super::{Delivery, Queue, QueuedRequest};
 use crate::config::RedisConfig;
 use crate::store::redis_conn::{as_int, as_pairs, as_string, has_error_code, RedisConn};
-use crate::store::{StoreError, TicketId};
+use crate::store::StoreError;
+use crate::vocab::TicketId;
 
 /// The consumer group every node reads through.
 const GROUP: &str = "sluice";

@@ -7,11 +7,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{
-    ReleaseReason, Reservation, Reserved, SkuKey, StockView, Store, StoreError, StoreOp,
-    StoredResponse, TicketId, TicketRecord, TicketState,
-};
+use super::{Reservation, Reserved, StockView, Store, StoreError, TicketRecord, TicketState};
 use crate::metrics::Metrics;
+use crate::vocab::{ReleaseReason, SkuKey, StoreOp, StoredResponse, TicketId};
 
 /// Any store, measured.
 pub struct InstrumentedStore {
@@ -127,5 +125,9 @@ impl Store for InstrumentedStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.timed(StoreOp::Read, self.inner.ping()).await
+    }
+
+    fn prune(&self) {
+        self.inner.prune();
     }
 }

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::{
-    DedupMark, MarkScope, ReleaseReason, Reservation, Reserved, SkuKey, StockView, Store,
-    StoreError, StoredResponse, TicketId, TicketRecord, TicketState,
+    DedupMark, MarkScope, Reservation, Reserved, StockView, Store, StoreError, TicketRecord,
+    TicketState,
 };
+use crate::vocab::{ReleaseReason, SkuKey, StoredResponse, TicketId};
 
 struct Ticket {
     user: String,
@@ -61,21 +62,6 @@ impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
-    }
-
-    /// Drops expired marks and kept responses; called from a background task.
-    pub fn prune(&self) {
-        let now = Instant::now();
-        if let Ok(mut inner) = self.inner.lock() {
-            inner.marks.retain(|_, (_, expires)| *expires > now);
-            for sku in inner.skus.values_mut() {
-                for t in sku.tickets.values_mut() {
-                    if t.response.as_ref().is_some_and(|(_, exp)| *exp <= now) {
-                        t.response = None;
-                    }
-                }
-            }
-        }
     }
 
     /// Applies `f` to a ticket if it exists; unknown tickets are a no-op.
@@ -297,5 +283,20 @@ impl Store for MemoryStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    /// Drops expired marks and kept responses (housekeeping calls it).
+    fn prune(&self) {
+        let now = Instant::now();
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.marks.retain(|_, (_, expires)| *expires > now);
+            for sku in inner.skus.values_mut() {
+                for t in sku.tickets.values_mut() {
+                    if t.response.as_ref().is_some_and(|(_, exp)| *exp <= now) {
+                        t.response = None;
+                    }
+                }
+            }
+        }
     }
 }

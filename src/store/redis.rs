@@ -24,10 +24,11 @@ use redis::{Pipeline, Value};
 
 use super::redis_conn::{as_int, as_pairs, as_string, RedisConn};
 use super::{
-    DedupMark, MarkScope, ReleaseReason, Reservation, Reserved, SkuKey, StockView, Store,
-    StoreError, StoredResponse, TicketId, TicketRecord, TicketState,
+    DedupMark, MarkScope, Reservation, Reserved, StockView, Store, StoreError, TicketRecord,
+    TicketState,
 };
 use crate::config::RedisConfig;
+use crate::vocab::{ReleaseReason, SkuKey, StoredResponse, TicketId};
 
 /// Field separator inside ledger values: never in ids (validated charset).
 const SEP: char = '\u{1f}';

@@ -1,6 +1,7 @@
 //! Validation of one raw rule into a [`Rule`], recording every problem
 //! with its location instead of stopping at the first.
 
+use std::ffi::OsString;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
@@ -9,16 +10,21 @@ use chrono::DateTime;
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 use serde_saphyr::{Location, Spanned};
 
-use super::raw::{RawRule, RawSku, RawUser};
-use super::{
-    Dedup, FieldSource, PathTemplate, QuantitySpec, QueueSpec, RateKey, RateLimit, ReleaseOn,
-    Responses, Rule, UpstreamId, Window,
-};
-use crate::config::error::Problems;
+use super::error::Problems;
+use super::rule_raw::{RawRule, RawSku, RawUser};
 use crate::outcome::{Outcome, ResponseOverride};
+use crate::rules::{
+    Dedup, FieldSource, PathTemplate, QuantitySpec, QueueSpec, RateKey, RateLimit, ReleaseOn,
+    Responses, Rule, Secret, Window,
+};
+use crate::vocab::UpstreamId;
 
 /// Units one attempt may ask for, at most.
 pub const MAX_QUANTITY: u32 = 1000;
+
+/// Reads an environment variable (the real environment, or a stand-in in
+/// tests).
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<OsString>;
 
 /// What a rule may refer to outside itself.
 pub struct RuleContext<'a> {
@@ -26,6 +32,8 @@ pub struct RuleContext<'a> {
     pub upstreams: &'a [String],
     /// Where `admission.upstream` defaults to.
     pub default_upstream: UpstreamId,
+    /// Where JWT secrets are read from.
+    pub env: EnvLookup<'a>,
 }
 
 /// Defaults for keys a rule leaves out, in one place.
@@ -64,7 +72,7 @@ pub fn build_rule(raw: &Spanned<RawRule>, ctx: &RuleContext, p: &mut Problems) -
     });
     let user = p
         .required(at, "user", &r.user)
-        .and_then(|u| user_source(p, u));
+        .and_then(|u| user_source(p, u, ctx.env));
     let sku = p
         .required(at, "sku", &r.sku)
         .and_then(|s| sku_source(p, s, path.as_ref()));
@@ -185,7 +193,7 @@ fn exactly_one(
     }
 }
 
-fn user_source(p: &mut Problems, user: &Spanned<RawUser>) -> Option<FieldSource> {
+fn user_source(p: &mut Problems, user: &Spanned<RawUser>, env: EnvLookup) -> Option<FieldSource> {
     let u = &user.value;
     let which = exactly_one(
         p,
@@ -207,6 +215,22 @@ fn user_source(p: &mut Problems, user: &Spanned<RawUser>) -> Option<FieldSource>
             let jwt = &u.jwt.as_ref()?.value;
             let claim = plain_field(p, "user.jwt.claim", &jwt.claim);
             let secret_env = plain_field(p, "user.jwt.secret_env", &jwt.secret_env);
+            // Read now, so a missing secret is reported here, at its key,
+            // by `sluice check` and a reload alike, not by every request.
+            let secret = secret_env.as_ref().and_then(|var| {
+                let secret = env(var)
+                    .map(OsString::into_encoded_bytes)
+                    .filter(|s| !s.is_empty());
+                if secret.is_none() {
+                    p.add(
+                        jwt.secret_env.referenced,
+                        format!(
+                            "user.jwt.secret_env: environment variable {var} is unset or empty"
+                        ),
+                    );
+                }
+                secret.map(Secret::new)
+            });
             let header = match &jwt.header {
                 Some(h) => header_name(p, "user.jwt.header", h),
                 None => Some(HeaderName::from_static(defaults::JWT_HEADER)),
@@ -215,6 +239,7 @@ fn user_source(p: &mut Problems, user: &Spanned<RawUser>) -> Option<FieldSource>
                 header: header?,
                 claim: claim?,
                 secret_env: secret_env?,
+                secret: secret?,
             })
         }
     }

@@ -1,10 +1,7 @@
-//! Shared helpers for Sluice integration tests: a real Redis, a scriptable
-//! HTTP upstream, a connection-exact HTTP client and the gateway process.
-#![allow(dead_code)]
-// Each test binary uses a subset of the re-exports below.
-#![allow(unused_imports)]
-// Only the suites that run on both stores use `both_stores!`.
-#![allow(unused_macros)]
+//! Real-process helpers shared by Sluice's integration tests (`tests/`)
+//! and benchmarks (`benches/`): a throwaway `redis-server`, a scriptable
+//! HTTP upstream, a connection-exact HTTP client and the `sluice` binary
+//! run as a child process. Dev-only: never a dependency of the product.
 
 /// Raw HTTP/1.1 client helpers with exact connection control.
 pub mod client;
@@ -16,13 +13,16 @@ pub mod redis;
 pub mod upstream;
 
 pub use client::{get, request, Conn, Response};
-pub use gateway::{free_addr, free_port, metric_value, sluice_cmd, Gateway, GatewayBuilder};
+pub use gateway::{
+    free_addr, free_port, metric_value, sluice_bin, sluice_cmd, Gateway, GatewayBuilder,
+};
 pub use redis::RedisServer;
 pub use upstream::{Recorded, Upstream};
 
 /// Runs each case twice: on the memory store and on Redis. The test file
 /// provides `memory()` and `redis()`, each building the case's argument
 /// (a Redis one keeps its own `RedisServer` alive for the case).
+#[macro_export]
 macro_rules! both_stores {
     ($($case:ident),* $(,)?) => {
         mod on_memory {

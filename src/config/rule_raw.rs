@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-use crate::config::units::ConfigDuration;
+use super::units::ConfigDuration;
 
 /// A rule file: `rules:` and a list of rules.
 #[derive(Debug, Deserialize)]

@@ -1,30 +1,35 @@
 //! The queue drainer: a background service that, for each upstream, takes
 //! a free slot, then the oldest queued request, and sends it to the
-//! backend itself. Success commits the ticket and keeps the answer for the
+//! backend itself, through pingora's HTTP connector with the upstream's
+//! own peer settings (`backend` presents the request as the proxied path
+//! does). It takes the entry's hold back from the queue and settles it
+//! like the proxy: success commits the ticket and keeps the answer for the
 //! client's poll; a `release_on` failure is retried with doubling backoff
 //! up to `admission.queue.max_attempts`, then the units are released and
 //! the ticket shows the failure.
 
-use std::collections::VecDeque;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use bytes::{Bytes, BytesMut};
+use pingora_core::connectors::http::Connector;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_http::RequestHeader;
 
-use super::{now_ms, Delivery, Queue};
-use crate::admission::{Admission, Settlement, Winner, MAX_KEPT_BODY};
+use crate::admission::hold::{HoldTerms, Settlement};
+use crate::admission::{Admission, MAX_KEPT_BODY};
+use crate::backend::{self, ForwardEnd};
 use crate::metrics::{Metrics, UpstreamClass};
-use crate::store::{ReleaseReason, StoredResponse, TicketState};
+use crate::outcome::{render, Answer};
+use crate::queue::rates::DrainRates;
+use crate::queue::{Delivery, Queue, QueuedRequest};
+use crate::store::TicketState;
 use crate::upstream::slots::Slot;
 use crate::upstream::{UpstreamPool, Upstreams};
+use crate::vocab::{now_ms, ReleaseReason, StoredResponse};
 
 /// How long an idle drainer waits before looking at the queue again.
 const IDLE_POLL: Duration = Duration::from_millis(20);
@@ -34,59 +39,6 @@ const ERROR_POLL: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// How often the queue depth gauge is refreshed.
 const DEPTH_EVERY: Duration = Duration::from_millis(250);
-/// Dispatches remembered per upstream to estimate the drain rate.
-const RATE_WINDOW: usize = 64;
-/// Hop-by-hop headers are the connection's, not the request's.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-    "content-length",
-];
-
-/// Recent dispatch times of each upstream, for the ETA of a poll.
-#[derive(Default)]
-pub struct DrainRates {
-    recent: Mutex<Vec<(String, VecDeque<Instant>)>>,
-}
-
-impl DrainRates {
-    fn record(&self, upstream: &str) {
-        if let Ok(mut all) = self.recent.lock() {
-            let pos = all.iter().position(|(u, _)| u == upstream);
-            let q = match pos {
-                Some(i) => &mut all[i].1,
-                None => {
-                    all.push((upstream.to_string(), VecDeque::new()));
-                    let last = all.len() - 1;
-                    &mut all[last].1
-                }
-            };
-            q.push_back(Instant::now());
-            if q.len() > RATE_WINDOW {
-                q.pop_front();
-            }
-        }
-    }
-
-    /// Seconds until `position` is served at the recently observed rate
-    /// (`None` until there is a rate to go by).
-    pub fn eta_seconds(&self, upstream: &str, position: u64) -> Option<u64> {
-        let all = self.recent.lock().ok()?;
-        let q = &all.iter().find(|(u, _)| u == upstream)?.1;
-        let (first, last) = (q.front()?, q.back()?);
-        let span = last.duration_since(*first).as_secs_f64();
-        if q.len() < 2 || span <= 0.0 {
-            return None;
-        }
-        let per_sec = (q.len() - 1) as f64 / span;
-        Some((position as f64 / per_sec).ceil() as u64)
-    }
-}
 
 /// Touches a queue entry periodically until dropped.
 struct Heartbeat(tokio::task::JoinHandle<()>);
@@ -122,18 +74,12 @@ struct Inner {
     metrics: Arc<Metrics>,
     rates: Arc<DrainRates>,
     consumer: String,
-    client: Client<HttpConnector, Full<Bytes>>,
+    connector: Connector,
 }
 
 /// The drainer service.
 pub struct Drainer {
     inner: Arc<Inner>,
-}
-
-/// What one try of sending a queued request gave.
-enum Sent {
-    Answered(StoredResponse),
-    Failed(ReleaseReason),
 }
 
 impl Drainer {
@@ -146,9 +92,6 @@ impl Drainer {
         rates: Arc<DrainRates>,
         consumer: String,
     ) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new()).build(connector);
         Self {
             inner: Arc::new(Inner {
                 admission,
@@ -157,7 +100,7 @@ impl Drainer {
                 metrics,
                 rates,
                 consumer,
-                client,
+                connector: Connector::new(None),
             }),
         }
     }
@@ -178,6 +121,21 @@ impl BackgroundService for Drainer {
         for t in tasks {
             t.abort();
         }
+    }
+}
+
+/// The body a queued order that could not be placed keeps for its poll.
+fn not_placed(reason: ReleaseReason) -> StoredResponse {
+    let rendered = render(
+        &Answer::Unavailable {
+            message: format!("the order could not be placed ({})", reason.as_str()),
+        },
+        None,
+    );
+    StoredResponse {
+        status: rendered.status.as_u16(),
+        content_type: Some("application/json".into()),
+        body: rendered.body,
     }
 }
 
@@ -225,14 +183,13 @@ impl Inner {
         }
     }
 
-    /// Sends one queued request, with retries, and settles its ticket.
+    /// Sends one queued request, with retries, and settles its hold.
     async fn serve(self: Arc<Self>, index: usize, delivery: Delivery, mut slot: Slot) {
         let Some(pool) = self.upstreams.pools().get(index) else {
             return;
         };
         let req = &delivery.request;
-        let store = self.admission.store().clone();
-        let state = match store.ticket(req.ticket).await {
+        let state = match self.admission.store().ticket(req.ticket).await {
             Ok(r) => r.map(|r| r.state),
             Err(e) => {
                 // Leave it unacknowledged: it is taken again after the
@@ -241,11 +198,17 @@ impl Inner {
                 return;
             }
         };
-        let Some(rule) = self.admission.rule_index(&req.key.rule) else {
+        let Some((rule, stage)) = self
+            .admission
+            .rule_index(&req.key.rule)
+            .and_then(|i| Some((i, self.admission.stage(i)?)))
+        else {
             // Its rule is gone (renamed across a restart): nobody can send
             // it under the right rule; give its units back.
-            let _ = store
-                .release(&req.key, req.ticket, ReleaseReason::Admin)
+            let _ = self
+                .admission
+                .ledger()
+                .release(usize::MAX, &req.key, req.ticket, ReleaseReason::Admin)
                 .await;
             self.ack(&pool.config.name, &delivery).await;
             return;
@@ -259,9 +222,17 @@ impl Inner {
                 return;
             }
         }
-        let _ = store
-            .set_state(&req.key, req.ticket, TicketState::Held)
-            .await;
+        let terms = HoldTerms {
+            rule,
+            qty: req.qty,
+            release_on: stage.rule.release_on,
+        };
+        let (max_attempts, backoff) = (stage.rule.queue.max_attempts, stage.rule.queue.backoff);
+        let hold = self
+            .admission
+            .ledger()
+            .adopt(terms, req.key.clone(), req.ticket);
+        let _ = hold.set_state(TicketState::Held).await;
         // While this node serves it (tries, backoff, waiting for a slot),
         // keep the entry's idle time below the takeover threshold.
         let _heartbeat = Heartbeat::start(
@@ -274,15 +245,6 @@ impl Inner {
         let waited = Duration::from_millis(now_ms().saturating_sub(req.queued_at_ms));
         self.metrics.observe_queue_wait(&pool.config.name, waited);
         self.rates.record(&pool.config.name);
-        let winner = Winner {
-            rule,
-            key: req.key.clone(),
-            ticket: req.ticket,
-            qty: req.qty,
-        };
-        let (max_attempts, backoff) = self.admission.stage(rule).map_or((1, Duration::ZERO), |s| {
-            (s.rule.queue.max_attempts, s.rule.queue.backoff)
-        });
         let mut attempt = 1;
         loop {
             // Tell the queue this node is alive and still on it, so the
@@ -294,16 +256,9 @@ impl Inner {
             {
                 tracing::debug!(ticket = %req.ticket, error = %e, "queue touch failed");
             }
-            let sent = self.send(pool, &delivery).await;
-            let settlement = match &sent {
-                Sent::Answered(r) => Settlement::Answered {
-                    status: r.status,
-                    content_type: r.content_type.clone(),
-                },
-                Sent::Failed(reason) => Settlement::Failed(*reason),
-            };
-            let releases = self.admission.would_release(rule, &settlement);
-            if releases && attempt < max_attempts {
+            let (end, answer) = self.send(pool, req).await;
+            let settlement = hold.classify(end);
+            if settlement.releases() && attempt < max_attempts {
                 drop(slot);
                 let wait = backoff
                     .checked_mul(2u32.saturating_pow(attempt - 1))
@@ -313,43 +268,22 @@ impl Inner {
                 attempt += 1;
                 slot = match pool.slots.acquire().await {
                     Some(s) => s,
-                    None => return,
+                    // Slots only close at shutdown: the entry stays
+                    // unacknowledged and the queue keeps the hold.
+                    None => return hold.into_queue(),
                 };
                 continue;
             }
-            // Kept for the client's poll: the answer, or the failure. A
-            // failure is kept before the release, so a poll never sees a
-            // released ticket without its reason; an answer after the
-            // commit, like on the proxied path.
-            let kept = match &sent {
-                Sent::Answered(r) => r.clone(),
-                Sent::Failed(reason) => StoredResponse {
-                    status: 503,
-                    content_type: Some("application/json".into()),
-                    body: Bytes::from(format!(
-                        "{{\"outcome\":\"unavailable\",\"message\":\"the order could not be placed ({})\"}}",
-                        reason.as_str()
-                    )),
-                },
+            // Kept for the client's poll: the backend's answer, or the
+            // failure.
+            let kept = match (answer, settlement) {
+                (Some(a), _) => a,
+                (None, Settlement::Release(r) | Settlement::Keep(r)) => not_placed(r),
+                (None, Settlement::Commit) => not_placed(ReleaseReason::Timeout),
             };
-            if releases {
-                self.admission
-                    .keep_body(
-                        &winner,
-                        kept.status,
-                        kept.content_type.clone(),
-                        kept.body.clone(),
-                    )
-                    .await;
-            }
-            if let Err(e) = self.admission.settle(&winner, &settlement).await {
+            if let Err(e) = hold.settle_with_answer(settlement, &kept).await {
                 tracing::warn!(ticket = %req.ticket, error = %e, "could not settle a queued ticket");
                 return;
-            }
-            if !releases {
-                self.admission
-                    .keep_body(&winner, kept.status, kept.content_type, kept.body)
-                    .await;
             }
             self.ack(&pool.config.name, &delivery).await;
             drop(slot);
@@ -363,59 +297,107 @@ impl Inner {
         }
     }
 
-    /// One try: the request as the client sent it, plus the ticket headers.
-    async fn send(&self, pool: &UpstreamPool, delivery: &Delivery) -> Sent {
-        let req = &delivery.request;
-        let Some(addr): Option<SocketAddr> = pool.select_addr() else {
-            return Sent::Failed(ReleaseReason::ConnectError);
-        };
-        let mut builder = hyper::Request::builder()
-            .method(req.method.as_str())
-            .uri(format!("http://{addr}{}", req.path_and_query));
-        for (name, value) in &req.headers {
-            if !HOP_BY_HOP.contains(&name.to_ascii_lowercase().as_str()) {
-                builder = builder.header(name, value);
+    /// One try: the request as the queue keeps it, within the upstream's
+    /// connect and read timeouts.
+    async fn send(
+        &self,
+        pool: &UpstreamPool,
+        req: &QueuedRequest,
+    ) -> (ForwardEnd, Option<StoredResponse>) {
+        let sent = match (pool.select(), backend::request_of(req)) {
+            (Some(peer), Ok(header)) => {
+                let budget = pool.config.connect_timeout + pool.config.read_timeout;
+                tokio::time::timeout(budget, self.exchange(&peer, header, req.body.clone()))
+                    .await
+                    .unwrap_or(Err(ForwardEnd::Timeout))
             }
-        }
-        builder = builder
-            .header("x-sluice-ticket", req.ticket.to_string())
-            .header("x-sluice-quantity", req.qty.to_string())
-            .header("x-sluice-rule", &*req.key.rule);
-        let Ok(request) = builder.body(Full::new(req.body.clone())) else {
-            return Sent::Failed(ReleaseReason::ConnectError);
+            // No healthy server, or an entry that cannot be written: the
+            // backend never saw it.
+            _ => Err(ForwardEnd::ConnectError),
         };
-        let budget = pool.config.connect_timeout + pool.config.read_timeout;
-        let response = match tokio::time::timeout(budget, self.client.request(request)).await {
-            Ok(Ok(r)) => r,
-            failed => {
+        match sent {
+            Ok(answer) => {
+                self.metrics
+                    .observe_upstream(&pool.config.name, UpstreamClass::of_status(answer.status));
+                (ForwardEnd::Answered(answer.status), Some(answer))
+            }
+            Err(end) => {
                 self.metrics
                     .observe_upstream(&pool.config.name, UpstreamClass::Error);
-                return Sent::Failed(match failed {
-                    Ok(Err(e)) if e.is_connect() => ReleaseReason::ConnectError,
-                    _ => ReleaseReason::Timeout,
-                });
+                (end, None)
             }
-        };
-        let status = response.status().as_u16();
-        self.metrics
-            .observe_upstream(&pool.config.name, UpstreamClass::of_status(status));
-        let content_type = response
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let body =
-            match tokio::time::timeout(pool.config.read_timeout, response.into_body().collect())
+        }
+    }
+
+    /// Writes the request and reads the answer. A pooled connection that
+    /// turns out closed is retried once on another: delivery is at least
+    /// once anyway, and the backend keys orders by ticket.
+    async fn exchange(
+        &self,
+        peer: &HttpPeer,
+        header: RequestHeader,
+        body: Bytes,
+    ) -> Result<StoredResponse, ForwardEnd> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let (mut session, reused) = self
+                .connector
+                .get_http_session(peer)
                 .await
-            {
-                Ok(Ok(b)) => b.to_bytes(),
-                _ => return Sent::Failed(ReleaseReason::Timeout),
+                .map_err(|e| backend::end_of(&e, false))?;
+            let written = async {
+                session
+                    .write_request_header(Box::new(header.clone()))
+                    .await?;
+                session.write_request_body(body.clone(), true).await?;
+                session.finish_request_body().await?;
+                // 1xx answers (100 Continue, 103) come before the real one.
+                loop {
+                    session.read_response_header().await?;
+                    match session.response_header() {
+                        Some(h) if !h.status.is_informational() => break,
+                        _ => continue,
+                    }
+                }
+                Ok::<_, Box<pingora_core::Error>>(())
+            }
+            .await;
+            if let Err(e) = written {
+                if reused && tries < 2 {
+                    continue;
+                }
+                return Err(backend::end_of(&e, true));
+            }
+            let (status, content_type) = match session.response_header() {
+                Some(h) => (
+                    h.status.as_u16(),
+                    h.headers
+                        .get(http::header::CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string),
+                ),
+                None => return Err(ForwardEnd::Reset),
             };
-        let body = body.slice(..body.len().min(MAX_KEPT_BODY));
-        Sent::Answered(StoredResponse {
-            status,
-            content_type,
-            body,
-        })
+            let mut kept = BytesMut::new();
+            loop {
+                match session.read_response_body().await {
+                    Ok(Some(chunk)) => {
+                        let room = MAX_KEPT_BODY.saturating_sub(kept.len());
+                        kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                    }
+                    Ok(None) => break,
+                    Err(e) => return Err(backend::end_of(&e, true)),
+                }
+            }
+            self.connector
+                .release_http_session(session, peer, peer.options.idle_timeout)
+                .await;
+            return Ok(StoredResponse {
+                status,
+                content_type,
+                body: kept.freeze(),
+            });
+        }
     }
 }

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use super::gateway::free_port;
+use crate::gateway::free_port;
 
 /// How long `start`/`restart` wait for the server to answer `PING`.
 const READY_DEADLINE: Duration = Duration::from_secs(10);

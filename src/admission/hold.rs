@@ -1,0 +1,448 @@
+//! A winner's hold on its units, as a value with one owner.
+//!
+//! Stage 7 makes a [`Hold`]; from then on exactly one place owns it: the
+//! proxy's request context while the order is forwarded, the queue entry
+//! while it waits ([`Hold::into_queue`] hands it over, the drainer takes it
+//! back with [`Ledger::adopt`]), the drainer while it sends it. Settling
+//! consumes the hold ([`Hold::settle`]), so settling twice does not
+//! compile; dropping an unsettled hold releases its units as
+//! `client_gone` (with a warning), so no path can leak units.
+//!
+//! How a forward ended is turned into a [`Settlement`] in one place,
+//! [`classify`], under the rule's `release_on`; the proxy and the drainer
+//! both call it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::soldout::SoldOutFlags;
+use crate::backend::{ForwardEnd, TicketHeaders};
+use crate::rules::ReleaseOn;
+use crate::store::{Store, StoreError, TicketState};
+use crate::vocab::{ReleaseReason, SkuKey, StoredResponse, TicketId};
+
+/// What becomes of a hold's units.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settlement {
+    /// The backend took the order: the units are sold.
+    Commit,
+    /// The units go back to stock and the buyer's marks are cleared.
+    Release(ReleaseReason),
+    /// The backend may have acted: the units stay held for reconcile or
+    /// an admin release, never resold blindly.
+    Keep(ReleaseReason),
+}
+
+impl Settlement {
+    /// Whether the units go back to stock (a failure the queue may retry).
+    pub fn releases(self) -> bool {
+        matches!(self, Settlement::Release(_))
+    }
+}
+
+/// The one mapping from how a forward ended to what happens to its units.
+pub fn classify(end: ForwardEnd, on: &ReleaseOn) -> Settlement {
+    let by_rule = |listed: bool, reason| {
+        if listed {
+            Settlement::Release(reason)
+        } else {
+            Settlement::Keep(reason)
+        }
+    };
+    match end {
+        ForwardEnd::Answered(500..=599) if on.status_5xx => {
+            Settlement::Release(ReleaseReason::Status5xx)
+        }
+        ForwardEnd::Answered(400..=499) if on.status_4xx => {
+            Settlement::Release(ReleaseReason::Status4xx)
+        }
+        ForwardEnd::Answered(_) => Settlement::Commit,
+        ForwardEnd::ConnectError => by_rule(on.connect_error, ReleaseReason::ConnectError),
+        // A reset after the request left is as uncertain as a timeout:
+        // `release_on: [timeout]` is the operator's word on both.
+        ForwardEnd::Timeout | ForwardEnd::Reset => by_rule(on.timeout, ReleaseReason::Timeout),
+        // The backend was never asked: always safe to return.
+        ForwardEnd::ClientGone { sent: false } => Settlement::Release(ReleaseReason::ClientGone),
+        // The backend was asked and nobody will read its answer: whether
+        // it placed the order is unknown, so the units stay held.
+        ForwardEnd::ClientGone { sent: true } => Settlement::Keep(ReleaseReason::ClientGone),
+    }
+}
+
+/// The settling side of the store: commits, releases, kept answers and
+/// the sold-out flags a release clears. Shared by every hold.
+pub struct Ledger {
+    store: Arc<dyn Store>,
+    flags: SoldOutFlags,
+    result_ttl: Duration,
+}
+
+impl Ledger {
+    /// A ledger over `store` for `rules` rules, keeping answers for `result_ttl`.
+    pub fn new(store: Arc<dyn Store>, rules: usize, result_ttl: Duration) -> Self {
+        Self {
+            store,
+            flags: SoldOutFlags::new(rules),
+            result_ttl,
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The local sold-out flags.
+    pub fn flags(&self) -> &SoldOutFlags {
+        &self.flags
+    }
+
+    /// How long tickets' kept answers live.
+    pub fn result_ttl(&self) -> Duration {
+        self.result_ttl
+    }
+
+    /// Returns a ticket's units and clears the local sold-out flag.
+    pub async fn release(
+        &self,
+        rule: usize,
+        key: &SkuKey,
+        ticket: TicketId,
+        reason: ReleaseReason,
+    ) -> Result<u64, StoreError> {
+        let moved = self.store.release(key, ticket, reason).await?;
+        if moved > 0 {
+            self.flags.clear(rule, &key.sku);
+        }
+        Ok(moved)
+    }
+
+    /// Takes back the hold of a queued entry this node is about to send.
+    pub fn adopt(self: &Arc<Self>, terms: HoldTerms, key: SkuKey, ticket: TicketId) -> Hold {
+        Hold {
+            inner: Some(Held {
+                ledger: self.clone(),
+                terms,
+                key,
+                ticket,
+            }),
+        }
+    }
+
+    async fn keep(&self, key: &SkuKey, ticket: TicketId, answer: &StoredResponse) {
+        if let Err(e) = self
+            .store
+            .keep_response(key, ticket, answer, self.result_ttl)
+            .await
+        {
+            tracing::debug!(ticket = %ticket, error = %e, "could not keep the answer");
+        }
+    }
+}
+
+/// What a hold needs of its rule to settle.
+#[derive(Clone, Copy, Debug)]
+pub struct HoldTerms {
+    /// Index of the rule (for its sold-out flags).
+    pub rule: usize,
+    /// Units held.
+    pub qty: u32,
+    /// The rule's `release_on`.
+    pub release_on: ReleaseOn,
+}
+
+struct Held {
+    ledger: Arc<Ledger>,
+    terms: HoldTerms,
+    key: SkuKey,
+    ticket: TicketId,
+}
+
+/// A winner's units, held by its ticket until settled.
+#[must_use = "a hold must be settled; dropping it releases its units as client_gone"]
+pub struct Hold {
+    /// `None` only once settled or handed over, i.e. in `Drop`.
+    inner: Option<Held>,
+}
+
+/// A settled hold's ticket, to keep the backend's answer once its body
+/// is through (it arrives after the settlement, which happens before the
+/// answer is written).
+pub struct Receipt {
+    ledger: Arc<Ledger>,
+    key: SkuKey,
+    ticket: TicketId,
+}
+
+impl Receipt {
+    /// Keeps the answer for duplicates and ticket polls.
+    pub async fn keep(&self, answer: &StoredResponse) {
+        self.ledger.keep(&self.key, self.ticket, answer).await;
+    }
+}
+
+impl Hold {
+    /// A fresh hold of a ticket that just won.
+    pub(crate) fn new(
+        ledger: Arc<Ledger>,
+        terms: HoldTerms,
+        key: SkuKey,
+        ticket: TicketId,
+    ) -> Self {
+        ledger.adopt(terms, key, ticket)
+    }
+
+    fn held(&self) -> &Held {
+        // Every consuming method takes `self`; only `Drop` sees `None`.
+        self.inner
+            .as_ref()
+            .expect("a live hold always has its ticket")
+    }
+
+    /// The ticket (the backend's idempotency key).
+    pub fn ticket(&self) -> TicketId {
+        self.held().ticket
+    }
+
+    /// The stock it holds units of.
+    pub fn key(&self) -> &SkuKey {
+        &self.held().key
+    }
+
+    /// The terms it was made under.
+    pub fn terms(&self) -> HoldTerms {
+        self.held().terms
+    }
+
+    /// The ticket headers its request carries to the backend.
+    pub fn ticket_headers(&self) -> TicketHeaders<'_> {
+        let h = self.held();
+        TicketHeaders {
+            ticket: h.ticket,
+            qty: h.terms.qty,
+            key: &h.key,
+        }
+    }
+
+    /// How an end of its forward settles, under its rule's `release_on`.
+    pub fn classify(&self, end: ForwardEnd) -> Settlement {
+        classify(end, &self.held().terms.release_on)
+    }
+
+    /// Moves its ticket between `Queued` and `Held` in the store.
+    pub async fn set_state(&self, state: TicketState) -> Result<(), StoreError> {
+        let h = self.held();
+        h.ledger.store.set_state(&h.key, h.ticket, state).await
+    }
+
+    fn take(mut self) -> Held {
+        // Consuming methods run once per value, so `inner` is still there.
+        self.inner
+            .take()
+            .expect("a live hold always has its ticket")
+    }
+
+    /// Settles the hold: commits, releases or keeps its units.
+    pub async fn settle(self, how: Settlement) -> Result<Receipt, StoreError> {
+        let h = self.take();
+        h.apply(how, None).await?;
+        Ok(h.receipt())
+    }
+
+    /// Settles the hold and keeps `answer` for the buyer's poll: a release
+    /// keeps it first (a poll never sees a released ticket without its
+    /// reason), a commit keeps it with the commit.
+    pub async fn settle_with_answer(
+        self,
+        how: Settlement,
+        answer: &StoredResponse,
+    ) -> Result<(), StoreError> {
+        self.take().apply(how, Some(answer)).await
+    }
+
+    /// Hands the hold to the queue entry that now carries its ticket; the
+    /// drainer that sends the entry takes it back with [`Ledger::adopt`].
+    pub fn into_queue(self) {
+        drop(self.take());
+    }
+}
+
+impl Held {
+    fn receipt(self) -> Receipt {
+        Receipt {
+            ledger: self.ledger,
+            key: self.key,
+            ticket: self.ticket,
+        }
+    }
+
+    async fn apply(
+        &self,
+        how: Settlement,
+        answer: Option<&StoredResponse>,
+    ) -> Result<(), StoreError> {
+        let ledger = &self.ledger;
+        match how {
+            Settlement::Commit => {
+                ledger
+                    .store
+                    .commit(&self.key, self.ticket, answer, ledger.result_ttl)
+                    .await
+            }
+            Settlement::Release(reason) => {
+                if let Some(a) = answer {
+                    ledger.keep(&self.key, self.ticket, a).await;
+                }
+                ledger
+                    .release(self.terms.rule, &self.key, self.ticket, reason)
+                    .await
+                    .map(drop)
+            }
+            Settlement::Keep(reason) => {
+                tracing::warn!(ticket = %self.ticket, reason = reason.as_str(),
+                    "backend failure not in release_on; units stay in flight");
+                if let Some(a) = answer {
+                    ledger.keep(&self.key, self.ticket, a).await;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let Some(h) = self.inner.take() else {
+            return;
+        };
+        tracing::warn!(ticket = %h.ticket, "hold dropped unsettled; releasing its units as client_gone");
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    if let Err(e) = h
+                        .apply(Settlement::Release(ReleaseReason::ClientGone), None)
+                        .await
+                    {
+                        tracing::warn!(ticket = %h.ticket, error = %e, "could not release a dropped hold");
+                    }
+                });
+            }
+            Err(_) => {
+                tracing::error!(ticket = %h.ticket, "hold dropped outside a runtime; its units stay held");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+    use crate::store::{Reservation, Reserved};
+
+    fn on(list: &[&str]) -> ReleaseOn {
+        ReleaseOn {
+            connect_error: list.contains(&"connect_error"),
+            timeout: list.contains(&"timeout"),
+            status_5xx: list.contains(&"5xx"),
+            status_4xx: list.contains(&"4xx"),
+        }
+    }
+
+    #[test]
+    fn every_end_of_a_forward_settles_one_way() {
+        use ForwardEnd::*;
+        use ReleaseReason as R;
+        use Settlement::*;
+        let all = on(&["connect_error", "timeout", "5xx", "4xx"]);
+        let none = on(&[]);
+        let only_5xx = on(&["5xx"]);
+        let only_timeout = on(&["timeout"]);
+        let only_connect = on(&["connect_error"]);
+        let table: Vec<(ForwardEnd, &ReleaseOn, Settlement)> = vec![
+            (Answered(200), &all, Commit),
+            (Answered(201), &none, Commit),
+            (Answered(302), &all, Commit),
+            (Answered(404), &all, Release(R::Status4xx)),
+            (Answered(404), &none, Commit),
+            (Answered(409), &only_5xx, Commit),
+            (Answered(500), &all, Release(R::Status5xx)),
+            (Answered(503), &only_5xx, Release(R::Status5xx)),
+            (Answered(503), &none, Commit),
+            (ConnectError, &all, Release(R::ConnectError)),
+            (ConnectError, &none, Keep(R::ConnectError)),
+            (Timeout, &all, Release(R::Timeout)),
+            (Timeout, &none, Keep(R::Timeout)),
+            (Reset, &only_timeout, Release(R::Timeout)),
+            (Reset, &only_connect, Keep(R::Timeout)),
+            (ClientGone { sent: false }, &none, Release(R::ClientGone)),
+            (ClientGone { sent: false }, &all, Release(R::ClientGone)),
+            (ClientGone { sent: true }, &all, Keep(R::ClientGone)),
+            (ClientGone { sent: true }, &none, Keep(R::ClientGone)),
+        ];
+        for (end, release_on, want) in table {
+            assert_eq!(
+                classify(end, release_on),
+                want,
+                "{end:?} under {release_on:?}"
+            );
+        }
+    }
+
+    async fn won(ledger: &Arc<Ledger>, key: &SkuKey) -> Hold {
+        let ticket = TicketId::random();
+        let r = Reservation {
+            key,
+            ticket,
+            user: "u1",
+            qty: 1,
+            marks: &[],
+            per_user_limit: None,
+        };
+        assert_eq!(
+            ledger.store.reserve(&r).await.expect("reserve"),
+            Reserved::Won
+        );
+        let terms = HoldTerms {
+            rule: 0,
+            qty: 1,
+            release_on: on(&[]),
+        };
+        Hold::new(ledger.clone(), terms, key.clone(), ticket)
+    }
+
+    #[tokio::test]
+    async fn a_dropped_hold_gives_its_units_back() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let ledger = Arc::new(Ledger::new(store.clone(), 1, Duration::from_secs(60)));
+        let key = SkuKey::new("r", "s");
+        store.set_available(&key, 1).await.expect("load");
+        let hold = won(&ledger, &key).await;
+        assert_eq!(store.available(&key).await.expect("read"), Some(0));
+        drop(hold);
+        for _ in 0..100 {
+            if store.available(&key).await.expect("read") == Some(1) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the dropped hold's unit never came back");
+    }
+
+    #[tokio::test]
+    async fn settling_consumes_the_hold_and_moves_the_units_once() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let ledger = Arc::new(Ledger::new(store.clone(), 1, Duration::from_secs(60)));
+        let key = SkuKey::new("r", "s");
+        store.set_available(&key, 2).await.expect("load");
+        let sold = won(&ledger, &key).await;
+        let returned = won(&ledger, &key).await;
+        sold.settle(Settlement::Commit).await.expect("commit");
+        returned
+            .settle(Settlement::Release(ReleaseReason::Timeout))
+            .await
+            .expect("release");
+        let view = store.stock(&key).await.expect("read").expect("loaded");
+        assert_eq!((view.available, view.sold, view.in_flight), (1, 1, 0));
+    }
+}

@@ -1,0 +1,302 @@
+//! How a request is presented to the backend, for the proxied path and
+//! the queue drainer alike, and how an exchange with it ended.
+//!
+//! - Headers: client headers named `X-Sluice-*` never reach the backend;
+//!   `X-Forwarded-For` is rebuilt (`forwarded`); a winner carries
+//!   `X-Sluice-Ticket`, `X-Sluice-Quantity` and `X-Sluice-Rule`. A queued
+//!   request is sent later with its body in one piece, so it also loses
+//!   the hop-by-hop headers and gets its own `Content-Length`.
+//! - Timeouts: the upstream's peer options (`upstream::UpstreamPool`),
+//!   used by both paths.
+//! - Endings: [`end_of`] names a pingora error as a [`ForwardEnd`], which
+//!   the admission side turns into a settlement.
+
+pub mod forwarded;
+
+use std::net::IpAddr;
+
+use bytes::Bytes;
+use ipnet::IpNet;
+use pingora_core::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::RequestHeader;
+
+use crate::queue::QueuedRequest;
+use crate::vocab::{now_ms, SkuKey, TicketId};
+
+/// Client headers with this prefix are ours and never reach the backend.
+pub const SLUICE_HEADER_PREFIX: &str = "x-sluice-";
+
+/// Hop-by-hop headers belong to one connection, not to the request; a
+/// queued request is sent on another connection, framed anew.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "content-length",
+];
+
+/// Every way a forward to the backend can end, as the proxy or the
+/// drainer saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardEnd {
+    /// The backend answered with this status (not 1xx).
+    Answered(u16),
+    /// No connection could be made: the backend never saw the request.
+    ConnectError,
+    /// The backend did not answer in time after the request left.
+    Timeout,
+    /// The connection broke after the request left.
+    Reset,
+    /// The client went away; `sent` says whether the backend was asked.
+    ClientGone {
+        /// Whether any of the request had reached the backend.
+        sent: bool,
+    },
+}
+
+/// The ticket a winner's request carries to the backend.
+#[derive(Clone, Copy, Debug)]
+pub struct TicketHeaders<'a> {
+    /// The ticket (the backend's idempotency key).
+    pub ticket: TicketId,
+    /// Units held.
+    pub qty: u32,
+    /// Its stock (the rule name is sent).
+    pub key: &'a SkuKey,
+}
+
+/// Where the request came from, for `X-Forwarded-For`.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientHop<'a> {
+    /// The socket peer, when it is an inet address.
+    pub peer: Option<IpAddr>,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted: &'a [IpNet],
+}
+
+/// Rewrites a request header as the backend must see it.
+pub fn present(
+    req: &mut RequestHeader,
+    from: ClientHop<'_>,
+    ticket: Option<TicketHeaders<'_>>,
+) -> Result<()> {
+    let ours: Vec<http::HeaderName> = req
+        .headers
+        .keys()
+        .filter(|n| n.as_str().starts_with(SLUICE_HEADER_PREFIX))
+        .cloned()
+        .collect();
+    for name in ours {
+        req.remove_header(&name);
+    }
+    if let Some(peer) = from.peer {
+        let incoming = req
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok());
+        let xff = forwarded::forwarded_for(peer, incoming, from.trusted);
+        req.insert_header("X-Forwarded-For", xff)?;
+    }
+    if let Some(t) = ticket {
+        set_ticket(req, t)?;
+    }
+    Ok(())
+}
+
+fn set_ticket(req: &mut RequestHeader, t: TicketHeaders<'_>) -> Result<()> {
+    req.insert_header("X-Sluice-Ticket", t.ticket.to_string())?;
+    req.insert_header("X-Sluice-Quantity", t.qty.to_string())?;
+    req.insert_header("X-Sluice-Rule", &*t.key.rule)
+}
+
+/// A winner's request as the queue keeps it: presented as the backend
+/// will receive it, with its whole body.
+pub fn queued(
+    req: &RequestHeader,
+    body: Bytes,
+    from: ClientHop<'_>,
+    ticket: TicketHeaders<'_>,
+) -> Result<QueuedRequest> {
+    let mut presented = req.clone();
+    present(&mut presented, from, Some(ticket))?;
+    let headers = presented
+        .headers
+        .iter()
+        .filter(|(n, _)| !HOP_BY_HOP.contains(&n.as_str()))
+        .filter_map(|(n, v)| v.to_str().ok().map(|v| (n.to_string(), v.to_string())))
+        .collect();
+    Ok(QueuedRequest {
+        ticket: ticket.ticket,
+        key: ticket.key.clone(),
+        qty: ticket.qty,
+        method: req.method.to_string(),
+        path_and_query: req
+            .uri
+            .path_and_query()
+            .map_or_else(|| "/".to_string(), |p| p.to_string()),
+        headers,
+        body,
+        queued_at_ms: now_ms(),
+    })
+}
+
+/// The request header the drainer sends for a queued request. The ticket
+/// headers are set again from the entry itself, so an entry is sent under
+/// its own ticket whatever its headers say.
+pub fn request_of(q: &QueuedRequest) -> Result<RequestHeader> {
+    let mut req = RequestHeader::build(q.method.as_str(), q.path_and_query.as_bytes(), None)?;
+    for (name, value) in &q.headers {
+        let lower = name.to_ascii_lowercase();
+        if HOP_BY_HOP.contains(&lower.as_str()) {
+            continue;
+        }
+        req.append_header(lower, value.as_str())?;
+    }
+    req.insert_header(http::header::CONTENT_LENGTH, q.body.len())?;
+    set_ticket(
+        &mut req,
+        TicketHeaders {
+            ticket: q.ticket,
+            qty: q.qty,
+            key: &q.key,
+        },
+    )?;
+    Ok(req)
+}
+
+/// How an exchange that failed with `e` ended; `sent` says whether the
+/// request had started to reach the backend.
+pub fn end_of(e: &Error, sent: bool) -> ForwardEnd {
+    if e.esource() == &ErrorSource::Downstream {
+        return ForwardEnd::ClientGone { sent };
+    }
+    match e.etype() {
+        ErrorType::ConnectTimedout
+        | ErrorType::ConnectRefused
+        | ErrorType::ConnectNoRoute
+        | ErrorType::ConnectError
+        | ErrorType::BindError
+        | ErrorType::SocketError => ForwardEnd::ConnectError,
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout => ForwardEnd::Timeout,
+        _ => ForwardEnd::Reset,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(headers: &[(&str, &str)]) -> RequestHeader {
+        let mut req =
+            RequestHeader::build("POST", b"/api/seckill/p1/order?x=1", None).expect("req");
+        for (n, v) in headers {
+            req.append_header(n.to_string(), *v).expect("header");
+        }
+        req
+    }
+
+    fn peer(ip: &str) -> ClientHop<'static> {
+        ClientHop {
+            peer: Some(ip.parse().expect("ip")),
+            trusted: &[],
+        }
+    }
+
+    #[test]
+    fn clients_cannot_send_our_headers_and_winners_carry_their_ticket() {
+        let key = SkuKey::new("phone", "p1");
+        let mut req = request(&[
+            ("x-sluice-ticket", "forged"),
+            ("X-Sluice-Rule", "other"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-user-id", "u1"),
+        ]);
+        let ticket = TicketHeaders {
+            ticket: TicketId(7),
+            qty: 2,
+            key: &key,
+        };
+        present(&mut req, peer("203.0.113.9"), Some(ticket)).expect("present");
+        let h = |n: &str| {
+            req.headers
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        assert_eq!(h("x-sluice-ticket"), Some(TicketId(7).to_string()));
+        assert_eq!(h("x-sluice-quantity").as_deref(), Some("2"));
+        assert_eq!(h("x-sluice-rule").as_deref(), Some("phone"));
+        assert_eq!(h("x-forwarded-for").as_deref(), Some("203.0.113.9"));
+        assert_eq!(h("x-user-id").as_deref(), Some("u1"));
+
+        let mut plain = request(&[("x-sluice-ticket", "forged")]);
+        present(&mut plain, peer("203.0.113.9"), None).expect("present");
+        assert!(plain.headers.get("x-sluice-ticket").is_none());
+    }
+
+    #[test]
+    fn a_queued_request_is_framed_anew_and_keeps_its_ticket() {
+        let key = SkuKey::new("phone", "p1");
+        let req = request(&[
+            ("content-type", "application/json"),
+            ("transfer-encoding", "chunked"),
+            ("connection", "keep-alive"),
+            ("x-sluice-quantity", "99"),
+        ]);
+        let ticket = TicketHeaders {
+            ticket: TicketId(9),
+            qty: 1,
+            key: &key,
+        };
+        let q = queued(
+            &req,
+            Bytes::from_static(b"{\"qty\":1}"),
+            peer("10.0.0.1"),
+            ticket,
+        )
+        .expect("queued");
+        assert_eq!(q.path_and_query, "/api/seckill/p1/order?x=1");
+        let sent = request_of(&q).expect("request");
+        let h = |n: &str| {
+            sent.headers
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        assert_eq!(h("content-length").as_deref(), Some("9"));
+        assert_eq!(h("transfer-encoding"), None);
+        assert_eq!(h("connection"), None);
+        assert_eq!(h("x-sluice-quantity").as_deref(), Some("1"));
+        assert_eq!(h("x-sluice-ticket"), Some(TicketId(9).to_string()));
+        assert_eq!(h("content-type").as_deref(), Some("application/json"));
+        assert_eq!(sent.method, http::Method::POST);
+    }
+
+    #[test]
+    fn errors_name_how_the_exchange_ended() {
+        let up = Error::new_up;
+        assert_eq!(
+            end_of(&up(ErrorType::ConnectRefused), false),
+            ForwardEnd::ConnectError
+        );
+        assert_eq!(
+            end_of(&up(ErrorType::ConnectTimedout), false),
+            ForwardEnd::ConnectError
+        );
+        assert_eq!(
+            end_of(&up(ErrorType::ReadTimedout), true),
+            ForwardEnd::Timeout
+        );
+        assert_eq!(
+            end_of(&up(ErrorType::ConnectionClosed), true),
+            ForwardEnd::Reset
+        );
+        let down = Error::new_down(ErrorType::ConnectionClosed);
+        assert_eq!(end_of(&down, false), ForwardEnd::ClientGone { sent: false });
+        assert_eq!(end_of(&down, true), ForwardEnd::ClientGone { sent: true });
+    }
+}

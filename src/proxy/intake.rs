@@ -1,0 +1,194 @@
+//! What `request_filter` does with a request, read off the pingora
+//! session: size limits, ticket polls, rule matching, reading a rule's
+//! body, and handing the attempt to the admission pipeline (stages 2-8).
+//! Only session plumbing lives here; every decision is the pipeline's.
+
+use bytes::{Bytes, BytesMut};
+use pingora_core::{Error, ErrorType, Result};
+use pingora_http::RequestHeader;
+use pingora_proxy::Session;
+
+use super::{RequestCtx, SluiceProxy};
+use crate::admission::extract::RequestParts;
+use crate::admission::hold::Hold;
+use crate::admission::overflow::Waited;
+use crate::admission::{Candidate, Verdict};
+use crate::backend::{self, forwarded};
+use crate::outcome::{Answer, Outcome};
+use crate::queue::QueuedRequest;
+
+/// The path prefix of ticket polls.
+const TICKETS_PATH: &str = "/sluice/tickets/";
+
+/// The body length a request declares (`None` for chunked or absent).
+pub(super) fn declared_length(req: &RequestHeader) -> Option<u64> {
+    req.headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+}
+
+impl SluiceProxy {
+    /// Everything before the backend; `Ok(true)` when the gateway answered.
+    pub(super) async fn intake(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        if let Some(refusal) = self.size_refusal(session.req_header()) {
+            // The body was not read: the connection cannot be reused.
+            session.set_keepalive(None);
+            self.answer(session, ctx, &refusal).await?;
+            return Ok(true);
+        }
+        let req = session.req_header();
+        if req.method == http::Method::GET {
+            if let Some(id) = req.uri.path().strip_prefix(TICKETS_PATH) {
+                let answer = self.admission.poll(id).await;
+                self.answer(session, ctx, &answer).await?;
+                return Ok(true);
+            }
+        }
+        let Some(m) = self.admission.find(&req.method, req.uri.path()) else {
+            return Ok(false);
+        };
+        ctx.rule = Some((m.index, m.rule.name.clone()));
+        ctx.upstream = m.rule.upstream;
+        let index = m.index;
+        let captures: Vec<(String, String)> = m
+            .captures
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.admit(session, ctx, index, &captures).await
+    }
+
+    /// Stages 2-8 for a request that matched rule `index`.
+    async fn admit(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        index: usize,
+        captures: &[(String, String)],
+    ) -> Result<bool> {
+        let body = match self.read_rule_body(session).await? {
+            Ok(b) => b,
+            Err(refusal) => {
+                session.set_keepalive(None);
+                self.answer(session, ctx, &refusal).await?;
+                return Ok(true);
+            }
+        };
+        let verdict = {
+            let req = session.req_header();
+            let captures: Vec<(&str, &str)> = captures
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let candidate = Candidate {
+                parts: RequestParts {
+                    headers: &req.headers,
+                    query: req.uri.query(),
+                    captures: &captures,
+                    body: Some(&body),
+                },
+                client_ip: forwarded::client_ip(
+                    self.peer(session)
+                        .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
+                    req.headers
+                        .get("x-forwarded-for")
+                        .and_then(|v| v.to_str().ok()),
+                    &self.config.trusted_proxies,
+                ),
+            };
+            self.admission.admit(index, &candidate).await
+        };
+        let hold = match verdict {
+            Verdict::Answer(answer) => {
+                self.answer(session, ctx, &answer).await?;
+                return Ok(true);
+            }
+            Verdict::PassCapped(permit) => {
+                ctx.outcome = Outcome::Forwarded;
+                ctx.pass_permit = Some(permit);
+                return Ok(false);
+            }
+            Verdict::Forward(hold) => hold,
+        };
+        let pool = self.upstreams.pool(ctx.upstream);
+        // While waiting, watch the client: one who leaves gets its units
+        // back instead of an order nobody will read.
+        let gone = async {
+            let _ = session.as_downstream_mut().read_body_or_idle(true).await;
+        };
+        match self.admission.wait_for_slot(hold, index, pool, gone).await {
+            Waited::Slot(hold, slot) => {
+                ctx.outcome = Outcome::Forwarded;
+                ctx.ticket = Some(hold.ticket());
+                ctx.hold = Some(hold);
+                ctx.slot = Some(slot);
+                Ok(false)
+            }
+            Waited::Full(hold) => {
+                let request = self.queued_request(session, &hold, body);
+                let answer = self.admission.enqueue(hold, request, index, pool).await;
+                self.answer(session, ctx, &answer).await?;
+                Ok(true)
+            }
+            Waited::ClientGone => Error::e_explain(
+                ErrorType::ConnectionClosed,
+                "client left while waiting for a slot",
+            ),
+        }
+    }
+
+    /// A winner's request as the queue keeps it.
+    fn queued_request(&self, session: &Session, hold: &Hold, body: Bytes) -> Option<QueuedRequest> {
+        let from = backend::ClientHop {
+            peer: self.peer(session),
+            trusted: &self.config.trusted_proxies,
+        };
+        backend::queued(session.req_header(), body, from, hold.ticket_headers())
+            .map_err(|e| tracing::warn!(error = %e, "cannot keep a winner's request"))
+            .ok()
+    }
+
+    /// Reads a rule-matched body (bounded) into pingora's retry buffer, so
+    /// it can be inspected now and still reach the backend later.
+    async fn read_rule_body(
+        &self,
+        session: &mut Session,
+    ) -> Result<std::result::Result<Bytes, Answer>> {
+        let limit = self.config.limits.max_rule_body_bytes;
+        if declared_length(session.req_header()).is_some_and(|n| n > limit) {
+            return Ok(Err(Answer::BodyTooLarge { limit }));
+        }
+        session.as_downstream_mut().enable_retry_buffering();
+        let mut body = BytesMut::new();
+        while let Some(chunk) = session.as_downstream_mut().read_request_body().await? {
+            body.extend_from_slice(&chunk);
+            if body.len() as u64 > limit {
+                return Ok(Err(Answer::BodyTooLarge { limit }));
+            }
+        }
+        Ok(Ok(body.freeze()))
+    }
+
+    /// Checks the size limits that apply before any rule: 431 and 413.
+    fn size_refusal(&self, req: &RequestHeader) -> Option<Answer> {
+        let limits = &self.config.limits;
+        let header_bytes: u64 = req
+            .headers
+            .iter()
+            // name + ": " + value + CRLF, as on the wire.
+            .map(|(n, v)| (n.as_str().len() + v.len() + 4) as u64)
+            .sum();
+        if header_bytes > limits.max_header_bytes {
+            return Some(Answer::HeadersTooLarge {
+                limit: limits.max_header_bytes,
+            });
+        }
+        match declared_length(req) {
+            Some(n) if n > limits.max_body_bytes => Some(Answer::BodyTooLarge {
+                limit: limits.max_body_bytes,
+            }),
+            _ => None,
+        }
+    }
+}
