@@ -36,9 +36,31 @@ pub fn free_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
+/// The `sluice` binary under test: `$SLUICE_BIN` when set, else the one
+/// cargo built beside the running test or bench (`target/<profile>/sluice`;
+/// the test itself runs from `target/<profile>/deps/`). Cargo builds a
+/// package's binaries before its integration tests and benches.
+pub fn sluice_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("SLUICE_BIN") {
+        return PathBuf::from(bin);
+    }
+    let exe = std::env::current_exe().expect("path of the running test");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("tests run from target/<profile>/deps");
+    let bin = profile_dir.join(format!("sluice{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.is_file(),
+        "{} not found: build it (cargo test / cargo bench do) or set SLUICE_BIN",
+        bin.display()
+    );
+    bin
+}
+
 /// A `Command` for the `sluice` binary under test (e.g. for `sluice check`).
 pub fn sluice_cmd() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_sluice"))
+    Command::new(sluice_bin())
 }
 
 /// Value of the first sample of exactly `name` whose labels include all of `labels`.
@@ -335,7 +357,7 @@ impl Gateway {
 
     /// `GET /metrics` on the admin address; panics unless 200.
     pub async fn metrics(&self) -> String {
-        let resp = super::client::get(self.admin, "/metrics").await;
+        let resp = crate::client::get(self.admin, "/metrics").await;
         assert_eq!(
             resp.status,
             200,
