@@ -74,7 +74,8 @@ async fn decide(adm: &Arc<Admission>, first_user: usize, n: usize) -> (Duration,
                     Verdict::Forward(hold) => {
                         // A winner's whole life: reserve (above), commit
                         // before the answer, keep the answer after it.
-                        let receipt = hold.settle(Settlement::Commit).await.expect("commit");
+                        let (receipt, committed) = hold.settle(Settlement::Commit).await;
+                        committed.expect("commit");
                         receipt
                             .keep(&StoredResponse {
                                 status: 200,

@@ -156,7 +156,12 @@ pub fn request_of(q: &QueuedRequest) -> Result<RequestHeader> {
         }
         req.append_header(lower, value.as_str())?;
     }
-    req.insert_header(http::header::CONTENT_LENGTH, q.body.len())?;
+    // A body is framed by its length; a bodiless GET or DELETE sends none,
+    // as the client did.
+    let carries_body = matches!(q.method.as_str(), "POST" | "PUT" | "PATCH");
+    if !q.body.is_empty() || carries_body {
+        req.insert_header(http::header::CONTENT_LENGTH, q.body.len())?;
+    }
     set_ticket(
         &mut req,
         TicketHeaders {

@@ -305,12 +305,7 @@ impl Inner {
         req: &QueuedRequest,
     ) -> (ForwardEnd, Option<StoredResponse>) {
         let sent = match (pool.select(), backend::request_of(req)) {
-            (Some(peer), Ok(header)) => {
-                let budget = pool.config.connect_timeout + pool.config.read_timeout;
-                tokio::time::timeout(budget, self.exchange(&peer, header, req.body.clone()))
-                    .await
-                    .unwrap_or(Err(ForwardEnd::Timeout))
-            }
+            (Some(peer), Ok(header)) => self.exchange(pool, &peer, header, req.body.clone()).await,
             // No healthy server, or an entry that cannot be written: the
             // backend never saw it.
             _ => Err(ForwardEnd::ConnectError),
@@ -329,75 +324,87 @@ impl Inner {
         }
     }
 
-    /// Writes the request and reads the answer. A pooled connection that
-    /// turns out closed is retried once on another: delivery is at least
-    /// once anyway, and the backend keys orders by ticket.
+    /// Writes the request and reads the answer: the answer's header within
+    /// `connect_timeout + read_timeout`, its body within `read_timeout`. A
+    /// pooled connection found closed before the request could reach the
+    /// backend (pingora marks such errors retryable on reused connections)
+    /// is retried once on another.
     async fn exchange(
         &self,
+        pool: &UpstreamPool,
         peer: &HttpPeer,
         header: RequestHeader,
         body: Bytes,
     ) -> Result<StoredResponse, ForwardEnd> {
-        let mut tries = 0;
-        loop {
-            tries += 1;
+        let budget = pool.config.connect_timeout + pool.config.read_timeout;
+        let mut retried = false;
+        let mut session = loop {
             let (mut session, reused) = self
                 .connector
                 .get_http_session(peer)
                 .await
-                .map_err(|e| backend::end_of(&e, false))?;
-            let written = async {
+                // After a retry, the first try may have reached it.
+                .map_err(|e| backend::end_of(&e, retried))?;
+            let answered = tokio::time::timeout(budget, async {
                 session
                     .write_request_header(Box::new(header.clone()))
                     .await?;
                 session.write_request_body(body.clone(), true).await?;
                 session.finish_request_body().await?;
-                // 1xx answers (100 Continue, 103) come before the real one.
+                // 1xx answers (100 Continue, 103) come before the real one;
+                // a 101 to a request that asked for no upgrade is final.
                 loop {
                     session.read_response_header().await?;
                     match session.response_header() {
-                        Some(h) if !h.status.is_informational() => break,
-                        _ => continue,
+                        Some(h) if h.status.is_informational() && h.status.as_u16() != 101 => {}
+                        _ => return Ok::<_, Box<pingora_core::Error>>(()),
                     }
                 }
-                Ok::<_, Box<pingora_core::Error>>(())
-            }
+            })
             .await;
-            if let Err(e) = written {
-                if reused && tries < 2 {
-                    continue;
-                }
-                return Err(backend::end_of(&e, true));
-            }
-            let (status, content_type) = match session.response_header() {
-                Some(h) => (
-                    h.status.as_u16(),
-                    h.headers
-                        .get(http::header::CONTENT_TYPE)
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_string),
-                ),
-                None => return Err(ForwardEnd::Reset),
-            };
-            let mut kept = BytesMut::new();
-            loop {
-                match session.read_response_body().await {
-                    Ok(Some(chunk)) => {
-                        let room = MAX_KEPT_BODY.saturating_sub(kept.len());
-                        kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            match answered {
+                Ok(Ok(())) => break session,
+                Ok(Err(mut e)) => {
+                    e.retry.decide_reuse(reused);
+                    if e.retry() && !retried {
+                        retried = true;
+                        continue;
                     }
-                    Ok(None) => break,
-                    Err(e) => return Err(backend::end_of(&e, true)),
+                    return Err(backend::end_of(&e, true));
                 }
+                Err(_) => return Err(ForwardEnd::Timeout),
             }
-            self.connector
-                .release_http_session(session, peer, peer.options.idle_timeout)
-                .await;
-            return Ok(StoredResponse {
-                status,
-                content_type,
-                body: kept.freeze(),
-            });
-        }
+        };
+        let (status, content_type) = match session.response_header() {
+            Some(h) => (
+                h.status.as_u16(),
+                h.headers
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string),
+            ),
+            None => return Err(ForwardEnd::Reset),
+        };
+        let read_body = async {
+            let mut kept = BytesMut::new();
+            while let Some(chunk) = session.read_response_body().await? {
+                let room = MAX_KEPT_BODY.saturating_sub(kept.len());
+                kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            Ok::<_, Box<pingora_core::Error>>(kept)
+        };
+        let kept = match tokio::time::timeout(pool.config.read_timeout, read_body).await {
+            Ok(Ok(kept)) => kept,
+            Ok(Err(e)) => return Err(backend::end_of(&e, true)),
+            Err(_) => return Err(ForwardEnd::Timeout),
+        };
+        self.connector
+            .release_http_session(session, peer, peer.options.idle_timeout)
+            .await;
+        Ok(StoredResponse {
+            status,
+            content_type,
+            body: kept.freeze(),
+        })
     }
 }

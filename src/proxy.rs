@@ -142,12 +142,13 @@ impl SluiceProxy {
     async fn settle(&self, ctx: &mut RequestCtx, end: ForwardEnd) -> Option<Receipt> {
         let hold = ctx.hold.take()?;
         let (ticket, how) = (hold.ticket(), hold.classify(end));
-        hold.settle(how)
-            .await
+        let (receipt, settled) = hold.settle(how).await;
+        if let Err(e) = settled {
             // Not settled in the store: the units stay held (never
             // oversold) until an admin release or reconcile.
-            .map_err(|e| tracing::warn!(ticket = %ticket, error = %e, "could not settle a ticket"))
-            .ok()
+            tracing::warn!(ticket = %ticket, error = %e, "could not settle a ticket");
+        }
+        Some(receipt)
     }
 }
 
@@ -251,6 +252,9 @@ impl ProxyHttp for SluiceProxy {
         let ticket = ctx.hold.as_ref().map(Hold::ticket_headers);
         backend::present(upstream_request, from, ticket)?;
         ctx.sent_upstream = true;
+        if let Some(hold) = ctx.hold.as_mut() {
+            hold.mark_sent();
+        }
         Ok(())
     }
 
@@ -341,9 +345,14 @@ impl ProxyHttp for SluiceProxy {
             "decision"
         );
         // Ended without an upstream answer or a proxy failure: the client
-        // went away.
-        let sent = ctx.sent_upstream;
-        self.settle(ctx, ForwardEnd::ClientGone { sent }).await;
+        // went away, before the backend was asked or while it worked (as
+        // uncertain as a timeout).
+        let end = if ctx.sent_upstream {
+            ForwardEnd::Timeout
+        } else {
+            ForwardEnd::ClientGone { sent: false }
+        };
+        self.settle(ctx, end).await;
         ctx.pass_permit = None;
         ctx.slot = None;
         self.metrics.observe_request(

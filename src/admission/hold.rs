@@ -118,15 +118,13 @@ impl Ledger {
     }
 
     /// Takes back the hold of a queued entry this node is about to send.
+    /// Its entry stays in the queue until settled and may be delivered
+    /// again, so an unsettled drop keeps the units (marked sent): a
+    /// redelivery sends it then.
     pub fn adopt(self: &Arc<Self>, terms: HoldTerms, key: SkuKey, ticket: TicketId) -> Hold {
-        Hold {
-            inner: Some(Held {
-                ledger: self.clone(),
-                terms,
-                key,
-                ticket,
-            }),
-        }
+        let mut hold = Hold::new(self.clone(), terms, key, ticket);
+        hold.mark_sent();
+        hold
     }
 
     async fn keep(&self, key: &SkuKey, ticket: TicketId, answer: &StoredResponse) {
@@ -156,6 +154,8 @@ struct Held {
     terms: HoldTerms,
     key: SkuKey,
     ticket: TicketId,
+    /// Whether its request may have reached the backend.
+    sent: bool,
 }
 
 /// A winner's units, held by its ticket until settled.
@@ -189,7 +189,15 @@ impl Hold {
         key: SkuKey,
         ticket: TicketId,
     ) -> Self {
-        ledger.adopt(terms, key, ticket)
+        Hold {
+            inner: Some(Held {
+                ledger,
+                terms,
+                key,
+                ticket,
+                sent: false,
+            }),
+        }
     }
 
     fn held(&self) -> &Held {
@@ -224,6 +232,14 @@ impl Hold {
         }
     }
 
+    /// Notes that its request is about to reach the backend: from now on
+    /// an unsettled drop keeps the units (the backend may have acted).
+    pub fn mark_sent(&mut self) {
+        if let Some(h) = self.inner.as_mut() {
+            h.sent = true;
+        }
+    }
+
     /// How an end of its forward settles, under its rule's `release_on`.
     pub fn classify(&self, end: ForwardEnd) -> Settlement {
         classify(end, &self.held().terms.release_on)
@@ -242,11 +258,13 @@ impl Hold {
             .expect("a live hold always has its ticket")
     }
 
-    /// Settles the hold: commits, releases or keeps its units.
-    pub async fn settle(self, how: Settlement) -> Result<Receipt, StoreError> {
+    /// Settles the hold: commits, releases or keeps its units. The receipt
+    /// comes back whether or not the store took the settlement, so the
+    /// backend's answer can still be kept.
+    pub async fn settle(self, how: Settlement) -> (Receipt, Result<(), StoreError>) {
         let h = self.take();
-        h.apply(how, None).await?;
-        Ok(h.receipt())
+        let result = h.apply(how, None).await;
+        (h.receipt(), result)
     }
 
     /// Settles the hold and keeps `answer` for the buyer's poll: a release
@@ -315,6 +333,11 @@ impl Drop for Hold {
         let Some(h) = self.inner.take() else {
             return;
         };
+        if h.sent {
+            // The backend may have the order: never resell blindly.
+            tracing::warn!(ticket = %h.ticket, "hold dropped unsettled after its request was sent; units stay held");
+            return;
+        }
         tracing::warn!(ticket = %h.ticket, "hold dropped unsettled; releasing its units as client_gone");
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
@@ -430,6 +453,20 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_dropped_hold_that_was_sent_keeps_its_units() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let ledger = Arc::new(Ledger::new(store.clone(), 1, Duration::from_secs(60)));
+        let key = SkuKey::new("r", "s");
+        store.set_available(&key, 1).await.expect("load");
+        let mut hold = won(&ledger, &key).await;
+        hold.mark_sent();
+        drop(hold);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let view = store.stock(&key).await.expect("read").expect("loaded");
+        assert_eq!((view.available, view.in_flight), (0, 1));
+    }
+
+    #[tokio::test]
     async fn settling_consumes_the_hold_and_moves_the_units_once() {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let ledger = Arc::new(Ledger::new(store.clone(), 1, Duration::from_secs(60)));
@@ -437,10 +474,11 @@ mod tests {
         store.set_available(&key, 2).await.expect("load");
         let sold = won(&ledger, &key).await;
         let returned = won(&ledger, &key).await;
-        sold.settle(Settlement::Commit).await.expect("commit");
+        sold.settle(Settlement::Commit).await.1.expect("commit");
         returned
             .settle(Settlement::Release(ReleaseReason::Timeout))
             .await
+            .1
             .expect("release");
         let view = store.stock(&key).await.expect("read").expect("loaded");
         assert_eq!((view.available, view.sold, view.in_flight), (1, 1, 0));

@@ -49,7 +49,7 @@ impl Admission {
             Some(Some(slot)) => Waited::Slot(hold, slot),
             Some(None) => Waited::Full(hold),
             None => {
-                if let Err(e) = hold
+                if let (_, Err(e)) = hold
                     .settle(Settlement::Release(ReleaseReason::ClientGone))
                     .await
                 {
@@ -101,7 +101,7 @@ impl Admission {
     /// Returns a winner's units (it could not be queued) and says so.
     async fn refuse(&self, hold: Hold, message: &str) -> Answer {
         let ticket = hold.ticket();
-        if let Err(e) = hold
+        if let (_, Err(e)) = hold
             .settle(Settlement::Release(ReleaseReason::QueueFull))
             .await
         {

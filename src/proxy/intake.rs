@@ -126,6 +126,7 @@ impl SluiceProxy {
                 Ok(false)
             }
             Waited::Full(hold) => {
+                ctx.ticket = Some(hold.ticket());
                 let request = self.queued_request(session, &hold, body);
                 let answer = self.admission.enqueue(hold, request, index, pool).await;
                 self.answer(session, ctx, &answer).await?;

@@ -161,7 +161,11 @@ impl Store for MemoryStore {
         self.with_ticket("commit", key, ticket, |t| {
             if matches!(t.state, TicketState::Held | TicketState::Queued) {
                 t.state = TicketState::Committed;
-                t.response = response.map(|r| (r.clone(), Instant::now() + ttl));
+            }
+            // Kept whatever the state, as in Redis: the state decides
+            // whether a poll shows it.
+            if let Some(r) = response {
+                t.response = Some((r.clone(), Instant::now() + ttl));
             }
         })
     }
