@@ -44,7 +44,13 @@ fn admission(store: Arc<dyn Store>, dir: &std::path::Path) -> Admission {
     .expect("config");
     let config = sluice::config::load(&dir.join("gateway.yaml")).expect("valid config");
     let queue = Arc::new(sluice::queue::memory::MemoryQueue::new());
-    Admission::new(&config, store, queue, Default::default())
+    Admission::new(
+        &config,
+        store,
+        queue,
+        Default::default(),
+        sluice::admission::journal::Journal::in_memory(),
+    )
 }
 
 /// Runs `n` decisions for distinct users, `CONCURRENCY` at a time; returns
@@ -157,6 +163,7 @@ async fn main() {
                 url: url.clone(),
                 key_prefix: "bench:".into(),
                 timeout: Duration::from_secs(2),
+                ..RedisConfig::default()
             },
             Duration::from_secs(3600),
         )

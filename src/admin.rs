@@ -272,11 +272,16 @@ impl ServeHttp for AdminApp {
             );
         }
         match path.as_str() {
-            "/metrics" => reply(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                self.metrics.encode(),
-            ),
+            "/metrics" => {
+                // Read when scraped: nothing to keep in step otherwise.
+                self.metrics
+                    .set_settlements_pending(self.admission.ledger().journal().len());
+                reply(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4",
+                    self.metrics.encode(),
+                )
+            }
             "/healthz" => json_reply(StatusCode::OK, &json!({"status": "ok"})),
             "/readyz" => self.readiness().await,
             _ => error(

@@ -20,6 +20,7 @@
 pub mod extract;
 pub mod hold;
 pub mod housekeeping;
+pub mod journal;
 pub mod overflow;
 pub mod ratelimit;
 pub mod soldout;
@@ -34,11 +35,12 @@ use crate::config::{Config, OnFailure};
 use crate::outcome::{render, Answer, Rendered};
 use crate::queue::rates::DrainRates;
 use crate::queue::Queue;
-use crate::rules::{Rule, RuleMatch, RuleSet};
+use crate::rules::{FailureMode, Rule, RuleMatch, RuleSet};
 use crate::store::{DedupMark, MarkScope, Reservation, Reserved, StockView, Store, StoreError};
 use crate::vocab::{valid_id, ReleaseReason, SkuKey, TicketId};
 use extract::{Extractor, RequestParts};
-use hold::{Hold, HoldTerms, Ledger};
+use hold::{Hold, HoldTerms, Leases, Ledger};
+use journal::Journal;
 use ratelimit::RateLimitStage;
 
 /// The header a client may send to make retries of one attempt idempotent.
@@ -54,6 +56,10 @@ pub struct RuleStage {
     pub rule: Arc<Rule>,
     extractor: Extractor,
     limits: RateLimitStage,
+    /// How long its holds may stay unsettled.
+    pub leases: Leases,
+    /// What it does while the store is down (its own, or the store's).
+    on_failure: FailureMode,
 }
 
 /// What the pipeline needs to know of a request.
@@ -80,7 +86,7 @@ pub struct Admission {
     rules: RuleSet,
     stages: Vec<RuleStage>,
     ledger: Arc<Ledger>,
-    on_failure: OnFailure,
+    /// Shared by the rules that pass while the store is down.
     pass_permits: Arc<Semaphore>,
     /// Where queued winners wait.
     queue: Arc<dyn Queue>,
@@ -102,13 +108,19 @@ fn store_down(e: &StoreError) -> Answer {
 }
 
 impl Admission {
-    /// Builds the stages of every rule of `config`.
+    /// Builds the stages of every rule of `config`; settlements that
+    /// cannot reach `store` go to `journal`.
     pub fn new(
         config: &Config,
         store: Arc<dyn Store>,
         queue: Arc<dyn Queue>,
         rates: Arc<DrainRates>,
+        journal: Journal,
     ) -> Self {
+        let store_mode = match config.store.on_failure {
+            OnFailure::PassCapped { .. } => FailureMode::PassCapped,
+            OnFailure::FailClosed => FailureMode::FailClosed,
+        };
         let stages: Vec<RuleStage> = config
             .rules
             .rules()
@@ -117,18 +129,20 @@ impl Admission {
                 rule: rule.clone(),
                 extractor: Extractor::new(rule),
                 limits: RateLimitStage::new(&rule.rate_limits),
+                leases: Leases::of(rule, config.upstream(rule.upstream), &config.store),
+                on_failure: rule.on_failure.unwrap_or(store_mode),
             })
             .collect();
-        let cap = match config.store.on_failure {
-            OnFailure::PassCapped { cap } => cap as usize,
-            OnFailure::FailClosed => 0,
-        };
         Self {
-            ledger: Arc::new(Ledger::new(store, stages.len(), config.store.result_ttl)),
+            ledger: Arc::new(Ledger::new(
+                store,
+                stages.len(),
+                config.store.result_ttl,
+                journal,
+            )),
             rules: config.rules.clone(),
             stages,
-            on_failure: config.store.on_failure,
-            pass_permits: Arc::new(Semaphore::new(cap)),
+            pass_permits: Arc::new(Semaphore::new(config.store.pass_cap as usize)),
             loaded: std::sync::Mutex::new(Default::default()),
             queue,
             rates,
@@ -163,6 +177,27 @@ impl Admission {
     /// The ledger holds settle through (for the drainer).
     pub fn ledger(&self) -> &Arc<Ledger> {
         &self.ledger
+    }
+
+    /// The terms of a hold of rule `rule` (for the drainer, which takes
+    /// holds back from the queue).
+    pub fn terms(&self, rule: usize, qty: u32) -> Option<HoldTerms> {
+        let stage = self.stages.get(rule)?;
+        Some(HoldTerms {
+            rule,
+            qty,
+            release_on: stage.rule.release_on,
+            leases: stage.leases,
+        })
+    }
+
+    /// Background: returns expired holds (any node's) and retries the
+    /// journaled settlements.
+    pub async fn settle_overdue(&self) {
+        let _ = self.ledger.sweep(|name| self.rule_index(name)).await;
+        if !self.ledger.journal().is_empty() {
+            self.ledger.retry_pending().await;
+        }
     }
 
     /// An answer as written to the client: the rule's overrides, if any,
@@ -255,6 +290,7 @@ impl Admission {
             qty: attempt.qty,
             marks: &marks,
             per_user_limit: r.per_user_limit.map(|n| n.get()),
+            lease: stage.leases.forward,
         };
         match self.ledger.store().reserve(&reservation).await {
             Ok(Reserved::Won) => {
@@ -262,6 +298,7 @@ impl Admission {
                     rule,
                     qty: attempt.qty,
                     release_on: r.release_on,
+                    leases: stage.leases,
                 };
                 Verdict::Forward(Hold::new(self.ledger.clone(), terms, key, ticket))
             }
@@ -281,10 +318,9 @@ impl Admission {
                 message: "the limit per buyer is reached",
             }),
             Ok(Reserved::Duplicate { first }) => Verdict::Answer(self.duplicate_of(first).await),
-            Err(e) => match self.on_failure {
-                OnFailure::FailClosed => Verdict::Answer(store_down(&e)),
-                OnFailure::PassCapped { .. } => match self.pass_permits.clone().try_acquire_owned()
-                {
+            Err(e) => match stage.on_failure {
+                FailureMode::FailClosed => Verdict::Answer(store_down(&e)),
+                FailureMode::PassCapped => match self.pass_permits.clone().try_acquire_owned() {
                     Ok(permit) => Verdict::PassCapped(permit),
                     Err(_) => Verdict::Answer(store_down(&e)),
                 },
@@ -346,10 +382,12 @@ impl Admission {
                 continue;
             };
             let key = SkuKey::new(&stage.rule.name, &sku);
-            if let Ok(Some(n)) = self.store().available(&key).await {
-                if n > 0 {
-                    flags.clear(rule, &sku);
-                }
+            match self.store().available(&key).await {
+                // Stock came back; or it is gone from the store altogether
+                // (Redis restarted empty): then the truth is "not loaded"
+                // (`unavailable`), which only the store can tell.
+                Ok(Some(0)) | Err(_) => {}
+                Ok(_) => flags.clear(rule, &sku),
             }
         }
     }

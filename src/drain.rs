@@ -19,7 +19,7 @@ use pingora_core::services::background::BackgroundService;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_http::RequestHeader;
 
-use crate::admission::hold::{HoldTerms, Settlement};
+use crate::admission::hold::Settlement;
 use crate::admission::{Admission, MAX_KEPT_BODY};
 use crate::backend::{self, ForwardEnd};
 use crate::metrics::{Metrics, UpstreamClass};
@@ -35,8 +35,6 @@ use crate::vocab::{now_ms, ReleaseReason, StoredResponse};
 const IDLE_POLL: Duration = Duration::from_millis(20);
 /// After a queue error (store down), wait longer.
 const ERROR_POLL: Duration = Duration::from_millis(250);
-/// Retries never wait longer than this, however many there are.
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// How often the queue depth gauge is refreshed.
 const DEPTH_EVERY: Duration = Duration::from_millis(250);
 
@@ -222,17 +220,14 @@ impl Inner {
                 return;
             }
         }
-        let terms = HoldTerms {
-            rule,
-            qty: req.qty,
-            release_on: stage.rule.release_on,
+        let Some(terms) = self.admission.terms(rule, req.qty) else {
+            return;
         };
-        let (max_attempts, backoff) = (stage.rule.queue.max_attempts, stage.rule.queue.backoff);
+        let max_attempts = stage.rule.queue.max_attempts;
         let hold = self
             .admission
             .ledger()
             .adopt(terms, req.key.clone(), req.ticket);
-        let _ = hold.set_state(TicketState::Held).await;
         // While this node serves it (tries, backoff, waiting for a slot),
         // keep the entry's idle time below the takeover threshold.
         let _heartbeat = Heartbeat::start(
@@ -256,15 +251,13 @@ impl Inner {
             {
                 tracing::debug!(ticket = %req.ticket, error = %e, "queue touch failed");
             }
+            // Each try renews the hold's lease for one more try.
+            let _ = hold.set_state(TicketState::Held).await;
             let (end, answer) = self.send(pool, req).await;
             let settlement = hold.classify(end);
             if settlement.releases() && attempt < max_attempts {
                 drop(slot);
-                let wait = backoff
-                    .checked_mul(2u32.saturating_pow(attempt - 1))
-                    .unwrap_or(MAX_BACKOFF)
-                    .min(MAX_BACKOFF);
-                tokio::time::sleep(wait).await;
+                tokio::time::sleep(stage.rule.queue.backoff_after(attempt)).await;
                 attempt += 1;
                 slot = match pool.slots.acquire().await {
                     Some(s) => s,

@@ -99,6 +99,8 @@ pub struct Metrics {
     upstream_inflight: IntGaugeVec,
     queue_depth: IntGaugeVec,
     queue_wait: HistogramVec,
+    oversold: IntCounterVec,
+    settlements_pending: IntGauge,
 }
 
 fn outcome_index(o: Outcome) -> usize {
@@ -181,6 +183,22 @@ impl Metrics {
             ]),
             &["upstream"],
         )?;
+        let oversold = IntCounterVec::new(
+            Opts::new(
+                "sluice_oversold_total",
+                "Units a late commit could not take back from stock (the backend placed \
+                 an order after its hold had been released and the units resold): run \
+                 sluice reconcile.",
+            ),
+            &["rule"],
+        )?;
+        let settlements_pending = IntGauge::new(
+            "sluice_settlements_pending",
+            "Commits and releases that could not reach the store, kept in the journal \
+             and retried until they land.",
+        )?;
+        registry.register(Box::new(oversold.clone()))?;
+        registry.register(Box::new(settlements_pending.clone()))?;
         registry.register(Box::new(upstream_inflight.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(queue_wait.clone()))?;
@@ -208,6 +226,7 @@ impl Metrics {
         let unmatched = series(NO_RULE);
         for rule in rules {
             series(rule);
+            oversold.with_label_values(&[rule]);
             for reason in ReleaseReason::ALL {
                 released.with_label_values(&[rule, reason.as_str()]);
             }
@@ -233,7 +252,22 @@ impl Metrics {
             upstream_inflight,
             queue_depth,
             queue_wait,
+            oversold,
+            settlements_pending,
         })
+    }
+
+    /// Counts units a late commit could not take back.
+    pub fn observe_oversold(&self, rule: &str, units: u32) {
+        self.oversold
+            .with_label_values(&[rule])
+            .inc_by(u64::from(units));
+    }
+
+    /// Sets the number of settlements waiting in the journal.
+    pub fn set_settlements_pending(&self, n: usize) {
+        self.settlements_pending
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// The in-flight gauge of an upstream (moved by its slot guards).

@@ -141,6 +141,35 @@ pub struct QueueSpec {
     pub max_attempts: u32,
     /// Wait before the first retry; doubled for each next one.
     pub backoff: Duration,
+    /// How long a queued winner may wait before its units go back (its
+    /// lease while queued): an order placed minutes after the click is
+    /// worse than a clear "not placed".
+    pub max_queue_time: Duration,
+}
+
+/// Retries never wait longer than this, however many there are.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+impl QueueSpec {
+    /// The wait after failed try `attempt` (1-based): `backoff`, doubled
+    /// for each next one, at most [`MAX_BACKOFF`].
+    pub fn backoff_after(&self, attempt: u32) -> Duration {
+        self.backoff
+            .checked_mul(2u32.saturating_pow(attempt.saturating_sub(1)))
+            .unwrap_or(MAX_BACKOFF)
+            .min(MAX_BACKOFF)
+    }
+}
+
+/// What a rule does while the store cannot answer (`on_failure:`; the
+/// rule's own choice over `store.on_failure`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureMode {
+    /// `unavailable` (503): never sells what it cannot count.
+    FailClosed,
+    /// Forward without a ticket, at most `store.pass_cap` at a time per
+    /// node: the backend's own stock check is the only guard.
+    PassCapped,
 }
 
 /// `release_on:`: backend failures that return the units to stock.
@@ -207,6 +236,8 @@ pub struct Rule {
     pub queue: QueueSpec,
     /// Failures that return units.
     pub release_on: ReleaseOn,
+    /// Its own `on_failure`, over the store's.
+    pub on_failure: Option<FailureMode>,
     /// Answer overrides.
     pub responses: Responses,
     /// Where the rule was written, for logs and `check`.

@@ -19,6 +19,7 @@ use pingora_core::services::background::background_service;
 
 use crate::admin::AdminApp;
 use crate::admission::housekeeping::Housekeeping;
+use crate::admission::journal::Journal;
 use crate::admission::Admission;
 use crate::config::{Config, StoreBackend};
 use crate::drain::Drainer;
@@ -56,6 +57,14 @@ pub enum StartError {
     /// The store could not be set up.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The settlement journal cannot be read or written.
+    #[error("store.journal {path}: {source}")]
+    Journal {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
 }
 
 /// This node's name in the queue's consumer group: unique per process,
@@ -135,7 +144,18 @@ impl Gateway {
         };
         let rates = Arc::new(DrainRates::default());
         let store: Arc<dyn Store> = Arc::new(InstrumentedStore::new(store, metrics.clone()));
-        let admission = Arc::new(Admission::new(&config, store, queue.clone(), rates.clone()));
+        let journal =
+            Journal::open(&config.store.journal).map_err(|source| StartError::Journal {
+                path: config.store.journal.clone(),
+                source,
+            })?;
+        let admission = Arc::new(Admission::new(
+            &config,
+            store,
+            queue.clone(),
+            rates.clone(),
+            journal,
+        ));
 
         let mut server = Server::new_with_opt_and_conf(None, server_conf(&config));
         server.bootstrap();
@@ -189,7 +209,11 @@ impl Gateway {
         ));
         server.add_service(background_service(
             "sluice housekeeping",
-            Housekeeping::new(admission, config.store.recheck_interval),
+            Housekeeping::new(
+                admission,
+                config.store.recheck_interval,
+                config.store.sweep_interval,
+            ),
         ));
         Ok(Self { server, metrics })
     }

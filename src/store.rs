@@ -55,6 +55,9 @@ pub struct Reservation<'a> {
     pub marks: &'a [DedupMark],
     /// Units one user may hold in this (rule, sku).
     pub per_user_limit: Option<u32>,
+    /// How long a win may stay unsettled before its units return to stock
+    /// by themselves (see [`Store::expired`]).
+    pub lease: Duration,
 }
 
 /// The answer to a reservation.
@@ -111,6 +114,23 @@ impl TicketState {
             _ => None,
         }
     }
+}
+
+/// How a commit went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Committed {
+    /// The units the ticket held are sold.
+    Held,
+    /// The ticket had been released (by an operator, or because its lease
+    /// ran out) before the backend's yes arrived: its units were taken
+    /// from stock again; `short` of them could not be (sold to someone
+    /// else meanwhile: an oversell to reconcile).
+    Retaken {
+        /// Units that could not be taken again.
+        short: u32,
+    },
+    /// Unknown or expired ticket: nothing to commit.
+    Unknown,
 }
 
 /// One ticket as the ledger has it.
@@ -177,6 +197,17 @@ pub enum StoreError {
     /// The operation names a sku that was never loaded.
     #[error("{0} is not loaded")]
     NotLoaded(SkuKey),
+    /// The store failed repeatedly; calls fail at once until it is tried
+    /// again (the circuit breaker).
+    #[error("store unavailable on {op}: {failures} failures in a row, next try in {retry_in:?}")]
+    CircuitOpen {
+        /// Operation.
+        op: &'static str,
+        /// Consecutive failures that opened the circuit.
+        failures: u32,
+        /// Time until the next try.
+        retry_in: Duration,
+    },
 }
 
 /// Stock, marks and tickets. Both implementations pass the same suite
@@ -187,26 +218,35 @@ pub trait Store: Send + Sync + 'static {
     /// and the per-user limit; refuses without holding anything otherwise.
     async fn reserve(&self, r: &Reservation<'_>) -> Result<Reserved, StoreError>;
 
-    /// Marks a held ticket sold, keeping the backend's answer (if given)
-    /// for `ttl`. The proxy commits when the headers arrive and keeps the
-    /// full answer once its body is through (`keep_response`), so a repeat
-    /// in between is told "in progress", never replayed half an answer.
+    /// Marks a ticket sold, keeping the backend's answer (if given) for
+    /// `ttl`. The proxy commits when the headers arrive and keeps the full
+    /// answer once its body is through (`keep_response`), so a repeat in
+    /// between is told "in progress", never replayed half an answer. A
+    /// commit always wins: the backend placed the order, so a ticket
+    /// released meanwhile takes its units from stock again.
     async fn commit(
         &self,
         key: &SkuKey,
         ticket: TicketId,
         response: Option<&StoredResponse>,
         ttl: Duration,
-    ) -> Result<(), StoreError>;
+    ) -> Result<Committed, StoreError>;
 
     /// Moves a live ticket between `Queued` and `Held` (queue in, drainer
-    /// out); a committed or released ticket is left as it is.
+    /// out) and renews its lease to `lease` from now; a committed or
+    /// released ticket is left as it is.
     async fn set_state(
         &self,
         key: &SkuKey,
         ticket: TicketId,
         state: TicketState,
+        lease: Duration,
     ) -> Result<(), StoreError>;
+
+    /// Live tickets whose lease has run out, oldest first, at most
+    /// `limit`, across every loaded sku (whichever node made them). The
+    /// caller releases them.
+    async fn expired(&self, limit: usize) -> Result<Vec<(SkuKey, TicketId)>, StoreError>;
 
     /// Replaces the kept answer of a committed (or, for a queued request
     /// that failed, released) ticket: the body arrives

@@ -104,11 +104,18 @@ pub enum ReleaseReason {
     Admin,
     /// No slot was free and the queue was full.
     QueueFull,
+    /// Neither committed nor released within its lease (its node died, the
+    /// store was unreachable, or it waited in the queue too long).
+    LeaseExpired,
+    /// `sluice reconcile --apply`: the backend did not place it.
+    Reconcile,
+    /// A reservation whose reply was lost, undone once it could be read.
+    Interrupted,
 }
 
 impl ReleaseReason {
     /// Every reason, for pre-registering metric series.
-    pub const ALL: [ReleaseReason; 7] = [
+    pub const ALL: [ReleaseReason; 10] = [
         ReleaseReason::ConnectError,
         ReleaseReason::Timeout,
         ReleaseReason::Status5xx,
@@ -116,6 +123,9 @@ impl ReleaseReason {
         ReleaseReason::ClientGone,
         ReleaseReason::Admin,
         ReleaseReason::QueueFull,
+        ReleaseReason::LeaseExpired,
+        ReleaseReason::Reconcile,
+        ReleaseReason::Interrupted,
     ];
 
     /// Label value.
@@ -128,6 +138,9 @@ impl ReleaseReason {
             ReleaseReason::ClientGone => "client_gone",
             ReleaseReason::Admin => "admin",
             ReleaseReason::QueueFull => "queue_full",
+            ReleaseReason::LeaseExpired => "lease_expired",
+            ReleaseReason::Reconcile => "reconcile",
+            ReleaseReason::Interrupted => "interrupted",
         }
     }
 }

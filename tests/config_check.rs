@@ -115,7 +115,7 @@ const BAD: &[(&str, &[&str])] = &[
     // ---- rule files (each gateway fixture points `rules:` at rules/bad_<what>.yaml) ----
     (
         "tests/fixtures/bad_rule_unknown_key.yaml",
-        &["tests/fixtures/rules/bad_unknown_key.yaml:6:5: unknown field `rate_limit`, expected one of name, match, user, sku, quantity, window, rate_limits, dedup, stock, admission, release_on, responses"],
+        &["tests/fixtures/rules/bad_unknown_key.yaml:6:5: unknown field `rate_limit`, expected one of name, match, user, sku, quantity, window, rate_limits, dedup, stock, admission, release_on, on_failure, responses"],
     ),
     (
         "tests/fixtures/bad_rule_missing_user.yaml",

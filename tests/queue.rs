@@ -43,6 +43,7 @@ fn redis_config(server: &RedisServer) -> RedisConfig {
         key_prefix: PREFIX.into(),
         // Generous: the machine is shared and noisy.
         timeout: Duration::from_secs(2),
+        ..RedisConfig::default()
     }
 }
 

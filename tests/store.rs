@@ -35,6 +35,7 @@ fn redis_config(server: &RedisServer) -> RedisConfig {
         // Generous: the machine is shared and noisy; timeouts have their
         // own cases.
         timeout: Duration::from_secs(2),
+        ..RedisConfig::default()
     }
 }
 
@@ -96,6 +97,7 @@ async fn reserve(
         qty,
         marks,
         per_user_limit: limit,
+        lease: HOUR,
     };
     (ticket, store.reserve(&r).await.expect("reserve"))
 }
@@ -556,9 +558,11 @@ async fn assert_redis_lists_match(
         .await
         .expect("llen");
     assert_eq!(avail, available);
-    for (t, qty, _) in live {
+    for (t, qty, committed) in live {
+        // Held units are in the ticket's `h:` list, sold ones in its `c:`.
+        let list = if *committed { "c" } else { "h" };
         let held: u64 = redis::cmd("LLEN")
-            .arg(format!("{tag}:h:{t}"))
+            .arg(format!("{tag}:{list}:{t}"))
             .query_async(&mut conn)
             .await
             .expect("llen");
@@ -585,6 +589,7 @@ async fn redis_restarted_empty_is_not_loaded_and_reconnects() {
         qty: 1,
         marks: &[],
         per_user_limit: None,
+        lease: HOUR,
     };
     assert!(
         h.store.reserve(&r).await.is_err(),
@@ -649,6 +654,8 @@ async fn redis_timed_out_reservation_never_creates_or_loses_units() {
     let server = RedisServer::start();
     let mut config = redis_config(&server);
     config.timeout = Duration::from_millis(50);
+    // The stall opens the circuit breaker; let it try again soon after.
+    config.breaker_interval = Duration::from_millis(20);
     let store = RedisStore::new(&config, HOUR).expect("store");
     let k = key("slow");
     store.set_available(&k, 5).await.expect("restock");
@@ -674,6 +681,7 @@ async fn redis_timed_out_reservation_never_creates_or_loses_units() {
         qty: 2,
         marks: &[],
         per_user_limit: None,
+        lease: HOUR,
     };
     assert!(
         store.reserve(&r).await.is_err(),

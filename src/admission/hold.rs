@@ -11,14 +11,21 @@
 //! How a forward ended is turned into a [`Settlement`] in one place,
 //! [`classify`], under the rule's `release_on`; the proxy and the drainer
 //! both call it.
+//!
+//! Every hold has a lease in the store ([`Leases`]): units neither
+//! committed nor released within it return to stock by themselves, on any
+//! node ([`Ledger::sweep`]). A settlement that cannot reach the store is
+//! journaled and retried until it lands ([`Ledger::retry_pending`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::journal::{Journal, Pending};
 use super::soldout::SoldOutFlags;
 use crate::backend::{ForwardEnd, TicketHeaders};
-use crate::rules::ReleaseOn;
-use crate::store::{Store, StoreError, TicketState};
+use crate::config::{StoreConfig, UpstreamConfig};
+use crate::rules::{ReleaseOn, Rule};
+use crate::store::{Committed, Store, StoreError, TicketState};
 use crate::vocab::{ReleaseReason, SkuKey, StoredResponse, TicketId};
 
 /// What becomes of a hold's units.
@@ -69,22 +76,171 @@ pub fn classify(end: ForwardEnd, on: &ReleaseOn) -> Settlement {
     }
 }
 
-/// The settling side of the store: commits, releases, kept answers and
-/// the sold-out flags a release clears. Shared by every hold.
+/// How long a hold may stay unsettled in each phase of its life, from
+/// its rule and upstream (documented in the README):
+///
+/// - forwarded: `max_wait` + `connect_timeout` x servers + `write_timeout`
+///   + `read_timeout` + `store.lease_margin`;
+/// - queued: `admission.queue.max_queue_time` + margin;
+/// - sent by the drainer: per try `connect_timeout` + `write_timeout` +
+///   `read_timeout` + the longest backoff + margin, renewed at every try;
+/// - in doubt (the backend may have acted): `store.in_doubt_for`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Leases {
+    /// From winning to the backend's answer.
+    pub forward: Duration,
+    /// While waiting in the queue.
+    pub queued: Duration,
+    /// While the drainer sends it, per try.
+    pub serve: Duration,
+    /// Outcome unknown: time to reconcile.
+    pub in_doubt: Duration,
+}
+
+impl Leases {
+    /// The leases of a rule's holds.
+    pub fn of(rule: &Rule, upstream: &UpstreamConfig, store: &StoreConfig) -> Self {
+        let servers = u32::try_from(upstream.servers.len().max(1)).unwrap_or(u32::MAX);
+        let one_try = upstream.connect_timeout + upstream.write_timeout + upstream.read_timeout;
+        let q = &rule.queue;
+        let longest_backoff = q.backoff_after(q.max_attempts.saturating_sub(1));
+        Self {
+            forward: q.max_wait
+                + upstream.connect_timeout.saturating_mul(servers)
+                + upstream.write_timeout
+                + upstream.read_timeout
+                + store.lease_margin,
+            queued: q.max_queue_time + store.lease_margin,
+            serve: one_try + longest_backoff + store.lease_margin,
+            in_doubt: store.in_doubt_for,
+        }
+    }
+}
+
+/// The settling side of the store: commits, releases, kept answers, the
+/// sold-out flags a release clears and the journal of settlements that
+/// could not land. Shared by every hold.
 pub struct Ledger {
     store: Arc<dyn Store>,
     flags: SoldOutFlags,
     result_ttl: Duration,
+    journal: Journal,
 }
 
+/// Expired holds returned per sweep at most: a backlog drains over the
+/// next sweeps instead of one long burst.
+const SWEEP_BATCH: usize = 1000;
+
 impl Ledger {
-    /// A ledger over `store` for `rules` rules, keeping answers for `result_ttl`.
-    pub fn new(store: Arc<dyn Store>, rules: usize, result_ttl: Duration) -> Self {
+    /// A ledger over `store` for `rules` rules, keeping answers for
+    /// `result_ttl` and failed settlements in `journal`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        rules: usize,
+        result_ttl: Duration,
+        journal: Journal,
+    ) -> Self {
         Self {
             store,
             flags: SoldOutFlags::new(rules),
             result_ttl,
+            journal,
         }
+    }
+
+    /// The settlements waiting to land.
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    /// Returns the units of every hold past its lease (any node's):
+    /// `rule` gives a sku's rule index, for its sold-out flag. Gives the
+    /// units returned.
+    pub async fn sweep(&self, rule: impl Fn(&str) -> Option<usize>) -> Result<u64, StoreError> {
+        let mut returned = 0;
+        for (key, ticket) in self.store.expired(SWEEP_BATCH).await? {
+            let index = rule(&key.rule).unwrap_or(usize::MAX);
+            match self
+                .release(index, &key, ticket, ReleaseReason::LeaseExpired)
+                .await
+            {
+                Ok(moved) => {
+                    if moved > 0 {
+                        tracing::warn!(ticket = %ticket, sku = %key, units = moved,
+                            "hold past its lease; units returned to stock");
+                    }
+                    returned += moved;
+                }
+                Err(e) => {
+                    tracing::debug!(ticket = %ticket, error = %e, "could not return an expired hold");
+                    return Err(e);
+                }
+            }
+        }
+        Ok(returned)
+    }
+
+    /// Tries every journaled settlement again; the ones that land leave
+    /// the journal. Gives how many are still waiting.
+    pub async fn retry_pending(&self) -> usize {
+        let mut landed = Vec::new();
+        for (id, p) in self.journal.due() {
+            let result = match &p {
+                Pending::Commit {
+                    key,
+                    ticket,
+                    answer,
+                } => self.commit(key, *ticket, answer.as_ref()).await.map(drop),
+                Pending::Release {
+                    rule,
+                    key,
+                    ticket,
+                    reason,
+                } => self.release(*rule, key, *ticket, *reason).await.map(drop),
+                Pending::InDoubt { key, ticket, lease } => {
+                    self.store
+                        .set_state(key, *ticket, TicketState::Held, *lease)
+                        .await
+                }
+            };
+            match result {
+                Ok(()) => landed.push(id),
+                // The store is still down: the rest would fail the same way.
+                Err(_) => break,
+            }
+        }
+        self.journal.done(&landed).await;
+        if !landed.is_empty() {
+            tracing::info!(landed = landed.len(), "journaled settlements landed");
+        }
+        self.journal.len()
+    }
+
+    async fn commit(
+        &self,
+        key: &SkuKey,
+        ticket: TicketId,
+        answer: Option<&StoredResponse>,
+    ) -> Result<(), StoreError> {
+        match self
+            .store
+            .commit(key, ticket, answer, self.result_ttl)
+            .await?
+        {
+            Committed::Held => {}
+            Committed::Retaken { short: 0 } => {
+                tracing::warn!(ticket = %ticket, sku = %key,
+                    "committed after its hold was released; its units were taken again");
+            }
+            Committed::Retaken { short } => {
+                tracing::error!(ticket = %ticket, sku = %key, short,
+                    "committed after its hold was released and its units resold: oversold, run sluice reconcile");
+            }
+            Committed::Unknown => {
+                tracing::warn!(ticket = %ticket, sku = %key, "commit of an unknown or expired ticket");
+            }
+        }
+        Ok(())
     }
 
     /// The store.
@@ -147,6 +303,8 @@ pub struct HoldTerms {
     pub qty: u32,
     /// The rule's `release_on`.
     pub release_on: ReleaseOn,
+    /// The rule's leases.
+    pub leases: Leases,
 }
 
 struct Held {
@@ -245,10 +403,18 @@ impl Hold {
         classify(end, &self.held().terms.release_on)
     }
 
-    /// Moves its ticket between `Queued` and `Held` in the store.
+    /// Moves its ticket between `Queued` and `Held` in the store, with the
+    /// lease of that phase (queued, or sent by the drainer).
     pub async fn set_state(&self, state: TicketState) -> Result<(), StoreError> {
         let h = self.held();
-        h.ledger.store.set_state(&h.key, h.ticket, state).await
+        let lease = match state {
+            TicketState::Queued => h.terms.leases.queued,
+            _ => h.terms.leases.serve,
+        };
+        h.ledger
+            .store
+            .set_state(&h.key, h.ticket, state, lease)
+            .await
     }
 
     fn take(mut self) -> Held {
@@ -294,37 +460,64 @@ impl Held {
         }
     }
 
+    /// Applies a settlement; one that cannot reach the store is journaled
+    /// (and the error returned, for the caller's log).
     async fn apply(
         &self,
         how: Settlement,
         answer: Option<&StoredResponse>,
     ) -> Result<(), StoreError> {
         let ledger = &self.ledger;
-        match how {
-            Settlement::Commit => {
-                ledger
-                    .store
-                    .commit(&self.key, self.ticket, answer, ledger.result_ttl)
-                    .await
-            }
+        let (result, pending) = match how {
+            Settlement::Commit => (
+                ledger.commit(&self.key, self.ticket, answer).await,
+                Pending::Commit {
+                    key: self.key.clone(),
+                    ticket: self.ticket,
+                    answer: answer.cloned(),
+                },
+            ),
             Settlement::Release(reason) => {
                 if let Some(a) = answer {
                     ledger.keep(&self.key, self.ticket, a).await;
                 }
-                ledger
-                    .release(self.terms.rule, &self.key, self.ticket, reason)
-                    .await
-                    .map(drop)
+                (
+                    ledger
+                        .release(self.terms.rule, &self.key, self.ticket, reason)
+                        .await
+                        .map(drop),
+                    Pending::Release {
+                        rule: self.terms.rule,
+                        key: self.key.clone(),
+                        ticket: self.ticket,
+                        reason,
+                    },
+                )
             }
             Settlement::Keep(reason) => {
                 tracing::warn!(ticket = %self.ticket, reason = reason.as_str(),
-                    "backend failure not in release_on; units stay in flight");
+                    "outcome unknown (the backend may have taken the order); units stay held for store.in_doubt_for");
                 if let Some(a) = answer {
                     ledger.keep(&self.key, self.ticket, a).await;
                 }
-                Ok(())
+                let lease = self.terms.leases.in_doubt;
+                (
+                    ledger
+                        .store
+                        .set_state(&self.key, self.ticket, TicketState::Held, lease)
+                        .await,
+                    Pending::InDoubt {
+                        key: self.key.clone(),
+                        ticket: self.ticket,
+                        lease,
+                    },
+                )
             }
+        };
+        if result.is_err() {
+            ledger.journal.add(pending).await;
         }
+        result
     }
 }
 
@@ -333,25 +526,25 @@ impl Drop for Hold {
         let Some(h) = self.inner.take() else {
             return;
         };
-        if h.sent {
-            // The backend may have the order: never resell blindly.
+        // Sent, the backend may have the order: never resell blindly.
+        let how = if h.sent {
             tracing::warn!(ticket = %h.ticket, "hold dropped unsettled after its request was sent; units stay held");
-            return;
-        }
-        tracing::warn!(ticket = %h.ticket, "hold dropped unsettled; releasing its units as client_gone");
+            Settlement::Keep(ReleaseReason::ClientGone)
+        } else {
+            tracing::warn!(ticket = %h.ticket, "hold dropped unsettled; releasing its units as client_gone");
+            Settlement::Release(ReleaseReason::ClientGone)
+        };
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {
-                    if let Err(e) = h
-                        .apply(Settlement::Release(ReleaseReason::ClientGone), None)
-                        .await
-                    {
-                        tracing::warn!(ticket = %h.ticket, error = %e, "could not release a dropped hold");
+                    if let Err(e) = h.apply(how, None).await {
+                        tracing::warn!(ticket = %h.ticket, error = %e, "could not settle a dropped hold");
                     }
                 });
             }
+            // Its lease still returns the units.
             Err(_) => {
-                tracing::error!(ticket = %h.ticket, "hold dropped outside a runtime; its units stay held");
+                tracing::error!(ticket = %h.ticket, "hold dropped outside a runtime; its lease will return its units");
             }
         }
     }
@@ -421,6 +614,7 @@ mod tests {
             qty: 1,
             marks: &[],
             per_user_limit: None,
+            lease: Duration::from_secs(60),
         };
         assert_eq!(
             ledger.store.reserve(&r).await.expect("reserve"),
@@ -430,6 +624,12 @@ mod tests {
             rule: 0,
             qty: 1,
             release_on: on(&[]),
+            leases: Leases {
+                forward: Duration::from_secs(60),
+                queued: Duration::from_secs(60),
+                serve: Duration::from_secs(60),
+                in_doubt: Duration::from_secs(600),
+            },
         };
         Hold::new(ledger.clone(), terms, key.clone(), ticket)
     }
@@ -437,7 +637,12 @@ mod tests {
     #[tokio::test]
     async fn a_dropped_hold_gives_its_units_back() {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-        let ledger = Arc::new(Ledger::new(store.clone(), 1, Duration::from_secs(60)));
+        let ledger = Arc::new(Ledger::new(
+            store.clone(),
+            1,
+            Duration::from_secs(60),
+            Journal::in_memory(),
+        ));
         let key = SkuKey::new("r", "s");
         store.set_available(&key, 1).await.expect("load");
         let hold = won(&ledger, &key).await;
@@ -455,7 +660,12 @@ mod tests {
     #[tokio::test]
     async fn a_dropped_hold_that_was_sent_keeps_its_units() {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-        let ledger = Arc::new(Ledger::new(store.clone(), 1, Duration::from_secs(60)));
+        let ledger = Arc::new(Ledger::new(
+            store.clone(),
+            1,
+            Duration::from_secs(60),
+            Journal::in_memory(),
+        ));
         let key = SkuKey::new("r", "s");
         store.set_available(&key, 1).await.expect("load");
         let mut hold = won(&ledger, &key).await;
@@ -469,7 +679,12 @@ mod tests {
     #[tokio::test]
     async fn settling_consumes_the_hold_and_moves_the_units_once() {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-        let ledger = Arc::new(Ledger::new(store.clone(), 1, Duration::from_secs(60)));
+        let ledger = Arc::new(Ledger::new(
+            store.clone(),
+            1,
+            Duration::from_secs(60),
+            Journal::in_memory(),
+        ));
         let key = SkuKey::new("r", "s");
         store.set_available(&key, 2).await.expect("load");
         let sold = won(&ledger, &key).await;

@@ -28,6 +28,25 @@ pub mod defaults {
     pub const RECHECK_INTERVAL: Duration = Duration::from_millis(500);
     /// `store.result_ttl`: how long tickets and backend answers are kept.
     pub const RESULT_TTL: Duration = Duration::from_secs(3600);
+    /// `store.lease_margin`: added to every computed lease, for scheduling
+    /// delays and clock skew between nodes.
+    pub const LEASE_MARGIN: Duration = Duration::from_secs(5);
+    /// `store.in_doubt_for`: how long a hold whose outcome is unknown stays
+    /// held before its units return (time to run `sluice reconcile`).
+    pub const IN_DOUBT_FOR: Duration = Duration::from_secs(600);
+    /// `store.sweep_interval`: how often a node returns expired holds.
+    pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+    /// `store.journal`: settlements that could not reach the store, kept
+    /// until they land (relative to gateway.yaml's folder).
+    pub const JOURNAL: &str = "sluice.journal";
+    /// `store.redis.admin_timeout`: admin operations (restock, stock view,
+    /// release, reconcile) may take longer than a shopper's request.
+    pub const REDIS_ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
+    /// `store.redis.breaker_failures`: failures in a row that open the
+    /// circuit breaker.
+    pub const BREAKER_FAILURES: u32 = 3;
+    /// `store.redis.breaker_interval`: while open, one try per interval.
+    pub const BREAKER_INTERVAL: Duration = Duration::from_secs(1);
     /// `upstreams.*.max_inflight`
     pub const MAX_INFLIGHT: u32 = 64;
     /// `upstreams.*.connect_timeout`
@@ -131,10 +150,21 @@ pub struct StoreConfig {
     pub redis: RedisConfig,
     /// What to do when the store cannot answer.
     pub on_failure: OnFailure,
+    /// In-flight cap per node for rules that pass while the store is down
+    /// (`store.pass_cap`, whichever rule asks).
+    pub pass_cap: u32,
     /// Poll interval of sold-out flags.
     pub recheck_interval: Duration,
     /// How long tickets and kept answers live.
     pub result_ttl: Duration,
+    /// Added to every computed lease.
+    pub lease_margin: Duration,
+    /// How long an in-doubt hold stays held.
+    pub in_doubt_for: Duration,
+    /// How often expired holds are swept.
+    pub sweep_interval: Duration,
+    /// The settlement journal file.
+    pub journal: PathBuf,
 }
 
 /// `store.redis:`
@@ -146,6 +176,25 @@ pub struct RedisConfig {
     pub key_prefix: String,
     /// Response timeout of each command.
     pub timeout: Duration,
+    /// Response timeout of admin operations.
+    pub admin_timeout: Duration,
+    /// Failures in a row that open the circuit breaker.
+    pub breaker_failures: u32,
+    /// While the breaker is open, one try per interval.
+    pub breaker_interval: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: defaults::REDIS_URL.to_string(),
+            key_prefix: defaults::REDIS_KEY_PREFIX.to_string(),
+            timeout: defaults::REDIS_TIMEOUT,
+            admin_timeout: defaults::REDIS_ADMIN_TIMEOUT,
+            breaker_failures: defaults::BREAKER_FAILURES,
+            breaker_interval: defaults::BREAKER_INTERVAL,
+        }
+    }
 }
 
 /// `upstreams.<name>:`

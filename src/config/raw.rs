@@ -65,6 +65,14 @@ pub struct RawStore {
     pub recheck_interval: Option<Spanned<ConfigDuration>>,
     #[serde(default)]
     pub result_ttl: Option<Spanned<ConfigDuration>>,
+    #[serde(default)]
+    pub lease_margin: Option<Spanned<ConfigDuration>>,
+    #[serde(default)]
+    pub in_doubt_for: Option<Spanned<ConfigDuration>>,
+    #[serde(default)]
+    pub sweep_interval: Option<Spanned<ConfigDuration>>,
+    #[serde(default)]
+    pub journal: Option<Spanned<String>>,
 }
 
 /// `store.redis:`
@@ -77,6 +85,12 @@ pub struct RawRedis {
     pub key_prefix: Option<Spanned<String>>,
     #[serde(default)]
     pub timeout: Option<Spanned<ConfigDuration>>,
+    #[serde(default)]
+    pub admin_timeout: Option<Spanned<ConfigDuration>>,
+    #[serde(default)]
+    pub breaker_failures: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub breaker_interval: Option<Spanned<ConfigDuration>>,
 }
 
 /// `upstreams.<name>:`

@@ -14,8 +14,8 @@ use super::error::Problems;
 use super::rule_raw::{RawRule, RawSku, RawUser};
 use crate::outcome::{Outcome, ResponseOverride};
 use crate::rules::{
-    Dedup, FieldSource, PathTemplate, QuantitySpec, QueueSpec, RateKey, RateLimit, ReleaseOn,
-    Responses, Rule, Secret, Window,
+    Dedup, FailureMode, FieldSource, PathTemplate, QuantitySpec, QueueSpec, RateKey, RateLimit,
+    ReleaseOn, Responses, Rule, Secret, Window,
 };
 use crate::vocab::UpstreamId;
 
@@ -49,6 +49,8 @@ pub mod defaults {
     pub const QUEUE_MAX_ATTEMPTS: u32 = 3;
     /// `admission.queue.backoff`
     pub const QUEUE_BACKOFF: Duration = Duration::from_millis(200);
+    /// `admission.queue.max_queue_time`
+    pub const QUEUE_MAX_QUEUE_TIME: Duration = Duration::from_secs(300);
     /// `user.jwt.header`
     pub const JWT_HEADER: &str = "authorization";
 }
@@ -107,6 +109,7 @@ pub fn build_rule(raw: &Spanned<RawRule>, ctx: &RuleContext, p: &mut Problems) -
         upstream: upstream?,
         queue,
         release_on,
+        on_failure: on_failure(p, r),
         responses,
         origin: (p.file().to_path_buf(), raw.referenced.line() as u32),
     })
@@ -496,6 +499,7 @@ fn admission(p: &mut Problems, r: &RawRule, ctx: &RuleContext) -> (Option<Upstre
         capacity: defaults::QUEUE_CAPACITY,
         max_attempts: defaults::QUEUE_MAX_ATTEMPTS,
         backoff: defaults::QUEUE_BACKOFF,
+        max_queue_time: defaults::QUEUE_MAX_QUEUE_TIME,
     };
     let Some(a) = &r.admission else {
         return (Some(ctx.default_upstream), queue);
@@ -538,8 +542,38 @@ fn admission(p: &mut Problems, r: &RawRule, ctx: &RuleContext) -> (Option<Upstre
                 .duration("admission.queue.backoff", b)
                 .unwrap_or(queue.backoff);
         }
+        if let Some(t) = &q.value.max_queue_time {
+            queue.max_queue_time = p
+                .duration("admission.queue.max_queue_time", t)
+                .filter(|d| {
+                    let ok = !d.is_zero();
+                    if !ok {
+                        p.add(
+                            t.referenced,
+                            "admission.queue.max_queue_time: must be more than 0s",
+                        );
+                    }
+                    ok
+                })
+                .unwrap_or(queue.max_queue_time);
+        }
     }
     (upstream, queue)
+}
+
+fn on_failure(p: &mut Problems, r: &RawRule) -> Option<FailureMode> {
+    let f = r.on_failure.as_ref()?;
+    match f.value.as_str() {
+        "fail_closed" => Some(FailureMode::FailClosed),
+        "pass_capped" => Some(FailureMode::PassCapped),
+        other => {
+            p.add(
+                f.referenced,
+                format!("on_failure: {other:?} is not one of fail_closed, pass_capped"),
+            );
+            None
+        }
+    }
 }
 
 fn release_on(p: &mut Problems, r: &RawRule) -> ReleaseOn {

@@ -43,6 +43,8 @@ pub struct RawRule {
     #[serde(default)]
     pub release_on: Option<Vec<Spanned<String>>>,
     #[serde(default)]
+    pub on_failure: Option<Spanned<String>>,
+    #[serde(default)]
     pub responses: Option<Spanned<RawResponses>>,
 }
 
@@ -168,6 +170,8 @@ pub struct RawQueue {
     pub max_attempts: Option<Spanned<i64>>,
     #[serde(default)]
     pub backoff: Option<Spanned<ConfigDuration>>,
+    #[serde(default)]
+    pub max_queue_time: Option<Spanned<ConfigDuration>>,
 }
 
 /// `responses:`: one optional override per gateway-made outcome.

@@ -229,17 +229,52 @@ fn upstream(p: &mut Problems, name: &str, raw: &Spanned<RawUpstream>) -> Option<
 fn store(p: &mut Problems, raw: &RawGateway) -> StoreConfig {
     let mut out = StoreConfig {
         backend: StoreBackend::Memory,
-        redis: RedisConfig {
-            url: defaults::REDIS_URL.to_string(),
-            key_prefix: defaults::REDIS_KEY_PREFIX.to_string(),
-            timeout: defaults::REDIS_TIMEOUT,
-        },
+        redis: RedisConfig::default(),
         on_failure: OnFailure::FailClosed,
+        pass_cap: defaults::PASS_CAP,
         recheck_interval: defaults::RECHECK_INTERVAL,
         result_ttl: defaults::RESULT_TTL,
+        lease_margin: defaults::LEASE_MARGIN,
+        in_doubt_for: defaults::IN_DOUBT_FOR,
+        sweep_interval: defaults::SWEEP_INTERVAL,
+        journal: config_dir(p.file()).join(defaults::JOURNAL),
     };
     let Some(s) = &raw.store else { return out };
     let s = &s.value;
+    out.lease_margin = duration(
+        p,
+        "store",
+        "lease_margin",
+        &s.lease_margin,
+        out.lease_margin,
+    );
+    out.in_doubt_for = duration(
+        p,
+        "store",
+        "in_doubt_for",
+        &s.in_doubt_for,
+        out.in_doubt_for,
+    );
+    out.sweep_interval = duration(
+        p,
+        "store",
+        "sweep_interval",
+        &s.sweep_interval,
+        out.sweep_interval,
+    );
+    if out.sweep_interval.is_zero() {
+        if let Some(at) = &s.sweep_interval {
+            p.add(at.referenced, "store.sweep_interval: must be more than 0s");
+        }
+        out.sweep_interval = defaults::SWEEP_INTERVAL;
+    }
+    if let Some(j) = &s.journal {
+        if j.value.trim().is_empty() {
+            p.add(j.referenced, "store.journal: must not be empty");
+        } else {
+            out.journal = config_dir(p.file()).join(&j.value);
+        }
+    }
     out.recheck_interval = duration(
         p,
         "store",
@@ -288,11 +323,31 @@ fn store(p: &mut Problems, raw: &RawGateway) -> StoreConfig {
             }
         }
         out.redis.timeout = duration(p, "store.redis", "timeout", &r.timeout, out.redis.timeout);
+        out.redis.admin_timeout = duration(
+            p,
+            "store.redis",
+            "admin_timeout",
+            &r.admin_timeout,
+            out.redis.admin_timeout,
+        );
+        if let Some(n) = &r.breaker_failures {
+            if let Some(n) = positive(p, "store.redis.breaker_failures", n) {
+                out.redis.breaker_failures = n;
+            }
+        }
+        out.redis.breaker_interval = duration(
+            p,
+            "store.redis",
+            "breaker_interval",
+            &r.breaker_interval,
+            out.redis.breaker_interval,
+        );
     }
     let cap = match &s.pass_cap {
         Some(c) => positive(p, "store.pass_cap", c).unwrap_or(defaults::PASS_CAP),
         None => defaults::PASS_CAP,
     };
+    out.pass_cap = cap;
     if let Some(f) = &s.on_failure {
         match f.value.as_str() {
             "fail_closed" => out.on_failure = OnFailure::FailClosed,

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{Reservation, Reserved, StockView, Store, StoreError, TicketRecord, TicketState};
+use super::{
+    Committed, Reservation, Reserved, StockView, Store, StoreError, TicketRecord, TicketState,
+};
 use crate::metrics::Metrics;
 use crate::vocab::{ReleaseReason, SkuKey, StoreOp, StoredResponse, TicketId};
 
@@ -48,12 +50,19 @@ impl Store for InstrumentedStore {
         ticket: TicketId,
         response: Option<&StoredResponse>,
         ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.timed(
-            StoreOp::Commit,
-            self.inner.commit(key, ticket, response, ttl),
-        )
-        .await
+    ) -> Result<Committed, StoreError> {
+        let committed = self
+            .timed(
+                StoreOp::Commit,
+                self.inner.commit(key, ticket, response, ttl),
+            )
+            .await?;
+        if let Committed::Retaken { short } = committed {
+            if short > 0 {
+                self.metrics.observe_oversold(&key.rule, short);
+            }
+        }
+        Ok(committed)
     }
 
     async fn set_state(
@@ -61,9 +70,17 @@ impl Store for InstrumentedStore {
         key: &SkuKey,
         ticket: TicketId,
         state: TicketState,
+        lease: Duration,
     ) -> Result<(), StoreError> {
-        self.timed(StoreOp::Commit, self.inner.set_state(key, ticket, state))
-            .await
+        self.timed(
+            StoreOp::Commit,
+            self.inner.set_state(key, ticket, state, lease),
+        )
+        .await
+    }
+
+    async fn expired(&self, limit: usize) -> Result<Vec<(SkuKey, TicketId)>, StoreError> {
+        self.timed(StoreOp::Read, self.inner.expired(limit)).await
     }
 
     async fn keep_response(

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::{
-    DedupMark, MarkScope, Reservation, Reserved, StockView, Store, StoreError, TicketRecord,
-    TicketState,
+    Committed, DedupMark, MarkScope, Reservation, Reserved, StockView, Store, StoreError,
+    TicketRecord, TicketState,
 };
 use crate::vocab::{ReleaseReason, SkuKey, StoredResponse, TicketId};
 
@@ -20,6 +20,8 @@ struct Ticket {
     state: TicketState,
     marks: Vec<String>,
     response: Option<(StoredResponse, Instant)>,
+    /// Until when a live ticket may stay unsettled.
+    lease: Instant,
 }
 
 #[derive(Default)]
@@ -142,6 +144,7 @@ impl Store for MemoryStore {
                 state: TicketState::Held,
                 marks: keys.clone(),
                 response: None,
+                lease: now + r.lease,
             },
         );
         for (k, m) in keys.into_iter().zip(r.marks) {
@@ -157,17 +160,35 @@ impl Store for MemoryStore {
         ticket: TicketId,
         response: Option<&StoredResponse>,
         ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.with_ticket("commit", key, ticket, |t| {
-            if matches!(t.state, TicketState::Held | TicketState::Queued) {
-                t.state = TicketState::Committed;
+    ) -> Result<Committed, StoreError> {
+        let mut guard = self.inner.lock().map_err(|_| poisoned("commit"))?;
+        let Some(sku) = guard.skus.get_mut(key) else {
+            return Ok(Committed::Unknown);
+        };
+        let Some(t) = sku.tickets.get_mut(&ticket) else {
+            return Ok(Committed::Unknown);
+        };
+        // Kept whatever the state, as in Redis: the state decides whether
+        // a poll shows it.
+        if let Some(r) = response {
+            t.response = Some((r.clone(), Instant::now() + ttl));
+        }
+        let outcome = match t.state {
+            TicketState::Held | TicketState::Queued => Committed::Held,
+            TicketState::Committed => return Ok(Committed::Held),
+            TicketState::Released => {
+                // The backend placed it after all: take its units again.
+                let qty = u64::from(t.qty);
+                let taken = sku.available.min(qty);
+                sku.available -= taken;
+                *sku.held_by_user.entry(t.user.clone()).or_default() += taken;
+                Committed::Retaken {
+                    short: u32::try_from(qty - taken).unwrap_or(u32::MAX),
+                }
             }
-            // Kept whatever the state, as in Redis: the state decides
-            // whether a poll shows it.
-            if let Some(r) = response {
-                t.response = Some((r.clone(), Instant::now() + ttl));
-            }
-        })
+        };
+        t.state = TicketState::Committed;
+        Ok(outcome)
     }
 
     async fn set_state(
@@ -175,13 +196,36 @@ impl Store for MemoryStore {
         key: &SkuKey,
         ticket: TicketId,
         state: TicketState,
+        lease: Duration,
     ) -> Result<(), StoreError> {
         self.with_ticket("set_state", key, ticket, |t| {
             let live = matches!(t.state, TicketState::Queued | TicketState::Held);
             if live && matches!(state, TicketState::Queued | TicketState::Held) {
                 t.state = state;
+                t.lease = Instant::now() + lease;
             }
         })
+    }
+
+    async fn expired(&self, limit: usize) -> Result<Vec<(SkuKey, TicketId)>, StoreError> {
+        let now = Instant::now();
+        let inner = self.inner.lock().map_err(|_| poisoned("expired"))?;
+        let mut found: Vec<(Instant, SkuKey, TicketId)> = inner
+            .skus
+            .iter()
+            .flat_map(|(key, sku)| {
+                sku.tickets.iter().filter_map(move |(id, t)| {
+                    let live = matches!(t.state, TicketState::Queued | TicketState::Held);
+                    (live && t.lease <= now).then(|| (t.lease, key.clone(), *id))
+                })
+            })
+            .collect();
+        found.sort();
+        Ok(found
+            .into_iter()
+            .take(limit)
+            .map(|(_, key, id)| (key, id))
+            .collect())
     }
 
     async fn keep_response(

@@ -1,21 +1,40 @@
 //! The shared store on Redis, Lua-free: only atomic commands, pipelines
-//! and MULTI/EXEC, so it runs on Redis, Valkey, KeyDB, Dragonfly and behind
-//! proxies that refuse scripts.
+//! and MULTI/EXEC (with WATCH for the rare conditional steps), so it runs
+//! on Redis, Valkey, KeyDB, Dragonfly and behind proxies that refuse
+//! scripts.
 //!
-//! Stock is a list of units. A reservation moves units with `LMOVE` from
-//! `avail` to the ticket's own list in one MULTI with the dedup marks
-//! (`SET NX GET`), the per-user count and the ticket record: it can never
-//! overdraw, and what a ticket holds can always be read back (`LLEN`).
-//! A refusal undoes only what the transaction did, by moving the units
-//! back; a timed-out step is resolved by reading, never by retrying.
+//! Stock is a list of units, and where a unit is says what it is: in
+//! `avail` it can be won; in `h:<ticket>` it is held by a live ticket; in
+//! `c:<ticket>` it is sold to that ticket. Every step moves units between
+//! these lists atomically, so a unit is always in exactly one of them:
 //!
-//! Keys of one (rule, sku) share the hash tag `{rule:sku}`:
-//! `avail` (list), `loaded`, `tickets` (ticket -> record), `state`
-//! (ticket -> H/C/R), `h:<ticket>` (units held), `uq:<user>`, `u:<user>`
-//! and `i:<key>` (dedup marks), `r:<ticket>` (kept response), `released`.
-//! `ticket:<id>` (no tag) points a ticket at its (rule, sku).
+//! - a reservation moves units with `LMOVE` from `avail` to `h:<ticket>`
+//!   in one MULTI with the dedup marks (`SET NX GET`), the buyer's holds
+//!   (`uh:<user>`, ticket -> units), the ticket record and its lease; it
+//!   can never overdraw. A refusal moves them back and removes what it
+//!   wrote;
+//! - a commit `RENAME`s `h:<ticket>` to `c:<ticket>` (one round trip);
+//! - a release moves `h:<ticket>` back to `avail` under WATCH, so a
+//!   release that races a commit (or another release) either wins whole
+//!   or finds nothing to move. A commit that comes after a release (the
+//!   backend said yes after all) takes its units from `avail` again.
+//!
+//! A timed-out step is resolved by reading, never by retrying; a
+//! reservation whose reply was lost is read back in the background
+//! until Redis answers, and every live ticket has a lease in `leases`
+//! (ticket -> deadline, ms) so that any node returns its units once the
+//! lease runs out, even when the node that made it is gone.
+//!
+//! Keys of one (rule, sku) share the hash tag `{rule:sku}`: `avail`,
+//! `loaded`, `tickets` (ticket -> record), `state` (ticket -> Q/H/C/R; Q/H
+//! tells queued from in flight, the lists tell the rest), `leases`,
+//! `h:<ticket>`, `c:<ticket>`, `uh:<user>`, `u:<user>` and `i:<key>`
+//! (dedup marks), `r:<ticket>` (kept response), `released`, `restock`.
+//! `ticket:<id>` (no tag) points a ticket at its (rule, sku); `skus` (no
+//! tag) lists the loaded skus, for the lease sweep and reconcile.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -24,11 +43,11 @@ use redis::{Pipeline, Value};
 
 use super::redis_conn::{as_int, as_pairs, as_string, RedisConn};
 use super::{
-    DedupMark, MarkScope, Reservation, Reserved, StockView, Store, StoreError, TicketRecord,
-    TicketState,
+    Committed, DedupMark, MarkScope, Reservation, Reserved, StockView, Store, StoreError,
+    TicketRecord, TicketState,
 };
 use crate::config::RedisConfig;
-use crate::vocab::{ReleaseReason, SkuKey, StoredResponse, TicketId};
+use crate::vocab::{now_ms, ReleaseReason, SkuKey, StoredResponse, TicketId};
 
 /// Field separator inside ledger values: never in ids (validated charset).
 const SEP: char = '\u{1f}';
@@ -42,11 +61,24 @@ const RESTOCK_LOCK_MS: u64 = 10_000;
 const RESTOCK_CHUNK: u64 = 10_000;
 
 /// The Redis store, over one multiplexed, self-reconnecting connection.
-pub struct RedisStore {
+pub struct RedisStore(Arc<Inner>);
+
+/// The store's state, shared with its background resolvers.
+pub struct Inner {
     // Made on first use (see `redis_conn`).
     conn: RedisConn,
+    /// Admin operations' own connection, with the longer admin timeout.
+    admin: RedisConn,
     prefix: String,
     ticket_ttl: Duration,
+}
+
+impl std::ops::Deref for RedisStore {
+    type Target = Inner;
+
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
 }
 
 /// The immutable part of a ticket, as stored in `tickets`.
@@ -142,13 +174,48 @@ impl RedisStore {
     /// A store for the configured Redis; connects lazily, so the gateway
     /// starts (and answers `unavailable`) while Redis is down.
     pub fn new(config: &RedisConfig, ticket_ttl: Duration) -> Result<Self, StoreError> {
-        Ok(Self {
-            conn: RedisConn::new(config)?,
+        let conn = RedisConn::new(config)?;
+        let admin = conn.with_timeout(config, config.admin_timeout)?;
+        Ok(Self(Arc::new(Inner {
+            conn,
+            admin,
             prefix: config.key_prefix.clone(),
             ticket_ttl,
-        })
+        })))
     }
 
+    /// After a reservation's reply was lost: reads the ledger until Redis
+    /// answers (bounded by the reservation's lease, past which the sweep
+    /// returns the units anyway) and undoes it if it ran. Never re-runs it.
+    fn resolve_in_background(&self, key: SkuKey, ticket: TicketId, within: Duration) {
+        let store = self.0.clone();
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + within;
+            let mut wait = Duration::from_millis(50);
+            while tokio::time::Instant::now() < deadline {
+                match store
+                    .release_watched(&store.conn, &key, ticket, ReleaseReason::Interrupted, true)
+                    .await
+                {
+                    Ok(moved) if moved > 0 => {
+                        tracing::info!(ticket = %ticket, units = moved,
+                            "an interrupted reservation ran; its units are back");
+                        return;
+                    }
+                    // Not (yet) in the ledger: a reservation still on its
+                    // way would show up on a later look.
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(ticket = %ticket, error = %e,
+                        "cannot resolve an interrupted reservation yet"),
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+        });
+    }
+}
+
+impl Inner {
     fn tag(&self, key: &SkuKey) -> String {
         format!("{}{{{}:{}}}", self.prefix, key.rule, key.sku)
     }
@@ -164,10 +231,19 @@ impl RedisStore {
         format!("{}ticket:{ticket}", self.prefix)
     }
 
+    fn skus_key(&self) -> String {
+        format!("{}skus", self.prefix)
+    }
+
     /// Round trips made so far (each pipeline or transaction is one), for
     /// benchmarks.
     pub fn round_trips(&self) -> u64 {
-        self.conn.round_trips()
+        self.conn.round_trips() + self.admin.round_trips()
+    }
+
+    /// Whether the circuit breaker considers Redis down now.
+    pub fn circuit_open(&self) -> bool {
+        self.conn.circuit_open_now()
     }
 
     async fn run(&self, op: &'static str, pipe: &Pipeline) -> Result<Vec<Value>, StoreError> {
@@ -184,8 +260,12 @@ impl RedisStore {
         let avail = format!("{tag}:avail");
         let mut pipe = redis::pipe();
         pipe.cmd("SET").arg(format!("{tag}:loaded")).arg(1).ignore();
+        pipe.cmd("SADD")
+            .arg(self.skus_key())
+            .arg(format!("{}{SEP}{}", key.rule, key.sku))
+            .ignore();
         pipe.cmd("LLEN").arg(&avail);
-        let vals = self.run("set_available", &pipe).await?;
+        let vals = self.admin.run("set_available", &pipe).await?;
         let now = vals.first().and_then(as_int).unwrap_or(0).max(0) as u64;
         // Units are interchangeable: only the list lengths matter. While a
         // sale runs, concurrent reservations make the result approximate;
@@ -206,90 +286,320 @@ impl RedisStore {
             change.cmd("LPOP").arg(&avail).arg(now - available).ignore();
         }
         if available != now {
-            self.run("set_available", &change).await?;
+            self.admin.run("set_available", &change).await?;
         }
-        self.stock(key)
+        self.view(&self.admin, key)
             .await?
             .ok_or_else(|| StoreError::NotLoaded(key.clone()))
     }
 
-    /// Whether a ticket is still queued or held (not committed, released
-    /// or unknown).
-    async fn is_live(&self, tag: &str, id: &str) -> Result<bool, StoreError> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("HGET").arg(format!("{tag}:state")).arg(id);
-        let vals = self.run("state", &pipe).await?;
-        Ok(matches!(
-            vals.first().and_then(as_string).as_deref(),
-            Some("Q") | Some("H")
-        ))
-    }
-
-    /// Moves back what a reservation took and removes what it wrote, in
-    /// one transaction: units, the marks it set, its user count, its record.
+    /// Moves back what a refused reservation took and removes what it
+    /// wrote, in one transaction: units, the marks it set, its hold in the
+    /// buyer's holds, its record and lease. (The reservation's reply just
+    /// came; nobody else knows the ticket.)
     async fn undo(
         &self,
         key: &SkuKey,
         ticket: TicketId,
         moved: u64,
         marks_set: &[String],
-        user_counted: Option<(&str, u32)>,
+        user: Option<&str>,
     ) -> Result<(), StoreError> {
         let tag = self.tag(key);
-        let held = format!("{tag}:h:{ticket}");
+        let id = ticket.to_string();
         let mut pipe = redis::pipe();
         pipe.atomic();
-        add_moves(&mut pipe, &held, &format!("{tag}:avail"), moved, true);
+        add_moves(
+            &mut pipe,
+            &format!("{tag}:h:{id}"),
+            &format!("{tag}:avail"),
+            moved,
+            true,
+        );
         for m in marks_set {
             pipe.cmd("DEL").arg(m).ignore();
         }
-        if let Some((user, qty)) = user_counted {
-            pipe.cmd("DECRBY")
-                .arg(format!("{tag}:uq:{user}"))
-                .arg(qty)
+        if let Some(user) = user {
+            pipe.cmd("HDEL")
+                .arg(format!("{tag}:uh:{user}"))
+                .arg(&id)
                 .ignore();
         }
-        pipe.cmd("HDEL")
-            .arg(format!("{tag}:tickets"))
-            .arg(ticket.to_string())
-            .ignore();
-        pipe.cmd("HDEL")
-            .arg(format!("{tag}:state"))
-            .arg(ticket.to_string())
-            .ignore();
-        pipe.cmd("DEL").arg(self.index_key(ticket)).ignore();
+        add_forget(&mut pipe, &tag, &id, &self.index_key(ticket));
         self.run("reserve-undo", &pipe).await.map(drop)
     }
 
-    /// After a reservation timed out: did it run? Reads the ledger on the
-    /// same connection (ordered after it) and undoes it if it did.
-    async fn resolve_timed_out_reservation(
+    /// Returns what a ticket holds to `avail` (for an admin release also
+    /// what it bought), under WATCH on its unit lists so that a commit or
+    /// another release in between is seen, never doubled. `forget` also
+    /// removes its record (an interrupted reservation nobody was told
+    /// about). Gives the units moved.
+    async fn release_watched(
         &self,
-        r: &Reservation<'_>,
-        mark_keys: &[String],
-    ) -> Result<(), StoreError> {
-        let tag = self.tag(r.key);
-        let ticket = r.ticket.to_string();
+        conn: &RedisConn,
+        key: &SkuKey,
+        ticket: TicketId,
+        reason: ReleaseReason,
+        forget: bool,
+    ) -> Result<u64, StoreError> {
+        let tag = self.tag(key);
+        let id = ticket.to_string();
+        let (held, sold, avail) = (
+            format!("{tag}:h:{id}"),
+            format!("{tag}:c:{id}"),
+            format!("{tag}:avail"),
+        );
+        // A few tries: each abort means someone else moved these units,
+        // and the next look sees what they did.
+        for _ in 0..8 {
+            let mut x = conn.exclusive("release").await?;
+            let mut look = redis::pipe();
+            look.cmd("WATCH").arg(&held).arg(&sold).ignore();
+            look.cmd("HGET").arg(format!("{tag}:tickets")).arg(&id);
+            look.cmd("LLEN").arg(&held);
+            look.cmd("LLEN").arg(&sold);
+            let vals = x.query("release", &look).await?.unwrap_or_default();
+            let record = match vals.first().and_then(as_string) {
+                Some(text) => Some(Record::decode(&format!("{tag}:tickets"), &text)?),
+                None => None,
+            };
+            let n_held = vals.get(1).and_then(as_int).unwrap_or(0).max(0) as u64;
+            // Only an operator (or the backend, through the admin API) may
+            // cancel a sold order.
+            let n_sold = if reason == ReleaseReason::Admin {
+                vals.get(2).and_then(as_int).unwrap_or(0).max(0) as u64
+            } else {
+                0
+            };
+            let Some(record) = record else {
+                let mut unwatch = redis::pipe();
+                unwatch.cmd("UNWATCH").ignore();
+                x.query("release", &unwatch).await?;
+                return Ok(0);
+            };
+            // The marks still pointing at this ticket go with it, so the
+            // buyer may try again; watched too, so a mark taken over in
+            // between is left alone.
+            let mut marks = redis::pipe();
+            if !record.marks.is_empty() {
+                marks.cmd("WATCH").arg(&record.marks).ignore();
+                for m in &record.marks {
+                    marks.cmd("GET").arg(m);
+                }
+            }
+            let ours: Vec<&String> = if record.marks.is_empty() {
+                Vec::new()
+            } else {
+                let vals = x.query("release", &marks).await?.unwrap_or_default();
+                record
+                    .marks
+                    .iter()
+                    .zip(vals.iter())
+                    .filter(|(_, v)| as_string(v).as_deref() == Some(id.as_str()))
+                    .map(|(m, _)| m)
+                    .collect()
+            };
+            let moved = n_held + n_sold;
+            let mut tx = redis::pipe();
+            tx.atomic();
+            add_moves(&mut tx, &held, &avail, n_held, true);
+            add_moves(&mut tx, &sold, &avail, n_sold, true);
+            if moved > 0 || forget {
+                for m in &ours {
+                    tx.cmd("DEL").arg(*m).ignore();
+                }
+                if record.counted_for_user {
+                    tx.cmd("HDEL")
+                        .arg(format!("{tag}:uh:{}", record.user))
+                        .arg(&id)
+                        .ignore();
+                }
+                tx.cmd("ZREM")
+                    .arg(format!("{tag}:leases"))
+                    .arg(&id)
+                    .ignore();
+            }
+            if forget {
+                add_forget(&mut tx, &tag, &id, &self.index_key(ticket));
+            } else if moved > 0 {
+                tx.cmd("HSET")
+                    .arg(format!("{tag}:state"))
+                    .arg(&id)
+                    .arg("R")
+                    .ignore();
+                tx.cmd("INCRBY")
+                    .arg(format!("{tag}:released"))
+                    .arg(moved)
+                    .ignore();
+            }
+            match x.query("release", &tx).await? {
+                Some(_) => return Ok(moved),
+                None => continue,
+            }
+        }
+        Err(StoreError::Backend {
+            op: "release",
+            message: format!("ticket {ticket} kept changing under the release; try again"),
+        })
+    }
+
+    /// The stock view, on `conn`: units counted where they are.
+    async fn view(&self, conn: &RedisConn, key: &SkuKey) -> Result<Option<StockView>, StoreError> {
+        let tag = self.tag(key);
         let mut pipe = redis::pipe();
-        pipe.cmd("HGET").arg(format!("{tag}:tickets")).arg(&ticket);
-        pipe.cmd("LLEN").arg(format!("{tag}:h:{ticket}"));
-        for m in mark_keys {
-            pipe.cmd("GET").arg(m);
+        pipe.cmd("EXISTS").arg(format!("{tag}:loaded"));
+        pipe.cmd("LLEN").arg(format!("{tag}:avail"));
+        pipe.cmd("HGETALL").arg(format!("{tag}:state"));
+        pipe.cmd("GET").arg(format!("{tag}:released"));
+        let vals = conn.run("stock", &pipe).await?;
+        if vals.first().and_then(as_int) != Some(1) {
+            return Ok(None);
         }
-        let vals = self.run("reserve-resolve", &pipe).await?;
-        let ran = vals.first().is_some_and(|v| !matches!(v, Value::Nil));
-        if !ran {
-            return Ok(());
-        }
-        let moved = vals.get(1).and_then(as_int).unwrap_or(0).max(0) as u64;
-        let ours: Vec<String> = mark_keys
-            .iter()
-            .zip(vals.iter().skip(2))
-            .filter(|(_, v)| as_string(v).as_deref() == Some(ticket.as_str()))
-            .map(|(k, _)| k.clone())
+        let mut view = StockView {
+            available: vals.get(1).and_then(as_int).unwrap_or(0).max(0) as u64,
+            released: vals.get(3).and_then(as_int).unwrap_or(0).max(0) as u64,
+            ..StockView::default()
+        };
+        let states: Vec<(String, String)> = vals
+            .get(2)
+            .map(as_pairs)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(k, v)| as_string(&v).map(|v| (k, v)))
             .collect();
-        let user_counted = r.per_user_limit.map(|_| (r.user, r.qty));
-        self.undo(r.key, r.ticket, moved, &ours, user_counted).await
+        let mut lists = redis::pipe();
+        for (id, _) in &states {
+            lists.cmd("LLEN").arg(format!("{tag}:h:{id}"));
+            lists.cmd("LLEN").arg(format!("{tag}:c:{id}"));
+        }
+        let counts = if states.is_empty() {
+            Vec::new()
+        } else {
+            conn.run("stock", &lists).await?
+        };
+        for (i, (_, state)) in states.iter().enumerate() {
+            let held = counts.get(2 * i).and_then(as_int).unwrap_or(0).max(0) as u64;
+            let sold = counts.get(2 * i + 1).and_then(as_int).unwrap_or(0).max(0) as u64;
+            view.sold += sold;
+            if state == "Q" {
+                view.queued += held;
+            } else {
+                view.in_flight += held;
+            }
+        }
+        view.initial = view.available + view.in_flight + view.sold + view.queued;
+        Ok(Some(view))
+    }
+
+    /// A commit that found no held units: the ticket was released (or
+    /// never won). Takes its units from `avail` again if it has a record.
+    async fn commit_late(&self, key: &SkuKey, ticket: TicketId) -> Result<Committed, StoreError> {
+        let tag = self.tag(key);
+        let id = ticket.to_string();
+        let mut read = redis::pipe();
+        read.cmd("HGET").arg(format!("{tag}:tickets")).arg(&id);
+        read.cmd("LLEN").arg(format!("{tag}:c:{id}"));
+        let vals = self.run("commit", &read).await?;
+        let Some(text) = vals.first().and_then(as_string) else {
+            // Unknown: no state may be left behind for it.
+            let mut forget = redis::pipe();
+            forget
+                .cmd("HDEL")
+                .arg(format!("{tag}:state"))
+                .arg(&id)
+                .ignore();
+            self.run("commit", &forget).await?;
+            return Ok(Committed::Unknown);
+        };
+        let record = Record::decode(&format!("{tag}:tickets"), &text)?;
+        let sold = vals.get(1).and_then(as_int).unwrap_or(0).max(0) as u64;
+        let want = u64::from(record.qty).saturating_sub(sold);
+        if want == 0 {
+            // A repeated commit.
+            return Ok(Committed::Held);
+        }
+        let mut take = redis::pipe();
+        take.atomic();
+        add_moves(
+            &mut take,
+            &format!("{tag}:avail"),
+            &format!("{tag}:c:{id}"),
+            want,
+            false,
+        );
+        if record.counted_for_user {
+            take.cmd("HSET")
+                .arg(format!("{tag}:uh:{}", record.user))
+                .arg(&id)
+                .arg(record.qty)
+                .ignore();
+        }
+        let vals = self.run("commit", &take).await?;
+        let taken = vals.iter().filter(|v| !matches!(v, Value::Nil)).count() as u64;
+        // `released` counted these units as returned; they are sold again.
+        if taken > 0 {
+            let mut fix = redis::pipe();
+            fix.cmd("DECRBY")
+                .arg(format!("{tag}:released"))
+                .arg(taken)
+                .ignore();
+            self.run("commit", &fix).await?;
+        }
+        Ok(Committed::Retaken {
+            short: u32::try_from(want - taken).unwrap_or(u32::MAX),
+        })
+    }
+}
+
+/// Adds the commands that remove a ticket that never was: its record,
+/// state, lease and index.
+fn add_forget(pipe: &mut Pipeline, tag: &str, id: &str, index: &str) {
+    pipe.cmd("HDEL")
+        .arg(format!("{tag}:tickets"))
+        .arg(id)
+        .ignore();
+    pipe.cmd("HDEL")
+        .arg(format!("{tag}:state"))
+        .arg(id)
+        .ignore();
+    pipe.cmd("ZREM")
+        .arg(format!("{tag}:leases"))
+        .arg(id)
+        .ignore();
+    pipe.cmd("DEL").arg(index).ignore();
+}
+
+/// The reply of a reservation's transaction, read in the order it was
+/// written.
+struct ReserveReply {
+    loaded: bool,
+    olds: Vec<Option<String>>,
+    user_total: Option<i64>,
+    moved: u64,
+}
+
+fn parse_reserve(vals: &[Value], marks: usize, counted: bool, qty: u32) -> ReserveReply {
+    let mut it = vals.iter();
+    let loaded = it.next().and_then(as_int) == Some(1);
+    let olds = (0..marks).map(|_| it.next().and_then(as_string)).collect();
+    let user_total = if counted {
+        // HVALS of the buyer's holds, this ticket's included.
+        it.next().map(|v| match v {
+            Value::Array(items) => items.iter().filter_map(as_int).sum(),
+            Value::Set(items) => items.iter().filter_map(as_int).sum(),
+            _ => 0,
+        })
+    } else {
+        None
+    };
+    let moved = (0..qty)
+        .filter(|_| it.next().is_some_and(|v| !matches!(v, Value::Nil)))
+        .count() as u64;
+    ReserveReply {
+        loaded,
+        olds,
+        user_total,
+        moved,
     }
 }
 
@@ -299,10 +609,11 @@ impl Store for RedisStore {
         let tag = self.tag(r.key);
         let ticket = r.ticket.to_string();
         let mark_keys: Vec<String> = r.marks.iter().map(|m| self.mark_key(r.key, m)).collect();
+        let counted = r.per_user_limit.is_some();
         let record = Record {
             qty: r.qty,
             user: r.user.to_string(),
-            counted_for_user: r.per_user_limit.is_some(),
+            counted_for_user: counted,
             marks: mark_keys.clone(),
         };
         let mut pipe = redis::pipe();
@@ -317,10 +628,21 @@ impl Store for RedisStore {
                 .arg(millis(m.ttl))
                 .arg("GET");
         }
-        if r.per_user_limit.is_some() {
-            pipe.cmd("INCRBY")
-                .arg(format!("{tag}:uq:{}", r.user))
-                .arg(r.qty);
+        if counted {
+            // The buyer's holds, ticket -> units: removing one twice is
+            // harmless, unlike decrementing a counter twice. It expires
+            // with the tickets, so a refused buyer leaves nothing behind.
+            let holds = format!("{tag}:uh:{}", r.user);
+            pipe.cmd("HSET")
+                .arg(&holds)
+                .arg(&ticket)
+                .arg(r.qty)
+                .ignore();
+            pipe.cmd("HVALS").arg(&holds);
+            pipe.cmd("PEXPIRE")
+                .arg(&holds)
+                .arg(millis(self.ticket_ttl))
+                .ignore();
         }
         let (avail, held) = (format!("{tag}:avail"), format!("{tag}:h:{ticket}"));
         add_moves(&mut pipe, &avail, &held, u64::from(r.qty), false);
@@ -340,43 +662,35 @@ impl Store for RedisStore {
             .arg("PX")
             .arg(millis(self.ticket_ttl))
             .ignore();
+        pipe.cmd("ZADD")
+            .arg(format!("{tag}:leases"))
+            .arg(now_ms().saturating_add(millis(r.lease)))
+            .arg(&ticket)
+            .ignore();
         let vals = match self.run("reserve", &pipe).await {
             Ok(v) => v,
             Err(e) => {
                 // A timeout or a connection lost after the transaction was
-                // sent: it may have run. Read back and undo, never retry.
-                // (When Redis is down the read fails too; nothing ran then.)
-                if let Err(resolve) = self.resolve_timed_out_reservation(r, &mark_keys).await {
-                    tracing::debug!(ticket = %r.ticket, error = %resolve,
-                        "could not resolve an interrupted reservation; reconcile will");
+                // sent: it may have run, now or when Redis wakes. Read it
+                // back until Redis answers, never retry it. (Refused by the
+                // breaker, it was never sent.)
+                if !matches!(e, StoreError::CircuitOpen { .. }) {
+                    self.resolve_in_background(r.key.clone(), r.ticket, r.lease);
                 }
                 return Err(e);
             }
         };
-        let mut it = vals.iter();
-        let loaded = it.next().and_then(as_int) == Some(1);
-        let olds: Vec<Option<String>> = (0..mark_keys.len())
-            .map(|_| it.next().and_then(as_string))
-            .collect();
-        let user_total = if r.per_user_limit.is_some() {
-            it.next().and_then(as_int)
-        } else {
-            None
-        };
-        let moved = (0..r.qty)
-            .filter(|_| it.next().is_some_and(|v| !matches!(v, Value::Nil)))
-            .count() as u64;
-
-        let short = match moved {
+        let reply = parse_reserve(&vals, mark_keys.len(), counted, r.qty);
+        let short = match reply.moved {
             0 => Some(Reserved::SoldOut),
             m if m < u64::from(r.qty) => Some(Reserved::NotEnough),
             _ => None,
         };
-        let verdict = if !loaded {
+        let verdict = if !reply.loaded {
             Reserved::NotLoaded
-        } else if let Some(first) = olds.iter().flatten().find_map(|t| TicketId::parse(t)) {
+        } else if let Some(first) = reply.olds.iter().flatten().find_map(|t| TicketId::parse(t)) {
             Reserved::Duplicate { first }
-        } else if let (Some(limit), Some(total)) = (r.per_user_limit, user_total) {
+        } else if let (Some(limit), Some(total)) = (r.per_user_limit, reply.user_total) {
             if total > i64::from(limit) {
                 Reserved::OverUserLimit
             } else {
@@ -388,12 +702,12 @@ impl Store for RedisStore {
         if verdict != Reserved::Won {
             let marks_set: Vec<String> = mark_keys
                 .iter()
-                .zip(&olds)
+                .zip(&reply.olds)
                 .filter(|(_, old)| old.is_none())
                 .map(|(k, _)| k.clone())
                 .collect();
-            let user_counted = r.per_user_limit.map(|_| (r.user, r.qty));
-            self.undo(r.key, r.ticket, moved, &marks_set, user_counted)
+            let user = counted.then_some(r.user);
+            self.undo(r.key, r.ticket, reply.moved, &marks_set, user)
                 .await?;
         }
         Ok(verdict)
@@ -405,40 +719,33 @@ impl Store for RedisStore {
         ticket: TicketId,
         response: Option<&StoredResponse>,
         ttl: Duration,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Committed, StoreError> {
         let tag = self.tag(key);
         let id = ticket.to_string();
-        // Only a live ticket is committed: a ticket released meanwhile (an
-        // operator, or a failed copy of the same queued order) stays
-        // released. One transaction reads the old state and writes `C`;
-        // in the rare case the old state was not live, a second step puts
-        // it back (no unit moves either way, so stock is never affected).
-        let state_key = format!("{tag}:state");
+        // One round trip: its held units become its sold units whole, or,
+        // when a release got there first, nothing moves and the late path
+        // takes them again.
         let mut pipe = redis::pipe();
-        pipe.atomic();
-        pipe.cmd("HGET").arg(&state_key).arg(&id);
-        pipe.cmd("HSET").arg(&state_key).arg(&id).arg("C").ignore();
+        pipe.atomic().ignore_errors();
+        pipe.cmd("RENAME")
+            .arg(format!("{tag}:h:{id}"))
+            .arg(format!("{tag}:c:{id}"));
+        pipe.cmd("HSET")
+            .arg(format!("{tag}:state"))
+            .arg(&id)
+            .arg("C")
+            .ignore();
+        pipe.cmd("ZREM")
+            .arg(format!("{tag}:leases"))
+            .arg(&id)
+            .ignore();
         if let Some(response) = response {
             add_response(&mut pipe, &tag, &id, response, ttl);
         }
         let vals = self.run("commit", &pipe).await?;
-        let old = vals.first().and_then(as_string);
-        match old.as_deref() {
-            Some("Q") | Some("H") => Ok(()),
-            Some(other) => {
-                let mut undo = redis::pipe();
-                undo.cmd("HSET")
-                    .arg(&state_key)
-                    .arg(&id)
-                    .arg(other)
-                    .ignore();
-                self.run("commit", &undo).await.map(drop)
-            }
-            None => {
-                let mut undo = redis::pipe();
-                undo.cmd("HDEL").arg(&state_key).arg(&id).ignore();
-                self.run("commit", &undo).await.map(drop)
-            }
+        match vals.first() {
+            Some(Value::ServerError(_)) => self.commit_late(key, ticket).await,
+            _ => Ok(Committed::Held),
         }
     }
 
@@ -447,6 +754,7 @@ impl Store for RedisStore {
         key: &SkuKey,
         ticket: TicketId,
         state: TicketState,
+        lease: Duration,
     ) -> Result<(), StoreError> {
         let code = match state {
             TicketState::Queued => "Q",
@@ -455,16 +763,68 @@ impl Store for RedisStore {
             TicketState::Committed | TicketState::Released => return Ok(()),
         };
         let tag = self.tag(key);
-        if !self.is_live(&tag, &ticket.to_string()).await? {
-            return Ok(());
-        }
+        let id = ticket.to_string();
+        // The lists say whether the ticket is still live, whatever the
+        // state field says; the lease is renewed only while it is (`XX`:
+        // a commit or release removed it).
         let mut pipe = redis::pipe();
+        pipe.atomic();
         pipe.cmd("HSET")
             .arg(format!("{tag}:state"))
-            .arg(ticket.to_string())
+            .arg(&id)
             .arg(code)
             .ignore();
+        pipe.cmd("ZADD")
+            .arg(format!("{tag}:leases"))
+            .arg("XX")
+            .arg(now_ms().saturating_add(millis(lease)))
+            .arg(&id)
+            .ignore();
         self.run("set_state", &pipe).await.map(drop)
+    }
+
+    async fn expired(&self, limit: usize) -> Result<Vec<(SkuKey, TicketId)>, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("SMEMBERS").arg(self.skus_key());
+        let vals = self.run("expired", &pipe).await?;
+        let skus: Vec<SkuKey> = match vals.first() {
+            Some(Value::Array(items)) | Some(Value::Set(items)) => items
+                .iter()
+                .filter_map(as_string)
+                .filter_map(|s| s.split_once(SEP).map(|(r, k)| SkuKey::new(r, k)))
+                .collect(),
+            _ => Vec::new(),
+        };
+        if skus.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = now_ms();
+        let mut pipe = redis::pipe();
+        for key in &skus {
+            pipe.cmd("ZRANGEBYSCORE")
+                .arg(format!("{}:leases", self.tag(key)))
+                .arg("-inf")
+                .arg(now)
+                .arg("WITHSCORES")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit);
+        }
+        let vals = self.run("expired", &pipe).await?;
+        let mut found: Vec<(i64, SkuKey, TicketId)> = Vec::new();
+        for (key, v) in skus.iter().zip(&vals) {
+            for (id, score) in as_pairs(v) {
+                if let Some(t) = TicketId::parse(&id) {
+                    found.push((as_int(&score).unwrap_or(0), key.clone(), t));
+                }
+            }
+        }
+        found.sort();
+        Ok(found
+            .into_iter()
+            .take(limit)
+            .map(|(_, k, t)| (k, t))
+            .collect())
     }
 
     async fn keep_response(
@@ -487,74 +847,14 @@ impl Store for RedisStore {
         ticket: TicketId,
         reason: ReleaseReason,
     ) -> Result<u64, StoreError> {
-        let tag = self.tag(key);
-        let id = ticket.to_string();
-        let mut read = redis::pipe();
-        read.cmd("HGET").arg(format!("{tag}:tickets")).arg(&id);
-        read.cmd("HGET").arg(format!("{tag}:state")).arg(&id);
-        let vals = self.run("release", &read).await?;
-        let (Some(text), Some(state)) = (
-            vals.first().and_then(as_string),
-            vals.get(1).and_then(as_string),
-        ) else {
-            return Ok(0);
+        // Operators' releases may take the admin timeout; a shopper's
+        // failed order is settled within the request's own.
+        let conn = if reason == ReleaseReason::Admin {
+            &self.admin
+        } else {
+            &self.conn
         };
-        // As in the memory store: a committed order is cancelled only by
-        // an admin release.
-        if state == "R" || (state == "C" && reason != ReleaseReason::Admin) {
-            return Ok(0);
-        }
-        let record = Record::decode(&format!("{tag}:tickets"), &text)?;
-
-        // Move every unit the ticket holds back; a concurrent second
-        // release finds nothing left to move.
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        let (held, avail) = (format!("{tag}:h:{id}"), format!("{tag}:avail"));
-        add_moves(&mut pipe, &held, &avail, u64::from(record.qty), true);
-        pipe.cmd("HSET")
-            .arg(format!("{tag}:state"))
-            .arg(&id)
-            .arg("R")
-            .ignore();
-        for m in &record.marks {
-            pipe.cmd("GET").arg(m);
-        }
-        let vals = self.run("release", &pipe).await?;
-        let moved = vals
-            .iter()
-            .take(record.qty as usize)
-            .filter(|v| !matches!(v, Value::Nil))
-            .count() as u64;
-        if moved == 0 {
-            return Ok(0);
-        }
-        let mut after = redis::pipe();
-        after
-            .cmd("INCRBY")
-            .arg(format!("{tag}:released"))
-            .arg(moved)
-            .ignore();
-        if record.counted_for_user {
-            after
-                .cmd("DECRBY")
-                .arg(format!("{tag}:uq:{}", record.user))
-                .arg(moved)
-                .ignore();
-        }
-        // Clear the marks that still point at this ticket, so the user may
-        // try again.
-        for (m, v) in record
-            .marks
-            .iter()
-            .zip(vals.iter().skip(record.qty as usize))
-        {
-            if as_string(v).as_deref() == Some(id.as_str()) {
-                after.cmd("DEL").arg(m).ignore();
-            }
-        }
-        self.run("release", &after).await?;
-        Ok(moved)
+        self.release_watched(conn, key, ticket, reason, false).await
     }
 
     async fn set_available(&self, key: &SkuKey, available: u64) -> Result<StockView, StoreError> {
@@ -573,7 +873,7 @@ impl Store for RedisStore {
                 .arg("NX")
                 .arg("PX")
                 .arg(RESTOCK_LOCK_MS);
-            let vals = self.run("set_available", &pipe).await?;
+            let vals = self.admin.run("set_available", &pipe).await?;
             if vals.first().is_some_and(|v| !matches!(v, Value::Nil)) {
                 taken = true;
                 break;
@@ -590,56 +890,18 @@ impl Store for RedisStore {
         // Released only if still ours (it expires by itself otherwise).
         let mut check = redis::pipe();
         check.cmd("GET").arg(&lock);
-        if let Ok(vals) = self.run("set_available", &check).await {
+        if let Ok(vals) = self.admin.run("set_available", &check).await {
             if vals.first().and_then(as_string).as_deref() == Some(token.as_str()) {
                 let mut del = redis::pipe();
                 del.cmd("DEL").arg(&lock).ignore();
-                let _ = self.run("set_available", &del).await;
+                let _ = self.admin.run("set_available", &del).await;
             }
         }
         result
     }
 
     async fn stock(&self, key: &SkuKey) -> Result<Option<StockView>, StoreError> {
-        let tag = self.tag(key);
-        let mut pipe = redis::pipe();
-        pipe.cmd("EXISTS").arg(format!("{tag}:loaded"));
-        pipe.cmd("LLEN").arg(format!("{tag}:avail"));
-        pipe.cmd("HGETALL").arg(format!("{tag}:state"));
-        pipe.cmd("HGETALL").arg(format!("{tag}:tickets"));
-        pipe.cmd("GET").arg(format!("{tag}:released"));
-        let vals = self.run("stock", &pipe).await?;
-        if vals.first().and_then(as_int) != Some(1) {
-            return Ok(None);
-        }
-        let available = vals.get(1).and_then(as_int).unwrap_or(0).max(0) as u64;
-        let states: HashMap<String, String> = vals
-            .get(2)
-            .map(as_pairs)
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|(k, v)| as_string(&v).map(|v| (k, v)))
-            .collect();
-        let mut view = StockView {
-            available,
-            released: vals.get(4).and_then(as_int).unwrap_or(0).max(0) as u64,
-            ..StockView::default()
-        };
-        let tickets_key = format!("{tag}:tickets");
-        for (id, rec) in vals.get(3).map(as_pairs).unwrap_or_default() {
-            let Some(text) = as_string(&rec) else {
-                continue;
-            };
-            let record = Record::decode(&tickets_key, &text)?;
-            match states.get(&id).map(String::as_str) {
-                Some("Q") => view.queued += u64::from(record.qty),
-                Some("H") => view.in_flight += u64::from(record.qty),
-                Some("C") => view.sold += u64::from(record.qty),
-                _ => {}
-            }
-        }
-        view.initial = view.available + view.in_flight + view.sold + view.queued;
-        Ok(Some(view))
+        self.view(&self.admin, key).await
     }
 
     async fn available(&self, key: &SkuKey) -> Result<Option<u64>, StoreError> {
@@ -674,6 +936,8 @@ impl Store for RedisStore {
         pipe.cmd("HGET").arg(format!("{tag}:tickets")).arg(&ticket);
         pipe.cmd("HGET").arg(format!("{tag}:state")).arg(&ticket);
         pipe.cmd("HGETALL").arg(format!("{tag}:r:{ticket}"));
+        pipe.cmd("EXISTS").arg(format!("{tag}:h:{ticket}"));
+        pipe.cmd("EXISTS").arg(format!("{tag}:c:{ticket}"));
         let vals = self.run("ticket", &pipe).await?;
         let (Some(text), Some(state)) = (
             vals.first().and_then(as_string),
@@ -682,7 +946,7 @@ impl Store for RedisStore {
             return Ok(None);
         };
         let record = Record::decode(&format!("{tag}:tickets"), &text)?;
-        let state = state
+        let written = state
             .chars()
             .next()
             .and_then(TicketState::from_code)
@@ -690,6 +954,19 @@ impl Store for RedisStore {
                 key: format!("{tag}:state"),
                 message: format!("unknown state {state:?}"),
             })?;
+        let held = vals.get(3).and_then(as_int) == Some(1);
+        let sold = vals.get(4).and_then(as_int) == Some(1);
+        // Where its units are decides; the field tells queued from held.
+        let state = if sold || written == TicketState::Committed {
+            TicketState::Committed
+        } else if held {
+            match written {
+                TicketState::Queued => TicketState::Queued,
+                _ => TicketState::Held,
+            }
+        } else {
+            TicketState::Released
+        };
         let fields: HashMap<String, Value> = vals
             .get(2)
             .map(as_pairs)

@@ -1,16 +1,77 @@
 //! The Redis connection shared by the Redis store and the Redis queue: one
 //! multiplexed, self-reconnecting `ConnectionManager`, made on first use,
 //! with the response timeout from the config and errors mapped to
-//! `StoreError`. Also the small `Value` readers both need.
+//! `StoreError`; a few exclusive connections for the rare WATCH
+//! transactions (a WATCH belongs to its connection, so those must not be
+//! multiplexed); and a circuit breaker, so a dead Redis costs one timeout
+//! per `breaker_interval`, not one per request. Also the small `Value`
+//! readers the store and the queue need.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Pipeline, RedisError, Value};
 
 use super::StoreError;
 use crate::config::RedisConfig;
+
+/// Exclusive connections for WATCH transactions: releases, sweeps and
+/// admin changes are rare next to reservations and commits.
+const EXCLUSIVE: usize = 4;
+
+/// Counts failures in a row and, past a threshold, fails calls at once
+/// for an interval, then lets one call through to try again.
+struct Breaker {
+    threshold: u32,
+    interval: Duration,
+    failures: AtomicU32,
+    /// While open: when the next try may go.
+    open_until: Mutex<Option<Instant>>,
+}
+
+impl Breaker {
+    /// `Err(retry_in)` while open; `Ok` when a call may go (the first one
+    /// after the interval is the try, the others keep waiting for it).
+    fn admit(&self) -> Result<(), Duration> {
+        if self.failures.load(Ordering::Relaxed) < self.threshold {
+            return Ok(());
+        }
+        let Ok(mut open) = self.open_until.lock() else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        match *open {
+            Some(until) if now < until => Err(until - now),
+            // This call is the try; the next ones wait another interval
+            // unless it succeeds first.
+            _ => {
+                *open = Some(now + self.interval);
+                Ok(())
+            }
+        }
+    }
+
+    fn record(&self, ok: bool) {
+        if ok {
+            if self.failures.swap(0, Ordering::Relaxed) >= self.threshold {
+                if let Ok(mut open) = self.open_until.lock() {
+                    *open = None;
+                }
+                tracing::info!("store reachable again; circuit closed");
+            }
+        } else {
+            let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+            if n == self.threshold {
+                if let Ok(mut open) = self.open_until.lock() {
+                    *open = Some(Instant::now() + self.interval);
+                }
+                tracing::warn!(failures = n, "store failing; circuit open");
+            }
+        }
+    }
+}
 
 /// A lazily made connection to the configured Redis.
 pub struct RedisConn {
@@ -19,8 +80,61 @@ pub struct RedisConn {
     // Made on first use: the manager spawns its driver on the runtime it
     // is created in, and the gateway's runtimes exist only once it runs.
     conn: tokio::sync::OnceCell<ConnectionManager>,
+    exclusive: Vec<tokio::sync::Mutex<Option<ConnectionManager>>>,
+    next_exclusive: AtomicUsize,
     round_trips: AtomicU64,
     timeout: Duration,
+    /// Shared by the connections to one Redis: any answer proves it up.
+    breaker: Arc<Breaker>,
+}
+
+/// One exclusive connection, held for a WATCH transaction.
+pub struct Exclusive<'a> {
+    owner: &'a RedisConn,
+    slot: tokio::sync::MutexGuard<'a, Option<ConnectionManager>>,
+}
+
+impl Exclusive<'_> {
+    /// Sends a pipeline on this connection; `Ok(None)` when it is an
+    /// atomic pipeline whose WATCHed keys changed (EXEC aborted).
+    pub async fn query(
+        &mut self,
+        op: &'static str,
+        pipe: &Pipeline,
+    ) -> Result<Option<Vec<Value>>, StoreError> {
+        let owner = self.owner;
+        if let Err(retry_in) = owner.breaker.admit() {
+            return Err(owner.circuit_open(op, retry_in));
+        }
+        owner.round_trips.fetch_add(1, Ordering::Relaxed);
+        let result = match self.slot.as_mut() {
+            Some(conn) => {
+                tokio::time::timeout(owner.timeout, pipe.query_async::<Option<Vec<Value>>>(conn))
+                    .await
+            }
+            None => Ok(Err(RedisError::from(std::io::Error::other(
+                "no exclusive connection",
+            )))),
+        };
+        let result = match result {
+            Ok(r) => r,
+            Err(_) => Err(timed_out()),
+        };
+        owner.breaker.record(result.is_ok());
+        if result.is_err() {
+            // A connection in an unknown state (a WATCH or MULTI left
+            // open) is never reused.
+            *self.slot = None;
+        }
+        result.map_err(|e| owner.error(op, e))
+    }
+}
+
+fn timed_out() -> RedisError {
+    RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "store timeout",
+    ))
 }
 
 impl RedisConn {
@@ -42,9 +156,79 @@ impl RedisConn {
             client,
             manager_config,
             conn: tokio::sync::OnceCell::new(),
+            exclusive: (0..EXCLUSIVE)
+                .map(|_| tokio::sync::Mutex::new(None))
+                .collect(),
+            next_exclusive: AtomicUsize::new(0),
             round_trips: AtomicU64::new(0),
             timeout: config.timeout,
+            breaker: Arc::new(Breaker {
+                threshold: config.breaker_failures.max(1),
+                interval: config.breaker_interval,
+                failures: AtomicU32::new(0),
+                open_until: Mutex::new(None),
+            }),
         })
+    }
+
+    /// The same Redis with another response timeout (admin operations
+    /// get a longer one than shoppers' requests): its own connections,
+    /// the same breaker.
+    pub fn with_timeout(
+        &self,
+        config: &RedisConfig,
+        timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let mut config = config.clone();
+        config.timeout = timeout;
+        let mut other = Self::new(&config)?;
+        other.breaker = self.breaker.clone();
+        Ok(other)
+    }
+
+    /// Whether the breaker is open now (the store is considered down).
+    pub fn circuit_open_now(&self) -> bool {
+        self.breaker.failures.load(Ordering::Relaxed) >= self.breaker.threshold
+    }
+
+    fn circuit_open(&self, op: &'static str, retry_in: Duration) -> StoreError {
+        StoreError::CircuitOpen {
+            op,
+            failures: self.breaker.failures.load(Ordering::Relaxed),
+            retry_in,
+        }
+    }
+
+    /// An exclusive connection for a WATCH transaction (connected on
+    /// first use, replaced after any error).
+    pub async fn exclusive(&self, op: &'static str) -> Result<Exclusive<'_>, StoreError> {
+        let i = self.next_exclusive.fetch_add(1, Ordering::Relaxed) % self.exclusive.len();
+        let mut slot = self.exclusive[i].lock().await;
+        if slot.is_none() {
+            if let Err(retry_in) = self.breaker.admit() {
+                return Err(self.circuit_open(op, retry_in));
+            }
+            let made = tokio::time::timeout(
+                self.timeout.max(Duration::from_millis(250)),
+                ConnectionManager::new_with_config(
+                    self.client.clone(),
+                    self.manager_config.clone(),
+                ),
+            )
+            .await;
+            match made {
+                Ok(Ok(conn)) => *slot = Some(conn),
+                Ok(Err(e)) => {
+                    self.breaker.record(false);
+                    return Err(self.error(op, e));
+                }
+                Err(_) => {
+                    self.breaker.record(false);
+                    return Err(self.error(op, timed_out()));
+                }
+            }
+        }
+        Ok(Exclusive { owner: self, slot })
     }
 
     /// Round trips made so far (each pipeline or transaction is one).
@@ -71,6 +255,34 @@ impl RedisConn {
     /// Sends a pipeline (or transaction) in one round trip and gives the
     /// client's own error, for callers that react to a server error code.
     pub async fn query(&self, pipe: &Pipeline) -> Result<Vec<Value>, RedisError> {
+        match self.guarded(pipe).await {
+            Ok(result) => result,
+            Err(retry_in) => Err(RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                format!("circuit open, next try in {retry_in:?}"),
+            ))),
+        }
+    }
+
+    /// The pipeline's result, or `Err(retry_in)` while the breaker is
+    /// open; feeds the breaker.
+    async fn guarded(&self, pipe: &Pipeline) -> Result<Result<Vec<Value>, RedisError>, Duration> {
+        self.breaker.admit()?;
+        let result = self.query_through(pipe).await;
+        // A server error reply (a wrong type, NOGROUP) is an answer: Redis
+        // is up.
+        let reachable = match &result {
+            Ok(_) => true,
+            Err(e) => {
+                matches!(e.kind(), redis::ErrorKind::Server(_))
+                    || e.clone().into_server_errors().is_some()
+            }
+        };
+        self.breaker.record(reachable);
+        Ok(result)
+    }
+
+    async fn query_through(&self, pipe: &Pipeline) -> Result<Vec<Value>, RedisError> {
         self.round_trips.fetch_add(1, Ordering::Relaxed);
         let mut conn = self
             .conn
@@ -87,16 +299,16 @@ impl RedisConn {
         // admission fails closed within the configured timeout.
         match tokio::time::timeout(self.timeout, pipe.query_async::<Vec<Value>>(&mut conn)).await {
             Ok(result) => result,
-            Err(_) => Err(RedisError::from(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "store timeout",
-            ))),
+            Err(_) => Err(timed_out()),
         }
     }
 
     /// Sends a pipeline (or transaction) in one round trip.
     pub async fn run(&self, op: &'static str, pipe: &Pipeline) -> Result<Vec<Value>, StoreError> {
-        self.query(pipe).await.map_err(|e| self.error(op, e))
+        match self.guarded(pipe).await {
+            Ok(result) => result.map_err(|e| self.error(op, e)),
+            Err(retry_in) => Err(self.circuit_open(op, retry_in)),
+        }
     }
 }
 

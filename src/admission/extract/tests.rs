@@ -39,8 +39,10 @@ fn rule(user: FieldSource, sku: FieldSource, quantity: QuantitySpec) -> Rule {
             capacity: 100,
             max_attempts: 3,
             backoff: Duration::from_millis(200),
+            max_queue_time: Duration::from_secs(300),
         },
         release_on: ReleaseOn::default(),
+        on_failure: None,
         responses: Responses::default(),
         origin: (PathBuf::from("rules.yaml"), 1),
     }
