@@ -17,6 +17,7 @@
 //! | `backend` | how a request is presented to the backend and how an exchange ended |
 //! | `admission` | the pipeline: stages 2-8, a winner's [`admission::hold::Hold`], ticket polls |
 //! | `drain` | the background sender of queued winners |
+//! | `reconcile` | `sluice reconcile`: ledger checks and repairs after a crash |
 //! | `proxy` | the pingora glue, one or two calls per phase |
 //! | `admin` | the admin listener: metrics, health, stock and release API |
 //! | `server` | builds and runs the pingora server from a config |
@@ -48,6 +49,7 @@ pub mod metrics;
 pub mod outcome;
 pub mod proxy;
 pub mod queue;
+pub mod reconcile;
 pub mod rules;
 pub mod server;
 pub mod store;

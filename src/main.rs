@@ -24,6 +24,38 @@ enum Command {
     Run(ConfigArg),
     /// Validate the config and every rule file; exit 1 listing each problem.
     Check(ConfigArg),
+    /// Check the shared store's ledgers after a crash and repair them from
+    /// the tickets the backend placed (dry run unless --apply).
+    Reconcile(ReconcileArgs),
+}
+
+#[derive(Args)]
+struct ReconcileArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Only this rule.
+    #[arg(long)]
+    rule: Option<String>,
+    /// Only this sku.
+    #[arg(long)]
+    sku: Option<String>,
+    /// The tickets the backend placed, one per line (the first word of
+    /// each line; `#` comments and blank lines skipped), e.g. the output
+    /// of `SELECT ticket FROM orders`. Placed tickets are committed, and
+    /// in-flight holds not in the file are released.
+    #[arg(long)]
+    placed: Option<PathBuf>,
+    /// Only holds at least this old are released (keeps reconcile away
+    /// from orders still on their way while nodes are live).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    min_age: std::time::Duration,
+    /// Make the changes (default: print what would change).
+    #[arg(long)]
+    apply: bool,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    sluice::config::units::parse_duration(s)
 }
 
 #[derive(Args, Clone)]
@@ -37,6 +69,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run(cli.run)) {
         Command::Check(args) => check(&args),
+        Command::Reconcile(args) => match reconcile(&args) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("sluice reconcile: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Run(args) => match run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -65,6 +105,59 @@ fn check(args: &ConfigArg) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `Ok(true)` when the ledgers add up (or were repaired), `Ok(false)`
+/// when something is left to fix.
+fn reconcile(args: &ReconcileArgs) -> anyhow::Result<bool> {
+    use sluice::reconcile::{apply, plan, read_placed, Scope};
+    let config = sluice::config::load(&args.config.config)
+        .map_err(|errors| anyhow::anyhow!("invalid config:\n{errors}"))?;
+    if config.store.backend != sluice::config::StoreBackend::Redis {
+        anyhow::bail!(
+            "store.backend is memory: its ledger lives inside the gateway process and \
+             is gone after a crash (reload the stock with the admin API); reconcile \
+             works on the shared Redis store"
+        );
+    }
+    let placed = match &args.placed {
+        Some(path) => Some(read_placed(path).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    let scope = Scope {
+        rule: args.rule.clone(),
+        sku: args.sku.clone(),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a runtime")?;
+    runtime.block_on(async {
+        let store =
+            sluice::store::redis::RedisStore::new(&config.store.redis, config.store.result_ttl)
+                .context("cannot reach the store")?;
+        let report = plan(&store, &scope, placed.as_ref(), args.min_age)
+            .await
+            .context("cannot read the store")?;
+        print!("{}", report.render());
+        if report.is_clean() {
+            println!("every ledger adds up");
+            return Ok(true);
+        }
+        if !args.apply {
+            let n = report.actions().count();
+            println!("dry run: {n} change(s) planned; run again with --apply to make them");
+            return Ok(false);
+        }
+        for line in apply(&store, &report, config.store.result_ttl).await {
+            println!("{line}");
+        }
+        let after = plan(&store, &scope, placed.as_ref(), args.min_age)
+            .await
+            .context("cannot read the store")?;
+        print!("after:\n{}", after.render());
+        Ok(after.is_clean())
+    })
 }
 
 fn run(args: &ConfigArg) -> anyhow::Result<()> {

@@ -167,6 +167,37 @@ pub struct StockView {
     pub released: u64,
 }
 
+/// One ticket of a sku as `sluice reconcile` sees it: its record and
+/// where its units are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TicketAudit {
+    /// The ticket.
+    pub id: TicketId,
+    /// Its buyer.
+    pub user: String,
+    /// Units it took.
+    pub qty: u32,
+    /// Its state (queued and held tell apart live tickets).
+    pub state: TicketState,
+    /// Units it holds now.
+    pub held: u64,
+    /// Units sold to it.
+    pub sold: u64,
+    /// When it won, ms since the epoch.
+    pub issued_ms: u64,
+    /// When its lease runs out, ms since the epoch (live tickets).
+    pub lease_ms: Option<u64>,
+}
+
+/// A sku's ledger as `sluice reconcile` sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SkuAudit {
+    /// Units in stock.
+    pub available: u64,
+    /// Every ticket still on record.
+    pub tickets: Vec<TicketAudit>,
+}
+
 /// The store could not answer; admission fails closed on this.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -283,6 +314,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether the store answers at all (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Every loaded sku.
+    async fn skus(&self) -> Result<Vec<SkuKey>, StoreError>;
+
+    /// A sku's whole ledger (`None` when never loaded), for reconcile.
+    async fn audit(&self, key: &SkuKey) -> Result<Option<SkuAudit>, StoreError>;
 
     /// Drops expired local state (marks, kept answers); called by
     /// housekeeping. Stores whose entries expire by themselves (Redis

@@ -11,7 +11,9 @@ use bytes::Bytes;
 use sluice::config::RedisConfig;
 use sluice::store::memory::MemoryStore;
 use sluice::store::redis::RedisStore;
-use sluice::store::{DedupMark, MarkScope, Reservation, Reserved, StockView, Store, TicketState};
+use sluice::store::{
+    Committed, DedupMark, MarkScope, Reservation, Reserved, StockView, Store, TicketState,
+};
 use sluice::vocab::{ReleaseReason, SkuKey, StoredResponse, TicketId};
 use support::RedisServer;
 
@@ -65,6 +67,13 @@ both_stores!(
     marks_expire,
     random_interleavings_conserve_units,
     concurrent_restocks_do_not_add_up,
+    expired_holds_are_listed_and_their_release_frees_the_buyer,
+    a_renewed_lease_is_not_expired,
+    settled_tickets_are_never_expired,
+    a_commit_after_a_release_takes_the_units_back,
+    a_late_commit_without_stock_is_short,
+    a_commit_of_an_unknown_ticket_changes_nothing,
+    racing_commits_and_releases_move_each_unit_once,
 );
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -89,6 +98,18 @@ async fn reserve(
     marks: &[DedupMark],
     limit: Option<u32>,
 ) -> (TicketId, Reserved) {
+    reserve_for(store, key, user, qty, marks, limit, HOUR).await
+}
+
+async fn reserve_for(
+    store: &dyn Store,
+    key: &SkuKey,
+    user: &str,
+    qty: u32,
+    marks: &[DedupMark],
+    limit: Option<u32>,
+    lease: Duration,
+) -> (TicketId, Reserved) {
     let ticket = TicketId::random();
     let r = Reservation {
         key,
@@ -97,7 +118,7 @@ async fn reserve(
         qty,
         marks,
         per_user_limit: limit,
-        lease: HOUR,
+        lease,
     };
     (ticket, store.reserve(&r).await.expect("reserve"))
 }
@@ -715,4 +736,256 @@ async fn redis_timed_out_reservation_never_creates_or_loses_units() {
         );
     }
     assert_eq!(view(&store, &k).await.available, 5);
+}
+
+/// Polls `expired` until `ticket` shows up (its lease is short).
+async fn wait_expired(s: &dyn Store, ticket: TicketId) -> Vec<(SkuKey, TicketId)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = s.expired(100).await.expect("expired");
+        if found.iter().any(|(_, t)| *t == ticket) {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "lease never ran out: {found:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn expired_holds_are_listed_and_their_release_frees_the_buyer(h: Harness) {
+    let s = &*h.store;
+    let k = key("lease");
+    s.set_available(&k, 2).await.expect("restock");
+    let marks = [user_mark("alice")];
+    let (t, r) = reserve_for(
+        s,
+        &k,
+        "alice",
+        1,
+        &marks,
+        Some(1),
+        Duration::from_millis(50),
+    )
+    .await;
+    assert_eq!(r, Reserved::Won);
+    let (long, _) = reserve(s, &k, "bob", 1, &[], None).await;
+    let found = wait_expired(s, t).await;
+    assert_eq!(found, vec![(k.clone(), t)], "only the short lease ran out");
+    assert_ne!(long, t);
+    assert_eq!(
+        s.release(&k, t, ReleaseReason::LeaseExpired)
+            .await
+            .expect("release"),
+        1
+    );
+    assert!(s.expired(100).await.expect("expired").is_empty());
+    // The buyer's mark and hold went with it: alice may buy again.
+    assert_eq!(
+        reserve(s, &k, "alice", 1, &marks, Some(1)).await.1,
+        Reserved::Won
+    );
+    let v = view(s, &k).await;
+    assert_eq!((v.available, v.in_flight, v.initial), (0, 2, 2));
+}
+
+async fn a_renewed_lease_is_not_expired(h: Harness) {
+    let s = &*h.store;
+    let k = key("renew");
+    s.set_available(&k, 1).await.expect("restock");
+    let (t, _) = reserve_for(s, &k, "a", 1, &[], None, Duration::from_millis(30)).await;
+    s.set_state(&k, t, TicketState::Queued, HOUR)
+        .await
+        .expect("queue");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(s.expired(100).await.expect("expired").is_empty());
+    let rec = s.ticket(t).await.expect("ticket").expect("known");
+    assert_eq!(rec.state, TicketState::Queued);
+    assert_eq!(view(s, &k).await.queued, 1);
+}
+
+async fn settled_tickets_are_never_expired(h: Harness) {
+    let s = &*h.store;
+    let k = key("settled");
+    s.set_available(&k, 2).await.expect("restock");
+    let short = Duration::from_millis(20);
+    let (sold, _) = reserve_for(s, &k, "a", 1, &[], None, short).await;
+    let (back, _) = reserve_for(s, &k, "b", 1, &[], None, short).await;
+    s.commit(&k, sold, None, HOUR).await.expect("commit");
+    s.release(&k, back, ReleaseReason::Timeout)
+        .await
+        .expect("release");
+    // Renewing a settled ticket's lease brings nothing back to life.
+    s.set_state(&k, sold, TicketState::Held, short)
+        .await
+        .expect("renew");
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    assert!(s.expired(100).await.expect("expired").is_empty());
+    assert_eq!(
+        s.ticket(sold).await.expect("ticket").expect("known").state,
+        TicketState::Committed
+    );
+}
+
+async fn a_commit_after_a_release_takes_the_units_back(h: Harness) {
+    let s = &*h.store;
+    let k = key("late");
+    s.set_available(&k, 3).await.expect("restock");
+    let (t, _) = reserve(s, &k, "alice", 2, &[], Some(2)).await;
+    s.release(&k, t, ReleaseReason::LeaseExpired)
+        .await
+        .expect("release");
+    assert_eq!(view(s, &k).await.available, 3);
+    // The backend placed it after all.
+    let c = s
+        .commit(&k, t, Some(&ok_response()), HOUR)
+        .await
+        .expect("commit");
+    assert_eq!(c, Committed::Retaken { short: 0 });
+    let v = view(s, &k).await;
+    assert_eq!((v.available, v.sold, v.in_flight, v.initial), (1, 2, 0, 3));
+    assert_eq!(
+        s.ticket(t).await.expect("ticket").expect("known").state,
+        TicketState::Committed
+    );
+    // The buyer's two units count against its limit again.
+    assert_eq!(
+        reserve(s, &k, "alice", 1, &[], Some(2)).await.1,
+        Reserved::OverUserLimit
+    );
+}
+
+async fn a_late_commit_without_stock_is_short(h: Harness) {
+    let s = &*h.store;
+    let k = key("short");
+    s.set_available(&k, 1).await.expect("restock");
+    let (t, _) = reserve(s, &k, "alice", 1, &[], None).await;
+    s.release(&k, t, ReleaseReason::LeaseExpired)
+        .await
+        .expect("release");
+    let (other, r) = reserve(s, &k, "bob", 1, &[], None).await;
+    assert_eq!(r, Reserved::Won);
+    s.commit(&k, other, None, HOUR).await.expect("commit");
+    // Now alice's order comes back placed: one unit too many was sold.
+    assert_eq!(
+        s.commit(&k, t, None, HOUR).await.expect("commit"),
+        Committed::Retaken { short: 1 }
+    );
+    let v = view(s, &k).await;
+    assert_eq!((v.available, v.in_flight), (0, 0));
+}
+
+async fn a_commit_of_an_unknown_ticket_changes_nothing(h: Harness) {
+    let s = &*h.store;
+    let k = key("unknown");
+    s.set_available(&k, 2).await.expect("restock");
+    let ghost = TicketId::random();
+    assert_eq!(
+        s.commit(&k, ghost, None, HOUR).await.expect("commit"),
+        Committed::Unknown
+    );
+    assert_eq!(s.ticket(ghost).await.expect("ticket"), None);
+    let v = view(s, &k).await;
+    assert_eq!((v.available, v.sold, v.initial), (2, 0, 2));
+}
+
+async fn racing_commits_and_releases_move_each_unit_once(h: Harness) {
+    let s = h.store.clone();
+    let k = key("race");
+    let n = 60;
+    s.set_available(&k, n).await.expect("restock");
+    let mut tickets = Vec::new();
+    for i in 0..n {
+        let (t, r) = reserve(&*s, &k, &format!("u{i}"), 1, &[], None).await;
+        assert_eq!(r, Reserved::Won);
+        tickets.push(t);
+    }
+    // Each ticket gets a commit and a release at the same time (a lease
+    // running out just as the backend's yes arrives).
+    let mut tasks = Vec::new();
+    for t in tickets.iter().copied() {
+        let (s1, s2, k1, k2) = (s.clone(), s.clone(), k.clone(), k.clone());
+        tasks.push(tokio::spawn(async move {
+            s1.commit(&k1, t, None, HOUR).await.expect("commit")
+        }));
+        tasks.push(tokio::spawn(async move {
+            s2.release(&k2, t, ReleaseReason::LeaseExpired)
+                .await
+                .expect("release");
+            Committed::Held
+        }));
+    }
+    let mut short = 0;
+    for task in tasks {
+        if let Committed::Retaken { short: s } = task.await.expect("task") {
+            short += s;
+        }
+    }
+    // The commit always wins in the end, and no unit is counted twice:
+    // with stock to take back, nothing is short.
+    assert_eq!(short, 0);
+    let v = view(&*s, &k).await;
+    assert_eq!((v.available, v.sold, v.in_flight, v.initial), (0, n, 0, n));
+    for t in tickets {
+        assert_eq!(
+            s.ticket(t).await.expect("ticket").expect("known").state,
+            TicketState::Committed
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_refused_attempts_leave_no_key_without_a_ttl() {
+    let h = redis();
+    let s = &*h.store;
+    let k = key("gone");
+    s.set_available(&k, 1).await.expect("restock");
+    let (winner, r) = reserve(s, &k, "w", 1, &[user_mark("w")], Some(1)).await;
+    assert_eq!(r, Reserved::Won);
+    // Distinct buyers on a sold-out sku with a per-user limit and dedup:
+    // every one is refused.
+    for i in 0..200 {
+        let user = format!("loser{i}");
+        let r = reserve(s, &k, &user, 1, &[user_mark(&user)], Some(1))
+            .await
+            .1;
+        assert_eq!(r, Reserved::SoldOut);
+    }
+    let server = h.redis.as_ref().expect("redis");
+    let client = redis::Client::open(server.url()).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("test:*")
+        .query_async(&mut conn)
+        .await
+        .expect("keys");
+    let tag = "test:{phone:gone}";
+    // The sku's own keys live as long as the sku; the winner's units and
+    // nothing else may be permanent.
+    let permanent_ok = [
+        format!("{tag}:loaded"),
+        format!("{tag}:tickets"),
+        format!("{tag}:state"),
+        format!("{tag}:leases"),
+        format!("{tag}:h:{winner}"),
+        "test:skus".to_string(),
+    ];
+    let mut permanent = Vec::new();
+    for key in &keys {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .expect("pttl");
+        if ttl < 0 && !permanent_ok.contains(key) {
+            permanent.push(key.clone());
+        }
+    }
+    assert!(permanent.is_empty(), "keys without a TTL: {permanent:?}");
+    assert!(
+        keys.len() < 20,
+        "refused buyers left keys behind: {} keys",
+        keys.len()
+    );
 }

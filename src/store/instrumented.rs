@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::{
-    Committed, Reservation, Reserved, StockView, Store, StoreError, TicketRecord, TicketState,
+    Committed, Reservation, Reserved, SkuAudit, StockView, Store, StoreError, TicketRecord,
+    TicketState,
 };
 use crate::metrics::Metrics;
 use crate::vocab::{ReleaseReason, SkuKey, StoreOp, StoredResponse, TicketId};
@@ -142,6 +143,14 @@ impl Store for InstrumentedStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.timed(StoreOp::Read, self.inner.ping()).await
+    }
+
+    async fn skus(&self) -> Result<Vec<SkuKey>, StoreError> {
+        self.timed(StoreOp::Read, self.inner.skus()).await
+    }
+
+    async fn audit(&self, key: &SkuKey) -> Result<Option<SkuAudit>, StoreError> {
+        self.timed(StoreOp::Read, self.inner.audit(key)).await
     }
 
     fn prune(&self) {

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::{
-    Committed, DedupMark, MarkScope, Reservation, Reserved, StockView, Store, StoreError,
-    TicketRecord, TicketState,
+    Committed, DedupMark, MarkScope, Reservation, Reserved, SkuAudit, StockView, Store, StoreError,
+    TicketAudit, TicketRecord, TicketState,
 };
-use crate::vocab::{ReleaseReason, SkuKey, StoredResponse, TicketId};
+use crate::vocab::{now_ms, ReleaseReason, SkuKey, StoredResponse, TicketId};
 
 struct Ticket {
     user: String,
@@ -22,6 +22,8 @@ struct Ticket {
     response: Option<(StoredResponse, Instant)>,
     /// Until when a live ticket may stay unsettled.
     lease: Instant,
+    /// When it won (ms since the epoch).
+    issued_ms: u64,
 }
 
 #[derive(Default)]
@@ -145,6 +147,7 @@ impl Store for MemoryStore {
                 marks: keys.clone(),
                 response: None,
                 lease: now + r.lease,
+                issued_ms: now_ms(),
             },
         );
         for (k, m) in keys.into_iter().zip(r.marks) {
@@ -331,6 +334,54 @@ impl Store for MemoryStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn skus(&self) -> Result<Vec<SkuKey>, StoreError> {
+        let inner = self.inner.lock().map_err(|_| poisoned("skus"))?;
+        let mut keys: Vec<SkuKey> = inner.skus.keys().cloned().collect();
+        keys.sort();
+        Ok(keys)
+    }
+
+    async fn audit(&self, key: &SkuKey) -> Result<Option<SkuAudit>, StoreError> {
+        let inner = self.inner.lock().map_err(|_| poisoned("audit"))?;
+        let Some(sku) = inner.skus.get(key) else {
+            return Ok(None);
+        };
+        let (now, now_wall) = (Instant::now(), now_ms());
+        let mut tickets: Vec<TicketAudit> = sku
+            .tickets
+            .iter()
+            .map(|(id, t)| {
+                let qty = u64::from(t.qty);
+                let live = matches!(t.state, TicketState::Queued | TicketState::Held);
+                TicketAudit {
+                    id: *id,
+                    user: t.user.clone(),
+                    qty: t.qty,
+                    state: t.state,
+                    held: if live { qty } else { 0 },
+                    sold: if t.state == TicketState::Committed {
+                        qty
+                    } else {
+                        0
+                    },
+                    issued_ms: t.issued_ms,
+                    lease_ms: live.then(|| {
+                        // Instants have no wall clock; place it from now.
+                        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+                        now_wall
+                            .saturating_add(ms(t.lease.saturating_duration_since(now)))
+                            .saturating_sub(ms(now.saturating_duration_since(t.lease)))
+                    }),
+                }
+            })
+            .collect();
+        tickets.sort_by_key(|t| (t.issued_ms, t.id));
+        Ok(Some(SkuAudit {
+            available: sku.available,
+            tickets,
+        }))
     }
 
     /// Drops expired marks and kept responses (housekeeping calls it).

@@ -35,7 +35,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -43,8 +43,8 @@ use redis::{Pipeline, Value};
 
 use super::redis_conn::{as_int, as_pairs, as_string, RedisConn};
 use super::{
-    Committed, DedupMark, MarkScope, Reservation, Reserved, StockView, Store, StoreError,
-    TicketRecord, TicketState,
+    Committed, DedupMark, MarkScope, Reservation, Reserved, SkuAudit, StockView, Store, StoreError,
+    TicketAudit, TicketRecord, TicketState,
 };
 use crate::config::RedisConfig;
 use crate::vocab::{now_ms, ReleaseReason, SkuKey, StoredResponse, TicketId};
@@ -87,19 +87,19 @@ struct Record {
     user: String,
     counted_for_user: bool,
     marks: Vec<String>,
+    /// When it won, ms since the epoch (0 for records that predate it).
+    issued_ms: u64,
 }
 
 impl Record {
     fn encode(&self) -> String {
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
         let marks: Vec<&str> = self.marks.iter().map(String::as_str).collect();
         format!(
-            "{}{SEP}{}{SEP}{}{SEP}{now_ms}{SEP}{}",
+            "{}{SEP}{}{SEP}{}{SEP}{}{SEP}{}",
             self.qty,
             self.user,
             u8::from(self.counted_for_user),
+            self.issued_ms,
             marks.join(&MARK_SEP.to_string())
         )
     }
@@ -116,7 +116,7 @@ impl Record {
             .ok_or_else(corrupt)?;
         let user = parts.next().ok_or_else(corrupt)?.to_string();
         let counted_for_user = parts.next().ok_or_else(corrupt)? == "1";
-        let _issued_ms = parts.next().ok_or_else(corrupt)?;
+        let issued_ms = parts.next().ok_or_else(corrupt)?.parse().unwrap_or(0);
         let marks = parts
             .next()
             .unwrap_or_default()
@@ -129,6 +129,7 @@ impl Record {
             user,
             counted_for_user,
             marks,
+            issued_ms,
         })
     }
 }
@@ -615,6 +616,7 @@ impl Store for RedisStore {
             user: r.user.to_string(),
             counted_for_user: counted,
             marks: mark_keys.clone(),
+            issued_ms: now_ms(),
         };
         let mut pipe = redis::pipe();
         pipe.atomic();
@@ -1002,5 +1004,108 @@ impl Store for RedisStore {
         let mut pipe = redis::pipe();
         pipe.cmd("PING");
         self.run("ping", &pipe).await.map(drop)
+    }
+
+    async fn skus(&self) -> Result<Vec<SkuKey>, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("SMEMBERS").arg(self.skus_key());
+        let vals = self.admin.run("skus", &pipe).await?;
+        let mut keys: Vec<SkuKey> = match vals.first() {
+            Some(Value::Array(items)) | Some(Value::Set(items)) => items
+                .iter()
+                .filter_map(as_string)
+                .filter_map(|s| s.split_once(SEP).map(|(r, k)| SkuKey::new(r, k)))
+                .collect(),
+            _ => Vec::new(),
+        };
+        keys.sort();
+        Ok(keys)
+    }
+
+    async fn audit(&self, key: &SkuKey) -> Result<Option<SkuAudit>, StoreError> {
+        let tag = self.tag(key);
+        let mut pipe = redis::pipe();
+        pipe.cmd("EXISTS").arg(format!("{tag}:loaded"));
+        pipe.cmd("LLEN").arg(format!("{tag}:avail"));
+        pipe.cmd("HGETALL").arg(format!("{tag}:tickets"));
+        pipe.cmd("HGETALL").arg(format!("{tag}:state"));
+        pipe.cmd("ZRANGE")
+            .arg(format!("{tag}:leases"))
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES");
+        let vals = self.admin.run("audit", &pipe).await?;
+        if vals.first().and_then(as_int) != Some(1) {
+            return Ok(None);
+        }
+        let available = vals.get(1).and_then(as_int).unwrap_or(0).max(0) as u64;
+        let tickets_key = format!("{tag}:tickets");
+        let records: Vec<(String, Record)> = vals
+            .get(2)
+            .map(as_pairs)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(id, v)| as_string(&v).map(|text| (id, text)))
+            .map(|(id, text)| Record::decode(&tickets_key, &text).map(|r| (id, r)))
+            .collect::<Result<_, _>>()?;
+        let states: HashMap<String, String> = vals
+            .get(3)
+            .map(as_pairs)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(k, v)| as_string(&v).map(|v| (k, v)))
+            .collect();
+        let leases: HashMap<String, i64> = vals
+            .get(4)
+            .map(as_pairs)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(k, v)| as_int(&v).map(|v| (k, v)))
+            .collect();
+        let mut lists = redis::pipe();
+        for (id, _) in &records {
+            lists.cmd("LLEN").arg(format!("{tag}:h:{id}"));
+            lists.cmd("LLEN").arg(format!("{tag}:c:{id}"));
+        }
+        let counts = if records.is_empty() {
+            Vec::new()
+        } else {
+            self.admin.run("audit", &lists).await?
+        };
+        let mut tickets = Vec::new();
+        for (i, (id, record)) in records.into_iter().enumerate() {
+            let Some(ticket) = TicketId::parse(&id) else {
+                continue;
+            };
+            let held = counts.get(2 * i).and_then(as_int).unwrap_or(0).max(0) as u64;
+            let sold = counts.get(2 * i + 1).and_then(as_int).unwrap_or(0).max(0) as u64;
+            let written = states
+                .get(&id)
+                .and_then(|s| s.chars().next())
+                .and_then(TicketState::from_code);
+            let state = if sold > 0 || written == Some(TicketState::Committed) {
+                TicketState::Committed
+            } else if held > 0 {
+                if written == Some(TicketState::Queued) {
+                    TicketState::Queued
+                } else {
+                    TicketState::Held
+                }
+            } else {
+                TicketState::Released
+            };
+            tickets.push(TicketAudit {
+                id: ticket,
+                user: record.user,
+                qty: record.qty,
+                state,
+                held,
+                sold,
+                issued_ms: record.issued_ms,
+                lease_ms: leases.get(&id).and_then(|ms| u64::try_from(*ms).ok()),
+            });
+        }
+        tickets.sort_by_key(|t| (t.issued_ms, t.id));
+        Ok(Some(SkuAudit { available, tickets }))
     }
 }

@@ -17,11 +17,24 @@ pub struct RedisServer {
     port: u16,
     /// Working directory for the server, so nothing lands in the repository.
     dir: tempfile::TempDir,
+    /// Whether it keeps an append-only file (`appendfsync always`).
+    aof: bool,
 }
 
 impl RedisServer {
     /// Starts an empty, non-persistent `redis-server` on a free loopback port.
     pub fn start() -> RedisServer {
+        Self::start_with(false)
+    }
+
+    /// Starts a `redis-server` that writes every change to an append-only
+    /// file in its temporary dir (`appendfsync always`): a `restart` after
+    /// `kill` comes back with the data.
+    pub fn start_with_aof() -> RedisServer {
+        Self::start_with(true)
+    }
+
+    fn start_with(aof: bool) -> RedisServer {
         if !on_path("redis-server") {
             panic!("redis-server not found: install it with apt-get install -y redis-server");
         }
@@ -30,13 +43,14 @@ impl RedisServer {
         let mut last_err = String::new();
         for _ in 0..5 {
             let port = free_port();
-            let mut child = spawn(port, dir.path());
+            let mut child = spawn(port, dir.path(), aof);
             match wait_ready(port, &mut child) {
                 Ok(()) => {
                     return RedisServer {
                         child: Some(child),
                         port,
                         dir,
+                        aof,
                     }
                 }
                 Err(e) => {
@@ -70,13 +84,34 @@ impl RedisServer {
         }
     }
 
-    /// Kills the server if running and starts a fresh, empty one on the same port.
+    /// SIGSTOPs the server: connections stay open, nothing is answered.
+    pub fn freeze(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONTs a frozen server: it answers what piled up.
+    pub fn thaw(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        if let Some(child) = &self.child {
+            let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
+            // SAFETY: kill(2) on a child we spawned and have not reaped.
+            unsafe {
+                libc::kill(pid, sig);
+            }
+        }
+    }
+
+    /// Kills the server if running and starts it again on the same port:
+    /// empty, or with its append-only file when started with one.
     pub fn restart(&mut self) {
         self.kill();
         let deadline = Instant::now() + READY_DEADLINE;
         // The port is ours, but a lingering socket may delay the bind briefly.
         loop {
-            let mut child = spawn(self.port, self.dir.path());
+            let mut child = spawn(self.port, self.dir.path(), self.aof);
             match wait_ready(self.port, &mut child) {
                 Ok(()) => {
                     self.child = Some(child);
@@ -111,13 +146,17 @@ fn on_path(name: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Spawns `redis-server` on `port` without persistence, output discarded.
-fn spawn(port: u16, dir: &Path) -> Child {
+/// Spawns `redis-server` on `port` in `dir`, with an fsync-always
+/// append-only file or without persistence; output discarded.
+fn spawn(port: u16, dir: &Path, aof: bool) -> Child {
+    let appendonly = if aof { "yes" } else { "no" };
     Command::new("redis-server")
         .args(["--port", &port.to_string()])
         .args(["--bind", "127.0.0.1"])
         .args(["--save", ""])
-        .args(["--appendonly", "no"])
+        .args(["--appendonly", appendonly])
+        .args(["--appendfsync", "always"])
+        .args(["--dir", &dir.to_string_lossy()])
         .args(["--daemonize", "no"])
         .current_dir(dir)
         .stdin(Stdio::null())
