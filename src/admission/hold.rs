@@ -80,7 +80,8 @@ pub fn classify(end: ForwardEnd, on: &ReleaseOn) -> Settlement {
 /// its rule and upstream (documented in the README):
 ///
 /// - forwarded: `max_wait` + `connect_timeout` x servers + `write_timeout`
-///   + `read_timeout` + `store.lease_margin`;
+///   + `read_timeout` + `store.lease_margin` (at least `store.in_doubt_for`
+///   when the rule does not release on a timeout);
 /// - queued: `admission.queue.max_queue_time` + margin;
 /// - sent by the drainer: per try `connect_timeout` + `write_timeout` +
 ///   `read_timeout` + the longest backoff + margin, renewed at every try;
@@ -104,12 +105,19 @@ impl Leases {
         let one_try = upstream.connect_timeout + upstream.write_timeout + upstream.read_timeout;
         let q = &rule.queue;
         let longest_backoff = q.backoff_after(q.max_attempts.saturating_sub(1));
+        let forward = q.max_wait
+            + upstream.connect_timeout.saturating_mul(servers)
+            + upstream.write_timeout
+            + upstream.read_timeout
+            + store.lease_margin;
         Self {
-            forward: q.max_wait
-                + upstream.connect_timeout.saturating_mul(servers)
-                + upstream.write_timeout
-                + upstream.read_timeout
-                + store.lease_margin,
+            // A rule that keeps units on a timeout keeps them when its
+            // node dies mid-order too: the outcome is just as unknown.
+            forward: if rule.release_on.timeout {
+                forward
+            } else {
+                forward.max(store.in_doubt_for)
+            },
             queued: q.max_queue_time + store.lease_margin,
             serve: one_try + longest_backoff + store.lease_margin,
             in_doubt: store.in_doubt_for,

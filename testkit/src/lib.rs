@@ -9,6 +9,8 @@ pub mod client;
 pub mod gateway;
 /// A throwaway `redis-server` child process.
 pub mod redis;
+/// Admin API calls of sale tests: stock loads, views, checks.
+pub mod shop;
 /// A scriptable hyper HTTP/1.1 upstream on its own runtime.
 pub mod upstream;
 
@@ -17,6 +19,7 @@ pub use gateway::{
     free_addr, free_port, metric_value, sluice_bin, sluice_cmd, Gateway, GatewayBuilder,
 };
 pub use redis::RedisServer;
+pub use shop::{assert_adds_up, put_stock, stock_view, wait_for_stock};
 pub use upstream::{Recorded, Upstream};
 
 /// Runs each case twice: on the memory store and on Redis. The test file
