@@ -35,7 +35,7 @@ use crate::config::{Config, OnFailure};
 use crate::outcome::{render, Answer, Rendered};
 use crate::queue::rates::DrainRates;
 use crate::queue::Queue;
-use crate::rules::{FailureMode, Rule, RuleMatch, RuleSet};
+use crate::rules::{FailureMode, Route, Rule, RuleSet};
 use crate::store::{DedupMark, MarkScope, Reservation, Reserved, StockView, Store, StoreError};
 use crate::vocab::{valid_id, ReleaseReason, SkuKey, TicketId};
 use extract::{Extractor, RequestParts};
@@ -150,12 +150,9 @@ impl Admission {
         }
     }
 
-    /// Stage 1: the rule a request matches, if any.
-    pub fn find<'r, 'p>(
-        &'r self,
-        method: &http::Method,
-        path: &'p str,
-    ) -> Option<RuleMatch<'r, 'p>> {
+    /// Stage 1: the rule a request matches by method and canonical path,
+    /// if any, or a refusal of its spelling.
+    pub fn find(&self, method: &http::Method, path: &str) -> Route<'_> {
         self.rules.find(method, path)
     }
 

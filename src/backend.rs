@@ -1,6 +1,9 @@
 //! How a request is presented to the backend, for the proxied path and
 //! the queue drainer alike, and how an exchange with it ended.
 //!
+//! - Target: a rule-matched request is sent with the rule's own spelling
+//!   of its path (`rules::RuleMatch::path`) and its query as received, in
+//!   origin form, whatever spelling the client used.
 //! - Headers: client headers named `X-Sluice-*` never reach the backend;
 //!   `X-Forwarded-For` is rebuilt (`forwarded`); a winner carries
 //!   `X-Sluice-Ticket`, `X-Sluice-Quantity` and `X-Sluice-Rule`. A queued
@@ -17,7 +20,7 @@ use std::net::IpAddr;
 
 use bytes::Bytes;
 use ipnet::IpNet;
-use pingora_core::{Error, ErrorSource, ErrorType, Result};
+use pingora_core::{Error, ErrorSource, ErrorType, OrErr, Result};
 use pingora_http::RequestHeader;
 
 use crate::queue::QueuedRequest;
@@ -78,12 +81,17 @@ pub struct ClientHop<'a> {
     pub trusted: &'a [IpNet],
 }
 
-/// Rewrites a request header as the backend must see it.
+/// Rewrites a request header as the backend must see it; `path` is the
+/// path a rule-matched request is sent with.
 pub fn present(
     req: &mut RequestHeader,
     from: ClientHop<'_>,
     ticket: Option<TicketHeaders<'_>>,
+    path: Option<&str>,
 ) -> Result<()> {
+    if let Some(path) = path {
+        set_path(req, path)?;
+    }
     let ours: Vec<http::HeaderName> = req
         .headers
         .keys()
@@ -107,6 +115,44 @@ pub fn present(
     Ok(())
 }
 
+/// Sends `path` with the request's own query (its raw bytes, whatever
+/// their encoding), in origin form; a target that is already that is left
+/// alone.
+fn set_path(req: &mut RequestHeader, path: &str) -> Result<()> {
+    let raw = req.raw_path();
+    // The first `?` starts the query in every target form: neither a path
+    // nor an authority holds one.
+    let query = raw
+        .iter()
+        .position(|&b| b == b'?')
+        .map_or(&[][..], |at| &raw[at..]);
+    let mut target = Vec::with_capacity(path.len() + query.len());
+    target.extend_from_slice(path.as_bytes());
+    target.extend_from_slice(query);
+    if target == raw {
+        return Ok(());
+    }
+    // An HTTP/2 request's URI carries its authority: keep it.
+    let (Some(scheme), Some(authority), Ok(text)) = (
+        req.uri.scheme().cloned(),
+        req.uri.authority().cloned(),
+        std::str::from_utf8(&target),
+    ) else {
+        return req.set_raw_path(&target);
+    };
+    let uri = http::Uri::builder()
+        .scheme(scheme)
+        .authority(authority)
+        .path_and_query(text)
+        .build()
+        .or_err(
+            ErrorType::InvalidHTTPHeader,
+            "the canonical path is not a URI",
+        )?;
+    req.set_uri(uri);
+    Ok(())
+}
+
 fn set_ticket(req: &mut RequestHeader, t: TicketHeaders<'_>) -> Result<()> {
     req.insert_header("X-Sluice-Ticket", t.ticket.to_string())?;
     req.insert_header("X-Sluice-Quantity", t.qty.to_string())?;
@@ -114,15 +160,16 @@ fn set_ticket(req: &mut RequestHeader, t: TicketHeaders<'_>) -> Result<()> {
 }
 
 /// A winner's request as the queue keeps it: presented as the backend
-/// will receive it, with its whole body.
+/// will receive it (with the rule's `path`), with its whole body.
 pub fn queued(
     req: &RequestHeader,
     body: Bytes,
     from: ClientHop<'_>,
     ticket: TicketHeaders<'_>,
+    path: Option<&str>,
 ) -> Result<QueuedRequest> {
     let mut presented = req.clone();
-    present(&mut presented, from, Some(ticket))?;
+    present(&mut presented, from, Some(ticket), path)?;
     let headers = presented
         .headers
         .iter()
@@ -134,7 +181,7 @@ pub fn queued(
         key: ticket.key.clone(),
         qty: ticket.qty,
         method: req.method.to_string(),
-        path_and_query: req
+        path_and_query: presented
             .uri
             .path_and_query()
             .map_or_else(|| "/".to_string(), |p| p.to_string()),
@@ -225,7 +272,7 @@ mod tests {
             qty: 2,
             key: &key,
         };
-        present(&mut req, peer("203.0.113.9"), Some(ticket)).expect("present");
+        present(&mut req, peer("203.0.113.9"), Some(ticket), None).expect("present");
         let h = |n: &str| {
             req.headers
                 .get(n)
@@ -239,19 +286,22 @@ mod tests {
         assert_eq!(h("x-user-id").as_deref(), Some("u1"));
 
         let mut plain = request(&[("x-sluice-ticket", "forged")]);
-        present(&mut plain, peer("203.0.113.9"), None).expect("present");
+        present(&mut plain, peer("203.0.113.9"), None, None).expect("present");
         assert!(plain.headers.get("x-sluice-ticket").is_none());
     }
 
     #[test]
     fn a_queued_request_is_framed_anew_and_keeps_its_ticket() {
         let key = SkuKey::new("phone", "p1");
-        let req = request(&[
+        let mut req = request(&[
             ("content-type", "application/json"),
             ("transfer-encoding", "chunked"),
             ("connection", "keep-alive"),
             ("x-sluice-quantity", "99"),
         ]);
+        // The client's spelling; the queue keeps the rule's own.
+        req.set_raw_path(b"/API//seckill/./p1/order/?x=1")
+            .expect("target");
         let ticket = TicketHeaders {
             ticket: TicketId(9),
             qty: 1,
@@ -262,6 +312,7 @@ mod tests {
             Bytes::from_static(b"{\"qty\":1}"),
             peer("10.0.0.1"),
             ticket,
+            Some("/api/seckill/p1/order"),
         )
         .expect("queued");
         assert_eq!(q.path_and_query, "/api/seckill/p1/order?x=1");
@@ -279,6 +330,53 @@ mod tests {
         assert_eq!(h("x-sluice-ticket"), Some(TicketId(9).to_string()));
         assert_eq!(h("content-type").as_deref(), Some("application/json"));
         assert_eq!(sent.method, http::Method::POST);
+    }
+
+    #[test]
+    fn a_rule_matched_request_is_sent_with_the_rules_path_and_its_own_query() {
+        let target = |raw: &[u8], path: &str| {
+            let mut req = RequestHeader::build("POST", raw, None).expect("req");
+            present(&mut req, peer("10.0.0.1"), None, Some(path)).expect("present");
+            req.raw_path().to_vec()
+        };
+        let path = "/api/seckill/p1/order";
+        for (raw, want) in [
+            (&b"/api/seckill/p1/order"[..], &b"/api/seckill/p1/order"[..]),
+            (b"/API/seckill//p1/order/", b"/api/seckill/p1/order"),
+            (
+                b"/api/seckill/p1/order;jsessionid=1?a=%2F&b",
+                b"/api/seckill/p1/order?a=%2F&b",
+            ),
+            // Absolute form becomes origin form (Host already names the site).
+            (
+                b"http://shop.test/api/seckill/p1/order.json?a=1",
+                b"/api/seckill/p1/order?a=1",
+            ),
+            // A query that is not UTF-8 keeps its bytes.
+            (
+                b"/api/./seckill/p1/order?n=\xd6\xd0",
+                b"/api/seckill/p1/order?n=\xd6\xd0",
+            ),
+        ] {
+            assert_eq!(target(raw, path), want, "{}", String::from_utf8_lossy(raw));
+        }
+        // An HTTP/2 request keeps the authority its URI carries.
+        let (parts, ()) = http::Request::builder()
+            .method("POST")
+            .uri("https://shop.test/API/seckill/p1/order/?a=1")
+            .body(())
+            .expect("request")
+            .into_parts();
+        let mut req = RequestHeader::from(parts);
+        present(&mut req, peer("10.0.0.1"), None, Some(path)).expect("present");
+        assert_eq!(
+            req.uri.to_string(),
+            "https://shop.test/api/seckill/p1/order?a=1"
+        );
+        // Nothing to rewrite for a request no rule matched.
+        let mut req = RequestHeader::build("GET", b"/static//a/./b", None).expect("req");
+        present(&mut req, peer("10.0.0.1"), None, None).expect("present");
+        assert_eq!(req.raw_path(), b"/static//a/./b");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! |---|---|
 //! | `vocab` | shared value types: ticket ids, sku keys, upstream ids, kept answers, release reasons, id validation |
 //! | `outcome` | outcomes and every answer the gateway writes itself |
-//! | `rules` | the run-time rule model and matching by method and path |
+//! | `rules` | the run-time rule model, the canonical form of a path, matching by method and path |
 //! | `config` | loading and validating `gateway.yaml` and rule files (secrets too), `path:line:col` errors |
 //! | `metrics` | the Prometheus series of one gateway |
 //! | `store` | stock, dedup marks and the ticket ledger: memory and Redis |
@@ -27,6 +27,7 @@
 //!
 //! ```text
 //! client ─► proxy::request_filter ─► rules::RuleSet::find ── no rule ──► passthrough to the backend
+//!                  (the canonical path)  │  └─ refused spelling ──► invalid
 //!                                        │ rule
 //!                                        ▼
 //!           admission::Admission::admit: extract, window, rate limits,
@@ -36,7 +37,7 @@
 //!           admission overflow: a slot now or within max_wait ── none ──► queue (202 + ticket)
 //!                                        │                                  │ drain, later
 //!                                        ▼                                  ▼
-//!           backend::present ─► the backend ─► hold.settle(classify(how it ended)) ─► client
+//!           backend::present (the rule's path) ─► the backend ─► hold.settle(classify(how it ended)) ─► client
 //! ```
 
 pub mod admin;

@@ -10,8 +10,9 @@
 //!            upstream_peer ──── no healthy server? ──► fail_to_proxy
 //!                  │                                      settle the hold (classify),
 //!                  ▼                                      JSON 503
-//!       upstream_request_filter  backend::present: strip X-Sluice-*,
-//!                  │             X-Forwarded-For, the ticket headers
+//!       upstream_request_filter  backend::present: the rule's own path,
+//!                  │             strip X-Sluice-*, X-Forwarded-For,
+//!                  │             the ticket headers
 //!                  ▼
 //!   connect ── fail_to_connect ── retry next server ───► fail_to_proxy when all failed
 //!                  │
@@ -65,6 +66,8 @@ pub struct RequestCtx {
     started: Instant,
     /// The matched rule's index and name.
     rule: Option<(usize, Arc<str>)>,
+    /// The rule's own spelling of the request's path, sent to the backend.
+    path: Option<String>,
     outcome: Outcome,
     upstream: UpstreamId,
     connect_failures: usize,
@@ -84,6 +87,7 @@ impl RequestCtx {
         Self {
             started: Instant::now(),
             rule: None,
+            path: None,
             outcome: Outcome::Passthrough,
             upstream,
             connect_failures: 0,
@@ -250,7 +254,7 @@ impl ProxyHttp for SluiceProxy {
             trusted: &self.config.trusted_proxies,
         };
         let ticket = ctx.hold.as_ref().map(Hold::ticket_headers);
-        backend::present(upstream_request, from, ticket)?;
+        backend::present(upstream_request, from, ticket, ctx.path.as_deref())?;
         ctx.sent_upstream = true;
         if let Some(hold) = ctx.hold.as_mut() {
             hold.mark_sent();

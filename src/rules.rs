@@ -1,11 +1,13 @@
 //! Flash-sale rules at run time: the typed model of a rule and the rule
-//! set that matches requests to rules by method and path template.
+//! set that matches requests to rules by method and the canonical form of
+//! their path (`canonical`), against path templates (`template`).
 //!
 //! Building rules from files is `config`'s job (it owns file loading,
 //! secrets and error locations); this module only holds the result and
 //! matches against it. The admission pipeline reads these values; nothing
 //! here touches a request body.
 
+pub mod canonical;
 pub mod template;
 
 use std::num::NonZeroU32;
@@ -18,6 +20,7 @@ use http::{HeaderName, Method};
 
 use crate::outcome::{Outcome, ResponseOverride};
 use crate::vocab::UpstreamId;
+pub use canonical::{Fold, Spelling, Variants};
 pub use template::PathTemplate;
 
 /// Where an id or a number is read from in a request.
@@ -214,7 +217,7 @@ pub struct Rule {
     pub name: Arc<str>,
     /// Method to match.
     pub method: Method,
-    /// Path template to match.
+    /// Path template to match, with how it treats other spellings.
     pub path: PathTemplate,
     /// Where the user id comes from.
     pub user: FieldSource,
@@ -250,14 +253,38 @@ pub struct RuleSet {
     rules: Vec<Arc<Rule>>,
 }
 
-/// A request's rule and the path captures it produced.
-pub struct RuleMatch<'r, 'p> {
+/// Where stage 1 sends a request.
+pub enum Route<'r> {
+    /// No rule: the request is proxied unchanged.
+    Unmatched,
+    /// A rule matched.
+    Rule(RuleMatch<'r>),
+    /// A spelling of a rule's route that the gateway refuses as `invalid`.
+    Refused(Refusal<'r>),
+}
+
+/// A request's rule, the path captures it produced and the path the
+/// backend receives.
+pub struct RuleMatch<'r> {
     /// Its index in the rule set.
     pub index: usize,
     /// The matched rule.
     pub rule: &'r Arc<Rule>,
-    /// `(capture name, value)` in template order.
-    pub captures: Vec<(&'r str, &'p str)>,
+    /// `(capture name, value)` in template order, from the canonical path.
+    pub captures: Vec<(&'r str, String)>,
+    /// The rule's own spelling of the request's path: forwarded instead
+    /// of the request's when they differ.
+    pub path: String,
+}
+
+/// A request that reaches a rule only through a spelling it refuses.
+pub struct Refusal<'r> {
+    /// The rule's index in the rule set.
+    pub index: usize,
+    /// The rule.
+    pub rule: &'r Arc<Rule>,
+    /// Why, for the client (names the canonical spelling when there is one).
+    pub message: String,
 }
 
 impl RuleSet {
@@ -278,16 +305,87 @@ impl RuleSet {
         self.rules.is_empty()
     }
 
-    /// The first rule whose method and template match.
-    pub fn find<'r, 'p>(&'r self, method: &Method, path: &'p str) -> Option<RuleMatch<'r, 'p>> {
-        self.rules.iter().enumerate().find_map(|(index, rule)| {
-            if rule.method != *method {
-                return None;
+    /// Stage 1: the first rule whose method and template match the
+    /// canonical form of `path` (no query), or a refusal when the request
+    /// reaches a rule's route only by a spelling that must not pass: a
+    /// method in other letter case (methods are case-sensitive, RFC 9110
+    /// 9.1), another spelling when the rule says `variants: refuse`, or a
+    /// path that matches only once escapes of reserved characters (`%2F`),
+    /// double encodings or backslashes are decoded.
+    pub fn find(&self, method: &Method, path: &str) -> Route<'_> {
+        if !path.starts_with('/') {
+            // `*` and authority-form targets name no path a rule has.
+            return Route::Unmatched;
+        }
+        // One canonical form per `params` mode in use, made on demand.
+        let mut normal: [Option<canonical::NormalPath>; 2] = [None, None];
+        let mut other_case: Option<(usize, &Arc<Rule>, String)> = None;
+        for (index, rule) in self.rules.iter().enumerate() {
+            let same = rule.method == *method;
+            if !same && !rule.method.as_str().eq_ignore_ascii_case(method.as_str()) {
+                continue;
             }
-            rule.path.matches(path).map(|captures| RuleMatch {
+            let params = rule.path.spelling().params;
+            let canonical =
+                normal[params.index()].get_or_insert_with(|| canonical::normalize(path, params));
+            let Some(captures) = rule.path.matches(canonical) else {
+                continue;
+            };
+            let own = rule.path.render(&captures);
+            if !same {
+                other_case.get_or_insert((index, rule, own));
+                continue;
+            }
+            if own != path && rule.path.spelling().variants == Variants::Refuse {
+                return Route::Refused(Refusal {
+                    index,
+                    rule,
+                    message: format!("the path is not this route's own spelling: send it as {own}"),
+                });
+            }
+            return Route::Rule(RuleMatch {
                 index,
                 rule,
-                captures,
+                captures: captures
+                    .into_iter()
+                    .map(|(k, v)| (k, v.to_string()))
+                    .collect(),
+                path: own,
+            });
+        }
+        if let Some((index, rule, own)) = other_case {
+            return Route::Refused(Refusal {
+                index,
+                rule,
+                message: format!(
+                    "methods are case-sensitive: send {} {own}",
+                    rule.method.as_str()
+                ),
+            });
+        }
+        self.lenient_refusal(method, path)
+            .map_or(Route::Unmatched, Route::Refused)
+    }
+
+    /// A refusal for a path that reaches a rule only as a lenient backend
+    /// reads it (`canonical::lenient`).
+    fn lenient_refusal(&self, method: &Method, path: &str) -> Option<Refusal<'_>> {
+        self.rules.iter().enumerate().find_map(|(index, rule)| {
+            if !rule.method.as_str().eq_ignore_ascii_case(method.as_str()) {
+                return None;
+            }
+            let spelling = rule.path.spelling();
+            let read = canonical::lenient(path, spelling.case)?;
+            let canonical = canonical::normalize(&read, spelling.params);
+            let captures = rule.path.matches(&canonical)?;
+            Some(Refusal {
+                index,
+                rule,
+                message: format!(
+                    "the path reaches this route only once its escapes or backslashes are decoded: send {} {}",
+                    rule.method.as_str(),
+                    rule.path.render(&captures)
+                ),
             })
         })
     }

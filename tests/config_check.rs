@@ -11,7 +11,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use sluice::config::{Limits, OnFailure, StoreBackend};
-use sluice::rules::{FieldSource, RateKey};
+use sluice::rules::{FieldSource, Fold, RateKey, Spelling, Variants};
 
 /// `(fixture, every line `sluice check` must print, in order)`.
 const BAD: &[(&str, &[&str])] = &[
@@ -207,6 +207,32 @@ const BAD: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "tests/fixtures/bad_rule_spelling.yaml",
+        &[
+            "tests/fixtures/rules/bad_spelling.yaml:6:17: match.variants: \"passthrough\" is not one of forward, refuse",
+            "tests/fixtures/rules/bad_spelling.yaml:7:13: match.case: \"lower\" is not one of ignore, strict",
+            "tests/fixtures/rules/bad_spelling.yaml:8:23: match.trailing_slash: \"yes\" is not one of ignore, strict",
+            "tests/fixtures/rules/bad_spelling.yaml:9:15: match.params: \"keep\" is not one of ignore, strict",
+            "tests/fixtures/rules/bad_spelling.yaml:10:15: match.suffix: \"any\" is not one of ignore, strict",
+        ],
+    ),
+    (
+        "tests/fixtures/bad_rule_match_unknown_key.yaml",
+        &["tests/fixtures/rules/bad_match_unknown_key.yaml:3:62: unknown field `trailing_slashes`, expected one of method, path, variants, case, trailing_slash, params, suffix"],
+    ),
+    (
+        "tests/fixtures/bad_rule_path_canonical.yaml",
+        &[
+            "tests/fixtures/rules/bad_path_canonical.yaml:3:34: match.path: path template \"/api//seckill/{sku}/order\": empty segment (//): write each slash once",
+            "tests/fixtures/rules/bad_path_canonical.yaml:8:34: match.path: path template \"/api/tablets/{sku}/order;jsessionid=1\": ';' starts path parameters, which are not part of a route",
+            "tests/fixtures/rules/bad_path_canonical.yaml:13:34: match.path: path template \"/api/watches/../{sku}/order\": dot segments (. and ..) are not allowed",
+        ],
+    ),
+    (
+        "tests/fixtures/bad_rule_overlap_spelling.yaml",
+        &["tests/fixtures/rules/bad_overlap_spelling.yaml:9:34: match: POST \"/API/Order.json\" overlaps rule \"order\" (POST \"/api/order\"); a request would match both"],
+    ),
+    (
         "tests/fixtures/bad_rule_overlap.yaml",
         &["tests/fixtures/rules/bad_overlap.yaml:8:34: match: POST \"/api/seckill/p100/order\" overlaps rule \"phone\" (POST \"/api/seckill/{sku}/order\"); a request would match both"],
     ),
@@ -377,6 +403,18 @@ fn good_config_loads_into_the_typed_model() {
     );
     let seckill = &rules[0];
     assert_eq!(seckill.method.as_str(), "POST");
+    // No spelling keys: the secure defaults; phone-preorder sets them all.
+    assert_eq!(*seckill.path.spelling(), Spelling::DEFAULT);
+    assert_eq!(
+        *rules[1].path.spelling(),
+        Spelling {
+            variants: Variants::Refuse,
+            case: Fold::Strict,
+            trailing_slash: Fold::Strict,
+            params: Fold::Ignore,
+            suffix: Fold::Strict,
+        }
+    );
     assert_eq!(seckill.sku, FieldSource::Path("sku".into()));
     let limits: Vec<(RateKey, u32, Duration, u32)> = seckill
         .rate_limits

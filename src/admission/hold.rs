@@ -79,9 +79,9 @@ pub fn classify(end: ForwardEnd, on: &ReleaseOn) -> Settlement {
 /// How long a hold may stay unsettled in each phase of its life, from
 /// its rule and upstream (documented in the README):
 ///
-/// - forwarded: `max_wait` + `connect_timeout` x servers + `write_timeout`
-///   + `read_timeout` + `store.lease_margin` (at least `store.in_doubt_for`
-///   when the rule does not release on a timeout);
+/// - forwarded: `max_wait` + `connect_timeout` x servers +
+///   `write_timeout` + `read_timeout` + `store.lease_margin` (at least
+///   `store.in_doubt_for` when the rule does not release on a timeout);
 /// - queued: `admission.queue.max_queue_time` + margin;
 /// - sent by the drainer: per try `connect_timeout` + `write_timeout` +
 ///   `read_timeout` + the longest backoff + margin, renewed at every try;

@@ -11,11 +11,11 @@ use http::{HeaderName, HeaderValue, Method, StatusCode};
 use serde_saphyr::{Location, Spanned};
 
 use super::error::Problems;
-use super::rule_raw::{RawRule, RawSku, RawUser};
+use super::rule_raw::{RawMatch, RawRule, RawSku, RawUser};
 use crate::outcome::{Outcome, ResponseOverride};
 use crate::rules::{
-    Dedup, FailureMode, FieldSource, PathTemplate, QuantitySpec, QueueSpec, RateKey, RateLimit,
-    ReleaseOn, Responses, Rule, Secret, Window,
+    Dedup, FailureMode, FieldSource, Fold, PathTemplate, QuantitySpec, QueueSpec, RateKey,
+    RateLimit, ReleaseOn, Responses, Rule, Secret, Spelling, Variants, Window,
 };
 use crate::vocab::UpstreamId;
 
@@ -53,6 +53,9 @@ pub mod defaults {
     pub const QUEUE_MAX_QUEUE_TIME: Duration = Duration::from_secs(300);
     /// `user.jwt.header`
     pub const JWT_HEADER: &str = "authorization";
+    /// `match.variants`, `match.case`, `match.trailing_slash`,
+    /// `match.params`, `match.suffix` (defined with the type).
+    pub const SPELLING: crate::rules::Spelling = crate::rules::Spelling::DEFAULT;
 }
 
 /// Builds a rule, or records its problems and gives `None`.
@@ -67,10 +70,12 @@ pub fn build_rule(raw: &Spanned<RawRule>, ctx: &RuleContext, p: &mut Problems) -
     let matcher = p.required(at, "match", &r.matcher);
     let method = matcher.and_then(|m| check_method(p, &m.value.method));
     let path = matcher.and_then(|m| {
-        p.check(
+        let spelling = spelling(p, &m.value);
+        let template = p.check(
             m.value.path.referenced,
             PathTemplate::parse(&m.value.path.value).map_err(|e| format!("match.path: {e}")),
-        )
+        );
+        Some(template?.with_spelling(spelling?))
     });
     let user = p
         .required(at, "user", &r.user)
@@ -150,6 +155,50 @@ fn check_method(p: &mut Problems, m: &Spanned<String>) -> Option<Method> {
         );
     }
     parsed
+}
+
+/// `match.variants` and the `ignore | strict` keys beside it.
+fn spelling(p: &mut Problems, m: &RawMatch) -> Option<Spelling> {
+    let d = defaults::SPELLING;
+    let variants = match &m.variants {
+        None => Some(d.variants),
+        Some(v) => match v.value.as_str() {
+            "forward" => Some(Variants::Forward),
+            "refuse" => Some(Variants::Refuse),
+            other => {
+                p.add(
+                    v.referenced,
+                    format!("match.variants: {other:?} is not one of forward, refuse"),
+                );
+                None
+            }
+        },
+    };
+    let mut fold = |field: &str, v: &Option<Spanned<String>>, default: Fold| match v {
+        None => Some(default),
+        Some(v) => match v.value.as_str() {
+            "ignore" => Some(Fold::Ignore),
+            "strict" => Some(Fold::Strict),
+            other => {
+                p.add(
+                    v.referenced,
+                    format!("match.{field}: {other:?} is not one of ignore, strict"),
+                );
+                None
+            }
+        },
+    };
+    let case = fold("case", &m.case, d.case);
+    let trailing_slash = fold("trailing_slash", &m.trailing_slash, d.trailing_slash);
+    let params = fold("params", &m.params, d.params);
+    let suffix = fold("suffix", &m.suffix, d.suffix);
+    Some(Spelling {
+        variants: variants?,
+        case: case?,
+        trailing_slash: trailing_slash?,
+        params: params?,
+        suffix: suffix?,
+    })
 }
 
 fn header_name(p: &mut Problems, field: &str, v: &Spanned<String>) -> Option<HeaderName> {

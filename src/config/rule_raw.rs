@@ -48,12 +48,23 @@ pub struct RawRule {
     pub responses: Option<Spanned<RawResponses>>,
 }
 
-/// `match:`
+/// `match:`: method, path template, and how other spellings of the path
+/// are treated (each optional; see `rules::Spelling::DEFAULT`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawMatch {
     pub method: Spanned<String>,
     pub path: Spanned<String>,
+    #[serde(default)]
+    pub variants: Option<Spanned<String>>,
+    #[serde(default)]
+    pub case: Option<Spanned<String>>,
+    #[serde(default)]
+    pub trailing_slash: Option<Spanned<String>>,
+    #[serde(default)]
+    pub params: Option<Spanned<String>>,
+    #[serde(default)]
+    pub suffix: Option<Spanned<String>>,
 }
 
 /// `user:`: exactly one source.

@@ -76,7 +76,12 @@ pub fn view(c: &Config) -> Value {
         .map(|r| {
             json!({
                 "name": &*r.name,
-                "match": {"method": r.method.as_str(), "path": r.path.as_str()},
+                "match": {"method": r.method.as_str(), "path": r.path.as_str(),
+                          "variants": r.path.spelling().variants.as_str(),
+                          "case": r.path.spelling().case.as_str(),
+                          "trailing_slash": r.path.spelling().trailing_slash.as_str(),
+                          "params": r.path.spelling().params.as_str(),
+                          "suffix": r.path.spelling().suffix.as_str()},
                 "user": source(&r.user),
                 "sku": source(&r.sku),
                 "quantity": {"source": r.quantity.source.as_ref().map(source), "default": r.quantity.default, "max": r.quantity.max},

@@ -1,5 +1,6 @@
 //! What `request_filter` does with a request, read off the pingora
-//! session: size limits, ticket polls, rule matching, reading a rule's
+//! session: size limits, ticket polls, rule matching (on the canonical
+//! path; a refused spelling is `invalid`), reading a rule's
 //! body, and handing the attempt to the admission pipeline (stages 2-8).
 //! Only session plumbing lives here; every decision is the pipeline's.
 
@@ -16,6 +17,7 @@ use crate::admission::{Candidate, Verdict};
 use crate::backend::{self, forwarded};
 use crate::outcome::{Answer, Outcome};
 use crate::queue::QueuedRequest;
+use crate::rules::Route;
 
 /// The path prefix of ticket polls.
 const TICKETS_PATH: &str = "/sluice/tickets/";
@@ -45,16 +47,26 @@ impl SluiceProxy {
                 return Ok(true);
             }
         }
-        let Some(m) = self.admission.find(&req.method, req.uri.path()) else {
-            return Ok(false);
+        let m = match self.admission.find(&req.method, req.uri.path()) {
+            Route::Unmatched => return Ok(false),
+            Route::Refused(r) => {
+                ctx.rule = Some((r.index, r.rule.name.clone()));
+                // The body was not read: the connection cannot be reused.
+                session.set_keepalive(None);
+                self.answer(session, ctx, &Answer::Invalid { message: r.message })
+                    .await?;
+                return Ok(true);
+            }
+            Route::Rule(m) => m,
         };
         ctx.rule = Some((m.index, m.rule.name.clone()));
         ctx.upstream = m.rule.upstream;
+        ctx.path = Some(m.path);
         let index = m.index;
         let captures: Vec<(String, String)> = m
             .captures
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
             .collect();
         self.admit(session, ctx, index, &captures).await
     }
@@ -127,7 +139,7 @@ impl SluiceProxy {
             }
             Waited::Full(hold) => {
                 ctx.ticket = Some(hold.ticket());
-                let request = self.queued_request(session, &hold, body);
+                let request = self.queued_request(session, &hold, body, ctx.path.as_deref());
                 let answer = self.admission.enqueue(hold, request, index, pool).await;
                 self.answer(session, ctx, &answer).await?;
                 Ok(true)
@@ -140,14 +152,26 @@ impl SluiceProxy {
     }
 
     /// A winner's request as the queue keeps it.
-    fn queued_request(&self, session: &Session, hold: &Hold, body: Bytes) -> Option<QueuedRequest> {
+    fn queued_request(
+        &self,
+        session: &Session,
+        hold: &Hold,
+        body: Bytes,
+        path: Option<&str>,
+    ) -> Option<QueuedRequest> {
         let from = backend::ClientHop {
             peer: self.peer(session),
             trusted: &self.config.trusted_proxies,
         };
-        backend::queued(session.req_header(), body, from, hold.ticket_headers())
-            .map_err(|e| tracing::warn!(error = %e, "cannot keep a winner's request"))
-            .ok()
+        backend::queued(
+            session.req_header(),
+            body,
+            from,
+            hold.ticket_headers(),
+            path,
+        )
+        .map_err(|e| tracing::warn!(error = %e, "cannot keep a winner's request"))
+        .ok()
     }
 
     /// Reads a rule-matched body (bounded) into pingora's retry buffer, so
