@@ -176,7 +176,7 @@ impl RedisStore {
     /// starts (and answers `unavailable`) while Redis is down.
     pub fn new(config: &RedisConfig, ticket_ttl: Duration) -> Result<Self, StoreError> {
         let conn = RedisConn::new(config)?;
-        let admin = conn.with_timeout(config, config.admin_timeout)?;
+        let admin = conn.for_operators(config, config.admin_timeout)?;
         Ok(Self(Arc::new(Inner {
             conn,
             admin,

@@ -86,6 +86,10 @@ pub struct RedisConn {
     timeout: Duration,
     /// Shared by the connections to one Redis: any answer proves it up.
     breaker: Arc<Breaker>,
+    /// An operator's connection: always tries (and retries once on a
+    /// connection that broke before sending), never refused by the open
+    /// breaker; an answer closes it for everyone.
+    operator: bool,
 }
 
 /// One exclusive connection, held for a WATCH transaction.
@@ -103,7 +107,7 @@ impl Exclusive<'_> {
         pipe: &Pipeline,
     ) -> Result<Option<Vec<Value>>, StoreError> {
         let owner = self.owner;
-        if let Err(retry_in) = owner.breaker.admit() {
+        if let Err(retry_in) = owner.admit() {
             return Err(owner.circuit_open(op, retry_in));
         }
         owner.round_trips.fetch_add(1, Ordering::Relaxed);
@@ -168,13 +172,14 @@ impl RedisConn {
                 failures: AtomicU32::new(0),
                 open_until: Mutex::new(None),
             }),
+            operator: false,
         })
     }
 
-    /// The same Redis with another response timeout (admin operations
-    /// get a longer one than shoppers' requests): its own connections,
-    /// the same breaker.
-    pub fn with_timeout(
+    /// The same Redis for operators (admin operations): their own
+    /// connections and longer `timeout`, the same breaker, which never
+    /// refuses them (an operator wants the real answer).
+    pub fn for_operators(
         &self,
         config: &RedisConfig,
         timeout: Duration,
@@ -183,7 +188,15 @@ impl RedisConn {
         config.timeout = timeout;
         let mut other = Self::new(&config)?;
         other.breaker = self.breaker.clone();
+        other.operator = true;
         Ok(other)
+    }
+
+    fn admit(&self) -> Result<(), Duration> {
+        if self.operator {
+            return Ok(());
+        }
+        self.breaker.admit()
     }
 
     /// Whether the breaker is open now (the store is considered down).
@@ -205,7 +218,7 @@ impl RedisConn {
         let i = self.next_exclusive.fetch_add(1, Ordering::Relaxed) % self.exclusive.len();
         let mut slot = self.exclusive[i].lock().await;
         if slot.is_none() {
-            if let Err(retry_in) = self.breaker.admit() {
+            if let Err(retry_in) = self.admit() {
                 return Err(self.circuit_open(op, retry_in));
             }
             let made = tokio::time::timeout(
@@ -267,8 +280,18 @@ impl RedisConn {
     /// The pipeline's result, or `Err(retry_in)` while the breaker is
     /// open; feeds the breaker.
     async fn guarded(&self, pipe: &Pipeline) -> Result<Result<Vec<Value>, RedisError>, Duration> {
-        self.breaker.admit()?;
-        let result = self.query_through(pipe).await;
+        self.admit()?;
+        let mut result = self.query_through(pipe).await;
+        // An operator's call on a connection that broke while Redis was
+        // away (a restart) is sent again once on the new one: the write
+        // failed, so nothing ran.
+        if self.operator {
+            if let Err(e) = &result {
+                if e.is_connection_dropped() || (e.is_io_error() && !e.is_timeout()) {
+                    result = self.query_through(pipe).await;
+                }
+            }
+        }
         // A server error reply (a wrong type, NOGROUP) is an answer: Redis
         // is up.
         let reachable = match &result {
