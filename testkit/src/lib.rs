@@ -7,6 +7,8 @@
 pub mod client;
 /// The real `sluice` binary run as a child process.
 pub mod gateway;
+/// A raw TCP client for malformed or hand-framed requests.
+pub mod raw;
 /// A throwaway `redis-server` child process.
 pub mod redis;
 /// A scriptable hyper HTTP/1.1 upstream on its own runtime.
@@ -16,6 +18,7 @@ pub use client::{get, request, Conn, Response};
 pub use gateway::{
     free_addr, free_port, metric_value, sluice_bin, sluice_cmd, Gateway, GatewayBuilder,
 };
+pub use raw::RawConn;
 pub use redis::RedisServer;
 pub use upstream::{Recorded, Upstream};
 
