@@ -11,6 +11,7 @@ use pingora_proxy::Session;
 
 use crate::admission::hold::Receipt;
 use crate::admission::MAX_KEPT_BODY;
+use crate::backend;
 use crate::outcome::{Answer, Rendered};
 use crate::vocab::StoredResponse;
 
@@ -34,13 +35,25 @@ pub async fn write_answer(session: &mut Session, answer: &Rendered) -> Result<()
 }
 
 /// What to tell a client whose request failed with `e`; `None` when the
-/// client itself went away or sent garbage (nothing useful to say).
+/// client itself went away (nobody to tell). A request pingora refuses to
+/// forward (say `Connection` nominating `Host`) or a body with broken
+/// chunked framing is `invalid`.
 pub fn failure_answer(e: &Error, max_body_bytes: u64) -> Option<Answer> {
     match (e.etype(), e.esource()) {
         (ErrorType::HTTPStatus(413), _) => Some(Answer::BodyTooLarge {
             limit: max_body_bytes,
         }),
-        (_, ErrorSource::Downstream) => None,
+        (ErrorType::InvalidHTTPHeader, ErrorSource::Downstream) => Some(Answer::Invalid {
+            message: format!(
+                "request: {}",
+                e.context.as_ref().map_or("malformed", |c| c.as_str())
+            ),
+        }),
+        (_, ErrorSource::Downstream) => {
+            backend::body_framing_error(e).map(|message| Answer::Invalid {
+                message: message.into(),
+            })
+        }
         _ => Some(Answer::Unavailable {
             message: "the shop is busy, please try again shortly".into(),
         }),
