@@ -346,6 +346,77 @@ mod tests {
     }
 
     #[test]
+    fn a_winner_goes_without_the_expectation_the_gateway_met() {
+        let key = SkuKey::new("phone", "p1");
+        let ticket = TicketHeaders {
+            ticket: TicketId(3),
+            qty: 1,
+            key: &key,
+        };
+        let mut req = request(&[("expect", "100-continue")]);
+        present(&mut req, peer("10.0.0.1"), Some(ticket)).expect("present");
+        assert!(req.headers.get("expect").is_none());
+        // Pass-through: the backend answers the expectation itself.
+        let mut req = request(&[("expect", "100-continue")]);
+        present(&mut req, peer("10.0.0.1"), None).expect("present");
+        assert!(req.headers.get("expect").is_some());
+    }
+
+    #[test]
+    fn host_rules_follow_rfc_9112() {
+        let with = |version, hosts: &[&str]| {
+            let mut req = RequestHeader::build("POST", b"/o", None).expect("req");
+            req.set_version(version);
+            for h in hosts {
+                req.append_header("host", *h).expect("host");
+            }
+            req
+        };
+        use http::Version as V;
+        assert_eq!(host_problem(&with(V::HTTP_11, &["a"]), true), None);
+        assert_eq!(
+            host_problem(&with(V::HTTP_11, &[]), false),
+            Some("Host: missing (HTTP/1.1 requires it)")
+        );
+        assert_eq!(
+            host_problem(&with(V::HTTP_11, &["a", "b"]), false),
+            Some("Host: sent more than once")
+        );
+        assert_eq!(host_problem(&with(V::HTTP_10, &[]), false), None);
+        assert_eq!(
+            host_problem(&with(V::HTTP_10, &[]), true),
+            Some("Host: missing (an order must name the shop)")
+        );
+        assert_eq!(host_problem(&with(V::HTTP_2, &[]), true), None);
+    }
+
+    #[test]
+    fn only_http_1_1_clients_wait_for_100_continue() {
+        let mut req = request(&[("expect", "100-Continue")]);
+        assert!(expects_continue(&req));
+        req.set_version(http::Version::HTTP_10);
+        assert!(!expects_continue(&req));
+        assert!(!expects_continue(&request(&[])));
+        assert!(!expects_continue(&request(&[("expect", "something-else")])));
+    }
+
+    #[test]
+    fn broken_chunked_framing_is_told_apart_from_a_client_gone() {
+        let e = |t| Error::new_down(t);
+        assert_eq!(
+            body_framing_error(&e(ErrorType::Custom("InvalidChunk"))),
+            Some("body: invalid chunked encoding")
+        );
+        assert_eq!(
+            body_framing_error(&e(ErrorType::Custom("InvalidTrailerEnd"))),
+            Some("body: invalid chunked encoding")
+        );
+        assert_eq!(body_framing_error(&e(ErrorType::ConnectionClosed)), None);
+        assert_eq!(body_framing_error(&e(ErrorType::ReadTimedout)), None);
+        assert_eq!(body_framing_error(&e(ErrorType::ReadError)), None);
+    }
+
+    #[test]
     fn a_forward_is_delivered_only_with_its_whole_body() {
         // Header not sent: nothing reached the backend.
         assert!(!delivered(false, Some(10), Some(0)));

@@ -53,14 +53,18 @@ use syntax::Single;
 
 /// Headers that a `Connection` header may never name on a rule route,
 /// whatever the rule reads: the request's target and framing, the body's
-/// type, the client address the rate limits key on, and the client's
-/// idempotency key (`X-Sluice-*` too, by prefix).
+/// type, the client address the rate limits key on (and the forwarding
+/// fields pingora itself refuses to see nominated, refused here before
+/// any unit is taken), and the client's idempotency key (`X-Sluice-*` too,
+/// by prefix).
 const ALWAYS_KEPT: &[&str] = &[
     "host",
     "content-length",
     "transfer-encoding",
     "content-type",
     "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
     super::IDEMPOTENCY_HEADER,
 ];
 

@@ -103,3 +103,35 @@ impl KeptAnswer {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outcome::Outcome;
+
+    #[test]
+    fn failures_map_to_answers() {
+        let outcome = |e: &Error| failure_answer(e, 100).map(|a| a.outcome());
+        assert_eq!(
+            failure_answer(&Error::new_down(ErrorType::HTTPStatus(413)), 100),
+            Some(Answer::BodyTooLarge { limit: 100 })
+        );
+        let mut nominated = Error::new_down(ErrorType::InvalidHTTPHeader);
+        nominated.context = Some("protected header cannot be nominated".into());
+        assert_eq!(
+            failure_answer(&nominated, 100),
+            Some(Answer::Invalid {
+                message: "request: protected header cannot be nominated".into()
+            })
+        );
+        assert_eq!(
+            outcome(&Error::new_down(ErrorType::Custom("InvalidChunk"))),
+            Some(Outcome::Invalid)
+        );
+        assert_eq!(outcome(&Error::new_down(ErrorType::ConnectionClosed)), None);
+        assert_eq!(
+            outcome(&Error::new_up(ErrorType::ConnectRefused)),
+            Some(Outcome::Unavailable)
+        );
+    }
+}
