@@ -379,6 +379,17 @@ async fn expect_continue_is_answered_before_the_body() {
     let resp = c.read_final().await.expect("the refusal");
     let message = expect_json(&resp, 400, "invalid");
     assert!(message.starts_with("user:"), "{message}");
+
+    // A body declared over the limit is refused at once, without a go-ahead.
+    let mut c = RawConn::connect(gw.listen()).await;
+    let head = format!(
+        "POST /api/{RULE}/p1/order HTTP/1.1\r\nHost: shop.test\r\nX-User-Id: u9\r\n\
+         Content-Length: 1000000\r\nExpect: 100-continue\r\n\r\n"
+    );
+    c.send(head.as_bytes()).await;
+    let resp = c.read_response().await.expect("a refusal without 100");
+    expect_json(&resp, 413, "invalid");
+
     assert_settled(&stock(&gw, "p1").await);
     still_serves(&gw, &up, "p1", "after").await;
 }

@@ -24,9 +24,10 @@
 //! value syntax itself (ids and quantities hold no `,`). A `Connection`
 //! header naming a header the decision or the order rests on (the rule's
 //! header sources, the token header, `Cookie` when a cookie is read,
-//! `Idempotency-Key`, `X-Forwarded-For`, `Host`, the body's framing and
-//! type, any `X-Sluice-*`), or naming anything that is not a token, is
-//! `invalid`: the hop before the backend would drop that header.
+//! `Idempotency-Key`, `X-Forwarded-For` (`-Host`, `-Proto`), `Host`, the
+//! body's framing and type, any `X-Sluice-*`), or naming anything that is
+//! not a token, is `invalid`: the hop before the backend would drop that
+//! header, so the backend would not see what the gateway decided on.
 //!
 //! The HTTP syntax lives in `syntax`, the JSON body in `json`, quantities
 //! in `quantity`, tokens in `jwt`; this file resolves sources into values.
