@@ -99,6 +99,32 @@ pub struct Admission {
     loaded: std::sync::Mutex<std::collections::BTreeSet<(usize, String)>>,
 }
 
+/// The client's `Idempotency-Key`, if it sent one; `Err` is the
+/// `invalid` message (a malformed key, or two of them).
+fn idempotency_key<'a>(parts: &RequestParts<'a>) -> Result<Option<&'a str>, String> {
+    let mut keys = parts.headers.get_all(IDEMPOTENCY_HEADER).iter();
+    match (keys.next(), keys.next()) {
+        (None, _) => Ok(None),
+        (Some(_), Some(_)) => Err("Idempotency-Key: sent more than once".into()),
+        (Some(v), None) => match v.to_str().ok().filter(|k| valid_id(k)) {
+            Some(k) => Ok(Some(k)),
+            None => Err("Idempotency-Key: must be 1-128 characters of A-Z a-z 0-9 . _ : -".into()),
+        },
+    }
+}
+
+/// The dedup mark of an `Idempotency-Key`, scoped to (rule, user): the same
+/// key from another buyer is that buyer's own new attempt, never a replay
+/// of someone else's answer or ticket. Ids hold no `/`, so `user/key` is
+/// unambiguous.
+fn idempotency_mark(user: &str, key: &str, ttl: std::time::Duration) -> DedupMark {
+    DedupMark {
+        scope: MarkScope::Rule,
+        id: format!("i:{user}/{key}"),
+        ttl,
+    }
+}
+
 /// Answer for a store that cannot answer (fail closed).
 fn store_down(e: &StoreError) -> Answer {
     tracing::debug!(error = %e, "store unavailable");
@@ -219,17 +245,9 @@ impl Admission {
             Ok(a) => a,
             Err(message) => return Verdict::Answer(Answer::Invalid { message }),
         };
-        let idempotency = match c.parts.headers.get(IDEMPOTENCY_HEADER) {
-            None => None,
-            Some(v) => match v.to_str().ok().filter(|k| valid_id(k)) {
-                Some(k) => Some(k),
-                None => {
-                    return Verdict::Answer(Answer::Invalid {
-                        message: "Idempotency-Key: must be 1-128 characters of A-Z a-z 0-9 . _ : -"
-                            .into(),
-                    })
-                }
-            },
+        let idempotency = match idempotency_key(&c.parts) {
+            Ok(k) => k,
+            Err(message) => return Verdict::Answer(Answer::Invalid { message }),
         };
         // 3. window
         let now = chrono::Utc::now();
@@ -273,11 +291,7 @@ impl Admission {
             });
         }
         if let Some(k) = idempotency {
-            marks.push(DedupMark {
-                scope: MarkScope::Sku,
-                id: format!("i:{k}"),
-                ttl: mark_ttl,
-            });
+            marks.push(idempotency_mark(&attempt.user, k, mark_ttl));
         }
         let ticket = TicketId::random();
         let reservation = Reservation {

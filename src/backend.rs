@@ -56,7 +56,8 @@ pub enum ForwardEnd {
     Reset,
     /// The client went away; `sent` says whether the backend was asked.
     ClientGone {
-        /// Whether any of the request had reached the backend.
+        /// Whether the whole request reached the backend (a partial one
+        /// places no order).
         sent: bool,
     },
 }
@@ -110,6 +111,9 @@ pub fn present(
         req.insert_header("X-Forwarded-For", xff)?;
     }
     if let Some(t) = ticket {
+        // The gateway holds a winner's whole body and sends it at once: the
+        // client's expectation was answered already, by the gateway.
+        req.remove_header(&http::header::EXPECT);
         set_ticket(req, t)?;
     }
     Ok(())
@@ -151,6 +155,53 @@ fn set_path(req: &mut RequestHeader, path: &str) -> Result<()> {
         )?;
     req.set_uri(uri);
     Ok(())
+}
+
+/// Why a request's `Host` makes it unfit to forward, if it does (RFC 9112
+/// section 3.2): more than one, or none in HTTP/1.1, which the RFC answers
+/// with 400. HTTP/1.0 does not require one (old health checkers send none)
+/// and such a request passes through as it came; an `order` (a rule-matched
+/// request) without one is refused all the same, since a backend hosting
+/// several shops routes on it. HTTP/2 carries `:authority` instead.
+pub fn host_problem(req: &RequestHeader, order: bool) -> Option<&'static str> {
+    if req.version >= http::Version::HTTP_2 {
+        return None;
+    }
+    let mut hosts = req.headers.get_all(http::header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => Some("Host: sent more than once"),
+        (Some(_), None) => None,
+        (None, _) if req.version == http::Version::HTTP_11 => {
+            Some("Host: missing (HTTP/1.1 requires it)")
+        }
+        (None, _) if order => Some("Host: missing (an order must name the shop)"),
+        (None, _) => None,
+    }
+}
+
+/// Whether the client waits for `100 Continue` before sending its body
+/// (RFC 9110 section 10.1.1; an HTTP/1.0 client's expectation is ignored).
+pub fn expects_continue(req: &RequestHeader) -> bool {
+    req.version >= http::Version::HTTP_11
+        && req
+            .headers
+            .get_all(http::header::EXPECT)
+            .iter()
+            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
+/// The `invalid` message for a request body whose framing is broken (bad
+/// chunk sizes or trailers), `None` for other failures (the client left,
+/// stalled or reset: nobody to answer). pingora names its chunk errors by
+/// custom error types that it does not export.
+pub fn body_framing_error(e: &Error) -> Option<&'static str> {
+    match e.etype() {
+        ErrorType::Custom("InvalidChunk") | ErrorType::Custom("InvalidTrailerEnd") => {
+            Some("body: invalid chunked encoding")
+        }
+        ErrorType::InvalidHTTPHeader => Some("body: invalid framing"),
+        _ => None,
+    }
 }
 
 fn set_ticket(req: &mut RequestHeader, t: TicketHeaders<'_>) -> Result<()> {
@@ -220,8 +271,21 @@ pub fn request_of(q: &QueuedRequest) -> Result<RequestHeader> {
     Ok(req)
 }
 
+/// Whether a forwarded request reached the backend whole: its header was
+/// sent and, for a winner, every byte of the admitted body was written.
+/// An HTTP server does not act on a request it did not get whole, so a
+/// forward cut before the end of its body placed no order. `body_sent` is
+/// pingora's count of body bytes written upstream (`None` when it does not
+/// track it: assumed whole).
+pub fn delivered(header_sent: bool, admitted_body: Option<u64>, body_sent: Option<usize>) -> bool {
+    match (admitted_body, body_sent) {
+        (Some(len), Some(sent)) => header_sent && sent as u64 >= len,
+        _ => header_sent,
+    }
+}
+
 /// How an exchange that failed with `e` ended; `sent` says whether the
-/// request had started to reach the backend.
+/// whole request reached the backend (see [`delivered`]).
 pub fn end_of(e: &Error, sent: bool) -> ForwardEnd {
     if e.esource() == &ErrorSource::Downstream {
         return ForwardEnd::ClientGone { sent };
@@ -377,6 +441,93 @@ mod tests {
         let mut req = RequestHeader::build("GET", b"/static//a/./b", None).expect("req");
         present(&mut req, peer("10.0.0.1"), None, None).expect("present");
         assert_eq!(req.raw_path(), b"/static//a/./b");
+    }
+
+    #[test]
+    fn a_winner_goes_without_the_expectation_the_gateway_met() {
+        let key = SkuKey::new("phone", "p1");
+        let ticket = TicketHeaders {
+            ticket: TicketId(3),
+            qty: 1,
+            key: &key,
+        };
+        let mut req = request(&[("expect", "100-continue")]);
+        present(&mut req, peer("10.0.0.1"), Some(ticket), None).expect("present");
+        assert!(req.headers.get("expect").is_none());
+        // Pass-through: the backend answers the expectation itself.
+        let mut req = request(&[("expect", "100-continue")]);
+        present(&mut req, peer("10.0.0.1"), None, None).expect("present");
+        assert!(req.headers.get("expect").is_some());
+    }
+
+    #[test]
+    fn host_rules_follow_rfc_9112() {
+        let with = |version, hosts: &[&str]| {
+            let mut req = RequestHeader::build("POST", b"/o", None).expect("req");
+            req.set_version(version);
+            for h in hosts {
+                req.append_header("host", *h).expect("host");
+            }
+            req
+        };
+        use http::Version as V;
+        assert_eq!(host_problem(&with(V::HTTP_11, &["a"]), true), None);
+        assert_eq!(
+            host_problem(&with(V::HTTP_11, &[]), false),
+            Some("Host: missing (HTTP/1.1 requires it)")
+        );
+        assert_eq!(
+            host_problem(&with(V::HTTP_11, &["a", "b"]), false),
+            Some("Host: sent more than once")
+        );
+        assert_eq!(host_problem(&with(V::HTTP_10, &[]), false), None);
+        assert_eq!(
+            host_problem(&with(V::HTTP_10, &[]), true),
+            Some("Host: missing (an order must name the shop)")
+        );
+        assert_eq!(host_problem(&with(V::HTTP_2, &[]), true), None);
+    }
+
+    #[test]
+    fn only_http_1_1_clients_wait_for_100_continue() {
+        let mut req = request(&[("expect", "100-Continue")]);
+        assert!(expects_continue(&req));
+        req.set_version(http::Version::HTTP_10);
+        assert!(!expects_continue(&req));
+        assert!(!expects_continue(&request(&[])));
+        assert!(!expects_continue(&request(&[("expect", "something-else")])));
+    }
+
+    #[test]
+    fn broken_chunked_framing_is_told_apart_from_a_client_gone() {
+        let e = |t| Error::new_down(t);
+        assert_eq!(
+            body_framing_error(&e(ErrorType::Custom("InvalidChunk"))),
+            Some("body: invalid chunked encoding")
+        );
+        assert_eq!(
+            body_framing_error(&e(ErrorType::Custom("InvalidTrailerEnd"))),
+            Some("body: invalid chunked encoding")
+        );
+        assert_eq!(body_framing_error(&e(ErrorType::ConnectionClosed)), None);
+        assert_eq!(body_framing_error(&e(ErrorType::ReadTimedout)), None);
+        assert_eq!(body_framing_error(&e(ErrorType::ReadError)), None);
+    }
+
+    #[test]
+    fn a_forward_is_delivered_only_with_its_whole_body() {
+        // Header not sent: nothing reached the backend.
+        assert!(!delivered(false, Some(10), Some(0)));
+        assert!(!delivered(false, None, None));
+        // Cut inside the admitted body: no order can have been placed.
+        assert!(!delivered(true, Some(10), Some(0)));
+        assert!(!delivered(true, Some(10), Some(9)));
+        // The whole body went out.
+        assert!(delivered(true, Some(10), Some(10)));
+        assert!(delivered(true, Some(0), Some(0)));
+        // Not tracked (no admitted body, or pingora does not count): as sent.
+        assert!(delivered(true, None, Some(0)));
+        assert!(delivered(true, Some(10), None));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! (`backend`), the responder (`respond`) or the metrics.
 //!
 //! ```text
-//!  client ──► request_filter ── intake: size limits, ticket polls ───────► gateway answer
+//!  client ──► request_filter ── intake: size limits, Host, ticket polls ─► gateway answer
 //!                  │            rule? admission stages 2-8 ── refused ──► gateway answer
 //!                  │                  winner: a Hold and a slot (or queued ► 202)
 //!                  ▼
@@ -72,6 +72,8 @@ pub struct RequestCtx {
     upstream: UpstreamId,
     connect_failures: usize,
     body_bytes: u64,
+    /// The length of a winner's admitted body, the one forwarded.
+    admitted_body: Option<u64>,
     /// A winner's units, until settled.
     hold: Option<Hold>,
     /// A winner's ticket, for the decision log line.
@@ -92,6 +94,7 @@ impl RequestCtx {
             upstream,
             connect_failures: 0,
             body_bytes: 0,
+            admitted_body: None,
             hold: None,
             ticket: None,
             sent_upstream: false,
@@ -305,8 +308,12 @@ impl ProxyHttp for SluiceProxy {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         // Release (or keep, per release_on) before the answer is written.
-        self.settle(ctx, backend::end_of(e, ctx.sent_upstream))
-            .await;
+        let delivered = backend::delivered(
+            ctx.sent_upstream,
+            ctx.admitted_body,
+            session.upstream_body_bytes_sent(),
+        );
+        self.settle(ctx, backend::end_of(e, delivered)).await;
         tracing::debug!(error = %e, "request failed");
         let Some(answer) = failure_answer(e, self.config.limits.max_body_bytes) else {
             ctx.outcome = Outcome::Invalid;
@@ -318,7 +325,11 @@ impl ProxyHttp for SluiceProxy {
         // Headers may already be on the wire if the upstream failed
         // mid-body; then all we can do is close.
         let code = self.admission.render(None, &answer).status.as_u16();
-        if session.response_written().is_none() {
+        // A `100 Continue` sent before the body does not count as the answer.
+        if session
+            .response_written()
+            .is_none_or(|r| r.status.is_informational())
+        {
             if let Err(write_err) = self.answer(session, ctx, &answer).await {
                 tracing::debug!(error = %write_err, "could not write the error answer");
             }
@@ -349,9 +360,14 @@ impl ProxyHttp for SluiceProxy {
             "decision"
         );
         // Ended without an upstream answer or a proxy failure: the client
-        // went away, before the backend was asked or while it worked (as
-        // uncertain as a timeout).
-        let end = if ctx.sent_upstream {
+        // went away, before the backend had the whole order or while it
+        // worked (as uncertain as a timeout).
+        let delivered = backend::delivered(
+            ctx.sent_upstream,
+            ctx.admitted_body,
+            session.upstream_body_bytes_sent(),
+        );
+        let end = if delivered {
             ForwardEnd::Timeout
         } else {
             ForwardEnd::ClientGone { sent: false }

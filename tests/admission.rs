@@ -52,6 +52,7 @@ both_stores!(
     sale_forwards_exactly_the_stock_with_tickets,
     sku_never_loaded_is_unavailable,
     dedup_replays_or_points_at_the_first_attempt,
+    idempotency_key_is_scoped_to_rule_and_user,
     per_user_limit_without_dedup_is_duplicate,
     backend_5xx_releases_the_units,
     connect_error_answers_unavailable_and_returns_units,
@@ -614,25 +615,171 @@ async fn dedup_replays_or_points_at_the_first_attempt(store: StoreUnderTest) {
     up.set_stall(Duration::ZERO);
     assert_eq!(up.requests(), 2);
 
-    // Idempotency-Key: two users, one key, one sku.
+    // Idempotency-Key: two users, one key, one sku. Issue 8 (case 4): keys
+    // are scoped to (rule, user), so the second user's attempt is its own,
+    // not a duplicate of the first's (this used to pin `duplicate`).
     let key = ("idempotency-key", "order-42");
     let a = buy_with(gw.listen(), "dd", "s1", &[("x-user-id", "u3"), key], "{}").await;
     expect(&a, 200, "forwarded");
     let b = buy_with(gw.listen(), "dd", "s1", &[("x-user-id", "u4"), key], "{}").await;
-    assert_eq!(
-        b.header("x-sluice-outcome"),
-        Some("duplicate"),
-        "{}",
-        b.text()
-    );
-    assert!(matches!(b.status, 200 | 409), "{} {}", b.status, b.text());
+    expect(&b, 200, "forwarded");
     let users: Vec<_> = up
         .recorded()
         .iter()
         .map(|r| r.header("x-user-id").unwrap_or_default().to_string())
         .collect();
-    assert_eq!(users, ["u1", "u2", "u3"]);
-    expect_view(&stock(&gw, "dd", "s1").await, 7, 10, 3, 0, 0);
+    assert_eq!(users, ["u1", "u2", "u3", "u4"]);
+    expect_view(&stock(&gw, "dd", "s1").await, 6, 10, 4, 0, 0);
+}
+
+/// 6c. `Idempotency-Key` marks are scoped to (rule, user): user B sending
+///     user A's key is B's own new attempt, never a replay of A's kept
+///     answer, nor A's ticket while A's order is in flight or queued. A's
+///     own retry with the key is still A's duplicate, on any sku of the rule.
+async fn idempotency_key_is_scoped_to_rule_and_user(store: StoreUnderTest) {
+    let up = Upstream::start();
+    // One backend slot and a short wait: a second order while one stalls
+    // at the backend is queued (half a second is ample for a finished
+    // order to give its slot back).
+    let upstreams = format!(
+        "  one:\n    servers: [{}]\n    max_inflight: 1\n    read_timeout: 10s\n",
+        up.addr()
+    );
+    let gw = start_with(
+        &store,
+        &up,
+        &[rule(
+            "idem",
+            &["admission: { upstream: one, queue: { max_wait: 500ms } }"],
+        )],
+        Extra {
+            upstreams: &upstreams,
+            ..Extra::default()
+        },
+    );
+    put_stock(&gw, "idem", "s1", 10).await;
+    put_stock(&gw, "idem", "s2", 10).await;
+    let key = ("idempotency-key", "k-1");
+    let addr = gw.listen();
+
+    // Done: A's answer is kept; B with A's key gets its own order placed.
+    let a = buy_with(
+        addr,
+        "idem",
+        "s1",
+        &[("x-user-id", "alice"), key],
+        r#"{"who":"a"}"#,
+    )
+    .await;
+    expect(&a, 200, "forwarded");
+    let a_answer = a.json();
+    let b = buy_with(
+        addr,
+        "idem",
+        "s1",
+        &[("x-user-id", "bob"), key],
+        r#"{"who":"b"}"#,
+    )
+    .await;
+    expect(&b, 200, "forwarded");
+    assert_eq!(
+        b.json()["body"],
+        r#"{"who":"b"}"#,
+        "B got someone else's answer"
+    );
+    assert_ne!(b.json()["n"], a_answer["n"]);
+    // A's own retry is A's duplicate (the kept answer once it is kept), on
+    // the same sku or another of the rule.
+    for sku in ["s1", "s2"] {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let again = buy_with(
+                addr,
+                "idem",
+                sku,
+                &[("x-user-id", "alice"), key],
+                r#"{"who":"a"}"#,
+            )
+            .await;
+            assert_eq!(
+                again.header("x-sluice-outcome"),
+                Some("duplicate"),
+                "{}",
+                again.text()
+            );
+            if again.status == 200 {
+                assert_eq!(again.json(), a_answer, "A's replay is A's own answer");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no replay: {} {}",
+                again.status,
+                again.text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(up.requests(), 2);
+
+    // In flight and queued: A's order stalls at the backend, C's is queued
+    // behind it; D and E reuse their keys and get orders of their own.
+    up.set_stall(Duration::from_secs(5));
+    let key2 = ("idempotency-key", "k-2");
+    let first = tokio::spawn(async move {
+        buy_with(addr, "idem", "s1", &[("x-user-id", "carol"), key2], "{}").await
+    });
+    wait_until("carol's order at the backend", || up.recorded().len() == 3).await;
+    let carol_ticket = up.recorded()[2]
+        .header("x-sluice-ticket")
+        .map(str::to_string)
+        .expect("a ticket");
+    let key3 = ("idempotency-key", "k-3");
+    let queued = buy_with(addr, "idem", "s1", &[("x-user-id", "dave"), key3], "{}").await;
+    let queued_body = expect_json(&queued, 202, "queued");
+    let dave_ticket = queued_body["ticket"]
+        .as_str()
+        .expect("a ticket")
+        .to_string();
+    for (user, k, not) in [("erin", key2, &carol_ticket), ("frank", key3, &dave_ticket)] {
+        let resp = buy_with(addr, "idem", "s1", &[("x-user-id", user), k], "{}").await;
+        let body = expect_json(&resp, 202, "queued");
+        assert_ne!(
+            body["ticket"],
+            not.as_str(),
+            "{user} got another buyer's ticket"
+        );
+    }
+    // The owners' own retries point at their own tickets.
+    let again = buy_with(addr, "idem", "s1", &[("x-user-id", "carol"), key2], "{}").await;
+    let body = expect_json(&again, 409, "duplicate");
+    assert_eq!(body["ticket"], carol_ticket.as_str());
+    let again = buy_with(addr, "idem", "s1", &[("x-user-id", "dave"), key3], "{}").await;
+    let body = expect_json(&again, 202, "duplicate");
+    assert_eq!(body["ticket"], dave_ticket.as_str());
+
+    // Only carol's order stalls; the queued ones go through at once.
+    up.set_stall(Duration::ZERO);
+    expect(&first.await.expect("carol's order"), 200, "forwarded");
+    // Everything drains: 2 + carol + dave, erin, frank = 6 orders placed.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let view = stock(&gw, "idem", "s1").await;
+        if view["sold"] == 6 {
+            expect_view(&view, 4, 10, 6, 0, 0);
+            break;
+        }
+        assert!(Instant::now() < deadline, "queue did not drain: {view}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let users: HashSet<String> = up
+        .recorded()
+        .iter()
+        .map(|r| r.header("x-user-id").unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(users.len(), 6, "{users:?}");
+    // The gateway still serves a normal order.
+    expect(&buy(&gw, "idem", "s2", "gina").await, 200, "forwarded");
 }
 
 /// 7. `per_user_limit: 1` without dedup: a second unit is `duplicate`.

@@ -10,13 +10,29 @@
 //! fields read it, never panics on request data, and echoes at most a
 //! short, escaped prefix of a bad value.
 //!
-//! Sources: a header (first value, visible ASCII), a cookie (exact name,
-//! from every `Cookie` header), a query parameter (first occurrence,
-//! percent-decoded with `+` as space), a path capture (percent-decoded), a
-//! top-level JSON field, or a claim of an HS256 JWT (`Bearer` optional).
-//! The HTTP syntax lives in `syntax`, quantities in `quantity`, tokens in
-//! `jwt`; this file resolves sources into values.
+//! Sources: a header (visible ASCII), a cookie (from every `Cookie`
+//! header), a query parameter (percent-decoded with `+` as space), a path
+//! capture (percent-decoded), a top-level JSON field, or a claim of an
+//! HS256 JWT (`Bearer` optional).
+//!
+//! What the gateway decides on is what the backend reads, so a field must
+//! come once: a header sent twice (or also spelled with `_` for `-`, which
+//! CGI backends read alike), a cookie or query parameter present twice
+//! (also under a name PHP reads the same, such as `user.id` or `user_id[]`
+//! for `user_id`), a repeated JSON key, or a token header sent twice is
+//! `invalid`. A comma-joined list in one header line is refused by the
+//! value syntax itself (ids and quantities hold no `,`). A `Connection`
+//! header naming a header the decision or the order rests on (the rule's
+//! header sources, the token header, `Cookie` when a cookie is read,
+//! `Idempotency-Key`, `X-Forwarded-For` (`-Host`, `-Proto`), `Host`, the
+//! body's framing and type, any `X-Sluice-*`), or naming anything that is
+//! not a token, is `invalid`: the hop before the backend would drop that
+//! header, so the backend would not see what the gateway decided on.
+//!
+//! The HTTP syntax lives in `syntax`, the JSON body in `json`, quantities
+//! in `quantity`, tokens in `jwt`; this file resolves sources into values.
 
+mod json;
 mod jwt;
 mod quantity;
 mod syntax;
@@ -27,11 +43,31 @@ use std::borrow::Cow;
 use std::cell::OnceCell;
 use std::fmt;
 
-use http::HeaderMap;
-use serde_json::{Map, Value};
+use http::{HeaderMap, HeaderName};
+use serde_json::Value;
 
+use crate::backend::SLUICE_HEADER_PREFIX;
 use crate::rules::{FieldSource, Rule};
 use crate::vocab::{valid_id, ID_SHAPE};
+use json::TopLevel;
+use syntax::Single;
+
+/// Headers that a `Connection` header may never name on a rule route,
+/// whatever the rule reads: the request's target and framing, the body's
+/// type, the client address the rate limits key on (and the forwarding
+/// fields pingora itself refuses to see nominated, refused here before
+/// any unit is taken), and the client's idempotency key (`X-Sluice-*` too,
+/// by prefix).
+const ALWAYS_KEPT: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "content-type",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    super::IDEMPOTENCY_HEADER,
+];
 
 /// At most this many characters of a bad value are echoed in a message.
 const SHOWN_CHARS: usize = 40;
@@ -98,6 +134,9 @@ pub struct Extractor {
     default_qty: u32,
     max_qty: u32,
     needs_body: bool,
+    /// Header names a `Connection` header must not name, beyond
+    /// [`ALWAYS_KEPT`]: the rule's header and token sources, `cookie`.
+    kept: Vec<HeaderName>,
 }
 
 impl Extractor {
@@ -110,6 +149,25 @@ impl Extractor {
                 .source
                 .as_ref()
                 .is_some_and(FieldSource::needs_body);
+        let mut kept = Vec::new();
+        for source in [
+            Some(&rule.user),
+            Some(&rule.sku),
+            rule.quantity.source.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let name = match source {
+                FieldSource::Header(h) => h.clone(),
+                FieldSource::Jwt { header, .. } => header.clone(),
+                FieldSource::Cookie(_) => http::header::COOKIE,
+                _ => continue,
+            };
+            if !kept.contains(&name) {
+                kept.push(name);
+            }
+        }
         Self {
             user: rule.user.clone(),
             sku: rule.sku.clone(),
@@ -117,6 +175,7 @@ impl Extractor {
             default_qty: rule.quantity.default,
             max_qty: rule.quantity.max,
             needs_body,
+            kept,
         }
     }
 
@@ -127,11 +186,48 @@ impl Extractor {
 
     /// Reads and validates an attempt; `Err` is an `invalid` message naming the field.
     pub fn extract(&self, parts: &RequestParts<'_>) -> Result<Attempt, String> {
+        self.check_connection(parts.headers)?;
         let body = Body::new(parts.body);
         let user = id(Field::User, &self.user, parts, &body)?;
         let sku = id(Field::Sku, &self.sku, parts, &body)?;
         let qty = self.quantity(parts, &body)?;
         Ok(Attempt { user, sku, qty })
+    }
+
+    /// Refuses a `Connection` header that names a header the decision or
+    /// the order rests on, or an option that is not a token (a lenient hop
+    /// might still drop what it names).
+    fn check_connection(&self, headers: &HeaderMap) -> Result<(), String> {
+        let options = headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|o| !o.is_empty());
+        for option in options {
+            if !option.iter().all(|&b| syntax::is_tchar(b)) {
+                let option = String::from_utf8_lossy(option);
+                return Err(format!(
+                    "Connection: {} is not a header name",
+                    shown(&option)
+                ));
+            }
+            let name = option.to_ascii_lowercase();
+            // Tokens are ASCII: this is the exact text.
+            let name = String::from_utf8_lossy(&name);
+            let kept = ALWAYS_KEPT.contains(&&*name)
+                || name.starts_with(SLUICE_HEADER_PREFIX)
+                || self
+                    .kept
+                    .iter()
+                    .any(|k| syntax::same_to_cgi(&name, k.as_str()));
+            if kept {
+                return Err(format!(
+                    "Connection: must not name \"{name}\": the gateway decides on it and the backend must see it"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The quantity: `default` when there is no source or the field is absent.
@@ -174,7 +270,7 @@ enum Raw<'b> {
 /// The request body, parsed as a JSON object on first use only.
 struct Body<'a> {
     raw: Option<&'a [u8]>,
-    parsed: OnceCell<Result<Map<String, Value>, &'static str>>,
+    parsed: OnceCell<Result<TopLevel, &'static str>>,
 }
 
 #[cfg(test)]
@@ -192,7 +288,7 @@ impl<'a> Body<'a> {
     }
 
     /// The body's top-level object, or the `body: ...` message.
-    fn object(&self) -> Result<&Map<String, Value>, String> {
+    fn object(&self) -> Result<&TopLevel, String> {
         self.parsed
             .get_or_init(|| parse_object(self.raw))
             .as_ref()
@@ -200,16 +296,48 @@ impl<'a> Body<'a> {
     }
 }
 
-fn parse_object(raw: Option<&[u8]>) -> Result<Map<String, Value>, &'static str> {
+fn parse_object(raw: Option<&[u8]>) -> Result<TopLevel, &'static str> {
     #[cfg(test)]
     BODY_PARSES.with(|c| c.set(c.get() + 1));
     let raw = raw.ok_or("body: missing")?;
     if raw.iter().all(u8::is_ascii_whitespace) {
         return Err("body: missing");
     }
-    match serde_json::from_slice::<Value>(raw) {
-        Ok(Value::Object(map)) => Ok(map),
-        _ => Err("body: not a JSON object"),
+    TopLevel::parse(raw).ok_or("body: not a JSON object")
+}
+
+/// The one value of header `name`; a second line, or the same name
+/// spelled with `_` for `-`, makes it [`Single::Repeated`].
+fn single_header<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Single<&'h http::HeaderValue> {
+    let mut values = headers.get_all(name).iter();
+    let found = match (values.next(), values.next()) {
+        (None, _) => Single::Absent,
+        (Some(v), None) => Single::One(v),
+        (Some(_), Some(_)) => return Single::Repeated,
+    };
+    // Alone, the other spelling is the header missing (still refused).
+    let alias = || {
+        headers
+            .keys()
+            .any(|k| k != name && syntax::same_to_cgi(k.as_str(), name.as_str()))
+    };
+    match found {
+        Single::One(_) if alias() => Single::Repeated,
+        found => found,
+    }
+}
+
+/// The message for a field sent more than once.
+fn repeated(field: Field, source: &FieldSource) -> String {
+    match source {
+        FieldSource::Header(h) => format!("{field}: header \"{h}\" sent more than once"),
+        FieldSource::Cookie(n) => format!("{field}: cookie {n:?} sent more than once"),
+        FieldSource::Query(n) => format!("{field}: query parameter {n:?} sent more than once"),
+        FieldSource::Path(n) => format!("{field}: path capture {n:?} sent more than once"),
+        FieldSource::Json(n) => format!("{field}: JSON field {n:?} sent more than once"),
+        FieldSource::Jwt { header, .. } => {
+            format!("{field}: header \"{header}\" sent more than once")
+        }
     }
 }
 
@@ -277,21 +405,29 @@ fn fetch<'b>(
     body: &'b Body<'_>,
 ) -> Result<Option<Raw<'b>>, String> {
     match source {
-        FieldSource::Header(name) => match parts.headers.get(name) {
-            None => Ok(None),
-            Some(v) => match v.to_str() {
+        FieldSource::Header(name) => match single_header(parts.headers, name) {
+            Single::Absent => Ok(None),
+            Single::Repeated => Err(repeated(field, source)),
+            Single::One(v) => match v.to_str() {
                 Ok(s) if s.bytes().all(syntax::is_visible_ascii) => {
                     Ok(Some(Raw::Text(Cow::Borrowed(s))))
                 }
                 _ => Err(format!("{field}: header \"{name}\" must be visible ASCII")),
             },
         },
-        FieldSource::Cookie(name) => {
-            Ok(syntax::cookie(parts.headers, name).map(|v| Raw::Text(String::from_utf8_lossy(v))))
-        }
+        FieldSource::Cookie(name) => match syntax::cookie(parts.headers, name) {
+            Single::Absent => Ok(None),
+            Single::Repeated => Err(repeated(field, source)),
+            Single::One(v) => Ok(Some(Raw::Text(String::from_utf8_lossy(v)))),
+        },
         FieldSource::Query(name) => {
-            let Some(value) = parts.query.and_then(|q| syntax::query_param(q, name)) else {
-                return Ok(None);
+            let found = parts
+                .query
+                .map_or(Single::Absent, |q| syntax::query_param(q, name));
+            let value = match found {
+                Single::Absent => return Ok(None),
+                Single::Repeated => return Err(repeated(field, source)),
+                Single::One(v) => v,
             };
             match syntax::percent_decode(value, true) {
                 Some(v) => Ok(Some(Raw::Text(v))),
@@ -311,11 +447,17 @@ fn fetch<'b>(
                 )),
             }
         }
-        FieldSource::Json(name) => Ok(body
-            .object()?
-            .get(name)
-            .filter(|v| !v.is_null())
-            .map(|v| Raw::Value(Cow::Borrowed(v)))),
+        FieldSource::Json(name) => {
+            let top = body.object()?;
+            if top.repeated.iter().any(|k| k == name) {
+                return Err(repeated(field, source));
+            }
+            Ok(top
+                .map
+                .get(name)
+                .filter(|v| !v.is_null())
+                .map(|v| Raw::Value(Cow::Borrowed(v))))
+        }
         // Claims are read by `jwt::claim`, which owns the token's messages.
         FieldSource::Jwt { .. } => Ok(None),
     }

@@ -42,6 +42,9 @@ impl Admission {
             .map(|s| s.rule.queue.max_wait)
             .unwrap_or_default();
         let waited = tokio::select! {
+            // A slot free now wins over a close seen at the same moment: the
+            // order then goes out whole and is settled by its answer.
+            biased;
             slot = pool.slots.acquire_within(max_wait) => Some(slot),
             _ = client_gone => None,
         };

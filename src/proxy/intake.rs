@@ -33,6 +33,11 @@ pub(super) fn declared_length(req: &RequestHeader) -> Option<u64> {
 impl SluiceProxy {
     /// Everything before the backend; `Ok(true)` when the gateway answered.
     pub(super) async fn intake(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        // Bytes after a request's body are the next request (RFC 9112
+        // section 9.3.2), served once this one is answered. Without this,
+        // pingora takes them for a broken client mid-proxy and drops the
+        // forward, often after the headers left and before the body did.
+        session.as_downstream_mut().set_pipelining_enabled(true);
         if let Some(refusal) = self.size_refusal(session.req_header()) {
             // The body was not read: the connection cannot be reused.
             session.set_keepalive(None);
@@ -40,6 +45,14 @@ impl SluiceProxy {
             return Ok(true);
         }
         let req = session.req_header();
+        if let Some(message) = backend::host_problem(req, false) {
+            session.set_keepalive(None);
+            let refusal = Answer::Invalid {
+                message: message.into(),
+            };
+            self.answer(session, ctx, &refusal).await?;
+            return Ok(true);
+        }
         if req.method == http::Method::GET {
             if let Some(id) = req.uri.path().strip_prefix(TICKETS_PATH) {
                 let answer = self.admission.poll(id).await;
@@ -79,6 +92,14 @@ impl SluiceProxy {
         index: usize,
         captures: &[(String, String)],
     ) -> Result<bool> {
+        if let Some(message) = backend::host_problem(session.req_header(), true) {
+            session.set_keepalive(None);
+            let refusal = Answer::Invalid {
+                message: message.into(),
+            };
+            self.answer(session, ctx, &refusal).await?;
+            return Ok(true);
+        }
         let body = match self.read_rule_body(session).await? {
             Ok(b) => b,
             Err(refusal) => {
@@ -117,6 +138,7 @@ impl SluiceProxy {
                 return Ok(true);
             }
             Verdict::PassCapped(permit) => {
+                ctx.admitted_body = Some(body.len() as u64);
                 ctx.outcome = Outcome::Forwarded;
                 ctx.pass_permit = Some(permit);
                 return Ok(false);
@@ -131,6 +153,12 @@ impl SluiceProxy {
         };
         match self.admission.wait_for_slot(hold, index, pool, gone).await {
             Waited::Slot(hold, slot) => {
+                // From here the order goes out whole: a client that
+                // half-closes after sending it still gets it placed and
+                // answered (RFC 9112 section 9.6), instead of the forward
+                // being cut between its headers and its body.
+                session.as_downstream_mut().set_abort_on_close(false);
+                ctx.admitted_body = Some(body.len() as u64);
                 ctx.outcome = Outcome::Forwarded;
                 ctx.ticket = Some(hold.ticket());
                 ctx.hold = Some(hold);
@@ -175,7 +203,11 @@ impl SluiceProxy {
     }
 
     /// Reads a rule-matched body (bounded) into pingora's retry buffer, so
-    /// it can be inspected now and still reach the backend later.
+    /// it can be inspected now and reach the backend later: exactly these
+    /// bytes, or nothing (pingora sends the retry buffer, then finds the
+    /// body done). A client waiting on `Expect: 100-continue` is told to go
+    /// on first. Broken chunked framing is `invalid`; a client that leaves
+    /// or stalls mid-body is a downstream error (nothing to answer).
     async fn read_rule_body(
         &self,
         session: &mut Session,
@@ -184,13 +216,38 @@ impl SluiceProxy {
         if declared_length(session.req_header()).is_some_and(|n| n > limit) {
             return Ok(Err(Answer::BodyTooLarge { limit }));
         }
-        session.as_downstream_mut().enable_retry_buffering();
+        let downstream = session.as_downstream_mut();
+        if backend::expects_continue(downstream.req_header()) && !downstream.is_body_done() {
+            // pingora closes a connection answered before its body was
+            // read; here the body is read next, so keep-alive is safe.
+            downstream.set_close_on_response_before_downstream_finish(false);
+            let sent = downstream.write_continue_response().await;
+            downstream.set_close_on_response_before_downstream_finish(true);
+            sent.map_err(|e| e.into_down())?;
+        }
+        downstream.enable_retry_buffering();
         let mut body = BytesMut::new();
-        while let Some(chunk) = session.as_downstream_mut().read_request_body().await? {
+        loop {
+            let chunk = match downstream.read_request_body().await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => break,
+                Err(e) => {
+                    return match backend::body_framing_error(&e) {
+                        Some(message) => Ok(Err(Answer::Invalid {
+                            message: message.into(),
+                        })),
+                        None => Err(e.into_down()),
+                    }
+                }
+            };
             body.extend_from_slice(&chunk);
             if body.len() as u64 > limit {
                 return Ok(Err(Answer::BodyTooLarge { limit }));
             }
+        }
+        if downstream.retry_buffer_truncated() {
+            // pingora could not keep it all: it would forward a cut body.
+            return Ok(Err(Answer::BodyTooLarge { limit }));
         }
         Ok(Ok(body.freeze()))
     }

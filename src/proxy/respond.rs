@@ -11,6 +11,7 @@ use pingora_proxy::Session;
 
 use crate::admission::hold::Receipt;
 use crate::admission::MAX_KEPT_BODY;
+use crate::backend;
 use crate::outcome::{Answer, Rendered};
 use crate::vocab::StoredResponse;
 
@@ -34,13 +35,25 @@ pub async fn write_answer(session: &mut Session, answer: &Rendered) -> Result<()
 }
 
 /// What to tell a client whose request failed with `e`; `None` when the
-/// client itself went away or sent garbage (nothing useful to say).
+/// client itself went away (nobody to tell). A request pingora refuses to
+/// forward (say `Connection` nominating `Host`) or a body with broken
+/// chunked framing is `invalid`.
 pub fn failure_answer(e: &Error, max_body_bytes: u64) -> Option<Answer> {
     match (e.etype(), e.esource()) {
         (ErrorType::HTTPStatus(413), _) => Some(Answer::BodyTooLarge {
             limit: max_body_bytes,
         }),
-        (_, ErrorSource::Downstream) => None,
+        (ErrorType::InvalidHTTPHeader, ErrorSource::Downstream) => Some(Answer::Invalid {
+            message: format!(
+                "request: {}",
+                e.context.as_ref().map_or("malformed", |c| c.as_str())
+            ),
+        }),
+        (_, ErrorSource::Downstream) => {
+            backend::body_framing_error(e).map(|message| Answer::Invalid {
+                message: message.into(),
+            })
+        }
         _ => Some(Answer::Unavailable {
             message: "the shop is busy, please try again shortly".into(),
         }),
@@ -88,5 +101,37 @@ impl KeptAnswer {
             };
             self.receipt.keep(&answer).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outcome::Outcome;
+
+    #[test]
+    fn failures_map_to_answers() {
+        let outcome = |e: &Error| failure_answer(e, 100).map(|a| a.outcome());
+        assert_eq!(
+            failure_answer(&Error::new_down(ErrorType::HTTPStatus(413)), 100),
+            Some(Answer::BodyTooLarge { limit: 100 })
+        );
+        let mut nominated = Error::new_down(ErrorType::InvalidHTTPHeader);
+        nominated.context = Some("protected header cannot be nominated".into());
+        assert_eq!(
+            failure_answer(&nominated, 100),
+            Some(Answer::Invalid {
+                message: "request: protected header cannot be nominated".into()
+            })
+        );
+        assert_eq!(
+            outcome(&Error::new_down(ErrorType::Custom("InvalidChunk"))),
+            Some(Outcome::Invalid)
+        );
+        assert_eq!(outcome(&Error::new_down(ErrorType::ConnectionClosed)), None);
+        assert_eq!(
+            outcome(&Error::new_up(ErrorType::ConnectRefused)),
+            Some(Outcome::Unavailable)
+        );
     }
 }

@@ -7,6 +7,8 @@
 pub mod client;
 /// The real `sluice` binary run as a child process.
 pub mod gateway;
+/// A raw TCP client for malformed or hand-framed requests.
+pub mod raw;
 /// A throwaway `redis-server` child process.
 pub mod redis;
 /// Admin API calls of sale tests: stock loads, views, checks.
@@ -18,6 +20,7 @@ pub use client::{get, request, Conn, Response};
 pub use gateway::{
     free_addr, free_port, metric_value, sluice_bin, sluice_cmd, Gateway, GatewayBuilder,
 };
+pub use raw::RawConn;
 pub use redis::RedisServer;
 pub use shop::{assert_adds_up, put_stock, stock_view, wait_for_stock};
 pub use upstream::{Recorded, Upstream};

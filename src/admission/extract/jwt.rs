@@ -12,14 +12,16 @@ use http::{HeaderMap, HeaderName};
 use serde_json::{Map, Value};
 use sha2::Sha256;
 
+use super::syntax::Single;
 use super::Field;
 
 /// HMAC-SHA256, the MAC of HS256 tokens.
 pub(super) type HmacSha256 = Hmac<Sha256>;
 
 /// Verifies the HS256 token in `header` and returns `claim` (absent or
-/// `null` gives `Ok(None)`). Messages: missing token, token expired, or
-/// invalid token, with no further detail.
+/// `null` gives `Ok(None)`). Messages: missing token, token header sent
+/// more than once, token expired, or invalid token, with no further
+/// detail. A claim is one value by construction; the header must be too.
 pub(super) fn claim(
     field: Field,
     header: &HeaderName,
@@ -29,8 +31,13 @@ pub(super) fn claim(
 ) -> Result<Option<Value>, String> {
     let missing = || format!("{field}: missing token in header \"{header}\"");
     let invalid = || format!("{field}: invalid token");
-    let Some(value) = headers.get(header) else {
-        return Err(missing());
+    let value = match super::single_header(headers, header) {
+        Single::Absent => return Err(missing()),
+        // Two tokens: the backend might check the other one.
+        Single::Repeated => {
+            return Err(format!("{field}: header \"{header}\" sent more than once"))
+        }
+        Single::One(v) => v,
     };
     let value = value.to_str().map_err(|_| invalid())?.trim();
     let token = match value.get(..7) {

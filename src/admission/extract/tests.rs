@@ -144,6 +144,7 @@ fn err(msg: impl Into<String>) -> Result<(&'static str, &'static str, u32), Stri
 }
 
 const WHOLE_5: &str = "quantity: must be a whole number from 1 to 5";
+const CONN_USER: &str = r#"Connection: must not name "x-user-id": the gateway decides on it and the backend must see it"#;
 
 fn run(c: &Case) -> Result<Attempt, String> {
     let r = rule(c.user.clone(), c.sku.clone(), c.qty.clone());
@@ -174,9 +175,42 @@ fn table() {
             name: "header user",
             ..base()
         },
+        // Issue 8 (case 5): a second value used to be ignored ("first value
+        // wins") while many backends read the last; now it is refused.
         Case {
-            name: "header: first value wins",
+            name: "header twice is invalid",
             headers: vec![h("x-user-id", "u1"), h("x-user-id", "u2")],
+            want: err(r#"user: header "x-user-id" sent more than once"#),
+            ..base()
+        },
+        Case {
+            name: "header twice with the same value is invalid too",
+            headers: vec![h("x-user-id", "u1"), h("x-user-id", "u1")],
+            want: err(r#"user: header "x-user-id" sent more than once"#),
+            ..base()
+        },
+        Case {
+            name: "header also spelled with _ (CGI reads it alike) is invalid",
+            headers: vec![h("x-user-id", "u1"), h("x_user_id", "u2")],
+            want: err(r#"user: header "x-user-id" sent more than once"#),
+            ..base()
+        },
+        Case {
+            name: "header spelled only with _ is missing",
+            headers: vec![h("x_user_id", "u2")],
+            want: err(r#"user: missing header "x-user-id""#),
+            ..base()
+        },
+        Case {
+            name: "header: a comma-joined list is not an id",
+            headers: vec![h("x-user-id", "u1,u2")],
+            want: err(r#"user: "u1,u2" must be 1-128 characters of A-Z a-z 0-9 . _ : -"#),
+            ..base()
+        },
+        Case {
+            name: "header: a comma-joined list with a space is not visible ASCII",
+            headers: vec![h("x-user-id", "u1, u2")],
+            want: err(r#"user: header "x-user-id" must be visible ASCII"#),
             ..base()
         },
         Case {
@@ -199,14 +233,36 @@ fn table() {
             ..base()
         },
         Case {
-            name: "cookie: exact name, several Cookie headers, first wins",
+            name: "cookie: exact name, among several Cookie headers",
+            user: cookie("uid"),
+            headers: vec![h("cookie", "xuid=no; uidx=no"), h("cookie", "uid=u8")],
+            want: ok("u8", "p1", 1),
+            ..base()
+        },
+        // Issue 8 (case 5): this row used to pin "first wins" (u8).
+        Case {
+            name: "cookie twice across Cookie headers is invalid",
             user: cookie("uid"),
             headers: vec![
                 h("cookie", "xuid=no; uidx=no"),
                 h("cookie", "uid=u8"),
                 h("cookie", "uid=u9"),
             ],
-            want: ok("u8", "p1", 1),
+            want: err(r#"user: cookie "uid" sent more than once"#),
+            ..base()
+        },
+        Case {
+            name: "cookie twice in one Cookie header is invalid",
+            user: cookie("uid"),
+            headers: vec![h("cookie", "uid=u8; a=1; uid=u8")],
+            want: err(r#"user: cookie "uid" sent more than once"#),
+            ..base()
+        },
+        Case {
+            name: "cookie also under a name PHP reads alike is invalid",
+            user: cookie("u_id"),
+            headers: vec![h("cookie", "u_id=u8; u.id=u9")],
+            want: err(r#"user: cookie "u_id" sent more than once"#),
             ..base()
         },
         Case {
@@ -245,11 +301,40 @@ fn table() {
             want: ok("u:1", "p1", 1),
             ..base()
         },
+        // Issue 8 (case 5): this row used to pin "first occurrence wins".
         Case {
-            name: "query: first occurrence wins",
+            name: "query parameter twice is invalid",
             user: query("uid"),
             query: Some("uid=first&uid=second"),
-            want: ok("first", "p1", 1),
+            want: err(r#"user: query parameter "uid" sent more than once"#),
+            ..base()
+        },
+        Case {
+            name: "query: the same key plain and encoded is twice",
+            user: query("uid"),
+            query: Some("uid=a&u%69d=b"),
+            want: err(r#"user: query parameter "uid" sent more than once"#),
+            ..base()
+        },
+        Case {
+            name: "query: a PHP array of the same name is twice",
+            user: query("uid"),
+            query: Some("uid=a&uid[]=b"),
+            want: err(r#"user: query parameter "uid" sent more than once"#),
+            ..base()
+        },
+        Case {
+            name: "query: a name PHP reads alike (. for _) is twice",
+            user: query("user_id"),
+            query: Some("user_id=a&user.id=b"),
+            want: err(r#"user: query parameter "user_id" sent more than once"#),
+            ..base()
+        },
+        Case {
+            name: "query: a longer name is another parameter",
+            user: query("uid"),
+            query: Some("uid=a&uidx=b&xuid=c&uid_=d"),
+            want: ok("a", "p1", 1),
             ..base()
         },
         Case {
@@ -323,6 +408,34 @@ fn table() {
             ..base()
         },
         Case {
+            name: "json user twice is invalid",
+            user: json("uid"),
+            body: Some(r#"{"uid":"u4","qty":1,"uid":"admin"}"#),
+            want: err(r#"user: JSON field "uid" sent more than once"#),
+            ..base()
+        },
+        Case {
+            name: "json user twice, once escaped, is invalid",
+            user: json("uid"),
+            body: Some(r#"{"uid":"u4","u\u0069d":"admin"}"#),
+            want: err(r#"user: JSON field "uid" sent more than once"#),
+            ..base()
+        },
+        Case {
+            name: "json: another key twice does not matter",
+            user: json("uid"),
+            body: Some(r#"{"note":"a","uid":"u4","note":"b"}"#),
+            want: ok("u4", "p1", 1),
+            ..base()
+        },
+        Case {
+            name: "json: a nested key of the same name is not the field",
+            user: json("uid"),
+            body: Some(r#"{"uid":"u4","extra":{"uid":"x","uid":"y"}}"#),
+            want: ok("u4", "p1", 1),
+            ..base()
+        },
+        Case {
             name: "json user missing",
             user: json("uid"),
             body: Some(r#"{"user":"u4"}"#),
@@ -366,6 +479,27 @@ fn table() {
             sku: hdr("x-sku"),
             headers: vec![h("x-user-id", "u1"), h("x-sku", "S.9")],
             want: ok("u1", "S.9", 1),
+            ..base()
+        },
+        Case {
+            name: "header sku twice is invalid",
+            sku: hdr("x-sku"),
+            headers: vec![h("x-user-id", "u1"), h("x-sku", "S.9"), h("x-sku", "S.1")],
+            want: err(r#"sku: header "x-sku" sent more than once"#),
+            ..base()
+        },
+        Case {
+            name: "query sku twice is invalid",
+            sku: query("sku"),
+            query: Some("sku=a&sku=b"),
+            want: err(r#"sku: query parameter "sku" sent more than once"#),
+            ..base()
+        },
+        Case {
+            name: "json sku twice is invalid",
+            sku: json("sku"),
+            body: Some(r#"{"sku":"p-7","sku":"p-8"}"#),
+            want: err(r#"sku: JSON field "sku" sent more than once"#),
             ..base()
         },
         Case {
@@ -703,6 +837,34 @@ fn table() {
             ..base()
         },
         Case {
+            name: "qty header twice is invalid",
+            qty: qty(Some(hdr("x-qty")), 1, 5),
+            headers: vec![h("x-user-id", "u1"), h("x-qty", "1"), h("x-qty", "5")],
+            want: err(r#"quantity: header "x-qty" sent more than once"#),
+            ..base()
+        },
+        Case {
+            name: "qty header comma list is not a number",
+            qty: qty(Some(hdr("x-qty")), 1, 5),
+            headers: vec![h("x-user-id", "u1"), h("x-qty", "1,5")],
+            want: err(WHOLE_5),
+            ..base()
+        },
+        Case {
+            name: "qty json twice is invalid",
+            qty: qty(Some(json("qty")), 1, 5),
+            body: Some(r#"{"qty":1,"qty":5}"#),
+            want: err(r#"quantity: JSON field "qty" sent more than once"#),
+            ..base()
+        },
+        Case {
+            name: "qty query twice is invalid",
+            qty: qty(Some(query("n")), 1, 5),
+            query: Some("n=1&n=5"),
+            want: err(r#"quantity: query parameter "n" sent more than once"#),
+            ..base()
+        },
+        Case {
             name: "qty header absent gives default",
             qty: qty(Some(hdr("x-qty")), 1, 5),
             want: ok("u1", "p1", 1),
@@ -846,6 +1008,16 @@ fn table() {
             ..base()
         },
         Case {
+            name: "jwt header twice is invalid",
+            user: jwt("sub"),
+            headers: vec![
+                h("authorization", hs256(r#"{"sub":"u1"}"#)),
+                h("authorization", hs256(r#"{"sub":"admin"}"#)),
+            ],
+            want: err(r#"user: header "authorization" sent more than once"#),
+            ..base()
+        },
+        Case {
             name: "jwt missing header",
             user: jwt("sub"),
             headers: vec![],
@@ -902,6 +1074,129 @@ fn table() {
             user: jwt("sub"),
             headers: vec![h("authorization", hs256(r#"["u1"]"#))],
             want: err("user: invalid token"),
+            ..base()
+        },
+        // --- Connection must not drop what the decision rests on ---
+        Case {
+            name: "Connection: keep-alive and close are fine",
+            headers: vec![h("x-user-id", "u1"), h("connection", "keep-alive, close")],
+            ..base()
+        },
+        Case {
+            name: "Connection naming the user header",
+            headers: vec![
+                h("x-user-id", "u1"),
+                h("connection", "keep-alive, X-User-Id"),
+            ],
+            want: err(CONN_USER),
+            ..base()
+        },
+        Case {
+            name: "Connection naming the user header in a second Connection line",
+            headers: vec![
+                h("x-user-id", "u1"),
+                h("connection", "keep-alive"),
+                h("connection", "x-user-id"),
+            ],
+            want: err(CONN_USER),
+            ..base()
+        },
+        Case {
+            name: "Connection naming the user header spelled with _",
+            headers: vec![h("x-user-id", "u1"), h("connection", "x_user_id")],
+            want: err(
+                r#"Connection: must not name "x_user_id": the gateway decides on it and the backend must see it"#,
+            ),
+            ..base()
+        },
+        Case {
+            name: "Connection naming a quoted header is not a token",
+            headers: vec![h("x-user-id", "u1"), h("connection", r#""x-user-id""#)],
+            want: err(r#"Connection: "\"x-user-id\"" is not a header name"#),
+            ..base()
+        },
+        Case {
+            name: "Connection naming the quantity header",
+            qty: qty(Some(hdr("x-qty")), 1, 5),
+            headers: vec![
+                h("x-user-id", "u1"),
+                h("x-qty", "2"),
+                h("connection", "x-qty"),
+            ],
+            want: err(
+                r#"Connection: must not name "x-qty": the gateway decides on it and the backend must see it"#,
+            ),
+            ..base()
+        },
+        Case {
+            name: "Connection naming Cookie when a cookie is read",
+            user: cookie("uid"),
+            headers: vec![h("cookie", "uid=u1"), h("connection", "cookie")],
+            want: err(
+                r#"Connection: must not name "cookie": the gateway decides on it and the backend must see it"#,
+            ),
+            ..base()
+        },
+        Case {
+            name: "Connection naming Cookie when no cookie is read is fine",
+            headers: vec![h("x-user-id", "u1"), h("connection", "cookie")],
+            ..base()
+        },
+        Case {
+            name: "Connection naming the token header",
+            user: jwt("sub"),
+            headers: vec![
+                h("authorization", hs256(r#"{"sub":"u1"}"#)),
+                h("connection", "Authorization"),
+            ],
+            want: err(
+                r#"Connection: must not name "authorization": the gateway decides on it and the backend must see it"#,
+            ),
+            ..base()
+        },
+        Case {
+            name: "Connection naming Idempotency-Key",
+            headers: vec![h("x-user-id", "u1"), h("connection", "idempotency-key")],
+            want: err(
+                r#"Connection: must not name "idempotency-key": the gateway decides on it and the backend must see it"#,
+            ),
+            ..base()
+        },
+        Case {
+            name: "Connection naming X-Forwarded-For",
+            headers: vec![h("x-user-id", "u1"), h("connection", "x-forwarded-for")],
+            want: err(
+                r#"Connection: must not name "x-forwarded-for": the gateway decides on it and the backend must see it"#,
+            ),
+            ..base()
+        },
+        Case {
+            name: "Connection naming Content-Length",
+            headers: vec![h("x-user-id", "u1"), h("connection", "Content-Length")],
+            want: err(
+                r#"Connection: must not name "content-length": the gateway decides on it and the backend must see it"#,
+            ),
+            ..base()
+        },
+        Case {
+            name: "Connection naming Host",
+            headers: vec![h("x-user-id", "u1"), h("connection", "host")],
+            want: err(
+                r#"Connection: must not name "host": the gateway decides on it and the backend must see it"#,
+            ),
+            ..base()
+        },
+        Case {
+            name: "Connection naming one of our headers",
+            headers: vec![h("x-user-id", "u1"), h("connection", "x-sluice-ticket")],
+            want: err(
+                r#"Connection: must not name "x-sluice-ticket": the gateway decides on it and the backend must see it"#,
+            ),
+            ..base()
+        },
+        Case {
+            name: "Connection naming an unrelated header is fine",
+            headers: vec![h("x-user-id", "u1"), h("connection", "x-trace")],
             ..base()
         },
     ];
@@ -1025,4 +1320,27 @@ fn shown_cuts_long_values() {
     assert_eq!(shown("ab\"c"), r#""ab\"c""#);
     let long = "é".repeat(50);
     assert_eq!(shown(&long), format!("{:?}...", "é".repeat(40)));
+}
+
+#[test]
+fn names_are_matched_as_backends_read_them() {
+    use super::syntax::{reads_as, same_to_cgi};
+    assert!(reads_as(b"uid", "uid"));
+    assert!(reads_as(b"uid[]", "uid"));
+    assert!(reads_as(b"uid[a]", "uid"));
+    assert!(reads_as(b"user.id", "user_id"));
+    assert!(reads_as(b"user id", "user_id"));
+    assert!(reads_as(b"user[id", "user_id"));
+    assert!(!reads_as(b"uidx", "uid"));
+    assert!(!reads_as(b"xuid", "uid"));
+    assert!(!reads_as(b"uid_", "uid"));
+    assert!(
+        !reads_as(b"user_id", "user.id"),
+        "only _ in the name is loose"
+    );
+    assert!(!reads_as(b"", "uid"));
+    assert!(same_to_cgi("x_user_id", "x-user-id"));
+    assert!(same_to_cgi("x-user-id", "x-user-id"));
+    assert!(!same_to_cgi("x-user-ids", "x-user-id"));
+    assert!(!same_to_cgi("x.user.id", "x-user-id"));
 }
