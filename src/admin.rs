@@ -207,7 +207,18 @@ impl AdminApp {
                 };
                 match self.admission.restock(index, &key, available).await {
                     Ok(view) => json_reply(StatusCode::OK, &json!(view)),
-                    Err(e) => store_error(&e),
+                    // The change may have landed before the error (a reply
+                    // lost to a timeout): say what the store holds now.
+                    Err(e) => match self.admission.store().stock(&key).await {
+                        Ok(Some(view)) if view.available == available => {
+                            json_reply(StatusCode::OK, &json!(view))
+                        }
+                        Ok(view) => json_reply(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            &json!({"error": e.to_string(), "stock": view}),
+                        ),
+                        Err(_) => store_error(&e),
+                    },
                 }
             }
             _ => error(StatusCode::METHOD_NOT_ALLOWED, "use GET or PUT"),

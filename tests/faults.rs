@@ -480,3 +480,84 @@ async fn queued_orders_that_wait_past_max_queue_time_return_their_units() {
     assert_adds_up(&view);
     assert_eq!(field(&view, "queued"), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_journaled_while_redis_is_down_land_after_a_gateway_restart() {
+    let mut redis = RedisServer::start_with_aof();
+    let up = Upstream::start();
+    let shared = tempfile::tempdir().expect("journal dir");
+    let journal = shared.path().join("sluice.journal");
+    let with_journal = |cfg: String| {
+        cfg.replace(
+            "  in_doubt_for: 3s\n",
+            &format!(
+                "  in_doubt_for: 60s\n  journal: \"{}\"\n",
+                journal.display()
+            ),
+        )
+    };
+    // Orders that keep their units on a timeout, so the journal (not a
+    // lease) is what settles them.
+    let rule = format!("{RULE}    release_on: [connect_error, 5xx]\n");
+    // The same config for both nodes (the same Redis port across its restart).
+    let yaml = with_journal(config(&up, &redis, ""));
+    let start = || {
+        Gateway::builder()
+            .config(&yaml)
+            .file("lua-free-rules/seckill.yaml", &rule)
+            .start()
+    };
+    let mut first = start();
+    put_stock(first.admin(), "seckill", "p1", 10).await;
+
+    // Three orders reach the mall; Redis dies before they are answered,
+    // so their commits cannot land and go to the journal.
+    up.set_stall(Duration::from_millis(600));
+    let listen = first.listen();
+    let buyers = tokio::spawn(async move { burst(listen, "j", 3, 3).await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while up.requests() < 3 {
+        assert!(Instant::now() < deadline, "orders never reached the mall");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    redis.kill();
+    let seen = buyers.await.expect("buyers");
+    assert_eq!(count(&seen, "forwarded"), 3, "{seen:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pending = metric_value(&first.metrics().await, "sluice_settlements_pending", &[]);
+        if pending == Some(3.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not journaled: {pending:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        journal.is_file(),
+        "no journal file at {}",
+        journal.display()
+    );
+
+    // The node dies too; a new one on the same journal brings them home
+    // once Redis is back.
+    first.kill();
+    redis.restart();
+    up.set_stall(Duration::ZERO);
+    let second = start();
+    let view = wait_for_stock(
+        second.admin(),
+        "seckill",
+        "p1",
+        Duration::from_secs(20),
+        |v| field(v, "sold") == 3,
+    )
+    .await;
+    assert_adds_up(&view);
+    assert_eq!(
+        (field(&view, "in_flight"), field(&view, "available")),
+        (0, 7)
+    );
+    let pending = metric_value(&second.metrics().await, "sluice_settlements_pending", &[]);
+    assert_eq!(pending, Some(0.0));
+    assert!(!journal.exists(), "an empty journal leaves no file");
+}
