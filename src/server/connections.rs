@@ -520,8 +520,16 @@ where
         let keepalive_secs = whole_secs(self.limits.keepalive_timeout);
         let mut settings: Option<HttpPersistentSettings> = None;
         let mut deadline = Deadline::Fresh(Instant::now() + self.limits.header_timeout);
+        // One buffer per connection: its bytes are copied back into the
+        // stream, so it is free again for the next head.
+        let mut buf = BytesMut::with_capacity(HEAD_BUF);
         loop {
-            let mut buf = BytesMut::with_capacity(HEAD_BUF);
+            buf.clear();
+            if buf.capacity() > 4 * HEAD_BUF {
+                // A large head once should not pin its buffer for the
+                // connection's life.
+                buf = BytesMut::with_capacity(HEAD_BUF);
+            }
             let head = tokio::select! {
                 biased;
                 head = read_head(&mut stream, &mut buf, deadline) => head,
