@@ -393,6 +393,45 @@ fn a_client_that_never_finishes_its_headers_is_cut_after_header_timeout() {
 }
 
 #[test]
+fn a_head_that_outgrows_its_limit_gets_431_and_is_closed() {
+    let up = Upstream::start();
+    let gw = Gateway::builder()
+        .config(&config(
+            &up,
+            "max_header_bytes: 4KiB, header_timeout: 5m",
+            "",
+        ))
+        .start();
+    // 4 KiB of headers plus 66 KiB of room for the request line, and one
+    // byte more, with no end: answered without waiting for the deadline.
+    // (Exactly one byte more, so everything sent is read and the close is
+    // a clean one.)
+    let ceiling = 4096 + 66 * 1024;
+    let mut head = b"GET / HTTP/1.1\r\nHost: shop\r\n".to_vec();
+    while head.len() < ceiling + 1 {
+        head.extend_from_slice(b"X-Filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+    }
+    head.truncate(ceiling + 1);
+    let mut s = connect(gw.listen());
+    s.write_all(&head).expect("write the head");
+    let ended = read_to_end(&mut s);
+    assert!(ended.closed_by_server, "{ended:?}");
+    assert_eq!(ended.status(), Some(431), "{}", ended.text());
+    assert_eq!(ended.header("x-sluice-outcome").as_deref(), Some("invalid"));
+    assert_eq!(ended.json()["outcome"], "invalid");
+    // A complete head under the ceiling still reaches the gateway's own
+    // size check (431 for headers over max_header_bytes).
+    let mut s = connect(gw.listen());
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: shop\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "b".repeat(8000)
+    );
+    s.write_all(big.as_bytes()).expect("write");
+    let ended = read_to_end(&mut s);
+    assert_eq!(ended.status(), Some(431), "{}", ended.text());
+}
+
+#[test]
 fn h2c_and_short_http1_requests_pass_the_gate() {
     let up = Upstream::start();
     let gw = Gateway::builder()

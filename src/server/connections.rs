@@ -50,10 +50,14 @@ use crate::proxy::respond::OUTCOME_HEADER;
 /// operator's calls are few; the fd reserve (`defaults::FD_RESERVE`) counts them.
 pub const ADMIN_MAX_CONNECTIONS: usize = 64;
 
-/// A head this long without its end is handed to pingora as it is: one
-/// byte past pingora's own ceiling (1 MiB - 1), so pingora refuses it (400)
-/// as it always did, without reading more.
-const HEAD_CEILING: usize = 1 << 20;
+/// The longest head pingora parses (1 MiB - 1); a longer one it refuses
+/// with a bare 400.
+const PINGORA_HEAD_MAX: u64 = (1 << 20) - 1;
+
+/// Room for the request line on top of `limits.max_header_bytes` (which
+/// counts header lines only): the longest URI the `http` crate accepts
+/// (65,534 bytes) plus method, version and line ends, rounded up.
+const REQUEST_LINE_ROOM: u64 = 66 << 10;
 
 /// First allocation for a head; most request heads are well under this.
 const HEAD_BUF: usize = 4096;
@@ -126,6 +130,11 @@ pub struct ConnectionLimits {
     pub header_timeout: Duration,
     /// Idle time allowed between two requests.
     pub keepalive_timeout: Duration,
+    /// A head this long without its end gets 431 and the connection is
+    /// closed: `limits.max_header_bytes` plus [`REQUEST_LINE_ROOM`], at
+    /// most pingora's own ceiling. Also what one connection's head can
+    /// cost in memory.
+    pub max_head_bytes: usize,
 }
 
 impl ConnectionLimits {
@@ -151,8 +160,7 @@ impl ConnectionLimits {
         };
         let limits = Self {
             max_connections: usize::try_from(max).unwrap_or(usize::MAX),
-            header_timeout: limits.header_timeout,
-            keepalive_timeout: limits.keepalive_timeout,
+            ..Self::admin(limits)
         };
         tracing::info!(
             max_connections = limits.max_connections,
@@ -164,12 +172,18 @@ impl ConnectionLimits {
         limits
     }
 
-    /// The admin listener's: [`ADMIN_MAX_CONNECTIONS`], the same times.
+    /// The admin listener's: [`ADMIN_MAX_CONNECTIONS`], the same times
+    /// and head size.
     pub fn admin(limits: &Limits) -> Self {
+        let head = limits
+            .max_header_bytes
+            .saturating_add(REQUEST_LINE_ROOM)
+            .min(PINGORA_HEAD_MAX);
         Self {
             max_connections: ADMIN_MAX_CONNECTIONS,
             header_timeout: limits.header_timeout,
             keepalive_timeout: limits.keepalive_timeout,
+            max_head_bytes: usize::try_from(head).unwrap_or(usize::MAX),
         }
     }
 
@@ -270,7 +284,7 @@ enum Deadline {
 enum Head {
     /// An empty line ended it (a body or more may follow in the buffer).
     Complete,
-    /// Over [`HEAD_CEILING`]: pingora refuses it, as it always did.
+    /// Over `max_head_bytes` without its end.
     TooLarge,
     /// Nothing arrived in time, or the server is shutting down.
     Idle,
@@ -282,7 +296,12 @@ enum Head {
 
 /// Reads from `stream` into `buf` until a whole head is there or a bound
 /// is hit.
-async fn read_head(stream: &mut Stream, buf: &mut BytesMut, deadline: Deadline) -> Head {
+async fn read_head(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    deadline: Deadline,
+    max_head_bytes: usize,
+) -> Head {
     let mut scan = HeadScan::default();
     let mut until = match deadline {
         Deadline::Fresh(by) => by,
@@ -307,7 +326,7 @@ async fn read_head(stream: &mut Stream, buf: &mut BytesMut, deadline: Deadline) 
         if scan.complete(buf) {
             return Head::Complete;
         }
-        if buf.len() >= HEAD_CEILING {
+        if buf.len() > max_head_bytes {
             return Head::TooLarge;
         }
     }
@@ -390,6 +409,8 @@ pub struct ConnectionGate<A> {
     refusal: Bytes,
     /// The 408 written to a client that did not finish its head in time.
     late: Bytes,
+    /// The 431 written to a client whose head outgrew `max_head_bytes`.
+    too_large: Bytes,
 }
 
 impl<A> ConnectionGate<A> {
@@ -414,6 +435,16 @@ impl<A> ConnectionGate<A> {
             None,
         );
         late.status = StatusCode::REQUEST_TIMEOUT;
+        let mut too_large = render(
+            &Answer::Invalid {
+                message: format!(
+                    "request line and headers over {} bytes",
+                    limits.max_head_bytes
+                ),
+            },
+            None,
+        );
+        too_large.status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
         Self {
             app: Arc::new(app),
             limits,
@@ -425,6 +456,7 @@ impl<A> ConnectionGate<A> {
             born: std::time::Instant::now(),
             refusal: closing_response(&refusal),
             late: closing_response(&late),
+            too_large: closing_response(&too_large),
         }
     }
 
@@ -490,10 +522,11 @@ impl<A> ConnectionGate<A> {
         .await;
     }
 
-    /// Tells a client that was too slow with its head, then closes.
-    async fn answer_late(&self, stream: &mut Stream) {
+    /// Writes a closing answer (the caller then drops the connection),
+    /// within `header_timeout` so a client that does not read cannot hold it.
+    async fn answer_and_close(&self, stream: &mut Stream, answer: &Bytes) {
         let _ = timeout(self.limits.header_timeout, async {
-            stream.write_all(&self.late).await?;
+            stream.write_all(answer).await?;
             stream.flush().await
         })
         .await;
@@ -532,17 +565,22 @@ where
             }
             let head = tokio::select! {
                 biased;
-                head = read_head(&mut stream, &mut buf, deadline) => head,
+                head = read_head(&mut stream, &mut buf, deadline, self.limits.max_head_bytes) => head,
                 () = shutting_down(shutdown.clone()) => Head::Idle,
             };
             match head {
-                Head::Complete | Head::TooLarge => {}
+                Head::Complete => {}
                 Head::Late => {
                     tracing::debug!(
                         listener = self.listener,
                         "request head not finished in time"
                     );
-                    self.answer_late(&mut stream).await;
+                    self.answer_and_close(&mut stream, &self.late).await;
+                    return;
+                }
+                Head::TooLarge => {
+                    tracing::debug!(listener = self.listener, "request head too large");
+                    self.answer_and_close(&mut stream, &self.too_large).await;
                     return;
                 }
                 Head::Idle | Head::Closed => return,
@@ -669,6 +707,7 @@ mod tests {
                 max_connections: 1,
                 header_timeout: Duration::from_secs(10),
                 keepalive_timeout: Duration::from_secs(60),
+                max_head_bytes: 1000,
             },
             "test",
         );
@@ -695,6 +734,12 @@ mod tests {
             "{late}"
         );
         assert!(late.contains("X-Sluice-Outcome: invalid\r\n"), "{late}");
+        let too_large = String::from_utf8(gate.too_large.to_vec()).unwrap_or_default();
+        assert!(
+            too_large.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+            "{too_large}"
+        );
+        assert!(too_large.contains("over 1000 bytes"), "{too_large}");
     }
 
     #[test]
@@ -721,6 +766,7 @@ mod tests {
                 max_connections: m as usize,
                 header_timeout: Duration::from_secs(1),
                 keepalive_timeout: Duration::from_secs(1),
+                max_head_bytes: 1000,
             };
             // Served connections and their backend connections, lingering
             // refusals (when the cap is large enough that an eighth of it
