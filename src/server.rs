@@ -1,8 +1,13 @@
 //! Builds the pingora server from a validated [`Config`]: the proxy
-//! service on `listen`, the admin service on `admin.listen`, and one
-//! background health-check service per checked upstream. pingora's own
+//! service on `listen`, the admin service on `admin.listen` (each behind a
+//! [`connections::ConnectionGate`]: connection cap, header deadline), and
+//! one background health-check service per checked upstream. pingora's own
 //! config loader and command line are bypassed (they ignore unknown keys);
-//! its `ServerConf` is made from ours.
+//! its `ServerConf` is made from ours. Before anything is bound, the
+//! file-descriptor limit is raised and an admin listener open to the
+//! network without a token is refused.
+
+pub mod connections;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -13,7 +18,6 @@ use pingora_core::apps::HttpServerOptions;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::Server;
 use pingora_core::services::listening::Service;
-use pingora_proxy::ProxyServiceBuilder;
 
 use pingora_core::services::background::background_service;
 
@@ -21,7 +25,7 @@ use crate::admin::AdminApp;
 use crate::admission::housekeeping::Housekeeping;
 use crate::admission::journal::Journal;
 use crate::admission::Admission;
-use crate::config::{Config, StoreBackend};
+use crate::config::{is_loopback, AdminConfig, Config, StoreBackend};
 use crate::drain::Drainer;
 use crate::metrics::Metrics;
 use crate::proxy::SluiceProxy;
@@ -34,6 +38,7 @@ use crate::store::memory::MemoryStore;
 use crate::store::redis::RedisStore;
 use crate::store::{Store, StoreError};
 use crate::upstream::{UpstreamError, Upstreams};
+use connections::{ConnectionGate, ConnectionLimits, FdLimit};
 
 /// Errors that stop the gateway from starting.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +70,43 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The admin listener would be open to the network with no token.
+    #[error("admin.listen {addr} is not a loopback address and {why}: anyone who reaches it could change stock; set the token, listen on 127.0.0.1, or set admin.allow_remote_without_token: true")]
+    AdminUnprotected {
+        /// The admin listen address.
+        addr: std::net::SocketAddr,
+        /// Which token is missing.
+        why: String,
+    },
+}
+
+/// Refuses an admin listener off loopback whose token is not set (or is
+/// empty) in the environment, unless the config allows it, which is then
+/// logged as a warning. `sluice check` already refused a missing
+/// `admin.token_env`; the variable itself is only known here.
+fn check_admin_exposure(
+    admin: &AdminConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), StartError> {
+    if is_loopback(admin.listen) {
+        return Ok(());
+    }
+    let why = match &admin.token_env {
+        None => "admin.token_env is not set".to_string(),
+        Some(name) if env(name).is_some_and(|t| !t.is_empty()) => return Ok(()),
+        Some(name) => format!("its token variable {name} is unset or empty"),
+    };
+    if admin.allow_remote_without_token {
+        tracing::warn!(
+            admin = %admin.listen,
+            "admin API open to the network without a token ({why}), as admin.allow_remote_without_token allows"
+        );
+        return Ok(());
+    }
+    Err(StartError::AdminUnprotected {
+        addr: admin.listen,
+        why,
+    })
 }
 
 /// This node's name in the queue's consumer group: unique per process,
@@ -122,6 +164,7 @@ pub struct Gateway {
 impl Gateway {
     /// Builds every service from the config; binds nothing until `run`.
     pub fn build(config: Config) -> Result<Self, StartError> {
+        check_admin_exposure(&config.admin, &|name| std::env::var(name).ok())?;
         check_bindable(config.listen, "listen")?;
         check_bindable(config.admin.listen, "admin.listen")?;
         let config = Arc::new(config);
@@ -160,9 +203,12 @@ impl Gateway {
         let mut server = Server::new_with_opt_and_conf(None, server_conf(&config));
         server.bootstrap();
 
+        let fds = FdLimit::raise();
         let mut options = HttpServerOptions::default();
         options.h2c = config.h2c;
-        let mut proxy = ProxyServiceBuilder::new(
+        // An idle HTTP/2 connection is held no longer than an idle HTTP/1 one.
+        options.h2_idle_timeout = Some(config.limits.keepalive_timeout);
+        let mut proxy_app = pingora_proxy::http_proxy(
             &server.configuration,
             SluiceProxy::new(
                 config.clone(),
@@ -170,21 +216,31 @@ impl Gateway {
                 metrics.clone(),
                 admission.clone(),
             ),
-        )
-        .name("sluice proxy")
-        .server_options(options)
-        .build();
+        );
+        proxy_app.server_options = Some(options);
+        let mut proxy = Service::new(
+            "sluice proxy".to_string(),
+            ConnectionGate::new(
+                proxy_app,
+                ConnectionLimits::main(&config.limits, fds),
+                "main",
+            ),
+        );
         proxy.add_tcp(&config.listen.to_string());
 
         let mut admin = Service::new(
             "sluice admin".to_string(),
-            HttpServer::new_app(AdminApp::new(
-                config.clone(),
-                metrics.clone(),
-                upstreams.clone(),
-                admission.clone(),
-                config.admin.token_env.as_deref(),
-            )),
+            ConnectionGate::new(
+                HttpServer::new_app(AdminApp::new(
+                    config.clone(),
+                    metrics.clone(),
+                    upstreams.clone(),
+                    admission.clone(),
+                    config.admin.token_env.as_deref(),
+                )),
+                ConnectionLimits::admin(&config.limits),
+                "admin",
+            ),
         );
         admin.add_tcp(&config.admin.listen.to_string());
         // Scrapes and probes are light; one thread keeps them off the
@@ -221,5 +277,47 @@ impl Gateway {
     /// Runs until SIGTERM (graceful) or SIGINT (at once); then returns.
     pub fn run(self) {
         self.server.run(pingora_core::server::RunArgs::default());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admin(listen: &str, token_env: Option<&str>, allow: bool) -> AdminConfig {
+        AdminConfig {
+            listen: listen.parse().unwrap_or_else(|e| panic!("{listen}: {e}")),
+            token_env: token_env.map(str::to_string),
+            allow_remote_without_token: allow,
+        }
+    }
+
+    #[test]
+    fn an_admin_listener_off_loopback_needs_a_set_token_or_the_opt_in() {
+        let set = |name: &str| (name == "T").then(|| "secret".to_string());
+        let empty = |_: &str| Some(String::new());
+        let unset = |_: &str| None;
+        // Loopback: never refused, token or not.
+        assert!(check_admin_exposure(&admin("127.0.0.1:9901", None, false), &unset).is_ok());
+        assert!(check_admin_exposure(&admin("[::1]:9901", Some("T"), false), &empty).is_ok());
+        // Off loopback: a set, non-empty token is enough.
+        assert!(check_admin_exposure(&admin("0.0.0.0:9901", Some("T"), false), &set).is_ok());
+        for (cfg, env) in [
+            (
+                admin("0.0.0.0:9901", Some("T"), false),
+                &empty as &dyn Fn(&str) -> Option<String>,
+            ),
+            (admin("10.1.2.3:9901", Some("T"), false), &unset),
+            (admin("[::]:9901", None, false), &set),
+        ] {
+            let err = check_admin_exposure(&cfg, env).map(|_| ()).unwrap_err();
+            assert!(
+                err.to_string().contains("is not a loopback address and"),
+                "{err}"
+            );
+        }
+        // The explicit opt-in starts (with a warning).
+        assert!(check_admin_exposure(&admin("0.0.0.0:9901", Some("T"), true), &empty).is_ok());
+        assert!(check_admin_exposure(&admin("0.0.0.0:9901", None, true), &unset).is_ok());
     }
 }

@@ -81,6 +81,22 @@ const BAD: &[(&str, &[&str])] = &[
         &["tests/fixtures/bad_trusted_proxies.yaml:8:5: trusted_proxies[1]: \"10.0.0.0/33\" is not a CIDR like 10.0.0.0/8"],
     ),
     (
+        "tests/fixtures/bad_admin_open.yaml",
+        &["tests/fixtures/bad_admin_open.yaml:3:11: admin.listen: 0.0.0.0:9901 is not a loopback address and admin.token_env is not set, so anyone who reaches it could change stock; set admin.token_env, listen on 127.0.0.1, or set admin.allow_remote_without_token: true"],
+    ),
+    (
+        "tests/fixtures/bad_admin_open_v6.yaml",
+        &["tests/fixtures/bad_admin_open_v6.yaml:2:18: admin.listen: [::]:9901 is not a loopback address and admin.token_env is not set, so anyone who reaches it could change stock; set admin.token_env, listen on 127.0.0.1, or set admin.allow_remote_without_token: true"],
+    ),
+    (
+        "tests/fixtures/bad_limits_connections.yaml",
+        &[
+            "tests/fixtures/bad_limits_connections.yaml:6:20: limits.max_connections: 0 must be a whole number from 1 to 4294967295",
+            "tests/fixtures/bad_limits_connections.yaml:7:19: limits.header_timeout: must be above 0",
+            "tests/fixtures/bad_limits_connections.yaml:8:22: limits.keepalive_timeout: invalid duration \"10 sec\": expected a whole number followed by ms, s, m or h (like 250ms or 3s)",
+        ],
+    ),
+    (
         "tests/fixtures/bad_yaml_syntax.yaml",
         &["tests/fixtures/bad_yaml_syntax.yaml:5:4: while parsing a block mapping, did not find expected key"],
     ),
@@ -309,6 +325,72 @@ fn good_config_passes_check() {
 }
 
 #[test]
+fn a_remote_admin_listener_passes_check_with_a_token_or_the_opt_in() {
+    for fixture in [
+        "tests/fixtures/ok_admin_remote_token.yaml",
+        "tests/fixtures/ok_admin_remote_opt_in.yaml",
+    ] {
+        let out = check(fixture);
+        assert_eq!(
+            stdout_lines(&out),
+            [format!("{fixture}: ok (1 upstreams, 0 rules)")],
+            "stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(0));
+    }
+}
+
+/// `sluice run` on `fixture` with `env` set and `SLUICE_ADMIN_TOKEN`
+/// removed; it must exit by itself (it refuses before binding anything,
+/// so nothing listens off loopback). The exit code and stderr.
+fn run_refused(fixture: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut cmd = support::sluice_cmd();
+    cmd.arg("run")
+        .arg("--config")
+        .arg(fixture)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("SLUICE_ADMIN_TOKEN")
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn sluice run");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("poll sluice run").is_none() {
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("reap sluice run");
+            panic!(
+                "sluice run {fixture} kept running: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("reap sluice run");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn run_refuses_a_remote_admin_listener_whose_token_is_unset_or_empty() {
+    let fixture = "tests/fixtures/ok_admin_remote_token.yaml";
+    for env in [&[][..], &[("SLUICE_ADMIN_TOKEN", "")][..]] {
+        let (code, stderr) = run_refused(fixture, env);
+        assert_eq!(code, Some(1), "{stderr}");
+        assert!(
+            stderr.contains(
+                "admin.listen 0.0.0.0:9901 is not a loopback address and its token variable SLUICE_ADMIN_TOKEN is unset or empty"
+            ),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
 fn missing_config_file_fails_with_a_clear_message() {
     let path = "tests/fixtures/does_not_exist.yaml";
     let out = check(path);
@@ -383,8 +465,12 @@ fn good_config_loads_into_the_typed_model() {
             max_header_bytes: 32 << 10,
             max_rule_body_bytes: 8192,
             max_body_bytes: 8 << 20,
+            max_connections: Some(20000),
+            header_timeout: Duration::from_secs(5),
+            keepalive_timeout: Duration::from_secs(30),
         }
     );
+    assert!(!config.admin.allow_remote_without_token);
     assert_eq!(config.shutdown.grace_period, Duration::from_secs(10));
     assert_eq!(config.threads, 4);
     assert!(config.h2c);

@@ -67,6 +67,31 @@ pub mod defaults {
     pub const MAX_RULE_BODY_BYTES: u64 = 64 << 10;
     /// `limits.max_body_bytes`: 16 MiB
     pub const MAX_BODY_BYTES: u64 = 16 << 20;
+    /// `limits.header_timeout`: a client has this long to send a request's
+    /// headers (from accept for the first request of a connection, from
+    /// its first byte for the next ones). pingora alone allows 60 s per read.
+    pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+    /// `limits.keepalive_timeout`: an idle client connection between two
+    /// requests is closed after this (pingora's own default).
+    pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
+    /// File descriptors kept out of the client-connection budget: the two
+    /// listeners, pingora's pool of idle backend connections (128), the
+    /// admin listener's connections (64), Redis, health checks, log files
+    /// and the runtimes' own descriptors.
+    pub const FD_RESERVE: u64 = 256;
+
+    /// `limits.max_connections` when not set: what the file-descriptor
+    /// limit can hold. Each admitted client connection may hold a second
+    /// descriptor to the backend, and refused connections that linger to
+    /// read the client's request take up to one eighth of the cap more, so
+    /// `2 m + m / 8 = soft - FD_RESERVE`, that is `m = (soft - 256) * 8 / 17`
+    /// (361 for a soft limit of 1024), at least 1.
+    pub fn max_connections(fd_soft_limit: u64) -> u32 {
+        let usable = fd_soft_limit.saturating_sub(FD_RESERVE);
+        // Divide first: the limit can be RLIM_INFINITY (u64::MAX).
+        let m = usable / 17 * 8 + usable % 17 * 8 / 17;
+        u32::try_from(m).unwrap_or(u32::MAX).max(1)
+    }
     /// `shutdown.grace_period`: time for in-flight requests after SIGTERM.
     pub const GRACE_PERIOD: Duration = Duration::from_secs(5);
     /// `shutdown.timeout`: time for runtimes to stop after the grace period.
@@ -94,7 +119,7 @@ pub struct Config {
     pub rules: RuleSet,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpNet>,
-    /// Size limits.
+    /// Size, connection and header-time limits of client requests.
     pub limits: Limits,
     /// SIGTERM behaviour.
     pub shutdown: ShutdownConfig,
@@ -118,6 +143,20 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// Environment variable holding the bearer token; unset or empty means open.
     pub token_env: Option<String>,
+    /// `admin.allow_remote_without_token`: the operator's explicit consent
+    /// to an admin listener off loopback with no token (a warning at start).
+    pub allow_remote_without_token: bool,
+}
+
+/// Whether `addr` can only be reached from this host (127.0.0.0/8, ::1,
+/// or ::ffff:127.0.0.0/104). `0.0.0.0` and `::` listen everywhere.
+pub fn is_loopback(addr: SocketAddr) -> bool {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) => ip.is_loopback(),
+        std::net::IpAddr::V6(ip) => {
+            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
 }
 
 /// `store.backend`
@@ -245,6 +284,14 @@ pub struct Limits {
     pub max_rule_body_bytes: u64,
     /// Body bytes of a pass-through request before 413.
     pub max_body_bytes: u64,
+    /// Concurrent client connections of the main listener; `None` derives
+    /// it from the file-descriptor limit at start
+    /// ([`defaults::max_connections`]).
+    pub max_connections: Option<u32>,
+    /// Time a client has to send a request's headers.
+    pub header_timeout: Duration,
+    /// Idle time allowed between two requests of one client connection.
+    pub keepalive_timeout: Duration,
 }
 
 /// `shutdown:`

@@ -47,6 +47,8 @@ pub struct RawAdmin {
     pub listen: Option<Spanned<String>>,
     #[serde(default)]
     pub token_env: Option<Spanned<String>>,
+    #[serde(default)]
+    pub allow_remote_without_token: Option<Spanned<bool>>,
 }
 
 /// `store:`
@@ -170,6 +172,12 @@ pub struct RawLimits {
     pub max_rule_body_bytes: Option<Spanned<ByteSize>>,
     #[serde(default)]
     pub max_body_bytes: Option<Spanned<ByteSize>>,
+    #[serde(default)]
+    pub max_connections: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub header_timeout: Option<Spanned<ConfigDuration>>,
+    #[serde(default)]
+    pub keepalive_timeout: Option<Spanned<ConfigDuration>>,
 }
 
 /// `shutdown:`

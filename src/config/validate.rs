@@ -10,7 +10,7 @@ use serde_saphyr::{Location, Spanned};
 
 use super::error::Problems;
 use super::model::{
-    defaults, AdminConfig, Config, HealthCheckConfig, Limits, OnFailure, RedisConfig,
+    defaults, is_loopback, AdminConfig, Config, HealthCheckConfig, Limits, OnFailure, RedisConfig,
     ShutdownConfig, StoreBackend, StoreConfig, UpstreamConfig,
 };
 use super::raw::{RawGateway, RawUpstream};
@@ -384,7 +384,30 @@ pub fn gateway(p: &mut Problems, raw: &RawGateway) -> Option<Config> {
                 Some(t.value.clone())
             }
         });
-        listen.map(|listen| AdminConfig { listen, token_env })
+        let allow_remote_without_token = a
+            .and_then(|a| a.allow_remote_without_token.as_ref())
+            .is_some_and(|v| v.value);
+        // An admin API anyone on the network can reach, with no token,
+        // lets anyone set stock or release tickets: refuse it unless the
+        // operator said so in as many words.
+        if let (Some(l), None, false) = (listen, &token_env, allow_remote_without_token) {
+            if !is_loopback(l) {
+                let at = a
+                    .and_then(|a| a.listen.as_ref())
+                    .map_or(Location::UNKNOWN, |l| l.referenced);
+                p.add(
+                    at,
+                    format!(
+                        "admin.listen: {l} is not a loopback address and admin.token_env is not set, so anyone who reaches it could change stock; set admin.token_env, listen on 127.0.0.1, or set admin.allow_remote_without_token: true"
+                    ),
+                );
+            }
+        }
+        listen.map(|listen| AdminConfig {
+            listen,
+            token_env,
+            allow_remote_without_token,
+        })
     };
     if let (Some(l), Some(a)) = (listen, &admin) {
         if l == a.listen {
@@ -466,8 +489,29 @@ pub fn gateway(p: &mut Problems, raw: &RawGateway) -> Option<Config> {
         max_header_bytes: defaults::MAX_HEADER_BYTES,
         max_rule_body_bytes: defaults::MAX_RULE_BODY_BYTES,
         max_body_bytes: defaults::MAX_BODY_BYTES,
+        max_connections: None,
+        header_timeout: defaults::HEADER_TIMEOUT,
+        keepalive_timeout: defaults::KEEPALIVE_TIMEOUT,
     };
     if let Some(l) = &raw.limits {
+        limits.max_connections = l
+            .max_connections
+            .as_ref()
+            .and_then(|m| positive(p, "limits.max_connections", m));
+        limits.header_timeout = duration(
+            p,
+            "limits",
+            "header_timeout",
+            &l.header_timeout,
+            limits.header_timeout,
+        );
+        limits.keepalive_timeout = duration(
+            p,
+            "limits",
+            "keepalive_timeout",
+            &l.keepalive_timeout,
+            limits.keepalive_timeout,
+        );
         // pingora buffers a rule-matched body in its 64 KiB retry buffer,
         // which is how the body reaches the backend after admission.
         if let Some(v) = &l.max_rule_body_bytes {

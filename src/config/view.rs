@@ -104,7 +104,8 @@ pub fn view(c: &Config) -> Value {
     json!({
         "source": c.source.display().to_string(),
         "listen": c.listen.to_string(),
-        "admin": {"listen": c.admin.listen.to_string(), "token_env": c.admin.token_env},
+        "admin": {"listen": c.admin.listen.to_string(), "token_env": c.admin.token_env,
+                  "allow_remote_without_token": c.admin.allow_remote_without_token},
         "store": {
             "backend": match c.store.backend { StoreBackend::Memory => "memory", StoreBackend::Redis => "redis" },
             "redis": {"url": redact_url(&c.store.redis.url), "key_prefix": c.store.redis.key_prefix,
@@ -122,7 +123,11 @@ pub fn view(c: &Config) -> Value {
         "rules": rules,
         "trusted_proxies": c.trusted_proxies.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
         "limits": {"max_header_bytes": c.limits.max_header_bytes, "max_rule_body_bytes": c.limits.max_rule_body_bytes,
-                   "max_body_bytes": c.limits.max_body_bytes},
+                   "max_body_bytes": c.limits.max_body_bytes,
+                   // null: derived from the file-descriptor limit at start.
+                   "max_connections": c.limits.max_connections,
+                   "header_timeout_ms": ms(c.limits.header_timeout),
+                   "keepalive_timeout_ms": ms(c.limits.keepalive_timeout)},
         "shutdown": {"grace_period_ms": ms(c.shutdown.grace_period), "timeout_ms": ms(c.shutdown.timeout)},
         "threads": c.threads,
         "h2c": c.h2c,

@@ -147,6 +147,8 @@ pub struct GatewayBuilder {
     files: Vec<(String, String)>,
     /// Extra environment variables for the process.
     env: Vec<(String, String)>,
+    /// `RLIMIT_NOFILE` (soft, hard) for the process, as `ulimit -n` would set it.
+    fd_limit: Option<(u64, u64)>,
 }
 
 impl GatewayBuilder {
@@ -170,6 +172,13 @@ impl GatewayBuilder {
     /// Sets an environment variable for the gateway process.
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Starts the process with its file-descriptor limit at `soft`/`hard`
+    /// (`hard` must not exceed the test's own hard limit).
+    pub fn fd_limit(mut self, soft: u64, hard: u64) -> Self {
+        self.fd_limit = Some((soft, hard));
         self
     }
 
@@ -210,6 +219,24 @@ impl GatewayBuilder {
         }
         for (k, v) in &self.env {
             cmd.env(k, v);
+        }
+        if let Some((soft, hard)) = self.fd_limit {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit {
+                rlim_cur: soft as libc::rlim_t,
+                rlim_max: hard as libc::rlim_t,
+            };
+            // SAFETY: runs in the forked child before exec; setrlimit(2) is
+            // async-signal-safe and the closure allocates nothing.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
         }
         let child = cmd.spawn().expect("spawn sluice run");
         let mut gateway = Gateway {
@@ -284,6 +311,31 @@ impl Gateway {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// How many file descriptors the process has open now (`/proc/<pid>/fd`).
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .map(|dir| dir.count())
+            .unwrap_or_else(|e| panic!("read /proc/{}/fd: {e}", self.child.id()))
+    }
+
+    /// The process's `RLIMIT_NOFILE` as (soft, hard), from `/proc/<pid>/limits`.
+    pub fn fd_limits(&self) -> (u64, u64) {
+        let path = format!("/proc/{}/limits", self.child.id());
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap_or_else(|| panic!("no 'Max open files' in {path}"));
+        let mut numbers = line
+            .trim_start_matches("Max open files")
+            .split_whitespace()
+            .map(|n| n.parse::<u64>().unwrap_or(u64::MAX));
+        match (numbers.next(), numbers.next()) {
+            (Some(soft), Some(hard)) => (soft, hard),
+            _ => panic!("cannot read limits from {line:?}"),
+        }
     }
 
     /// Sends SIGTERM (no-op once the process has been reaped).
