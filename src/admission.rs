@@ -217,10 +217,13 @@ impl Admission {
     /// Background: returns expired holds (any node's) and retries the
     /// journaled settlements.
     pub async fn settle_overdue(&self) {
-        let _ = self.ledger.sweep(|name| self.rule_index(name)).await;
+        // This node's own late commits first: after an outage, sweeping
+        // first would return their units only for the commits to take
+        // them back.
         if !self.ledger.journal().is_empty() {
             self.ledger.retry_pending().await;
         }
+        let _ = self.ledger.sweep(|name| self.rule_index(name)).await;
     }
 
     /// An answer as written to the client: the rule's overrides, if any,

@@ -251,8 +251,15 @@ impl Inner {
             {
                 tracing::debug!(ticket = %req.ticket, error = %e, "queue touch failed");
             }
-            // Each try renews the hold's lease for one more try.
-            let _ = hold.set_state(TicketState::Held).await;
+            // Each try renews the hold's lease for one more try; a hold
+            // whose lease ran out while it waited (a sweep returned its
+            // units) is not sent: it was never placed.
+            if let Ok(false) = hold.set_state(TicketState::Held).await {
+                tracing::info!(ticket = %req.ticket, "queued order past its lease; not sent");
+                hold.relinquish();
+                self.ack(&pool.config.name, &delivery).await;
+                return;
+            }
             let (end, answer) = self.send(pool, req).await;
             let settlement = hold.classify(end);
             if settlement.releases() && attempt < max_attempts {

@@ -120,6 +120,26 @@ fn reconcile(args: &ReconcileArgs) -> anyhow::Result<bool> {
              works on the shared Redis store"
         );
     }
+    // Younger holds may still be on their way to the backend from a live
+    // node: releasing one would resell an order about to be placed.
+    let on_its_way = config
+        .rules
+        .rules()
+        .iter()
+        .map(|r| {
+            sluice::admission::hold::Leases::of(r, config.upstream(r.upstream), &config.store)
+                .on_its_way
+        })
+        .max()
+        .unwrap_or_default();
+    if args.placed.is_some() && args.min_age < on_its_way {
+        anyhow::bail!(
+            "--min-age {:?} is shorter than the longest an order of this config can still be \
+             on its way to the backend ({on_its_way:?}: max_wait + connect_timeout x servers + \
+             write_timeout + read_timeout + store.lease_margin, or one drainer try)",
+            args.min_age
+        );
+    }
     let placed = match &args.placed {
         Some(path) => Some(read_placed(path).map_err(anyhow::Error::msg)?),
         None => None,

@@ -6,8 +6,8 @@
 //! ticket holding another number of units than it took, a hold past its
 //! lease or without one. Actions (dry run unless applied): commit every
 //! placed ticket that is not committed (a commit takes its units back from
-//! stock if its hold was released); release every in-flight hold older
-//! than `min_age` that the backend did not place. Queued holds are left to
+//! stock if its hold was released); release every in-flight hold sent
+//! longer than `min_age` ago that the backend did not place. Queued holds are left to
 //! the queue (they have not reached the backend yet).
 //!
 //! Safe while gateway nodes are live: every change is the store's own
@@ -201,8 +201,7 @@ pub async fn plan(
                 if t.state != TicketState::Committed || t.sold < u64::from(t.qty) {
                     s.actions.push(Action::Commit(key.clone(), t.id));
                 }
-            } else if t.state == TicketState::Held && now.saturating_sub(t.issued_ms) >= min_age_ms
-            {
+            } else if t.state == TicketState::Held && now.saturating_sub(t.since_ms) >= min_age_ms {
                 s.actions.push(Action::Release(key.clone(), t.id));
             }
         }

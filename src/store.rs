@@ -185,6 +185,8 @@ pub struct TicketAudit {
     pub sold: u64,
     /// When it won, ms since the epoch.
     pub issued_ms: u64,
+    /// When it was last queued or sent to the backend, ms since the epoch.
+    pub since_ms: u64,
     /// When its lease runs out, ms since the epoch (live tickets).
     pub lease_ms: Option<u64>,
 }
@@ -265,14 +267,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// Moves a live ticket between `Queued` and `Held` (queue in, drainer
     /// out) and renews its lease to `lease` from now; a committed or
-    /// released ticket is left as it is.
+    /// released ticket is left as it is. Gives whether it is still live
+    /// (holds its units): a drainer sends nothing that is not.
     async fn set_state(
         &self,
         key: &SkuKey,
         ticket: TicketId,
         state: TicketState,
         lease: Duration,
-    ) -> Result<(), StoreError>;
+    ) -> Result<bool, StoreError>;
 
     /// Live tickets whose lease has run out, oldest first, at most
     /// `limit`, across every loaded sku (whichever node made them). The

@@ -285,20 +285,37 @@ async fn a_gateway_killed_with_orders_at_the_mall_is_reconciled_while_another_se
     .expect("write placed");
     let config = a.dir().join("gateway.yaml");
     // `--min-age` keeps reconcile off the orders `b` is placing meanwhile
-    // (milliseconds old); the stranded ones are older by then.
+    // (milliseconds old); the stranded ones are older by then. It may not
+    // be shorter than this config's longest order on its way: 3.1 s.
     let reconcile = |apply: bool| {
         let mut cmd = support::sluice_cmd();
         cmd.args(["reconcile", "--config"])
             .arg(&config)
             .arg("--placed")
             .arg(&placed_file)
-            .args(["--min-age", "2s"]);
+            .args(["--min-age", "4s"]);
         if apply {
             cmd.arg("--apply");
         }
         cmd.output().expect("run sluice reconcile")
     };
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Too short a --min-age is refused: it could resell an order a live
+    // node is still placing.
+    let hasty = support::sluice_cmd()
+        .args(["reconcile", "--config"])
+        .arg(&config)
+        .arg("--placed")
+        .arg(&placed_file)
+        .args(["--min-age", "1s", "--apply"])
+        .output()
+        .expect("run sluice reconcile");
+    assert_eq!(hasty.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&hasty.stderr).contains("--min-age 1s is shorter than"),
+        "{}",
+        String::from_utf8_lossy(&hasty.stderr)
+    );
     let dry = reconcile(false);
     let text = String::from_utf8_lossy(&dry.stdout).to_string();
     assert_eq!(dry.status.code(), Some(1), "{text}");

@@ -74,6 +74,9 @@ both_stores!(
     a_late_commit_without_stock_is_short,
     a_commit_of_an_unknown_ticket_changes_nothing,
     racing_commits_and_releases_move_each_unit_once,
+    a_lease_renewed_after_a_sweep_read_it_is_not_released,
+    set_state_says_whether_the_ticket_still_holds_its_units,
+    racing_late_commits_take_the_units_once,
 );
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -830,7 +833,7 @@ async fn a_commit_after_a_release_takes_the_units_back(h: Harness) {
     let k = key("late");
     s.set_available(&k, 3).await.expect("restock");
     let (t, _) = reserve(s, &k, "alice", 2, &[], Some(2)).await;
-    s.release(&k, t, ReleaseReason::LeaseExpired)
+    s.release(&k, t, ReleaseReason::Timeout)
         .await
         .expect("release");
     assert_eq!(view(s, &k).await.available, 3);
@@ -858,7 +861,7 @@ async fn a_late_commit_without_stock_is_short(h: Harness) {
     let k = key("short");
     s.set_available(&k, 1).await.expect("restock");
     let (t, _) = reserve(s, &k, "alice", 1, &[], None).await;
-    s.release(&k, t, ReleaseReason::LeaseExpired)
+    s.release(&k, t, ReleaseReason::Timeout)
         .await
         .expect("release");
     let (other, r) = reserve(s, &k, "bob", 1, &[], None).await;
@@ -907,7 +910,7 @@ async fn racing_commits_and_releases_move_each_unit_once(h: Harness) {
             s1.commit(&k1, t, None, HOUR).await.expect("commit")
         }));
         tasks.push(tokio::spawn(async move {
-            s2.release(&k2, t, ReleaseReason::LeaseExpired)
+            s2.release(&k2, t, ReleaseReason::Timeout)
                 .await
                 .expect("release");
             Committed::Held
@@ -930,6 +933,121 @@ async fn racing_commits_and_releases_move_each_unit_once(h: Harness) {
             TicketState::Committed
         );
     }
+}
+
+async fn a_lease_renewed_after_a_sweep_read_it_is_not_released(h: Harness) {
+    let s = &*h.store;
+    let k = key("renewed");
+    s.set_available(&k, 1).await.expect("restock");
+    let (t, _) = reserve_for(s, &k, "a", 1, &[], None, Duration::from_millis(30)).await;
+    wait_expired(s, t).await;
+    // A drainer picks the order up just after the sweep listed it.
+    assert!(s
+        .set_state(&k, t, TicketState::Held, HOUR)
+        .await
+        .expect("renew"));
+    assert_eq!(
+        s.release(&k, t, ReleaseReason::LeaseExpired)
+            .await
+            .expect("release"),
+        0
+    );
+    assert_eq!(view(s, &k).await.in_flight, 1);
+}
+
+async fn set_state_says_whether_the_ticket_still_holds_its_units(h: Harness) {
+    let s = &*h.store;
+    let k = key("live");
+    s.set_available(&k, 2).await.expect("restock");
+    let (t, _) = reserve(s, &k, "a", 1, &[], None).await;
+    assert!(s
+        .set_state(&k, t, TicketState::Queued, HOUR)
+        .await
+        .expect("queue"));
+    s.release(&k, t, ReleaseReason::Timeout)
+        .await
+        .expect("release");
+    assert!(!s
+        .set_state(&k, t, TicketState::Held, HOUR)
+        .await
+        .expect("renew"));
+    assert_eq!(
+        s.ticket(t).await.expect("ticket").expect("known").state,
+        TicketState::Released
+    );
+    assert_eq!(view(s, &k).await.available, 2);
+}
+
+async fn racing_late_commits_take_the_units_once(h: Harness) {
+    let s = h.store.clone();
+    let k = key("twice");
+    s.set_available(&k, 10).await.expect("restock");
+    let (t, _) = reserve(&*s, &k, "a", 2, &[], None).await;
+    s.release(&k, t, ReleaseReason::Timeout)
+        .await
+        .expect("release");
+    // A journal replay and reconcile commit the same ticket at once.
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let (s, k) = (s.clone(), k.clone());
+            tokio::spawn(async move { s.commit(&k, t, None, HOUR).await.expect("commit") })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("task");
+    }
+    let v = view(&*s, &k).await;
+    assert_eq!((v.sold, v.available, v.initial), (2, 8, 10), "{v:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_dead_reservation_is_cleared_by_the_sweep() {
+    let h = redis();
+    let s = &*h.store;
+    let k = key("dead");
+    s.set_available(&k, 1).await.expect("restock");
+    let marks = [user_mark("ghost")];
+    let (t, r) = reserve_for(
+        s,
+        &k,
+        "ghost",
+        1,
+        &marks,
+        Some(1),
+        Duration::from_millis(30),
+    )
+    .await;
+    assert_eq!(r, Reserved::Won);
+    // As if its undo never ran: its unit went back, its record, lease
+    // and mark stayed.
+    let server = h.redis.as_ref().expect("redis");
+    let client = redis::Client::open(server.url()).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let tag = "test:{phone:dead}";
+    let _: Option<String> = redis::cmd("LMOVE")
+        .arg(format!("{tag}:h:{t}"))
+        .arg(format!("{tag}:avail"))
+        .arg("RIGHT")
+        .arg("LEFT")
+        .query_async(&mut conn)
+        .await
+        .expect("lmove");
+    wait_expired(s, t).await;
+    assert_eq!(
+        s.release(&k, t, ReleaseReason::LeaseExpired)
+            .await
+            .expect("release"),
+        0
+    );
+    // Gone from the sweep, and the buyer is free again.
+    assert!(s.expired(100).await.expect("expired").is_empty());
+    assert_eq!(
+        reserve(s, &k, "ghost", 1, &marks, Some(1)).await.1,
+        Reserved::Won
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

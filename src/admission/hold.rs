@@ -96,6 +96,10 @@ pub struct Leases {
     pub serve: Duration,
     /// Outcome unknown: time to reconcile.
     pub in_doubt: Duration,
+    /// The longest a live node may still be placing one of its orders (a
+    /// forward, or one try of the drainer): reconcile leaves younger holds
+    /// alone.
+    pub on_its_way: Duration,
 }
 
 impl Leases {
@@ -121,6 +125,7 @@ impl Leases {
             queued: q.max_queue_time + store.lease_margin,
             serve: one_try + longest_backoff + store.lease_margin,
             in_doubt: store.in_doubt_for,
+            on_its_way: forward.max(one_try + longest_backoff + store.lease_margin),
         }
     }
 }
@@ -205,14 +210,19 @@ impl Ledger {
                     ticket,
                     reason,
                 } => self.release(*rule, key, *ticket, *reason).await.map(drop),
-                Pending::InDoubt { key, ticket, lease } => {
-                    self.store
-                        .set_state(key, *ticket, TicketState::Held, *lease)
-                        .await
-                }
+                Pending::InDoubt { key, ticket, lease } => self
+                    .store
+                    .set_state(key, *ticket, TicketState::Held, *lease)
+                    .await
+                    .map(drop),
             };
             match result {
                 Ok(()) => landed.push(id),
+                // Nothing can make these land: keep the rest moving.
+                Err(e @ (StoreError::Corrupt { .. } | StoreError::NotLoaded(_))) => {
+                    tracing::error!(settlement = ?p, error = %e, "a journaled settlement cannot land; dropped");
+                    landed.push(id);
+                }
                 // The store is still down: the rest would fail the same way.
                 Err(_) => break,
             }
@@ -412,8 +422,9 @@ impl Hold {
     }
 
     /// Moves its ticket between `Queued` and `Held` in the store, with the
-    /// lease of that phase (queued, or sent by the drainer).
-    pub async fn set_state(&self, state: TicketState) -> Result<(), StoreError> {
+    /// lease of that phase (queued, or sent by the drainer); gives whether
+    /// it still holds its units (a sweep may have returned them).
+    pub async fn set_state(&self, state: TicketState) -> Result<bool, StoreError> {
         let h = self.held();
         let lease = match state {
             TicketState::Queued => h.terms.leases.queued,
@@ -455,6 +466,12 @@ impl Hold {
     /// Hands the hold to the queue entry that now carries its ticket; the
     /// drainer that sends the entry takes it back with [`Ledger::adopt`].
     pub fn into_queue(self) {
+        drop(self.take());
+    }
+
+    /// Lets go of a hold the store already settled (its lease ran out and
+    /// a sweep returned its units): nothing is left to settle.
+    pub fn relinquish(self) {
         drop(self.take());
     }
 }
@@ -513,7 +530,8 @@ impl Held {
                     ledger
                         .store
                         .set_state(&self.key, self.ticket, TicketState::Held, lease)
-                        .await,
+                        .await
+                        .map(drop),
                     Pending::InDoubt {
                         key: self.key.clone(),
                         ticket: self.ticket,
@@ -637,6 +655,7 @@ mod tests {
                 queued: Duration::from_secs(60),
                 serve: Duration::from_secs(60),
                 in_doubt: Duration::from_secs(600),
+                on_its_way: Duration::from_secs(60),
             },
         };
         Hold::new(ledger.clone(), terms, key.clone(), ticket)

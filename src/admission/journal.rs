@@ -180,6 +180,11 @@ impl Line {
 pub struct Journal {
     file: Option<PathBuf>,
     state: Mutex<State>,
+    /// Held across each change of the pending set and its line in the
+    /// file, so the file says what the set says in the same order (a
+    /// `done` never before its `add`, a file never removed under a new
+    /// `add`).
+    io: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
@@ -188,8 +193,10 @@ struct State {
     pending: BTreeMap<u64, Pending>,
 }
 
-/// Appends lines to the file (created on first use).
+/// Appends lines to the file (created on first use, then its folder
+/// synced so the new file itself survives a crash).
 fn append(path: &Path, lines: &[Line]) -> std::io::Result<()> {
+    let created = !path.exists();
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -201,7 +208,19 @@ fn append(path: &Path, lines: &[Line]) -> std::io::Result<()> {
     }
     f.write_all(&buf)?;
     // A settlement is only worth keeping if it survives a crash.
-    f.sync_data()
+    f.sync_data()?;
+    if created {
+        sync_dir(path)?;
+    }
+    Ok(())
+}
+
+/// Syncs the folder holding `path` (a created, renamed or removed entry).
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => std::fs::File::open(".")?.sync_all(),
+    }
 }
 
 impl Journal {
@@ -210,6 +229,7 @@ impl Journal {
         Self {
             file: None,
             state: Mutex::new(State::default()),
+            io: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -258,12 +278,14 @@ impl Journal {
             let _ = std::fs::remove_file(&tmp);
             append(&tmp, &lines)?;
             std::fs::rename(&tmp, path)?;
+            sync_dir(path)?;
             tracing::warn!(pending = lines.len(), file = %path.display(),
                 "settlements from an earlier run are pending; retrying them");
         }
         Ok(Self {
             file: Some(path.to_path_buf()),
             state: Mutex::new(state),
+            io: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -279,6 +301,7 @@ impl Journal {
 
     /// Keeps a settlement that could not land.
     pub async fn add(&self, p: Pending) {
+        let _io = self.io.lock().await;
         let id = {
             let Ok(mut s) = self.state.lock() else {
                 return;
@@ -309,6 +332,7 @@ impl Journal {
         if ids.is_empty() {
             return;
         }
+        let _io = self.io.lock().await;
         let empty = {
             let Ok(mut s) = self.state.lock() else {
                 return;
@@ -333,7 +357,8 @@ impl Journal {
                 // Nothing left: start the file afresh.
                 match std::fs::remove_file(&path) {
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                    _ => Ok(()),
+                    Err(_) => Ok(()),
+                    Ok(()) => sync_dir(&path),
                 }
             } else {
                 append(&path, &lines)
@@ -406,6 +431,47 @@ mod tests {
         assert!(!path.exists(), "an empty journal leaves no file");
         let j = Journal::open(&path).expect("reopen empty");
         assert!(j.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn racing_adds_and_dones_leave_the_file_saying_what_is_pending() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("sluice.journal");
+        let j = std::sync::Arc::new(Journal::open(&path).expect("open"));
+        let mut tasks = Vec::new();
+        for n in 0..40u128 {
+            let j = j.clone();
+            tasks.push(tokio::spawn(async move {
+                j.add(commit(n)).await;
+                // Half land at once, racing the other adds.
+                if n % 2 == 0 {
+                    let ids: Vec<u64> = j
+                        .due()
+                        .into_iter()
+                        .filter(|(_, p)| *p == commit(n))
+                        .map(|(id, _)| id)
+                        .collect();
+                    j.done(&ids).await;
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("task");
+        }
+        let mut want: Vec<Pending> = (0..40u128).filter(|n| n % 2 == 1).map(commit).collect();
+        let mut got: Vec<Pending> = Journal::open(&path)
+            .expect("reopen")
+            .due()
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect();
+        let order = |p: &Pending| match p {
+            Pending::Commit { ticket, .. } => ticket.0,
+            _ => u128::MAX,
+        };
+        want.sort_by_key(order);
+        got.sort_by_key(order);
+        assert_eq!(got, want);
     }
 
     #[tokio::test]

@@ -72,7 +72,7 @@ impl Store for InstrumentedStore {
         ticket: TicketId,
         state: TicketState,
         lease: Duration,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         self.timed(
             StoreOp::Commit,
             self.inner.set_state(key, ticket, state, lease),

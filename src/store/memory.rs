@@ -24,6 +24,8 @@ struct Ticket {
     lease: Instant,
     /// When it won (ms since the epoch).
     issued_ms: u64,
+    /// When it last went (or was about to go) to the backend.
+    sent_ms: u64,
 }
 
 #[derive(Default)]
@@ -148,6 +150,7 @@ impl Store for MemoryStore {
                 response: None,
                 lease: now + r.lease,
                 issued_ms: now_ms(),
+                sent_ms: now_ms(),
             },
         );
         for (k, m) in keys.into_iter().zip(r.marks) {
@@ -200,14 +203,17 @@ impl Store for MemoryStore {
         ticket: TicketId,
         state: TicketState,
         lease: Duration,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
+        let mut live = false;
         self.with_ticket("set_state", key, ticket, |t| {
-            let live = matches!(t.state, TicketState::Queued | TicketState::Held);
+            live = matches!(t.state, TicketState::Queued | TicketState::Held);
             if live && matches!(state, TicketState::Queued | TicketState::Held) {
                 t.state = state;
                 t.lease = Instant::now() + lease;
+                t.sent_ms = now_ms();
             }
-        })
+        })?;
+        Ok(live)
     }
 
     async fn expired(&self, limit: usize) -> Result<Vec<(SkuKey, TicketId)>, StoreError> {
@@ -264,6 +270,8 @@ impl Store for MemoryStore {
         // same order must not put sold units back on sale.
         if t.state == TicketState::Released
             || (t.state == TicketState::Committed && reason != ReleaseReason::Admin)
+            // A lease renewed since the sweep saw it run out.
+            || (reason == ReleaseReason::LeaseExpired && t.lease > Instant::now())
         {
             return Ok(0);
         }
@@ -367,6 +375,7 @@ impl Store for MemoryStore {
                         0
                     },
                     issued_ms: t.issued_ms,
+                    since_ms: t.sent_ms,
                     lease_ms: live.then(|| {
                         // Instants have no wall clock; place it from now.
                         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);

@@ -69,6 +69,7 @@ pub struct Inner {
     conn: RedisConn,
     /// Admin operations' own connection, with the longer admin timeout.
     admin: RedisConn,
+    admin_timeout: Duration,
     prefix: String,
     ticket_ttl: Duration,
 }
@@ -180,6 +181,7 @@ impl RedisStore {
         Ok(Self(Arc::new(Inner {
             conn,
             admin,
+            admin_timeout: config.admin_timeout,
             prefix: config.key_prefix.clone(),
             ticket_ttl,
         })))
@@ -294,6 +296,34 @@ impl Inner {
             .ok_or_else(|| StoreError::NotLoaded(key.clone()))
     }
 
+    /// Deletes the restock lock if it is still ours (compare and delete
+    /// under WATCH; it expires by itself otherwise).
+    async fn unlock(&self, lock: &str, token: &str) {
+        let Ok(mut x) = self.admin.exclusive("set_available").await else {
+            return;
+        };
+        let mut look = redis::pipe();
+        look.cmd("WATCH").arg(lock).ignore();
+        look.cmd("GET").arg(lock);
+        let Ok(vals) = x.query("set_available", &look).await else {
+            return;
+        };
+        let mut tx = redis::pipe();
+        if vals
+            .unwrap_or_default()
+            .first()
+            .and_then(as_string)
+            .as_deref()
+            == Some(token)
+        {
+            tx.atomic();
+            tx.cmd("DEL").arg(lock).ignore();
+        } else {
+            tx.cmd("UNWATCH").ignore();
+        }
+        let _ = x.query("set_available", &tx).await;
+    }
+
     /// Moves back what a refused reservation took and removes what it
     /// wrote, in one transaction: units, the marks it set, its hold in the
     /// buyer's holds, its record and lease. (The reservation's reply just
@@ -354,25 +384,42 @@ impl Inner {
         // and the next look sees what they did.
         for _ in 0..8 {
             let mut x = conn.exclusive("release").await?;
+            // Watching the unit lists catches a commit, a release and a
+            // lease renewal (`set_state` touches `h:`) in between.
             let mut look = redis::pipe();
             look.cmd("WATCH").arg(&held).arg(&sold).ignore();
             look.cmd("HGET").arg(format!("{tag}:tickets")).arg(&id);
             look.cmd("LLEN").arg(&held);
             look.cmd("LLEN").arg(&sold);
+            look.cmd("ZSCORE").arg(format!("{tag}:leases")).arg(&id);
             let vals = x.query("release", &look).await?.unwrap_or_default();
             let record = match vals.first().and_then(as_string) {
-                Some(text) => Some(Record::decode(&format!("{tag}:tickets"), &text)?),
+                Some(text) => match Record::decode(&format!("{tag}:tickets"), &text) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        x.discard();
+                        return Err(e);
+                    }
+                },
                 None => None,
             };
             let n_held = vals.get(1).and_then(as_int).unwrap_or(0).max(0) as u64;
+            let n_sold_now = vals.get(2).and_then(as_int).unwrap_or(0).max(0) as u64;
             // Only an operator (or the backend, through the admin API) may
             // cancel a sold order.
             let n_sold = if reason == ReleaseReason::Admin {
-                vals.get(2).and_then(as_int).unwrap_or(0).max(0) as u64
+                n_sold_now
             } else {
                 0
             };
-            let Some(record) = record else {
+            // A sweep acts on a lease seen run out a moment ago: one renewed
+            // since (a drainer picked the order up) is not expired any more.
+            let renewed = reason == ReleaseReason::LeaseExpired
+                && vals
+                    .get(3)
+                    .and_then(as_int)
+                    .is_some_and(|deadline| deadline > i64::try_from(now_ms()).unwrap_or(i64::MAX));
+            let Some(record) = record.filter(|_| !renewed) else {
                 let mut unwatch = redis::pipe();
                 unwatch.cmd("UNWATCH").ignore();
                 x.query("release", &unwatch).await?;
@@ -401,11 +448,14 @@ impl Inner {
                     .collect()
             };
             let moved = n_held + n_sold;
+            // Holding nothing and sold nothing: a reservation that never
+            // won, or one undone already; whatever it left is cleared too.
+            let dead = n_held == 0 && n_sold_now == 0;
             let mut tx = redis::pipe();
             tx.atomic();
             add_moves(&mut tx, &held, &avail, n_held, true);
             add_moves(&mut tx, &sold, &avail, n_sold, true);
-            if moved > 0 || forget {
+            if moved > 0 || forget || dead {
                 for m in &ours {
                     tx.cmd("DEL").arg(*m).ignore();
                 }
@@ -422,7 +472,7 @@ impl Inner {
             }
             if forget {
                 add_forget(&mut tx, &tag, &id, &self.index_key(ticket));
-            } else if moved > 0 {
+            } else if moved > 0 || dead {
                 tx.cmd("HSET")
                     .arg(format!("{tag}:state"))
                     .arg(&id)
@@ -452,7 +502,7 @@ impl Inner {
         pipe.cmd("LLEN").arg(format!("{tag}:avail"));
         pipe.cmd("HGETALL").arg(format!("{tag}:state"));
         pipe.cmd("GET").arg(format!("{tag}:released"));
-        let vals = conn.run("stock", &pipe).await?;
+        let vals = conn.read("stock", &pipe).await?;
         if vals.first().and_then(as_int) != Some(1) {
             return Ok(None);
         }
@@ -476,13 +526,13 @@ impl Inner {
         let counts = if states.is_empty() {
             Vec::new()
         } else {
-            conn.run("stock", &lists).await?
+            conn.read("stock", &lists).await?
         };
         for (i, (_, state)) in states.iter().enumerate() {
             let held = counts.get(2 * i).and_then(as_int).unwrap_or(0).max(0) as u64;
             let sold = counts.get(2 * i + 1).and_then(as_int).unwrap_or(0).max(0) as u64;
             view.sold += sold;
-            if state == "Q" {
+            if state.starts_with('Q') {
                 view.queued += held;
             } else {
                 view.in_flight += held;
@@ -497,57 +547,84 @@ impl Inner {
     async fn commit_late(&self, key: &SkuKey, ticket: TicketId) -> Result<Committed, StoreError> {
         let tag = self.tag(key);
         let id = ticket.to_string();
-        let mut read = redis::pipe();
-        read.cmd("HGET").arg(format!("{tag}:tickets")).arg(&id);
-        read.cmd("LLEN").arg(format!("{tag}:c:{id}"));
-        let vals = self.run("commit", &read).await?;
-        let Some(text) = vals.first().and_then(as_string) else {
-            // Unknown: no state may be left behind for it.
-            let mut forget = redis::pipe();
-            forget
-                .cmd("HDEL")
+        let (held, sold) = (format!("{tag}:h:{id}"), format!("{tag}:c:{id}"));
+        // Under WATCH: two late commits of one ticket (a journal replay and
+        // reconcile, say) must not both take its units.
+        for _ in 0..8 {
+            let mut x = self.conn.exclusive("commit").await?;
+            let mut look = redis::pipe();
+            look.cmd("WATCH").arg(&held).arg(&sold).ignore();
+            look.cmd("HGET").arg(format!("{tag}:tickets")).arg(&id);
+            look.cmd("LLEN").arg(&sold);
+            let vals = x.query("commit", &look).await?.unwrap_or_default();
+            let Some(text) = vals.first().and_then(as_string) else {
+                // Unknown: no state may be left behind for it.
+                let mut forget = redis::pipe();
+                forget.cmd("UNWATCH").ignore();
+                forget
+                    .cmd("HDEL")
+                    .arg(format!("{tag}:state"))
+                    .arg(&id)
+                    .ignore();
+                x.query("commit", &forget).await?;
+                return Ok(Committed::Unknown);
+            };
+            let record = match Record::decode(&format!("{tag}:tickets"), &text) {
+                Ok(r) => r,
+                Err(e) => {
+                    x.discard();
+                    return Err(e);
+                }
+            };
+            let have = vals.get(1).and_then(as_int).unwrap_or(0).max(0) as u64;
+            let want = u64::from(record.qty).saturating_sub(have);
+            if want == 0 {
+                // A repeated commit.
+                let mut unwatch = redis::pipe();
+                unwatch.cmd("UNWATCH").ignore();
+                x.query("commit", &unwatch).await?;
+                return Ok(Committed::Held);
+            }
+            let mut take = redis::pipe();
+            take.atomic();
+            add_moves(&mut take, &format!("{tag}:avail"), &sold, want, false);
+            if record.counted_for_user {
+                let holds = format!("{tag}:uh:{}", record.user);
+                take.cmd("HSET")
+                    .arg(&holds)
+                    .arg(&id)
+                    .arg(record.qty)
+                    .ignore();
+                take.cmd("PEXPIRE")
+                    .arg(&holds)
+                    .arg(millis(self.ticket_ttl))
+                    .ignore();
+            }
+            take.cmd("HSET")
                 .arg(format!("{tag}:state"))
                 .arg(&id)
+                .arg("C")
                 .ignore();
-            self.run("commit", &forget).await?;
-            return Ok(Committed::Unknown);
-        };
-        let record = Record::decode(&format!("{tag}:tickets"), &text)?;
-        let sold = vals.get(1).and_then(as_int).unwrap_or(0).max(0) as u64;
-        let want = u64::from(record.qty).saturating_sub(sold);
-        if want == 0 {
-            // A repeated commit.
-            return Ok(Committed::Held);
+            let Some(vals) = x.query("commit", &take).await? else {
+                continue;
+            };
+            let taken = vals.iter().filter(|v| !matches!(v, Value::Nil)).count() as u64;
+            // `released` counted these units as returned; they are sold again.
+            if taken > 0 {
+                let mut fix = redis::pipe();
+                fix.cmd("DECRBY")
+                    .arg(format!("{tag}:released"))
+                    .arg(taken)
+                    .ignore();
+                self.run("commit", &fix).await?;
+            }
+            return Ok(Committed::Retaken {
+                short: u32::try_from(want - taken).unwrap_or(u32::MAX),
+            });
         }
-        let mut take = redis::pipe();
-        take.atomic();
-        add_moves(
-            &mut take,
-            &format!("{tag}:avail"),
-            &format!("{tag}:c:{id}"),
-            want,
-            false,
-        );
-        if record.counted_for_user {
-            take.cmd("HSET")
-                .arg(format!("{tag}:uh:{}", record.user))
-                .arg(&id)
-                .arg(record.qty)
-                .ignore();
-        }
-        let vals = self.run("commit", &take).await?;
-        let taken = vals.iter().filter(|v| !matches!(v, Value::Nil)).count() as u64;
-        // `released` counted these units as returned; they are sold again.
-        if taken > 0 {
-            let mut fix = redis::pipe();
-            fix.cmd("DECRBY")
-                .arg(format!("{tag}:released"))
-                .arg(taken)
-                .ignore();
-            self.run("commit", &fix).await?;
-        }
-        Ok(Committed::Retaken {
-            short: u32::try_from(want - taken).unwrap_or(u32::MAX),
+        Err(StoreError::Backend {
+            op: "commit",
+            message: format!("ticket {ticket} kept changing under a late commit; try again"),
         })
     }
 }
@@ -656,7 +733,7 @@ impl Store for RedisStore {
         pipe.cmd("HSET")
             .arg(format!("{tag}:state"))
             .arg(&ticket)
-            .arg("H")
+            .arg(format!("H{}", record.issued_ms))
             .ignore();
         pipe.cmd("SET")
             .arg(self.index_key(r.ticket))
@@ -709,8 +786,16 @@ impl Store for RedisStore {
                 .map(|(k, _)| k.clone())
                 .collect();
             let user = counted.then_some(r.user);
-            self.undo(r.key, r.ticket, reply.moved, &marks_set, user)
-                .await?;
+            if let Err(e) = self
+                .undo(r.key, r.ticket, reply.moved, &marks_set, user)
+                .await
+            {
+                // Left as it is, the refused attempt would hold its marks
+                // (and any units) until its lease: undo it from the ledger
+                // as soon as Redis answers.
+                self.resolve_in_background(r.key.clone(), r.ticket, r.lease);
+                return Err(e);
+            }
         }
         Ok(verdict)
     }
@@ -757,24 +842,27 @@ impl Store for RedisStore {
         ticket: TicketId,
         state: TicketState,
         lease: Duration,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let code = match state {
             TicketState::Queued => "Q",
             TicketState::Held => "H",
             // Commit and release have their own operations.
-            TicketState::Committed | TicketState::Released => return Ok(()),
+            TicketState::Committed | TicketState::Released => return Ok(false),
         };
         let tag = self.tag(key);
         let id = ticket.to_string();
+        let held = format!("{tag}:h:{id}");
         // The lists say whether the ticket is still live, whatever the
         // state field says; the lease is renewed only while it is (`XX`:
-        // a commit or release removed it).
+        // a commit or release removed it). Rotating the held list by one
+        // changes nothing but touches it, so a sweep that read the old
+        // lease (and WATCHes the list) gives up.
         let mut pipe = redis::pipe();
         pipe.atomic();
         pipe.cmd("HSET")
             .arg(format!("{tag}:state"))
             .arg(&id)
-            .arg(code)
+            .arg(format!("{code}{}", now_ms()))
             .ignore();
         pipe.cmd("ZADD")
             .arg(format!("{tag}:leases"))
@@ -782,7 +870,15 @@ impl Store for RedisStore {
             .arg(now_ms().saturating_add(millis(lease)))
             .arg(&id)
             .ignore();
-        self.run("set_state", &pipe).await.map(drop)
+        pipe.cmd("LMOVE")
+            .arg(&held)
+            .arg(&held)
+            .arg("RIGHT")
+            .arg("LEFT")
+            .ignore();
+        pipe.cmd("EXISTS").arg(&held);
+        let vals = self.run("set_state", &pipe).await?;
+        Ok(vals.first().and_then(as_int) == Some(1))
     }
 
     async fn expired(&self, limit: usize) -> Result<Vec<(SkuKey, TicketId)>, StoreError> {
@@ -866,7 +962,11 @@ impl Store for RedisStore {
         // at once would both add the difference.
         let lock = format!("{tag}:restock");
         let token = TicketId::random().to_string();
+        // Outlives the restock's own steps (each within the admin timeout),
+        // and expires by itself after a crash.
+        let lock_ms = RESTOCK_LOCK_MS.max(millis(self.admin_timeout) * 4);
         let mut taken = false;
+        let mut last_error = None;
         for _ in 0..RESTOCK_LOCK_TRIES {
             let mut pipe = redis::pipe();
             pipe.cmd("SET")
@@ -874,31 +974,35 @@ impl Store for RedisStore {
                 .arg(&token)
                 .arg("NX")
                 .arg("PX")
-                .arg(RESTOCK_LOCK_MS);
-            let vals = self.admin.run("set_available", &pipe).await?;
-            if vals.first().is_some_and(|v| !matches!(v, Value::Nil)) {
-                taken = true;
-                break;
+                .arg(lock_ms);
+            match self.admin.run("set_available", &pipe).await {
+                Ok(vals) if vals.first().is_some_and(|v| !matches!(v, Value::Nil)) => {
+                    taken = true;
+                    break;
+                }
+                Ok(_) => {}
+                // A connection broken by a Redis restart: the next try
+                // reconnects.
+                Err(e) => last_error = Some(e),
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         if !taken {
-            return Err(StoreError::Backend {
+            return Err(last_error.unwrap_or_else(|| StoreError::Backend {
                 op: "set_available",
                 message: format!("another restock of {key} is running; try again"),
-            });
+            }));
         }
-        let result = self.adjust_available(key, &tag, available).await;
-        // Released only if still ours (it expires by itself otherwise).
-        let mut check = redis::pipe();
-        check.cmd("GET").arg(&lock);
-        if let Ok(vals) = self.admin.run("set_available", &check).await {
-            if vals.first().and_then(as_string).as_deref() == Some(token.as_str()) {
-                let mut del = redis::pipe();
-                del.cmd("DEL").arg(&lock).ignore();
-                let _ = self.admin.run("set_available", &del).await;
+        // "Set to N" reads the list's length first, so doing it again
+        // after an error (a reply lost, a connection broken) is safe.
+        let result = match self.adjust_available(key, &tag, available).await {
+            Err(e) if !matches!(e, StoreError::NotLoaded(_)) => {
+                tracing::debug!(error = %e, "restock interrupted; reading again and finishing it");
+                self.adjust_available(key, &tag, available).await
             }
-        }
+            done => done,
+        };
+        self.unlock(&lock, &token).await;
         result
     }
 
@@ -1009,7 +1113,7 @@ impl Store for RedisStore {
     async fn skus(&self) -> Result<Vec<SkuKey>, StoreError> {
         let mut pipe = redis::pipe();
         pipe.cmd("SMEMBERS").arg(self.skus_key());
-        let vals = self.admin.run("skus", &pipe).await?;
+        let vals = self.admin.read("skus", &pipe).await?;
         let mut keys: Vec<SkuKey> = match vals.first() {
             Some(Value::Array(items)) | Some(Value::Set(items)) => items
                 .iter()
@@ -1034,7 +1138,7 @@ impl Store for RedisStore {
             .arg(0)
             .arg(-1)
             .arg("WITHSCORES");
-        let vals = self.admin.run("audit", &pipe).await?;
+        let vals = self.admin.read("audit", &pipe).await?;
         if vals.first().and_then(as_int) != Some(1) {
             return Ok(None);
         }
@@ -1070,7 +1174,7 @@ impl Store for RedisStore {
         let counts = if records.is_empty() {
             Vec::new()
         } else {
-            self.admin.run("audit", &lists).await?
+            self.admin.read("audit", &lists).await?
         };
         let mut tickets = Vec::new();
         for (i, (id, record)) in records.into_iter().enumerate() {
@@ -1094,6 +1198,12 @@ impl Store for RedisStore {
             } else {
                 TicketState::Released
             };
+            // `H<ms>`/`Q<ms>`: when it was last queued or sent.
+            let since_ms = states
+                .get(&id)
+                .and_then(|s| s.get(1..))
+                .and_then(|ms| ms.parse().ok())
+                .unwrap_or(record.issued_ms);
             tickets.push(TicketAudit {
                 id: ticket,
                 user: record.user,
@@ -1102,6 +1212,7 @@ impl Store for RedisStore {
                 held,
                 sold,
                 issued_ms: record.issued_ms,
+                since_ms,
                 lease_ms: leases.get(&id).and_then(|ms| u64::try_from(*ms).ok()),
             });
         }

@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::AsyncConnectionConfig;
 use redis::{Pipeline, RedisError, Value};
 
 use super::StoreError;
@@ -80,14 +81,16 @@ pub struct RedisConn {
     // Made on first use: the manager spawns its driver on the runtime it
     // is created in, and the gateway's runtimes exist only once it runs.
     conn: tokio::sync::OnceCell<ConnectionManager>,
-    exclusive: Vec<tokio::sync::Mutex<Option<ConnectionManager>>>,
+    // Plain connections, never reconnected behind our back (a manager may
+    // reconnect between WATCH and EXEC, which would run EXEC unwatched):
+    // one that failed is dropped and made anew.
+    exclusive: Vec<tokio::sync::Mutex<Option<MultiplexedConnection>>>,
     next_exclusive: AtomicUsize,
     round_trips: AtomicU64,
     timeout: Duration,
     /// Shared by the connections to one Redis: any answer proves it up.
     breaker: Arc<Breaker>,
-    /// An operator's connection: always tries (and retries once on a
-    /// connection that broke before sending), never refused by the open
+    /// An operator's connection: always tries, never refused by the open
     /// breaker; an answer closes it for everyone.
     operator: bool,
 }
@@ -95,7 +98,9 @@ pub struct RedisConn {
 /// One exclusive connection, held for a WATCH transaction.
 pub struct Exclusive<'a> {
     owner: &'a RedisConn,
-    slot: tokio::sync::MutexGuard<'a, Option<ConnectionManager>>,
+    slot: tokio::sync::MutexGuard<'a, Option<MultiplexedConnection>>,
+    /// Made just now (that was the breaker's try): the first query goes.
+    fresh: bool,
 }
 
 impl Exclusive<'_> {
@@ -107,8 +112,12 @@ impl Exclusive<'_> {
         pipe: &Pipeline,
     ) -> Result<Option<Vec<Value>>, StoreError> {
         let owner = self.owner;
-        if let Err(retry_in) = owner.admit() {
-            return Err(owner.circuit_open(op, retry_in));
+        if !std::mem::take(&mut self.fresh) {
+            if let Err(retry_in) = owner.admit() {
+                // A WATCH may be open on it: never reuse it.
+                *self.slot = None;
+                return Err(owner.circuit_open(op, retry_in));
+            }
         }
         owner.round_trips.fetch_add(1, Ordering::Relaxed);
         let result = match self.slot.as_mut() {
@@ -124,13 +133,29 @@ impl Exclusive<'_> {
             Ok(r) => r,
             Err(_) => Err(timed_out()),
         };
-        owner.breaker.record(result.is_ok());
+        owner.breaker.record(match &result {
+            Ok(_) => true,
+            Err(e) => answered(e),
+        });
         if result.is_err() {
             // A connection in an unknown state (a WATCH or MULTI left
             // open) is never reused.
             *self.slot = None;
         }
         result.map_err(|e| owner.error(op, e))
+    }
+}
+
+/// Whether an error is Redis's own answer (a wrong type, NOGROUP): then it
+/// is up.
+fn answered(e: &RedisError) -> bool {
+    matches!(e.kind(), redis::ErrorKind::Server(_)) || e.clone().into_server_errors().is_some()
+}
+
+impl Exclusive<'_> {
+    /// Drops the connection (a WATCH may still be open on it).
+    pub fn discard(&mut self) {
+        *self.slot = None;
     }
 }
 
@@ -217,20 +242,25 @@ impl RedisConn {
     pub async fn exclusive(&self, op: &'static str) -> Result<Exclusive<'_>, StoreError> {
         let i = self.next_exclusive.fetch_add(1, Ordering::Relaxed) % self.exclusive.len();
         let mut slot = self.exclusive[i].lock().await;
+        let mut fresh = false;
         if slot.is_none() {
             if let Err(retry_in) = self.admit() {
                 return Err(self.circuit_open(op, retry_in));
             }
+            let config = AsyncConnectionConfig::new()
+                .set_response_timeout(Some(self.timeout))
+                .set_connection_timeout(Some(self.timeout.max(Duration::from_millis(250))));
             let made = tokio::time::timeout(
                 self.timeout.max(Duration::from_millis(250)),
-                ConnectionManager::new_with_config(
-                    self.client.clone(),
-                    self.manager_config.clone(),
-                ),
+                self.client
+                    .get_multiplexed_async_connection_with_config(&config),
             )
             .await;
             match made {
-                Ok(Ok(conn)) => *slot = Some(conn),
+                Ok(Ok(conn)) => {
+                    *slot = Some(conn);
+                    fresh = true;
+                }
                 Ok(Err(e)) => {
                     self.breaker.record(false);
                     return Err(self.error(op, e));
@@ -241,7 +271,11 @@ impl RedisConn {
                 }
             }
         }
-        Ok(Exclusive { owner: self, slot })
+        Ok(Exclusive {
+            owner: self,
+            slot,
+            fresh,
+        })
     }
 
     /// Round trips made so far (each pipeline or transaction is one).
@@ -281,27 +315,11 @@ impl RedisConn {
     /// open; feeds the breaker.
     async fn guarded(&self, pipe: &Pipeline) -> Result<Result<Vec<Value>, RedisError>, Duration> {
         self.admit()?;
-        let mut result = self.query_through(pipe).await;
-        // An operator's call on a connection that broke while Redis was
-        // away (a restart) is sent again once on the new one: the write
-        // failed, so nothing ran.
-        if self.operator {
-            if let Err(e) = &result {
-                if e.is_connection_dropped() || (e.is_io_error() && !e.is_timeout()) {
-                    result = self.query_through(pipe).await;
-                }
-            }
-        }
-        // A server error reply (a wrong type, NOGROUP) is an answer: Redis
-        // is up.
-        let reachable = match &result {
+        let result = self.query_through(pipe).await;
+        self.breaker.record(match &result {
             Ok(_) => true,
-            Err(e) => {
-                matches!(e.kind(), redis::ErrorKind::Server(_))
-                    || e.clone().into_server_errors().is_some()
-            }
-        };
-        self.breaker.record(reachable);
+            Err(e) => answered(e),
+        });
         Ok(result)
     }
 
@@ -323,6 +341,19 @@ impl RedisConn {
         match tokio::time::timeout(self.timeout, pipe.query_async::<Vec<Value>>(&mut conn)).await {
             Ok(result) => result,
             Err(_) => Err(timed_out()),
+        }
+    }
+
+    /// Sends a pipeline of reads; one that met a connection broken while
+    /// Redis was away (a restart) is sent once more on the new one, since
+    /// reading twice changes nothing.
+    pub async fn read(&self, op: &'static str, pipe: &Pipeline) -> Result<Vec<Value>, StoreError> {
+        match self.guarded(pipe).await {
+            Ok(Err(e)) if e.is_connection_dropped() || (e.is_io_error() && !e.is_timeout()) => {
+                self.run(op, pipe).await
+            }
+            Ok(result) => result.map_err(|e| self.error(op, e)),
+            Err(retry_in) => Err(self.circuit_open(op, retry_in)),
         }
     }
 
