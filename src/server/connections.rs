@@ -265,6 +265,59 @@ impl HeadScan {
     }
 }
 
+/// pingora's own limits on a request head (httparse's header array and the
+/// `http` crate's longest URI): past them it answers a bare 400 of its own.
+const PINGORA_MAX_HEADERS: usize = 256;
+const PINGORA_MAX_URI: usize = 65_534;
+
+/// Heads pingora would refuse with a bare 400 that the gate answers
+/// instead, with the JSON body and `X-Sluice-Outcome` every refusal has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Unfit {
+    /// A request target longer than pingora takes: 414.
+    UriTooLong,
+    /// More header fields than pingora takes: 431.
+    TooManyHeaders,
+    /// `Host` more than once (RFC 9112 section 3.2): 400.
+    TwoHosts,
+}
+
+/// Checks a complete head (from a [`HeadScan`]) for what pingora refuses
+/// without a hook: one pass over its lines, no parsing beyond that.
+fn unfit(head: &[u8]) -> Option<Unfit> {
+    let mut lines = head
+        .split(|b| *b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+        .skip_while(|l| l.is_empty());
+    let request_line = lines.next()?;
+    let target = request_line
+        .iter()
+        .position(|b| *b == b' ')
+        .zip(request_line.iter().rposition(|b| *b == b' '))
+        .map_or(0, |(first, last)| last.saturating_sub(first + 1));
+    if target > PINGORA_MAX_URI {
+        return Some(Unfit::UriTooLong);
+    }
+    let (mut fields, mut hosts) = (0, 0);
+    for line in lines.take_while(|l| !l.is_empty()) {
+        // A continuation line (obs-fold) is not a field of its own.
+        if matches!(line.first(), Some(b' ' | b'\t')) {
+            continue;
+        }
+        fields += 1;
+        if line.len() > 5 && line[..5].eq_ignore_ascii_case(b"host:") {
+            hosts += 1;
+        }
+    }
+    if fields > PINGORA_MAX_HEADERS {
+        Some(Unfit::TooManyHeaders)
+    } else if hosts > 1 {
+        Some(Unfit::TwoHosts)
+    } else {
+        None
+    }
+}
+
 /// When a request head must arrive.
 #[derive(Clone, Copy, Debug)]
 enum Deadline {
@@ -452,6 +505,12 @@ pub struct ConnectionGate<A> {
     late: Bytes,
     /// The 431 written to a client whose head outgrew `max_head_bytes`.
     too_large: Bytes,
+    /// The 414 written for a request target longer than pingora takes.
+    uri_too_long: Bytes,
+    /// The 431 written for more header fields than pingora takes.
+    too_many_headers: Bytes,
+    /// The 400 written for a request naming `Host` twice.
+    two_hosts: Bytes,
 }
 
 impl<A> ConnectionGate<A> {
@@ -486,7 +545,26 @@ impl<A> ConnectionGate<A> {
             None,
         );
         too_large.status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+        let refusal_of = |status: StatusCode, message: &str| {
+            let mut r = render(
+                &Answer::Invalid {
+                    message: message.into(),
+                },
+                None,
+            );
+            r.status = status;
+            closing_response(&r)
+        };
         Self {
+            uri_too_long: refusal_of(
+                StatusCode::URI_TOO_LONG,
+                &format!("request target over {PINGORA_MAX_URI} bytes"),
+            ),
+            too_many_headers: refusal_of(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                &format!("more than {PINGORA_MAX_HEADERS} header fields"),
+            ),
+            two_hosts: refusal_of(StatusCode::BAD_REQUEST, "Host: sent more than once"),
             app: Arc::new(app),
             limits,
             listener,
@@ -648,11 +726,22 @@ where
                 }
                 Head::Idle | Head::Closed => return,
             }
+            let h2_preface = buf.starts_with(H2_PREFACE_START);
+            if let Some(why) = unfit(&buf).filter(|_| !h2_preface) {
+                tracing::debug!(listener = self.listener, ?why, "request head refused");
+                let answer = match why {
+                    Unfit::UriTooLong => &self.uri_too_long,
+                    Unfit::TooManyHeaders => &self.too_many_headers,
+                    Unfit::TwoHosts => &self.two_hosts,
+                };
+                self.answer_and_close(&mut stream, answer).await;
+                return;
+            }
             let Some(rewound) = rewind(stream, &buf) else {
                 return;
             };
             stream = rewound;
-            if h2c && matches!(deadline, Deadline::Fresh(_)) && buf.starts_with(H2_PREFACE_START) {
+            if h2c && matches!(deadline, Deadline::Fresh(_)) && h2_preface {
                 // pingora's own h2c path: it peeks the preface again, from
                 // the bytes just put back.
                 self.app.process_new(stream, shutdown).await;
@@ -707,6 +796,27 @@ where
 
 #[cfg(test)]
 mod tests {
+    use super::{unfit, Unfit};
+
+    #[test]
+    fn heads_pingora_would_refuse_bare_are_told_apart() {
+        let ok =
+            b"GET /a?b=c HTTP/1.1\r\nHost: shop\r\nX-A: 1\r\n folded\r\n\r\nbody: not a header\r\n";
+        assert_eq!(unfit(ok), None);
+        let long = format!("GET /{} HTTP/1.1\r\nHost: shop\r\n\r\n", "a".repeat(65_534));
+        assert_eq!(unfit(long.as_bytes()), Some(Unfit::UriTooLong));
+        let just = format!("GET /{} HTTP/1.1\r\nHost: shop\r\n\r\n", "a".repeat(65_533));
+        assert_eq!(unfit(just.as_bytes()), None);
+        let mut many = String::from("GET / HTTP/1.1\r\n");
+        for i in 0..257 {
+            many.push_str(&format!("X-{i}: v\r\n"));
+        }
+        many.push_str("\r\n");
+        assert_eq!(unfit(many.as_bytes()), Some(Unfit::TooManyHeaders));
+        let hosts = b"\r\nGET / HTTP/1.1\nHost: a\nhOsT: b\n\n";
+        assert_eq!(unfit(hosts), Some(Unfit::TwoHosts));
+    }
+
     use super::*;
 
     /// Feeds `chunks` one after another into one buffer; the index of the
