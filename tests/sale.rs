@@ -404,3 +404,42 @@ async fn pass_capped_forwards_without_tickets_while_the_store_is_down() {
     );
     assert!(outcomes.iter().any(|o| o == "unavailable"), "{outcomes:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_failure_is_each_rules_own_choice() {
+    let mut redis = RedisServer::start();
+    let up = Upstream::start();
+    // The store says fail_closed; one rule says pass_capped for itself.
+    let store = format!(
+        "{{ backend: redis, pass_cap: 1, redis: {{ url: \"{}\", timeout: 200ms }} }}",
+        redis.url()
+    );
+    let vouchers = r#"rules:
+  - name: vouchers
+    match: { method: POST, path: "/api/vouchers/{sku}/grab" }
+    user: { header: X-User-Id }
+    sku: { path: sku }
+    on_failure: pass_capped
+"#;
+    let gw = Gateway::builder()
+        .config(&config(&up, &store))
+        .file("lua-free-rules/seckill.yaml", RULE)
+        .file("lua-free-rules/vouchers.yaml", vouchers)
+        .start();
+    redis.kill();
+    let (status, outcome) = buy(gw.listen(), "phone", "closed").await;
+    assert_eq!((status, outcome.as_str()), (503, "unavailable"));
+    let resp = request(
+        gw.listen(),
+        "POST",
+        "/api/vouchers/v1/grab",
+        &[("x-user-id", "open")],
+        b"{}",
+    )
+    .await;
+    assert_eq!(resp.header("x-sluice-outcome"), Some("forwarded"));
+    let seen = up.recorded();
+    assert_eq!(seen.len(), 1, "only the pass_capped rule reached the mall");
+    assert_eq!(seen[0].uri, "/api/vouchers/v1/grab");
+    assert_eq!(seen[0].header("x-sluice-ticket"), None);
+}
