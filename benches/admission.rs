@@ -62,6 +62,7 @@ async fn decide(adm: &Arc<Admission>, first_user: usize, n: usize) -> (Duration,
         let adm = adm.clone();
         tasks.push(tokio::spawn(async move {
             let mut won = 0;
+            let stage = adm.stage_named("bench").expect("the bench rule");
             let mut headers = HeaderMap::new();
             let mut i = worker;
             while i < n {
@@ -76,7 +77,7 @@ async fn decide(adm: &Arc<Admission>, first_user: usize, n: usize) -> (Duration,
                     },
                     client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
                 };
-                match adm.admit(0, &c).await {
+                match adm.admit(&stage, &c).await {
                     Verdict::Forward(hold) => {
                         // A winner's whole life: reserve (above), commit
                         // before the answer, keep the answer after it.

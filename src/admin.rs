@@ -171,9 +171,9 @@ impl AdminApp {
         rule: &str,
         sku: &str,
     ) -> Response<Vec<u8>> {
-        let Some(index) = self.admission.rule_index(rule) else {
+        if self.admission.stage_named(rule).is_none() {
             return error(StatusCode::NOT_FOUND, format!("no rule named {rule:?}"));
-        };
+        }
         if !valid_id(sku) {
             return error(
                 StatusCode::BAD_REQUEST,
@@ -205,7 +205,7 @@ impl AdminApp {
                         format!("body must be {{\"available\": N}} with N a whole number from 0 to {MAX_RESTOCK}"),
                     );
                 };
-                match self.admission.restock(index, &key, available).await {
+                match self.admission.restock(&key, available).await {
                     Ok(view) => json_reply(StatusCode::OK, &json!(view)),
                     // The change may have landed before the error (a reply
                     // lost to a timeout): say what the store holds now.

@@ -29,6 +29,8 @@ pub mod tickets;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{Config, OnFailure};
@@ -55,11 +57,85 @@ pub struct RuleStage {
     /// The rule.
     pub rule: Arc<Rule>,
     extractor: Extractor,
-    limits: RateLimitStage,
+    /// Its token buckets: kept across a reload that keeps its limits.
+    limits: Arc<RateLimitStage>,
     /// How long its holds may stay unsettled.
     pub leases: Leases,
     /// What it does while the store is down (its own, or the store's).
     on_failure: FailureMode,
+}
+
+impl RuleStage {
+    /// The stage of `rule` under `config`, taking over `old`'s token
+    /// buckets when its rate limits are the same.
+    fn build(rule: &Arc<Rule>, config: &Config, old: Option<&RuleStage>) -> Self {
+        let store_mode = match config.store.on_failure {
+            OnFailure::PassCapped { .. } => FailureMode::PassCapped,
+            OnFailure::FailClosed => FailureMode::FailClosed,
+        };
+        let limits = match old {
+            Some(o) if o.rule.rate_limits == rule.rate_limits => o.limits.clone(),
+            _ => Arc::new(RateLimitStage::new(&rule.rate_limits)),
+        };
+        Self {
+            rule: rule.clone(),
+            extractor: Extractor::new(rule),
+            limits,
+            leases: Leases::of(rule, config.upstream(rule.upstream), &config.store),
+            on_failure: rule.on_failure.unwrap_or(store_mode),
+        }
+    }
+
+    /// Whether this stage would be built the same from `other`.
+    fn same_as(&self, other: &RuleStage) -> bool {
+        self.rule == other.rule
+            && self.leases == other.leases
+            && self.on_failure == other.on_failure
+    }
+}
+
+/// The rules in force and their stages, swapped whole by a reload: a
+/// request keeps the stage it started with.
+pub struct RuleTable {
+    set: RuleSet,
+    stages: Vec<Arc<RuleStage>>,
+}
+
+impl RuleTable {
+    /// Stage 1: the rule a request matches by method and canonical path,
+    /// if any, or a refusal of its spelling.
+    pub fn find(&self, method: &http::Method, path: &str) -> Route<'_> {
+        self.set.find(method, path)
+    }
+
+    /// The stage of the rule at `index` (as [`RuleTable::find`] gives it).
+    pub fn stage(&self, index: usize) -> Option<&Arc<RuleStage>> {
+        self.stages.get(index)
+    }
+
+    /// The stage of the rule named `name`.
+    pub fn named(&self, name: &str) -> Option<&Arc<RuleStage>> {
+        self.stages.iter().find(|s| &*s.rule.name == name)
+    }
+
+    /// Every stage, in rule order.
+    pub fn stages(&self) -> &[Arc<RuleStage>] {
+        &self.stages
+    }
+}
+
+/// What a reload changed in the rules.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RulesChanged {
+    /// Rules new in this config.
+    pub added: Vec<String>,
+    /// Rules whose definition changed (their token buckets are kept when
+    /// their rate limits did not change).
+    pub changed: Vec<String>,
+    /// Rules gone.
+    pub removed: Vec<String>,
+    /// Rules kept as they were, state and all.
+    pub unchanged: Vec<String>,
 }
 
 /// What the pipeline needs to know of a request.
@@ -83,8 +159,7 @@ pub enum Verdict {
 
 /// The pipeline: rules, their stages, the ledger of holds and the queue.
 pub struct Admission {
-    rules: RuleSet,
-    stages: Vec<RuleStage>,
+    table: ArcSwap<RuleTable>,
     ledger: Arc<Ledger>,
     /// Shared by the rules that pass while the store is down.
     pass_permits: Arc<Semaphore>,
@@ -96,7 +171,7 @@ pub struct Admission {
     upstream_names: Vec<String>,
     /// Skus loaded through this node's admin API, whose gauge housekeeping
     /// refreshes (labels from admin actions only, never from shoppers).
-    loaded: std::sync::Mutex<std::collections::BTreeSet<(usize, String)>>,
+    loaded: std::sync::Mutex<std::collections::BTreeSet<SkuKey>>,
 }
 
 /// The client's `Idempotency-Key`, if it sent one; `Err` is the
@@ -143,31 +218,18 @@ impl Admission {
         rates: Arc<DrainRates>,
         journal: Journal,
     ) -> Self {
-        let store_mode = match config.store.on_failure {
-            OnFailure::PassCapped { .. } => FailureMode::PassCapped,
-            OnFailure::FailClosed => FailureMode::FailClosed,
-        };
-        let stages: Vec<RuleStage> = config
+        let stages = config
             .rules
             .rules()
             .iter()
-            .map(|rule| RuleStage {
-                rule: rule.clone(),
-                extractor: Extractor::new(rule),
-                limits: RateLimitStage::new(&rule.rate_limits),
-                leases: Leases::of(rule, config.upstream(rule.upstream), &config.store),
-                on_failure: rule.on_failure.unwrap_or(store_mode),
-            })
+            .map(|rule| Arc::new(RuleStage::build(rule, config, None)))
             .collect();
         Self {
-            ledger: Arc::new(Ledger::new(
-                store,
-                stages.len(),
-                config.store.result_ttl,
-                journal,
-            )),
-            rules: config.rules.clone(),
-            stages,
+            ledger: Arc::new(Ledger::new(store, config.store.result_ttl, journal)),
+            table: ArcSwap::from_pointee(RuleTable {
+                set: config.rules.clone(),
+                stages,
+            }),
             pass_permits: Arc::new(Semaphore::new(config.store.pass_cap as usize)),
             loaded: std::sync::Mutex::new(Default::default()),
             queue,
@@ -176,20 +238,62 @@ impl Admission {
         }
     }
 
-    /// Stage 1: the rule a request matches by method and canonical path,
-    /// if any, or a refusal of its spelling.
-    pub fn find(&self, method: &http::Method, path: &str) -> Route<'_> {
-        self.rules.find(method, path)
+    /// The rules in force now (a request keeps the table it started
+    /// with).
+    pub fn rules(&self) -> Arc<RuleTable> {
+        self.table.load_full()
     }
 
-    /// The stage of a rule index.
-    pub fn stage(&self, rule: usize) -> Option<&RuleStage> {
-        self.stages.get(rule)
+    /// The stage of the rule named `name` now.
+    pub fn stage_named(&self, name: &str) -> Option<Arc<RuleStage>> {
+        self.table.load().named(name).cloned()
     }
 
-    /// The rule index of a rule name.
-    pub fn rule_index(&self, name: &str) -> Option<usize> {
-        self.stages.iter().position(|s| &*s.rule.name == name)
+    /// Puts the rules of `config` in force: stages of rules that did not
+    /// change are kept (token buckets, sold-out flags and all), changed
+    /// ones are built anew (keeping their buckets when their rate limits
+    /// are the same), removed ones stop matching and their flags go.
+    /// Requests under way finish with the stages they started with.
+    pub fn apply(&self, config: &Config) -> RulesChanged {
+        let old = self.table.load_full();
+        let mut changed = RulesChanged::default();
+        let stages: Vec<Arc<RuleStage>> = config
+            .rules
+            .rules()
+            .iter()
+            .map(|rule| {
+                let before = old.named(&rule.name);
+                let fresh = RuleStage::build(rule, config, before.map(|s| &**s));
+                match before {
+                    Some(b) if b.same_as(&fresh) => {
+                        changed.unchanged.push(rule.name.to_string());
+                        b.clone()
+                    }
+                    Some(_) => {
+                        changed.changed.push(rule.name.to_string());
+                        Arc::new(fresh)
+                    }
+                    None => {
+                        changed.added.push(rule.name.to_string());
+                        Arc::new(fresh)
+                    }
+                }
+            })
+            .collect();
+        for gone in old.stages() {
+            if !stages.iter().any(|s| s.rule.name == gone.rule.name) {
+                changed.removed.push(gone.rule.name.to_string());
+                self.ledger.flags().forget_rule(&gone.rule.name);
+                if let Ok(mut loaded) = self.loaded.lock() {
+                    loaded.retain(|k| k.rule != gone.rule.name);
+                }
+            }
+        }
+        self.table.store(Arc::new(RuleTable {
+            set: config.rules.clone(),
+            stages,
+        }));
+        changed
     }
 
     /// The store (for the admin API and ticket polls).
@@ -202,16 +306,14 @@ impl Admission {
         &self.ledger
     }
 
-    /// The terms of a hold of rule `rule` (for the drainer, which takes
-    /// holds back from the queue).
-    pub fn terms(&self, rule: usize, qty: u32) -> Option<HoldTerms> {
-        let stage = self.stages.get(rule)?;
-        Some(HoldTerms {
-            rule,
+    /// The terms of a hold of `stage`'s rule (for the drainer, which
+    /// takes holds back from the queue).
+    pub fn terms(stage: &RuleStage, qty: u32) -> HoldTerms {
+        HoldTerms {
             qty,
             release_on: stage.rule.release_on,
             leases: stage.leases,
-        })
+        }
     }
 
     /// Background: returns expired holds (any node's) and retries the
@@ -223,25 +325,18 @@ impl Admission {
         if !self.ledger.journal().is_empty() {
             self.ledger.retry_pending().await;
         }
-        let _ = self.ledger.sweep(|name| self.rule_index(name)).await;
+        let _ = self.ledger.sweep().await;
     }
 
     /// An answer as written to the client: the rule's overrides, if any,
     /// on top of the contract's defaults.
-    pub fn render(&self, rule: Option<usize>, answer: &Answer) -> Rendered {
-        let overrides = rule
-            .and_then(|i| self.stages.get(i))
-            .and_then(|s| s.rule.responses.get(answer.outcome()));
+    pub fn render(stage: Option<&RuleStage>, answer: &Answer) -> Rendered {
+        let overrides = stage.and_then(|s| s.rule.responses.get(answer.outcome()));
         render(answer, overrides)
     }
 
-    /// Stages 2-7 for a request that matched rule `rule`.
-    pub async fn admit(&self, rule: usize, c: &Candidate<'_>) -> Verdict {
-        let Some(stage) = self.stages.get(rule) else {
-            return Verdict::Answer(Answer::Unavailable {
-                message: "rule not loaded".into(),
-            });
-        };
+    /// Stages 2-7 for a request that matched `stage`'s rule.
+    pub async fn admit(&self, stage: &RuleStage, c: &Candidate<'_>) -> Verdict {
         let r = &stage.rule;
         // 2. extract
         let attempt = match stage.extractor.extract(&c.parts) {
@@ -268,7 +363,7 @@ impl Admission {
             return Verdict::Answer(Answer::RateLimited { retry_after });
         }
         // 5. local sold-out flag
-        if self.ledger.flags().is_set(rule, &attempt.sku) {
+        if self.ledger.flags().is_set(&r.name, &attempt.sku) {
             return Verdict::Answer(Answer::SoldOut);
         }
         // 6. + 7. dedup and stock, one atomic step in the store
@@ -308,16 +403,11 @@ impl Admission {
         };
         match self.ledger.store().reserve(&reservation).await {
             Ok(Reserved::Won) => {
-                let terms = HoldTerms {
-                    rule,
-                    qty: attempt.qty,
-                    release_on: r.release_on,
-                    leases: stage.leases,
-                };
+                let terms = Self::terms(stage, attempt.qty);
                 Verdict::Forward(Hold::new(self.ledger.clone(), terms, key, ticket))
             }
             Ok(Reserved::SoldOut) => {
-                self.ledger.flags().set(rule, &attempt.sku);
+                self.ledger.flags().set(&r.name, &attempt.sku);
                 Verdict::Answer(Answer::SoldOut)
             }
             // Not enough for this quantity, but some left for others: no
@@ -347,27 +437,21 @@ impl Admission {
         let Some(record) = self.store().ticket(ticket).await? else {
             return Ok(None);
         };
-        let rule = self.rule_index(&record.key.rule).unwrap_or(usize::MAX);
         let moved = self
             .ledger
-            .release(rule, &record.key, ticket, ReleaseReason::Admin)
+            .release(&record.key, ticket, ReleaseReason::Admin)
             .await?;
         Ok(Some(moved))
     }
 
     /// Admin: sets the available units and clears the flag when positive.
-    pub async fn restock(
-        &self,
-        rule: usize,
-        key: &SkuKey,
-        available: u64,
-    ) -> Result<StockView, StoreError> {
+    pub async fn restock(&self, key: &SkuKey, available: u64) -> Result<StockView, StoreError> {
         let view = self.store().set_available(key, available).await?;
         if view.available > 0 {
-            self.ledger.flags().clear(rule, &key.sku);
+            self.ledger.flags().clear(&key.rule, &key.sku);
         }
         if let Ok(mut loaded) = self.loaded.lock() {
-            loaded.insert((rule, key.sku.to_string()));
+            loaded.insert(key.clone());
         }
         Ok(view)
     }
@@ -377,31 +461,23 @@ impl Admission {
     pub async fn housekeeping(&self) {
         // Reading availability refreshes `sluice_stock_available` (the
         // instrumented store sets it).
-        let loaded: Vec<(usize, String)> = self
+        let loaded: Vec<SkuKey> = self
             .loaded
             .lock()
             .map(|l| l.iter().cloned().collect())
             .unwrap_or_default();
-        for (rule, sku) in loaded {
-            if let Some(stage) = self.stages.get(rule) {
-                let _ = self
-                    .store()
-                    .available(&SkuKey::new(&stage.rule.name, &sku))
-                    .await;
-            }
+        for key in loaded {
+            let _ = self.store().available(&key).await;
         }
         let flags = self.ledger.flags();
         for (rule, sku) in flags.flagged() {
-            let Some(stage) = self.stages.get(rule) else {
-                continue;
-            };
-            let key = SkuKey::new(&stage.rule.name, &sku);
+            let key = SkuKey::new(&rule, &sku);
             match self.store().available(&key).await {
                 // Stock came back; or it is gone from the store altogether
                 // (Redis restarted empty): then the truth is "not loaded"
                 // (`unavailable`), which only the store can tell.
                 Ok(Some(0)) | Err(_) => {}
-                Ok(_) => flags.clear(rule, &sku),
+                Ok(_) => flags.clear(&rule, &sku),
             }
         }
     }
@@ -409,7 +485,7 @@ impl Admission {
     /// Background: drops rate-limit state of full buckets and the
     /// store's expired local state.
     pub fn prune(&self) {
-        for s in &self.stages {
+        for s in self.table.load().stages() {
             s.limits.prune();
         }
         self.store().prune();

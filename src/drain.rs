@@ -196,17 +196,14 @@ impl Inner {
                 return;
             }
         };
-        let Some((rule, stage)) = self
-            .admission
-            .rule_index(&req.key.rule)
-            .and_then(|i| Some((i, self.admission.stage(i)?)))
-        else {
-            // Its rule is gone (renamed across a restart): nobody can send
-            // it under the right rule; give its units back.
+        let Some(stage) = self.admission.stage_named(&req.key.rule) else {
+            // Its rule is gone (removed by a reload, renamed across a
+            // restart): nobody can send it under the right rule; give its
+            // units back.
             let _ = self
                 .admission
                 .ledger()
-                .release(usize::MAX, &req.key, req.ticket, ReleaseReason::Admin)
+                .release(&req.key, req.ticket, ReleaseReason::Admin)
                 .await;
             self.ack(&pool.config.name, &delivery).await;
             return;
@@ -220,9 +217,7 @@ impl Inner {
                 return;
             }
         }
-        let Some(terms) = self.admission.terms(rule, req.qty) else {
-            return;
-        };
+        let terms = Admission::terms(&stage, req.qty);
         let max_attempts = stage.rule.queue.max_attempts;
         let hold = self
             .admission

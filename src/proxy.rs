@@ -43,7 +43,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::admission::hold::{Hold, Receipt};
-use crate::admission::Admission;
+use crate::admission::{Admission, RuleStage};
 use crate::backend::{self, ClientHop, ForwardEnd};
 use crate::config::Config;
 use crate::metrics::{Metrics, UpstreamClass};
@@ -64,8 +64,8 @@ pub struct SluiceProxy {
 /// Per-request state carried across phases.
 pub struct RequestCtx {
     started: Instant,
-    /// The matched rule's index and name.
-    rule: Option<(usize, Arc<str>)>,
+    /// The matched rule's stage, as it was when the request started.
+    stage: Option<Arc<RuleStage>>,
     /// The rule's own spelling of the request's path, sent to the backend.
     path: Option<String>,
     outcome: Outcome,
@@ -88,7 +88,7 @@ impl RequestCtx {
     fn new(upstream: UpstreamId) -> Self {
         Self {
             started: Instant::now(),
-            rule: None,
+            stage: None,
             path: None,
             outcome: Outcome::Passthrough,
             upstream,
@@ -137,9 +137,7 @@ impl SluiceProxy {
         ctx: &mut RequestCtx,
         answer: &Answer,
     ) -> Result<()> {
-        let rendered = self
-            .admission
-            .render(ctx.rule.as_ref().map(|r| r.0), answer);
+        let rendered = Admission::render(ctx.stage.as_deref(), answer);
         ctx.outcome = rendered.outcome;
         write_answer(session, &rendered).await
     }
@@ -324,7 +322,7 @@ impl ProxyHttp for SluiceProxy {
         };
         // Headers may already be on the wire if the upstream failed
         // mid-body; then all we can do is close.
-        let code = self.admission.render(None, &answer).status.as_u16();
+        let code = Admission::render(None, &answer).status.as_u16();
         // A `100 Continue` sent before the body does not count as the answer.
         if session
             .response_written()
@@ -352,7 +350,7 @@ impl ProxyHttp for SluiceProxy {
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         // One line per decision, at debug only: never per request at info.
         tracing::debug!(
-            rule = ctx.rule.as_ref().map_or(crate::metrics::NO_RULE, |r| &*r.1),
+            rule = ctx.stage.as_ref().map_or(crate::metrics::NO_RULE, |s| &*s.rule.name),
             outcome = ctx.outcome.as_str(),
             status = session.response_written().map_or(0, |r| r.status.as_u16()),
             ticket = ?ctx.ticket.map(|t| t.to_string()),
@@ -376,7 +374,7 @@ impl ProxyHttp for SluiceProxy {
         ctx.pass_permit = None;
         ctx.slot = None;
         self.metrics.observe_request(
-            ctx.rule.as_ref().map(|r| &*r.1),
+            ctx.stage.as_ref().map(|s| &*s.rule.name),
             ctx.outcome,
             ctx.started.elapsed(),
         );

@@ -145,17 +145,12 @@ pub struct Ledger {
 const SWEEP_BATCH: usize = 1000;
 
 impl Ledger {
-    /// A ledger over `store` for `rules` rules, keeping answers for
-    /// `result_ttl` and failed settlements in `journal`.
-    pub fn new(
-        store: Arc<dyn Store>,
-        rules: usize,
-        result_ttl: Duration,
-        journal: Journal,
-    ) -> Self {
+    /// A ledger over `store`, keeping answers for `result_ttl` and failed
+    /// settlements in `journal`.
+    pub fn new(store: Arc<dyn Store>, result_ttl: Duration, journal: Journal) -> Self {
         Self {
             store,
-            flags: SoldOutFlags::new(rules),
+            flags: SoldOutFlags::new(),
             result_ttl,
             journal,
         }
@@ -166,15 +161,13 @@ impl Ledger {
         &self.journal
     }
 
-    /// Returns the units of every hold past its lease (any node's):
-    /// `rule` gives a sku's rule index, for its sold-out flag. Gives the
-    /// units returned.
-    pub async fn sweep(&self, rule: impl Fn(&str) -> Option<usize>) -> Result<u64, StoreError> {
+    /// Returns the units of every hold past its lease (any node's). Gives
+    /// the units returned.
+    pub async fn sweep(&self) -> Result<u64, StoreError> {
         let mut returned = 0;
         for (key, ticket) in self.store.expired(SWEEP_BATCH).await? {
-            let index = rule(&key.rule).unwrap_or(usize::MAX);
             match self
-                .release(index, &key, ticket, ReleaseReason::LeaseExpired)
+                .release(&key, ticket, ReleaseReason::LeaseExpired)
                 .await
             {
                 Ok(moved) => {
@@ -205,11 +198,10 @@ impl Ledger {
                     answer,
                 } => self.commit(key, *ticket, answer.as_ref()).await.map(drop),
                 Pending::Release {
-                    rule,
                     key,
                     ticket,
                     reason,
-                } => self.release(*rule, key, *ticket, *reason).await.map(drop),
+                } => self.release(key, *ticket, *reason).await.map(drop),
                 Pending::InDoubt { key, ticket, lease } => self
                     .store
                     .set_state(key, *ticket, TicketState::Held, *lease)
@@ -279,14 +271,13 @@ impl Ledger {
     /// Returns a ticket's units and clears the local sold-out flag.
     pub async fn release(
         &self,
-        rule: usize,
         key: &SkuKey,
         ticket: TicketId,
         reason: ReleaseReason,
     ) -> Result<u64, StoreError> {
         let moved = self.store.release(key, ticket, reason).await?;
         if moved > 0 {
-            self.flags.clear(rule, &key.sku);
+            self.flags.clear(&key.rule, &key.sku);
         }
         Ok(moved)
     }
@@ -315,8 +306,6 @@ impl Ledger {
 /// What a hold needs of its rule to settle.
 #[derive(Clone, Copy, Debug)]
 pub struct HoldTerms {
-    /// Index of the rule (for its sold-out flags).
-    pub rule: usize,
     /// Units held.
     pub qty: u32,
     /// The rule's `release_on`.
@@ -508,11 +497,10 @@ impl Held {
                 }
                 (
                     ledger
-                        .release(self.terms.rule, &self.key, self.ticket, reason)
+                        .release(&self.key, self.ticket, reason)
                         .await
                         .map(drop),
                     Pending::Release {
-                        rule: self.terms.rule,
                         key: self.key.clone(),
                         ticket: self.ticket,
                         reason,
@@ -647,7 +635,6 @@ mod tests {
             Reserved::Won
         );
         let terms = HoldTerms {
-            rule: 0,
             qty: 1,
             release_on: on(&[]),
             leases: Leases {
@@ -666,7 +653,6 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let ledger = Arc::new(Ledger::new(
             store.clone(),
-            1,
             Duration::from_secs(60),
             Journal::in_memory(),
         ));
@@ -689,7 +675,6 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let ledger = Arc::new(Ledger::new(
             store.clone(),
-            1,
             Duration::from_secs(60),
             Journal::in_memory(),
         ));
@@ -708,7 +693,6 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let ledger = Arc::new(Ledger::new(
             store.clone(),
-            1,
             Duration::from_secs(60),
             Journal::in_memory(),
         ));

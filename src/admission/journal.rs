@@ -37,8 +37,6 @@ pub enum Pending {
     },
     /// Return the ticket's units.
     Release {
-        /// Its rule's index (for the sold-out flag).
-        rule: usize,
         /// Its stock.
         key: SkuKey,
         /// The ticket.
@@ -66,8 +64,6 @@ struct Line {
     done: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     op: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    rule: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     rule_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -108,13 +104,11 @@ impl Line {
                 (key, ticket)
             }
             Pending::Release {
-                rule,
                 key,
                 ticket,
                 reason,
             } => {
                 l.op = Some("release".into());
-                l.rule = Some(*rule);
                 l.reason = Some(reason.as_str().into());
                 (key, ticket)
             }
@@ -160,7 +154,6 @@ impl Line {
                     .into_iter()
                     .find(|r| Some(r.as_str()) == self.reason.as_deref())?;
                 Some(Pending::Release {
-                    rule: self.rule.unwrap_or(usize::MAX),
                     key,
                     ticket,
                     reason,
@@ -403,7 +396,6 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("sluice.journal");
         let release = Pending::Release {
-            rule: 0,
             key: SkuKey::new("phone", "p1"),
             ticket: TicketId(2),
             reason: ReleaseReason::Timeout,

@@ -8,7 +8,7 @@
 use std::future::Future;
 
 use super::hold::{Hold, Settlement};
-use super::Admission;
+use super::{Admission, RuleStage};
 use crate::outcome::Answer;
 use crate::queue::QueuedRequest;
 use crate::store::TicketState;
@@ -27,20 +27,16 @@ pub enum Waited {
 }
 
 impl Admission {
-    /// A slot of `pool` for a winner of rule `rule`, now or within the
+    /// A slot of `pool` for a winner of `stage`'s rule, now or within the
     /// rule's `max_wait`; `client_gone` resolves if the client leaves.
     pub async fn wait_for_slot(
         &self,
         hold: Hold,
-        rule: usize,
+        stage: &RuleStage,
         pool: &UpstreamPool,
         client_gone: impl Future<Output = ()>,
     ) -> Waited {
-        let max_wait = self
-            .stages
-            .get(rule)
-            .map(|s| s.rule.queue.max_wait)
-            .unwrap_or_default();
+        let max_wait = stage.rule.queue.max_wait;
         let waited = tokio::select! {
             // A slot free now wins over a close seen at the same moment: the
             // order then goes out whole and is settled by its answer.
@@ -70,10 +66,10 @@ impl Admission {
         &self,
         hold: Hold,
         request: Option<QueuedRequest>,
-        rule: usize,
+        stage: &RuleStage,
         pool: &UpstreamPool,
     ) -> Answer {
-        let capacity = self.stages.get(rule).map_or(0, |s| s.rule.queue.capacity);
+        let capacity = stage.rule.queue.capacity;
         let Some(request) = request else {
             return self.refuse(hold, BUSY).await;
         };

@@ -2,55 +2,65 @@
 //! losers on this node are answered without a round trip. The flag clears
 //! when stock comes back: at once for releases and restocks made on this
 //! node, and within one recheck interval for those made on other nodes
-//! (a short poll of the store's availability).
+//! (a short poll of the store's availability). Flags are keyed by rule
+//! name, so they survive a config reload for the rules it keeps.
 
-use std::collections::HashSet;
-use std::sync::RwLock;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
 
-/// Sold-out skus, one set per rule (indexed like the rule set).
+/// Sold-out skus, by rule name.
+#[derive(Default)]
 pub struct SoldOutFlags {
-    per_rule: Vec<RwLock<HashSet<Box<str>>>>,
+    by_rule: RwLock<HashMap<Arc<str>, HashSet<Box<str>>>>,
 }
 
 impl SoldOutFlags {
-    /// Flags for `rules` rules, all clear.
-    pub fn new(rules: usize) -> Self {
-        Self {
-            per_rule: (0..rules).map(|_| RwLock::new(HashSet::new())).collect(),
-        }
+    /// No sku flagged.
+    pub fn new() -> Self {
+        Self::default()
     }
 
     /// Whether the sku is flagged sold out.
-    pub fn is_set(&self, rule: usize, sku: &str) -> bool {
-        self.per_rule
-            .get(rule)
-            .and_then(|set| set.read().ok().map(|s| s.contains(sku)))
-            .unwrap_or(false)
+    pub fn is_set(&self, rule: &str, sku: &str) -> bool {
+        self.by_rule
+            .read()
+            .ok()
+            .is_some_and(|m| m.get(rule).is_some_and(|s| s.contains(sku)))
     }
 
     /// Flags a sku the store said is gone.
-    pub fn set(&self, rule: usize, sku: &str) {
-        if let Some(Ok(mut s)) = self.per_rule.get(rule).map(|l| l.write()) {
-            s.insert(Box::from(sku));
+    pub fn set(&self, rule: &Arc<str>, sku: &str) {
+        if let Ok(mut m) = self.by_rule.write() {
+            m.entry(rule.clone()).or_default().insert(Box::from(sku));
         }
     }
 
     /// Clears a sku whose stock came back.
-    pub fn clear(&self, rule: usize, sku: &str) {
-        if let Some(Ok(mut s)) = self.per_rule.get(rule).map(|l| l.write()) {
-            s.remove(sku);
+    pub fn clear(&self, rule: &str, sku: &str) {
+        if let Ok(mut m) = self.by_rule.write() {
+            if let Some(s) = m.get_mut(rule) {
+                s.remove(sku);
+            }
+        }
+    }
+
+    /// Forgets every flag of a rule (a reload removed it).
+    pub fn forget_rule(&self, rule: &str) {
+        if let Ok(mut m) = self.by_rule.write() {
+            m.remove(rule);
         }
     }
 
     /// Every flagged `(rule, sku)`, for the recheck poll.
-    pub fn flagged(&self) -> Vec<(usize, String)> {
-        let mut out = Vec::new();
-        for (rule, set) in self.per_rule.iter().enumerate() {
-            if let Ok(s) = set.read() {
-                out.extend(s.iter().map(|sku| (rule, sku.to_string())));
-            }
-        }
-        out
+    pub fn flagged(&self) -> Vec<(Arc<str>, String)> {
+        self.by_rule.read().map_or_else(
+            |_| Vec::new(),
+            |m| {
+                m.iter()
+                    .flat_map(|(rule, skus)| skus.iter().map(|s| (rule.clone(), s.to_string())))
+                    .collect()
+            },
+        )
     }
 }
 
@@ -60,16 +70,18 @@ mod tests {
 
     #[test]
     fn set_check_clear() {
-        let f = SoldOutFlags::new(2);
-        assert!(!f.is_set(0, "p1"));
-        f.set(0, "p1");
-        assert!(f.is_set(0, "p1"));
-        assert!(!f.is_set(1, "p1"), "flags are per rule");
-        assert_eq!(f.flagged(), vec![(0, "p1".to_string())]);
-        f.clear(0, "p1");
-        assert!(!f.is_set(0, "p1"));
-        // Out-of-range rules are never flagged and never panic.
-        f.set(9, "x");
-        assert!(!f.is_set(9, "x"));
+        let f = SoldOutFlags::new();
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        assert!(!f.is_set("a", "p1"));
+        f.set(&a, "p1");
+        assert!(f.is_set("a", "p1"));
+        assert!(!f.is_set("b", "p1"), "flags are per rule");
+        assert_eq!(f.flagged(), vec![(a.clone(), "p1".to_string())]);
+        f.clear("a", "p1");
+        assert!(!f.is_set("a", "p1"));
+        f.set(&b, "x");
+        f.forget_rule("b");
+        assert!(!f.is_set("b", "x"));
+        assert!(f.flagged().is_empty());
     }
 }

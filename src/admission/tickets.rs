@@ -25,8 +25,7 @@ impl Admission {
         let upstream = record
             .as_ref()
             .filter(|r| r.state == TicketState::Queued)
-            .and_then(|r| self.rule_index(&r.key.rule))
-            .and_then(|i| self.stages.get(i))
+            .and_then(|r| self.stage_named(&r.key.rule))
             .and_then(|s| self.upstream_names.get(s.rule.upstream.0));
         let (position, eta_seconds) = match upstream {
             Some(u) => {

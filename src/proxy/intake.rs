@@ -13,7 +13,7 @@ use super::{RequestCtx, SluiceProxy};
 use crate::admission::extract::RequestParts;
 use crate::admission::hold::Hold;
 use crate::admission::overflow::Waited;
-use crate::admission::{Candidate, Verdict};
+use crate::admission::{Candidate, RuleStage, Verdict};
 use crate::backend::{self, forwarded};
 use crate::outcome::{Answer, Outcome};
 use crate::queue::QueuedRequest;
@@ -60,10 +60,13 @@ impl SluiceProxy {
                 return Ok(true);
             }
         }
-        let m = match self.admission.find(&req.method, req.uri.path()) {
+        // This request keeps the rules in force now, whatever a reload
+        // does meanwhile.
+        let rules = self.admission.rules();
+        let m = match rules.find(&req.method, req.uri.path()) {
             Route::Unmatched => return Ok(false),
             Route::Refused(r) => {
-                ctx.rule = Some((r.index, r.rule.name.clone()));
+                ctx.stage = rules.stage(r.index).cloned();
                 // The body was not read: the connection cannot be reused.
                 session.set_keepalive(None);
                 self.answer(session, ctx, &Answer::Invalid { message: r.message })
@@ -72,24 +75,26 @@ impl SluiceProxy {
             }
             Route::Rule(m) => m,
         };
-        ctx.rule = Some((m.index, m.rule.name.clone()));
+        let Some(stage) = rules.stage(m.index).cloned() else {
+            return Ok(false);
+        };
         ctx.upstream = m.rule.upstream;
         ctx.path = Some(m.path);
-        let index = m.index;
         let captures: Vec<(String, String)> = m
             .captures
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect();
-        self.admit(session, ctx, index, &captures).await
+        ctx.stage = Some(stage.clone());
+        self.admit(session, ctx, &stage, &captures).await
     }
 
-    /// Stages 2-8 for a request that matched rule `index`.
+    /// Stages 2-8 for a request that matched `stage`'s rule.
     async fn admit(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
-        index: usize,
+        stage: &RuleStage,
         captures: &[(String, String)],
     ) -> Result<bool> {
         if let Some(message) = backend::host_problem(session.req_header(), true) {
@@ -130,7 +135,7 @@ impl SluiceProxy {
                     &self.config.trusted_proxies,
                 ),
             };
-            self.admission.admit(index, &candidate).await
+            self.admission.admit(stage, &candidate).await
         };
         let hold = match verdict {
             Verdict::Answer(answer) => {
@@ -151,7 +156,7 @@ impl SluiceProxy {
         let gone = async {
             let _ = session.as_downstream_mut().read_body_or_idle(true).await;
         };
-        match self.admission.wait_for_slot(hold, index, pool, gone).await {
+        match self.admission.wait_for_slot(hold, stage, pool, gone).await {
             Waited::Slot(hold, slot) => {
                 // From here the order goes out whole: a client that
                 // half-closes after sending it still gets it placed and
@@ -168,7 +173,7 @@ impl SluiceProxy {
             Waited::Full(hold) => {
                 ctx.ticket = Some(hold.ticket());
                 let request = self.queued_request(session, &hold, body, ctx.path.as_deref());
-                let answer = self.admission.enqueue(hold, request, index, pool).await;
+                let answer = self.admission.enqueue(hold, request, stage, pool).await;
                 self.answer(session, ctx, &answer).await?;
                 Ok(true)
             }
