@@ -2,8 +2,8 @@
 //! (the process is up), `GET /readyz` (the store answers and at least one
 //! upstream server is healthy), and the admin API under `/admin/v1/`:
 //! stock (`PUT`/`GET /admin/v1/stock/{rule}/{sku}`) and releases
-//! (`POST /admin/v1/release`) and the effective config, redacted
-//! (`GET /admin/v1/config`). Everything under `/admin/` needs
+//! (`POST /admin/v1/release`), reloads (`POST /admin/v1/reload`) and the
+//! effective config, redacted (`GET /admin/v1/config`). Everything under `/admin/` needs
 //! `Authorization: Bearer <token>` when `admin.token_env` names a set
 //! variable.
 //!
@@ -13,6 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
 use pingora_core::apps::http_app::ServeHttp;
@@ -23,6 +24,7 @@ use subtle::ConstantTimeEq;
 use crate::admission::Admission;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::reload::{ReloadError, Reloader};
 use crate::store::StoreError;
 use crate::upstream::Upstreams;
 use crate::vocab::valid_id;
@@ -40,10 +42,11 @@ const READY_STORE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The admin HTTP app.
 pub struct AdminApp {
-    config: Arc<Config>,
+    config: Arc<ArcSwap<Config>>,
     metrics: Arc<Metrics>,
     upstreams: Arc<Upstreams>,
     admission: Arc<Admission>,
+    reloader: Arc<Reloader>,
     token: Option<Vec<u8>>,
 }
 
@@ -74,10 +77,11 @@ fn store_error(e: &StoreError) -> Response<Vec<u8>> {
 impl AdminApp {
     /// An admin app; the token is read once from `token_env` if it is set.
     pub fn new(
-        config: Arc<Config>,
+        config: Arc<ArcSwap<Config>>,
         metrics: Arc<Metrics>,
         upstreams: Arc<Upstreams>,
         admission: Arc<Admission>,
+        reloader: Arc<Reloader>,
         token_env: Option<&str>,
     ) -> Self {
         let token = token_env.and_then(|name| match std::env::var(name) {
@@ -95,6 +99,7 @@ impl AdminApp {
             metrics,
             upstreams,
             admission,
+            reloader,
             token,
         }
     }
@@ -121,8 +126,8 @@ impl AdminApp {
             .iter()
             .map(|p| {
                 json!({
-                    "name": p.config.name,
-                    "servers": p.config.servers.len(),
+                    "name": p.name(),
+                    "servers": p.config().servers.len(),
                     "healthy": p.healthy_servers(),
                 })
             })
@@ -251,6 +256,30 @@ impl AdminApp {
     }
 }
 
+impl AdminApp {
+    /// `POST /admin/v1/reload`: 200 with what changed, or 422 with every
+    /// problem (the old config keeps serving).
+    async fn reload(&self) -> Response<Vec<u8>> {
+        let result = self.reloader.reload().await;
+        Reloader::log(&result, "admin API");
+        match result {
+            Ok(reloaded) => json_reply(StatusCode::OK, &json!({"reloaded": reloaded})),
+            Err(e) => {
+                let kind = match e {
+                    ReloadError::Invalid(_) => "invalid config",
+                    ReloadError::NeedsRestart(_) => "needs a restart",
+                    _ => "not applied",
+                };
+                json_reply(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &json!({"error": format!("reload refused ({kind}); the old config keeps serving"),
+                            "problems": e.problems()}),
+                )
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
@@ -267,9 +296,11 @@ impl ServeHttp for AdminApp {
                     self.stock(session, &method, rule, sku).await
                 }
                 (&Method::POST, ["admin", "v1", "release"]) => self.release(session).await,
-                (&Method::GET, ["admin", "v1", "config"]) => {
-                    json_reply(StatusCode::OK, &crate::config::view::view(&self.config))
-                }
+                (&Method::GET, ["admin", "v1", "config"]) => json_reply(
+                    StatusCode::OK,
+                    &crate::config::view::view(&self.config.load()),
+                ),
+                (&Method::POST, ["admin", "v1", "reload"]) => self.reload().await,
                 _ => error(
                     StatusCode::NOT_FOUND,
                     format!("no admin endpoint {method} {path}"),

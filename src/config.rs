@@ -13,6 +13,7 @@
 pub mod error;
 pub mod model;
 pub mod raw;
+pub mod restart;
 pub mod rule_build;
 pub mod rule_raw;
 pub mod units;

@@ -142,9 +142,9 @@ impl Inner {
         let Some(pool) = self.upstreams.pools().get(index) else {
             return;
         };
-        let name = pool.config.name.clone();
+        let name = pool.name().to_string();
         let claim_idle_ms =
-            u64::try_from(pool.config.queue_claim_idle.as_millis()).unwrap_or(u64::MAX);
+            u64::try_from(pool.config().queue_claim_idle.as_millis()).unwrap_or(u64::MAX);
         let mut depth_seen: Option<Instant> = None;
         loop {
             if *shutdown.borrow() {
@@ -205,7 +205,7 @@ impl Inner {
                 .ledger()
                 .release(&req.key, req.ticket, ReleaseReason::Admin)
                 .await;
-            self.ack(&pool.config.name, &delivery).await;
+            self.ack(pool.name(), &delivery).await;
             return;
         };
         match state {
@@ -213,7 +213,7 @@ impl Inner {
             // Done already (a slow node finished it), released by an
             // operator, or expired: nothing to send.
             _ => {
-                self.ack(&pool.config.name, &delivery).await;
+                self.ack(pool.name(), &delivery).await;
                 return;
             }
         }
@@ -227,21 +227,21 @@ impl Inner {
         // keep the entry's idle time below the takeover threshold.
         let _heartbeat = Heartbeat::start(
             self.queue.clone(),
-            pool.config.name.clone(),
+            pool.name().to_string(),
             self.consumer.clone(),
             delivery.clone(),
-            pool.config.queue_claim_idle / 3,
+            pool.config().queue_claim_idle / 3,
         );
         let waited = Duration::from_millis(now_ms().saturating_sub(req.queued_at_ms));
-        self.metrics.observe_queue_wait(&pool.config.name, waited);
-        self.rates.record(&pool.config.name);
+        self.metrics.observe_queue_wait(pool.name(), waited);
+        self.rates.record(pool.name());
         let mut attempt = 1;
         loop {
             // Tell the queue this node is alive and still on it, so the
             // entry is not taken over while a slow try or a retry runs.
             if let Err(e) = self
                 .queue
-                .touch(&pool.config.name, &self.consumer, &delivery)
+                .touch(pool.name(), &self.consumer, &delivery)
                 .await
             {
                 tracing::debug!(ticket = %req.ticket, error = %e, "queue touch failed");
@@ -252,7 +252,7 @@ impl Inner {
             if let Ok(false) = hold.set_state(TicketState::Held).await {
                 tracing::info!(ticket = %req.ticket, "queued order past its lease; not sent");
                 hold.relinquish();
-                self.ack(&pool.config.name, &delivery).await;
+                self.ack(pool.name(), &delivery).await;
                 return;
             }
             let (end, answer) = self.send(pool, req).await;
@@ -280,7 +280,7 @@ impl Inner {
                 tracing::warn!(ticket = %req.ticket, error = %e, "could not settle a queued ticket");
                 return;
             }
-            self.ack(&pool.config.name, &delivery).await;
+            self.ack(pool.name(), &delivery).await;
             drop(slot);
             return;
         }
@@ -308,12 +308,12 @@ impl Inner {
         match sent {
             Ok(answer) => {
                 self.metrics
-                    .observe_upstream(&pool.config.name, UpstreamClass::of_status(answer.status));
+                    .observe_upstream(pool.name(), UpstreamClass::of_status(answer.status));
                 (ForwardEnd::Answered(answer.status), Some(answer))
             }
             Err(end) => {
                 self.metrics
-                    .observe_upstream(&pool.config.name, UpstreamClass::Error);
+                    .observe_upstream(pool.name(), UpstreamClass::Error);
                 (end, None)
             }
         }
@@ -331,7 +331,7 @@ impl Inner {
         header: RequestHeader,
         body: Bytes,
     ) -> Result<StoredResponse, ForwardEnd> {
-        let budget = pool.config.connect_timeout + pool.config.read_timeout;
+        let budget = pool.config().connect_timeout + pool.config().read_timeout;
         let mut retried = false;
         let mut session = loop {
             let (mut session, reused) = self
@@ -388,7 +388,7 @@ impl Inner {
             }
             Ok::<_, Box<pingora_core::Error>>(kept)
         };
-        let kept = match tokio::time::timeout(pool.config.read_timeout, read_body).await {
+        let kept = match tokio::time::timeout(pool.config().read_timeout, read_body).await {
             Ok(Ok(kept)) => kept,
             Ok(Err(e)) => return Err(backend::end_of(&e, true)),
             Err(_) => return Err(ForwardEnd::Timeout),

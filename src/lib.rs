@@ -19,7 +19,8 @@
 //! | `drain` | the background sender of queued winners |
 //! | `reconcile` | `sluice reconcile`: ledger checks and repairs after a crash |
 //! | `proxy` | the pingora glue, one or two calls per phase |
-//! | `admin` | the admin listener: metrics, health, stock and release API |
+//! | `reload` | SIGHUP and admin reloads: validate, refuse restart-only changes, swap |
+//! | `admin` | the admin listener: metrics, health, stock, release and reload API |
 //! | `server` | builds and runs the pingora server from a config |
 //! | `logging` | tracing set-up |
 //!
@@ -51,6 +52,7 @@ pub mod outcome;
 pub mod proxy;
 pub mod queue;
 pub mod reconcile;
+pub mod reload;
 pub mod rules;
 pub mod server;
 pub mod store;

@@ -101,6 +101,8 @@ pub struct Metrics {
     queue_wait: HistogramVec,
     oversold: IntCounterVec,
     settlements_pending: IntGauge,
+    /// `sluice_config_reloads_total{result}`: `ok` or `rejected`.
+    pub config_reloads: IntCounterVec,
 }
 
 fn outcome_index(o: Outcome) -> usize {
@@ -197,6 +199,18 @@ impl Metrics {
             "Commits and releases that could not reach the store, kept in the journal \
              and retried until they land.",
         )?;
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "sluice_config_reloads_total",
+                "Config reloads (SIGHUP or the admin API), by result: ok, or rejected \
+                 (the old config keeps serving).",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(config_reloads.clone()))?;
+        for result in ["ok", "rejected"] {
+            config_reloads.with_label_values(&[result]);
+        }
         registry.register(Box::new(oversold.clone()))?;
         registry.register(Box::new(settlements_pending.clone()))?;
         registry.register(Box::new(upstream_inflight.clone()))?;
@@ -213,24 +227,16 @@ impl Metrics {
         registry.register(Box::new(requests_total.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(upstream_responses.clone()))?;
-        let series = |rule: &str| RuleSeries {
+        let unmatched = RuleSeries {
             requests: Outcome::ALL
                 .iter()
-                .map(|o| requests_total.with_label_values(&[rule, o.as_str()]))
+                .map(|o| requests_total.with_label_values(&[NO_RULE, o.as_str()]))
                 .collect(),
             durations: Outcome::ALL
                 .iter()
-                .map(|o| request_duration.with_label_values(&[rule, o.as_str()]))
+                .map(|o| request_duration.with_label_values(&[NO_RULE, o.as_str()]))
                 .collect(),
         };
-        let unmatched = series(NO_RULE);
-        for rule in rules {
-            series(rule);
-            oversold.with_label_values(&[rule]);
-            for reason in ReleaseReason::ALL {
-                released.with_label_values(&[rule, reason.as_str()]);
-            }
-        }
         for upstream in upstreams {
             upstream_inflight.with_label_values(&[upstream]);
             queue_depth.with_label_values(&[upstream]);
@@ -239,7 +245,7 @@ impl Metrics {
                 upstream_responses.with_label_values(&[upstream, class.as_str()]);
             }
         }
-        Ok(Self {
+        let metrics = Self {
             registry,
             requests_total,
             request_duration,
@@ -254,7 +260,25 @@ impl Metrics {
             queue_wait,
             oversold,
             settlements_pending,
-        })
+            config_reloads,
+        };
+        for rule in rules {
+            metrics.add_rule(rule);
+        }
+        Ok(metrics)
+    }
+
+    /// Creates the series of a rule at 0 (at start, and for a rule a
+    /// reload adds), so dashboards see it before its first request.
+    pub fn add_rule(&self, rule: &str) {
+        for o in Outcome::ALL {
+            self.requests_total.with_label_values(&[rule, o.as_str()]);
+            self.request_duration.with_label_values(&[rule, o.as_str()]);
+        }
+        self.oversold.with_label_values(&[rule]);
+        for reason in ReleaseReason::ALL {
+            self.released.with_label_values(&[rule, reason.as_str()]);
+        }
     }
 
     /// Counts units a late commit could not take back.

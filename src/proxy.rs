@@ -34,6 +34,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora_core::upstreams::peer::HttpPeer;
@@ -55,7 +56,7 @@ use respond::{failure_answer, write_answer, KeptAnswer, OUTCOME_HEADER};
 
 /// The proxy service: shared, read-only state for every request.
 pub struct SluiceProxy {
-    config: Arc<Config>,
+    config: Arc<ArcSwap<Config>>,
     upstreams: Arc<Upstreams>,
     metrics: Arc<Metrics>,
     admission: Arc<Admission>,
@@ -108,7 +109,7 @@ impl RequestCtx {
 impl SluiceProxy {
     /// A proxy over the given config, pools, metrics and pipeline.
     pub fn new(
-        config: Arc<Config>,
+        config: Arc<ArcSwap<Config>>,
         upstreams: Arc<Upstreams>,
         metrics: Arc<Metrics>,
         admission: Arc<Admission>,
@@ -162,7 +163,7 @@ impl ProxyHttp for SluiceProxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::new(self.config.default_upstream)
+        RequestCtx::new(self.config.load().default_upstream)
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
@@ -178,7 +179,7 @@ impl ProxyHttp for SluiceProxy {
     ) -> Result<()> {
         // Chunked bodies have no Content-Length to check up front.
         ctx.body_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
-        if ctx.body_bytes > self.config.limits.max_body_bytes {
+        if ctx.body_bytes > self.config.load().limits.max_body_bytes {
             return Error::e_explain(ErrorType::HTTPStatus(413), "request body over the limit");
         }
         Ok(())
@@ -194,7 +195,7 @@ impl ProxyHttp for SluiceProxy {
             || {
                 Error::e_explain(
                     ErrorType::ConnectNoRoute,
-                    format!("upstream {}: no healthy server", pool.config.name),
+                    format!("upstream {}: no healthy server", pool.name()),
                 )
             },
             Ok,
@@ -210,11 +211,11 @@ impl ProxyHttp for SluiceProxy {
     ) -> Box<Error> {
         let pool = self.upstreams.pool(ctx.upstream);
         self.metrics
-            .observe_upstream(&pool.config.name, UpstreamClass::Error);
+            .observe_upstream(pool.name(), UpstreamClass::Error);
         // The request never left: trying the next server is safe even for
         // POST. Each server gets one try per request.
         ctx.connect_failures += 1;
-        if ctx.connect_failures < pool.config.servers.len() {
+        if ctx.connect_failures < pool.config().servers.len() {
             e.set_retry(true);
         }
         e
@@ -231,7 +232,7 @@ impl ProxyHttp for SluiceProxy {
         if e.esource() == &ErrorSource::Upstream {
             let pool = self.upstreams.pool(ctx.upstream);
             self.metrics
-                .observe_upstream(&pool.config.name, UpstreamClass::Error);
+                .observe_upstream(pool.name(), UpstreamClass::Error);
         }
         let mut e = e.more_context(format!("peer: {peer}"));
         // Only idempotent requests on a reused connection may be retried:
@@ -250,9 +251,10 @@ impl ProxyHttp for SluiceProxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        let config = self.config.load();
         let from = ClientHop {
             peer: self.peer(session),
-            trusted: &self.config.trusted_proxies,
+            trusted: &config.trusted_proxies,
         };
         let ticket = ctx.hold.as_ref().map(Hold::ticket_headers);
         backend::present(upstream_request, from, ticket, ctx.path.as_deref())?;
@@ -274,7 +276,7 @@ impl ProxyHttp for SluiceProxy {
             return Ok(());
         }
         let status = upstream_response.status.as_u16();
-        let upstream = &self.upstreams.pool(ctx.upstream).config.name;
+        let upstream = &self.upstreams.pool(ctx.upstream).name();
         self.metrics
             .observe_upstream(upstream, UpstreamClass::of_status(status));
         upstream_response.insert_header(OUTCOME_HEADER, ctx.outcome.as_str())?;
@@ -313,7 +315,7 @@ impl ProxyHttp for SluiceProxy {
         );
         self.settle(ctx, backend::end_of(e, delivered)).await;
         tracing::debug!(error = %e, "request failed");
-        let Some(answer) = failure_answer(e, self.config.limits.max_body_bytes) else {
+        let Some(answer) = failure_answer(e, self.config.load().limits.max_body_bytes) else {
             ctx.outcome = Outcome::Invalid;
             return FailToProxy {
                 error_code: 0,

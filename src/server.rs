@@ -13,6 +13,8 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+
 use pingora_core::apps::http_app::HttpServer;
 use pingora_core::apps::HttpServerOptions;
 use pingora_core::server::configuration::ServerConf;
@@ -33,6 +35,7 @@ use crate::queue::memory::MemoryQueue;
 use crate::queue::rates::DrainRates;
 use crate::queue::redis::RedisQueue;
 use crate::queue::Queue;
+use crate::reload::{self, Reloader, SighupReloads};
 use crate::store::instrumented::InstrumentedStore;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::RedisStore;
@@ -200,6 +203,15 @@ impl Gateway {
             journal,
         ));
 
+        let live = Arc::new(ArcSwap::new(config.clone()));
+        let reloader = Arc::new(Reloader::new(
+            live.clone(),
+            admission.clone(),
+            upstreams.clone(),
+            metrics.clone(),
+        ));
+        reload::ignore_sighup_until_listening();
+
         let mut server = Server::new_with_opt_and_conf(None, server_conf(&config));
         server.bootstrap();
 
@@ -211,7 +223,7 @@ impl Gateway {
         let mut proxy_app = pingora_proxy::http_proxy(
             &server.configuration,
             SluiceProxy::new(
-                config.clone(),
+                live.clone(),
                 upstreams.clone(),
                 metrics.clone(),
                 admission.clone(),
@@ -232,10 +244,11 @@ impl Gateway {
             "sluice admin".to_string(),
             ConnectionGate::new(
                 HttpServer::new_app(AdminApp::new(
-                    config.clone(),
+                    live,
                     metrics.clone(),
                     upstreams.clone(),
                     admission.clone(),
+                    reloader.clone(),
                     config.admin.token_env.as_deref(),
                 )),
                 ConnectionLimits::admin(&config.limits),
@@ -262,6 +275,10 @@ impl Gateway {
                 rates,
                 consumer_name(),
             ),
+        ));
+        server.add_service(background_service(
+            "sluice reload on SIGHUP",
+            SighupReloads(reloader),
         ));
         server.add_service(background_service(
             "sluice housekeeping",

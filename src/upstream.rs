@@ -1,19 +1,28 @@
 //! Upstream server pools: round robin over each upstream's `servers`,
 //! active HTTP health checks, and the `HttpPeer` settings (timeouts,
 //! keep-alive) of every connection. Addresses are `SocketAddr`s resolved
-//! at config time, so selecting a peer never does DNS.
+//! at config time, so selecting a peer never does DNS. A reload swaps a
+//! pool's server list and timeouts in place ([`UpstreamPool::apply`]);
+//! the set of upstreams, their `max_inflight` and health checks are fixed
+//! for the life of the process.
 
 pub mod slots;
 
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
 
 use pingora_core::services::background::{background_service, GenBackgroundService};
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_http::RequestHeader;
+use pingora_load_balancing::discovery::ServiceDiscovery;
 use pingora_load_balancing::health_check::HttpHealthCheck;
 use pingora_load_balancing::selection::RoundRobin;
-use pingora_load_balancing::{Backend, LoadBalancer};
+use pingora_load_balancing::{Backend, Backends, LoadBalancer};
 
 use crate::config::UpstreamConfig;
 use crate::metrics::Metrics;
@@ -35,11 +44,48 @@ pub enum UpstreamError {
 
 /// One upstream: its config and its balancer.
 pub struct UpstreamPool {
-    /// The validated config.
-    pub config: UpstreamConfig,
+    name: String,
+    /// The config in force (servers and timeouts change on reload).
+    config: ArcSwap<UpstreamConfig>,
+    /// The server list the balancer discovers, swapped by a reload.
+    servers: Arc<ArcSwap<BTreeSet<Backend>>>,
     balancer: Arc<LoadBalancer<RoundRobin>>,
     /// The `max_inflight` slots of this node.
     pub slots: Slots,
+}
+
+/// The balancer's service discovery: the server list of the config in
+/// force. pingora's own `Static` cannot be changed from outside its crate.
+struct ConfiguredServers(Arc<ArcSwap<BTreeSet<Backend>>>);
+
+#[async_trait]
+impl ServiceDiscovery for ConfiguredServers {
+    async fn discover(&self) -> pingora_core::Result<(BTreeSet<Backend>, HashMap<u64, bool>)> {
+        Ok((BTreeSet::clone(&self.0.load()), HashMap::new()))
+    }
+}
+
+/// The output of a future that completes without waiting, else `None`.
+fn ready_now<F: Future>(f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    match f
+        .as_mut()
+        .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+    {
+        std::task::Poll::Ready(out) => Some(out),
+        std::task::Poll::Pending => None,
+    }
+}
+
+fn backends_of(servers: &[SocketAddr]) -> BTreeSet<Backend> {
+    servers
+        .iter()
+        .map(|addr| Backend {
+            addr: pingora_core::protocols::l4::socket::SocketAddr::Inet(*addr),
+            weight: 1,
+            ext: Default::default(),
+        })
+        .collect()
 }
 
 /// All upstreams, indexed by [`UpstreamId`].
@@ -63,8 +109,15 @@ impl Upstreams {
                 name: config.name.clone(),
                 message,
             };
-            let mut lb = LoadBalancer::<RoundRobin>::try_from_iter(config.servers.iter().copied())
-                .map_err(|e| build_err(e.to_string()))?;
+            let servers = Arc::new(ArcSwap::from_pointee(backends_of(&config.servers)));
+            let mut lb = LoadBalancer::<RoundRobin>::from_backends(Backends::new(Box::new(
+                ConfiguredServers(servers.clone()),
+            )));
+            // The discovery is a plain read: the first update is ready at once.
+            match ready_now(lb.update()) {
+                Some(r) => r.map_err(|e| build_err(e.to_string()))?,
+                None => return Err(build_err("server list update did not complete".into())),
+            }
             let balancer = if let Some(hc) = &config.health_check {
                 let host = config
                     .servers
@@ -103,7 +156,9 @@ impl Upstreams {
                 Arc::new(lb)
             };
             pools.push(UpstreamPool {
-                config: config.clone(),
+                name: config.name.clone(),
+                config: ArcSwap::from_pointee(config.clone()),
+                servers,
                 balancer,
                 slots: Slots::new(config.max_inflight, metrics.upstream_inflight(&config.name)),
             });
@@ -123,7 +178,7 @@ impl Upstreams {
 
     /// The pool of an upstream by name.
     pub fn by_name(&self, name: &str) -> Option<&UpstreamPool> {
-        self.pools.iter().find(|p| p.config.name == name)
+        self.pools.iter().find(|p| p.name == name)
     }
 
     /// Whether any upstream has at least one healthy server.
@@ -133,14 +188,41 @@ impl Upstreams {
 }
 
 impl UpstreamPool {
+    /// The upstream's name (a metric label; fixed for the process).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The config in force now.
+    pub fn config(&self) -> Arc<UpstreamConfig> {
+        self.config.load_full()
+    }
+
+    /// Puts a reloaded config of this upstream in force: its server list
+    /// (health state of servers it keeps is kept; new ones start up) and
+    /// its timeouts. Requests already sent keep their connection.
+    pub async fn apply(&self, config: &UpstreamConfig) -> Result<(), UpstreamError> {
+        self.servers.store(Arc::new(backends_of(&config.servers)));
+        self.balancer
+            .update()
+            .await
+            .map_err(|e| UpstreamError::Build {
+                name: self.name.clone(),
+                message: e.to_string(),
+            })?;
+        self.config.store(Arc::new(config.clone()));
+        Ok(())
+    }
+
     /// The next healthy server in round-robin order, as a peer with this
     /// upstream's timeouts; `None` when every server is down.
     pub fn select(&self) -> Option<Box<HttpPeer>> {
+        let config = self.config.load();
         // Round robin ignores the key; try each server once at most.
-        let backend = self
-            .balancer
-            .select(b"", self.config.servers.len().max(1))?;
-        Some(self.peer(&backend))
+        let backend = self.balancer.select(b"", config.servers.len().max(1))?;
+        // Backends are built from SocketAddrs only.
+        let addr = *backend.addr.as_inet()?;
+        Some(peer(&config, addr))
     }
 
     /// How many servers the health check currently considers up.
@@ -152,19 +234,14 @@ impl UpstreamPool {
             .filter(|b| backends.ready(b))
             .count()
     }
+}
 
-    fn peer(&self, backend: &Backend) -> Box<HttpPeer> {
-        let addr: SocketAddr = match backend.addr.as_inet() {
-            Some(a) => *a,
-            // Backends are built from SocketAddrs only.
-            None => self.config.servers[0],
-        };
-        let mut peer = HttpPeer::new(addr, false, String::new());
-        let c = &self.config;
-        peer.options.connection_timeout = Some(c.connect_timeout);
-        peer.options.read_timeout = Some(c.read_timeout);
-        peer.options.write_timeout = Some(c.write_timeout);
-        peer.options.idle_timeout = Some(c.idle_timeout);
-        Box::new(peer)
-    }
+/// A peer for `addr` with the timeouts of `c`.
+fn peer(c: &UpstreamConfig, addr: SocketAddr) -> Box<HttpPeer> {
+    let mut peer = HttpPeer::new(addr, false, String::new());
+    peer.options.connection_timeout = Some(c.connect_timeout);
+    peer.options.read_timeout = Some(c.read_timeout);
+    peer.options.write_timeout = Some(c.write_timeout);
+    peer.options.idle_timeout = Some(c.idle_timeout);
+    Box::new(peer)
 }

@@ -74,7 +74,7 @@ impl Admission {
             return self.refuse(hold, BUSY).await;
         };
         let pushed = match hold.set_state(TicketState::Queued).await {
-            Ok(_) => self.queue.push(&pool.config.name, &request, capacity).await,
+            Ok(_) => self.queue.push(pool.name(), &request, capacity).await,
             Err(e) => Err(e),
         };
         match pushed {

@@ -132,7 +132,7 @@ impl SluiceProxy {
                     req.headers
                         .get("x-forwarded-for")
                         .and_then(|v| v.to_str().ok()),
-                    &self.config.trusted_proxies,
+                    &self.config.load().trusted_proxies,
                 ),
             };
             self.admission.admit(stage, &candidate).await
@@ -192,9 +192,10 @@ impl SluiceProxy {
         body: Bytes,
         path: Option<&str>,
     ) -> Option<QueuedRequest> {
+        let config = self.config.load();
         let from = backend::ClientHop {
             peer: self.peer(session),
-            trusted: &self.config.trusted_proxies,
+            trusted: &config.trusted_proxies,
         };
         backend::queued(
             session.req_header(),
@@ -217,7 +218,7 @@ impl SluiceProxy {
         &self,
         session: &mut Session,
     ) -> Result<std::result::Result<Bytes, Answer>> {
-        let limit = self.config.limits.max_rule_body_bytes;
+        let limit = self.config.load().limits.max_rule_body_bytes;
         if declared_length(session.req_header()).is_some_and(|n| n > limit) {
             return Ok(Err(Answer::BodyTooLarge { limit }));
         }
@@ -259,7 +260,7 @@ impl SluiceProxy {
 
     /// Checks the size limits that apply before any rule: 431 and 413.
     fn size_refusal(&self, req: &RequestHeader) -> Option<Answer> {
-        let limits = &self.config.limits;
+        let limits = self.config.load().limits;
         let header_bytes: u64 = req
             .headers
             .iter()

@@ -301,6 +301,15 @@ impl Gateway {
         self.dir.path()
     }
 
+    /// Writes (or replaces) a file under the temp dir, as an operator
+    /// editing the config would; `${LISTEN}`/`${ADMIN}` are filled in.
+    pub fn write(&self, relative_path: &str, contents: &str) {
+        let contents = contents
+            .replace("${LISTEN}", &self.listen.to_string())
+            .replace("${ADMIN}", &self.admin.to_string());
+        write_file(&self.dir.path().join(relative_path), &contents);
+    }
+
     /// Everything the process wrote to stdout/stderr so far.
     pub fn log(&self) -> String {
         std::fs::read(&self.log_path)
@@ -343,8 +352,13 @@ impl Gateway {
         self.signal(libc::SIGTERM);
     }
 
+    /// Sends SIGHUP: reload the config.
+    pub fn sighup(&self) {
+        self.signal(libc::SIGHUP);
+    }
+
     /// Sends `sig` unless the process has already been reaped (its pid may be reused).
-    fn signal(&self, sig: libc::c_int) {
+    pub fn signal(&self, sig: libc::c_int) {
         if self.status.is_some() {
             return;
         }
