@@ -151,7 +151,7 @@ async fn main() {
     let dir = std::env::temp_dir().join(format!("sluice-peak-{}", std::process::id()));
     write_config(&dir, listen, admin_addr, fast, slow);
     let config = sluice::config::load(&dir.join("gateway.yaml")).expect("config");
-    let gateway = sluice::server::Gateway::build(config).expect("gateway");
+    let gateway = sluice::server::Gateway::build(config, false).expect("gateway");
     std::thread::spawn(move || gateway.run());
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(listen).await.is_err() || TcpStream::connect(admin_addr).await.is_err()

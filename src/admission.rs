@@ -319,6 +319,8 @@ impl Admission {
     /// Background: returns expired holds (any node's) and retries the
     /// journaled settlements.
     pub async fn settle_overdue(&self) {
+        // After an upgrade, the old process's journal once it has exited.
+        self.ledger.journal().adopt().await;
         // This node's own late commits first: after an outage, sweeping
         // first would return their units only for the commits to take
         // them back.

@@ -65,6 +65,32 @@ impl Drop for Heartbeat {
     }
 }
 
+/// Queued requests this node is sending, for a shutdown that waits for
+/// them.
+#[derive(Clone, Debug, Default)]
+pub struct Sending(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Sending {
+    /// How many now.
+    pub fn get(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn start(&self) -> SendingGuard {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        SendingGuard(self.clone())
+    }
+}
+
+/// One request being sent; counted until dropped.
+struct SendingGuard(Sending);
+
+impl Drop for SendingGuard {
+    fn drop(&mut self) {
+        (self.0).0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 struct Inner {
     admission: Arc<Admission>,
     upstreams: Arc<Upstreams>,
@@ -73,6 +99,7 @@ struct Inner {
     rates: Arc<DrainRates>,
     consumer: String,
     connector: Connector,
+    sending: Sending,
 }
 
 /// The drainer service.
@@ -99,8 +126,14 @@ impl Drainer {
                 rates,
                 consumer,
                 connector: Connector::new(None),
+                sending: Sending::default(),
             }),
         }
+    }
+
+    /// The count of queued requests being sent now.
+    pub fn sending(&self) -> Sending {
+        self.inner.sending.clone()
     }
 }
 
@@ -116,8 +149,17 @@ impl BackgroundService for Drainer {
             ));
         }
         let _ = shutdown.changed().await;
-        for t in tasks {
-            t.abort();
+        // A shared queue's entries are taken by other nodes (or the next
+        // process); a local one's would be lost, so it drains until the
+        // process exits.
+        if self.inner.queue.shared() {
+            for t in tasks {
+                t.abort();
+            }
+        } else {
+            for t in tasks {
+                let _ = t.await;
+            }
         }
     }
 }
@@ -146,8 +188,9 @@ impl Inner {
         let claim_idle_ms =
             u64::try_from(pool.config().queue_claim_idle.as_millis()).unwrap_or(u64::MAX);
         let mut depth_seen: Option<Instant> = None;
+        let stops = self.queue.shared();
         loop {
-            if *shutdown.borrow() {
+            if stops && *shutdown.borrow() {
                 return;
             }
             // The depth gauge follows the queue while it drains, at a
@@ -159,14 +202,18 @@ impl Inner {
                 }
             }
             let slot = tokio::select! {
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed(), if stops => return,
                 slot = pool.slots.acquire() => slot,
             };
             let Some(slot) = slot else { return };
             match self.queue.pop(&name, &self.consumer, claim_idle_ms).await {
                 Ok(Some(delivery)) => {
                     let inner = self.clone();
-                    tokio::spawn(async move { inner.serve(index, delivery, slot).await });
+                    let sending = self.sending.start();
+                    tokio::spawn(async move {
+                        inner.serve(index, delivery, slot).await;
+                        drop(sending);
+                    });
                 }
                 Ok(None) => {
                     drop(slot);

@@ -15,13 +15,13 @@ struct Cli {
     command: Option<Command>,
     /// `run` is the default subcommand: `sluice --config F` runs the gateway.
     #[command(flatten)]
-    run: ConfigArg,
+    run: RunArgs,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Start the gateway (the default).
-    Run(ConfigArg),
+    Run(RunArgs),
     /// Validate the config and every rule file; exit 1 listing each problem.
     Check(ConfigArg),
     /// Check the shared store's ledgers after a crash and repair them from
@@ -56,6 +56,17 @@ struct ReconcileArgs {
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     sluice::config::units::parse_duration(s)
+}
+
+#[derive(Args, Clone)]
+struct RunArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Take the listening sockets of the gateway running with this config
+    /// (zero-downtime upgrade): start this, then send the old process
+    /// SIGQUIT within 5 s; it hands over, drains and exits.
+    #[arg(long)]
+    upgrade: bool,
 }
 
 #[derive(Args, Clone)]
@@ -180,17 +191,18 @@ fn reconcile(args: &ReconcileArgs) -> anyhow::Result<bool> {
     })
 }
 
-fn run(args: &ConfigArg) -> anyhow::Result<()> {
+fn run(args: &RunArgs) -> anyhow::Result<()> {
     sluice::logging::init();
-    let config = sluice::config::load(&args.config)
+    let config = sluice::config::load(&args.config.config)
         .map_err(|errors| anyhow::anyhow!("invalid config:\n{errors}"))?;
     tracing::info!(
         listen = %config.listen,
         admin = %config.admin.listen,
         rules = config.rules.rules().len(),
+        upgrade = args.upgrade,
         "sluice starting"
     );
-    let gateway = sluice::server::Gateway::build(config).context("cannot start")?;
+    let gateway = sluice::server::Gateway::build(config, args.upgrade).context("cannot start")?;
     gateway.run();
     tracing::info!("sluice stopped");
     Ok(())

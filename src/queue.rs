@@ -149,6 +149,11 @@ pub trait Queue: Send + Sync + 'static {
 
     /// Entries waiting or being served.
     async fn depth(&self, upstream: &str) -> Result<u64, StoreError>;
+
+    /// Whether entries outlive this process (other nodes, or the next
+    /// process, take them): a shutting-down node then stops taking
+    /// entries instead of draining the queue before it exits.
+    fn shared(&self) -> bool;
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 //! network without a token is refused.
 
 pub mod connections;
+pub mod shutdown;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -42,6 +43,7 @@ use crate::store::redis::RedisStore;
 use crate::store::{Store, StoreError};
 use crate::upstream::{UpstreamError, Upstreams};
 use connections::{ConnectionGate, ConnectionLimits, FdLimit};
+use shutdown::ExitWhenDrained;
 
 /// Errors that stop the gateway from starting.
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +155,7 @@ fn server_conf(config: &Config) -> ServerConf {
         graceful_shutdown_timeout_seconds: Some(ceil_secs(config.shutdown.timeout)),
         // One connect retry per other server of the largest upstream.
         max_retries: max_servers,
+        upgrade_sock: config.upgrade_socket.display().to_string(),
         ..ServerConf::default()
     }
 }
@@ -166,10 +169,14 @@ pub struct Gateway {
 
 impl Gateway {
     /// Builds every service from the config; binds nothing until `run`.
-    pub fn build(config: Config) -> Result<Self, StartError> {
+    /// With `upgrade`, the listeners are taken from the running gateway
+    /// (over `upgrade_socket`, once it gets SIGQUIT) instead of bound.
+    pub fn build(config: Config, upgrade: bool) -> Result<Self, StartError> {
         check_admin_exposure(&config.admin, &|name| std::env::var(name).ok())?;
-        check_bindable(config.listen, "listen")?;
-        check_bindable(config.admin.listen, "admin.listen")?;
+        if !upgrade {
+            check_bindable(config.listen, "listen")?;
+            check_bindable(config.admin.listen, "admin.listen")?;
+        }
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::new(
             config.rules.rules().iter().map(|r| &*r.name),
@@ -212,7 +219,11 @@ impl Gateway {
         ));
         reload::ignore_sighup_until_listening();
 
-        let mut server = Server::new_with_opt_and_conf(None, server_conf(&config));
+        let options = pingora_core::server::configuration::Opt {
+            upgrade,
+            ..Default::default()
+        };
+        let mut server = Server::new_with_opt_and_conf(Some(options), server_conf(&config));
         server.bootstrap();
 
         let fds = FdLimit::raise();
@@ -230,14 +241,13 @@ impl Gateway {
             ),
         );
         proxy_app.server_options = Some(options);
-        let mut proxy = Service::new(
-            "sluice proxy".to_string(),
-            ConnectionGate::new(
-                proxy_app,
-                ConnectionLimits::main(&config.limits, fds),
-                "main",
-            ),
+        let gate = ConnectionGate::new(
+            proxy_app,
+            ConnectionLimits::main(&config.limits, fds),
+            "main",
         );
+        let open_connections = gate.open_count();
+        let mut proxy = Service::new("sluice proxy".to_string(), gate);
         proxy.add_tcp(&config.listen.to_string());
 
         let mut admin = Service::new(
@@ -265,17 +275,24 @@ impl Gateway {
         for hc in health_services {
             server.add_service(hc);
         }
+        let drainer = Drainer::new(
+            admission.clone(),
+            upstreams.clone(),
+            queue.clone(),
+            metrics.clone(),
+            rates,
+            consumer_name(),
+        );
         server.add_service(background_service(
-            "sluice queue drainer",
-            Drainer::new(
-                admission.clone(),
-                upstreams.clone(),
+            "sluice exit when drained",
+            ExitWhenDrained {
+                connections: vec![open_connections],
+                sending: drainer.sending(),
                 queue,
-                metrics.clone(),
-                rates,
-                consumer_name(),
-            ),
+                upstreams: config.upstreams.iter().map(|u| u.name.clone()).collect(),
+            },
         ));
+        server.add_service(background_service("sluice queue drainer", drainer));
         server.add_service(background_service(
             "sluice reload on SIGHUP",
             SighupReloads(reloader),

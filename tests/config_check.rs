@@ -18,7 +18,7 @@ const BAD: &[(&str, &[&str])] = &[
     // ---- gateway.yaml ----
     (
         "tests/fixtures/bad_unknown_top_key.yaml",
-        &["tests/fixtures/bad_unknown_top_key.yaml:1:1: unknown field `listne`, expected one of listen, admin, store, upstreams, default_upstream, rules, trusted_proxies, limits, shutdown, threads, h2c"],
+        &["tests/fixtures/bad_unknown_top_key.yaml:1:1: unknown field `listne`, expected one of listen, admin, store, upstreams, default_upstream, rules, trusted_proxies, limits, shutdown, threads, h2c, upgrade_socket"],
     ),
     (
         "tests/fixtures/bad_unknown_nested_key.yaml",

@@ -130,7 +130,7 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let (config_path, listen, admin) = write_config(dir.path(), mall_addr)?;
     let config = sluice::config::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let gateway = sluice::server::Gateway::build(config)?;
+    let gateway = sluice::server::Gateway::build(config, false)?;
     // pingora's server blocks its thread until the process ends.
     std::thread::spawn(move || gateway.run());
     let deadline = Instant::now() + Duration::from_secs(20);

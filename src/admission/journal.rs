@@ -12,7 +12,8 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -172,6 +173,10 @@ impl Line {
 /// The journal of one node.
 pub struct Journal {
     file: Option<PathBuf>,
+    /// The open lock file; this process writes the file while it holds
+    /// the lock (`owned`).
+    lock: Option<Arc<std::fs::File>>,
+    owned: AtomicBool,
     state: Mutex<State>,
     /// Held across each change of the pending set and its line in the
     /// file, so the file says what the set says in the same order (a
@@ -208,6 +213,59 @@ fn append(path: &Path, lines: &[Line]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// `<journal>.lock`, beside the journal.
+fn lock_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
+}
+
+/// Reads what the file holds pending and rewrites it with only that,
+/// renumbered from 0 so the file does not grow across restarts.
+fn take_over(path: &Path) -> std::io::Result<Vec<Pending>> {
+    let mut pending = BTreeMap::new();
+    match std::fs::File::open(path) {
+        Ok(f) => {
+            for line in std::io::BufReader::new(f).lines() {
+                let Ok(l) = serde_json::from_str::<Line>(&line?) else {
+                    // A line torn by a crash mid-write.
+                    continue;
+                };
+                if let Some(done) = l.done {
+                    pending.remove(&done);
+                } else if let (Some(id), Some(p)) = (l.add, l.pending()) {
+                    pending.insert(id, p);
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let pending: Vec<Pending> = pending.into_values().collect();
+    let lines: Vec<Line> = pending
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Line::of(i as u64, p))
+        .collect();
+    rewrite(path, &lines)?;
+    Ok(pending)
+}
+
+/// Replaces the file with `lines` (removes it when there are none).
+fn rewrite(path: &Path, lines: &[Line]) -> std::io::Result<()> {
+    if lines.is_empty() {
+        return match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+    }
+    let tmp = path.with_extension("journal.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    append(&tmp, lines)?;
+    std::fs::rename(&tmp, path)?;
+    sync_dir(path)
+}
+
 /// Syncs the folder holding `path` (a created, renamed or removed entry).
 fn sync_dir(path: &Path) -> std::io::Result<()> {
     match path.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -221,65 +279,105 @@ impl Journal {
     pub fn in_memory() -> Self {
         Self {
             file: None,
+            lock: None,
+            owned: AtomicBool::new(false),
             state: Mutex::new(State::default()),
             io: tokio::sync::Mutex::new(()),
         }
     }
 
     /// The journal in `path`: what an earlier run left pending is read
-    /// back and the file rewritten with only that.
+    /// back and the file rewritten with only that. While another process
+    /// holds the file (the gateway this one upgrades), settlements are
+    /// kept in memory until [`Journal::adopt`] takes the file over.
     pub fn open(path: &Path) -> std::io::Result<Self> {
-        let mut state = State::default();
-        match std::fs::File::open(path) {
-            Ok(f) => {
-                for line in std::io::BufReader::new(f).lines() {
-                    let Ok(l) = serde_json::from_str::<Line>(&line?) else {
-                        // A line torn by a crash mid-write.
-                        continue;
-                    };
-                    if let Some(done) = l.done {
-                        state.pending.remove(&done);
-                    } else if let (Some(id), Some(p)) = (l.add, l.pending()) {
-                        state.pending.insert(id, p);
-                    }
-                }
+        let lock = Arc::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(lock_path(path))?,
+        );
+        let owned = match lock.try_lock() {
+            Ok(()) => true,
+            Err(std::fs::TryLockError::WouldBlock) => {
+                tracing::warn!(file = %path.display(),
+                    "another gateway holds the settlement journal (an upgrade?); \
+                     settlements stay in memory until it exits");
+                false
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        // Renumbered from 0, and only the pending ones, so the file does
-        // not grow across restarts.
-        let pending: Vec<Pending> = state.pending.into_values().collect();
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        };
         let mut state = State::default();
-        let lines: Vec<Line> = pending
-            .iter()
-            .enumerate()
-            .map(|(i, p)| Line::of(i as u64, p))
-            .collect();
-        for p in pending {
-            state.pending.insert(state.next, p);
-            state.next += 1;
-        }
-        if lines.is_empty() {
-            match std::fs::remove_file(path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
+        if owned {
+            let pending = take_over(path)?;
+            if !pending.is_empty() {
+                tracing::warn!(pending = pending.len(), file = %path.display(),
+                    "settlements from an earlier run are pending; retrying them");
             }
-        } else {
-            let tmp = path.with_extension("journal.tmp");
-            let _ = std::fs::remove_file(&tmp);
-            append(&tmp, &lines)?;
-            std::fs::rename(&tmp, path)?;
-            sync_dir(path)?;
-            tracing::warn!(pending = lines.len(), file = %path.display(),
-                "settlements from an earlier run are pending; retrying them");
+            for p in pending {
+                state.pending.insert(state.next, p);
+                state.next += 1;
+            }
         }
         Ok(Self {
             file: Some(path.to_path_buf()),
+            lock: Some(lock),
+            owned: AtomicBool::new(owned),
             state: Mutex::new(state),
             io: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Takes the file over once the process that held it has exited:
+    /// what it left pending joins this process's pending set and the file
+    /// is rewritten with all of it. Gives whether this process writes the
+    /// file now.
+    pub async fn adopt(&self) -> bool {
+        if self.owned.load(Ordering::Acquire) {
+            return true;
+        }
+        let (Some(path), Some(lock)) = (self.file.clone(), self.lock.clone()) else {
+            return false;
+        };
+        let _io = self.io.lock().await;
+        let taken = tokio::task::spawn_blocking(move || match lock.try_lock() {
+            Ok(()) => take_over(&path).map(Some),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        })
+        .await;
+        let left = match taken {
+            Ok(Ok(Some(left))) => left,
+            Ok(Ok(None)) => return false,
+            Ok(Err(e)) => {
+                tracing::error!(file = ?self.file, error = %e, "cannot take the settlement journal over");
+                return false;
+            }
+            Err(_) => return false,
+        };
+        let lines: Vec<Line> = {
+            let Ok(mut s) = self.state.lock() else {
+                return false;
+            };
+            for p in left {
+                let id = s.next;
+                s.next += 1;
+                s.pending.insert(id, p);
+            }
+            s.pending.iter().map(|(id, p)| Line::of(*id, p)).collect()
+        };
+        let Some(path) = self.file.clone() else {
+            return false;
+        };
+        let n = lines.len();
+        let written = tokio::task::spawn_blocking(move || rewrite(&path, &lines)).await;
+        if !matches!(written, Ok(Ok(()))) {
+            tracing::error!(file = ?self.file, "cannot write the settlement journal");
+        }
+        self.owned.store(true, Ordering::Release);
+        tracing::info!(pending = n, file = ?self.file, "settlement journal taken over");
+        true
     }
 
     /// Settlements waiting.
@@ -335,7 +433,11 @@ impl Journal {
             }
             s.pending.is_empty()
         };
-        let Some(path) = self.file.clone() else {
+        let Some(path) = self
+            .file
+            .clone()
+            .filter(|_| self.owned.load(Ordering::Acquire))
+        else {
             return;
         };
         let lines: Vec<Line> = ids
@@ -364,7 +466,11 @@ impl Journal {
     }
 
     async fn write(&self, lines: Vec<Line>) {
-        let Some(path) = self.file.clone() else {
+        let Some(path) = self
+            .file
+            .clone()
+            .filter(|_| self.owned.load(Ordering::Acquire))
+        else {
             return;
         };
         let result = tokio::task::spawn_blocking(move || append(&path, &lines)).await;
@@ -421,8 +527,40 @@ mod tests {
         j.done(&ids).await;
         assert!(j.is_empty());
         assert!(!path.exists(), "an empty journal leaves no file");
+        drop(j);
         let j = Journal::open(&path).expect("reopen empty");
         assert!(j.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_new_process_keeps_its_settlements_in_memory_until_the_old_one_lets_go() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("sluice.journal");
+        let old = Journal::open(&path).expect("open");
+        old.add(commit(1)).await;
+        old.add(commit(2)).await;
+        // The upgraded process opens the same journal while the old one runs.
+        let new = Journal::open(&path).expect("open while held");
+        assert!(new.is_empty(), "the old process's entries stay its own");
+        new.add(commit(3)).await;
+        assert!(!new.adopt().await, "held by the old process");
+        let first = old.due()[0].0;
+        old.done(&[first]).await;
+        drop(old);
+        assert!(new.adopt().await);
+        let mut due: Vec<Pending> = new.due().into_iter().map(|(_, p)| p).collect();
+        due.sort_by_key(|p| match p {
+            Pending::Commit { ticket, .. } => ticket.0,
+            _ => 0,
+        });
+        assert_eq!(due, vec![commit(2), commit(3)]);
+        drop(new);
+        let after = Journal::open(&path).expect("reopen");
+        assert_eq!(
+            after.len(),
+            2,
+            "the file holds both processes' pending settlements"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -450,6 +588,8 @@ mod tests {
         for t in tasks {
             t.await.expect("task");
         }
+        // The process ends (its lock with it) before the next one reads.
+        drop(j);
         let mut want: Vec<Pending> = (0..40u128).filter(|n| n % 2 == 1).map(commit).collect();
         let mut got: Vec<Pending> = Journal::open(&path)
             .expect("reopen")

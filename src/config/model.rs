@@ -94,6 +94,11 @@ pub mod defaults {
     }
     /// `shutdown.grace_period`: time for in-flight requests after SIGTERM.
     pub const GRACE_PERIOD: Duration = Duration::from_secs(5);
+    /// `upgrade_socket` when not set: one per main listen port, so two
+    /// gateways on one host never take each other's listeners.
+    pub fn upgrade_socket(listen_port: u16) -> std::path::PathBuf {
+        std::path::PathBuf::from(format!("/tmp/sluice-{listen_port}.upgrade.sock"))
+    }
     /// `shutdown.timeout`: time for runtimes to stop after the grace period.
     pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 }
@@ -127,6 +132,8 @@ pub struct Config {
     pub threads: usize,
     /// Accept HTTP/2 over cleartext (h2c) as well as HTTP/1.1.
     pub h2c: bool,
+    /// The Unix socket `sluice run --upgrade` takes the listeners from.
+    pub upgrade_socket: PathBuf,
 }
 
 impl Config {

@@ -37,6 +37,8 @@ pub struct RawGateway {
     pub threads: Option<Spanned<i64>>,
     #[serde(default)]
     pub h2c: Option<bool>,
+    #[serde(default)]
+    pub upgrade_socket: Option<Spanned<String>>,
 }
 
 /// `admin:`

@@ -110,6 +110,12 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     changed(&mut out, "shutdown", &old.shutdown, &new.shutdown);
     changed(&mut out, "threads", &old.threads, &new.threads);
     changed(&mut out, "h2c", &old.h2c, &new.h2c);
+    changed(
+        &mut out,
+        "upgrade_socket",
+        &old.upgrade_socket,
+        &new.upgrade_socket,
+    );
     let names = |c: &Config| {
         c.upstreams
             .iter()

@@ -572,6 +572,28 @@ pub fn gateway(p: &mut Problems, raw: &RawGateway) -> Option<Config> {
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
 
+    let upgrade_socket = match &raw.upgrade_socket {
+        Some(s) => {
+            let path = config_dir(p.file()).join(&s.value);
+            // sockaddr_un holds 107 bytes of path and a NUL.
+            let len = path.as_os_str().len();
+            if s.value.is_empty() || len > 107 {
+                p.add(
+                    s.referenced,
+                    format!(
+                        "upgrade_socket: {:?} must name a Unix socket path of 1 to 107 bytes \
+                         ({len} bytes from the config's folder)",
+                        s.value
+                    ),
+                );
+                None
+            } else {
+                Some(path)
+            }
+        }
+        None => listen.map(|l| defaults::upgrade_socket(l.port())),
+    };
+
     if p.count() > before {
         return None;
     }
@@ -589,6 +611,7 @@ pub fn gateway(p: &mut Problems, raw: &RawGateway) -> Option<Config> {
         shutdown,
         threads,
         h2c: raw.h2c.unwrap_or(false),
+        upgrade_socket: upgrade_socket?,
     })
 }
 

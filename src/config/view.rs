@@ -131,6 +131,7 @@ pub fn view(c: &Config) -> Value {
         "shutdown": {"grace_period_ms": ms(c.shutdown.grace_period), "timeout_ms": ms(c.shutdown.timeout)},
         "threads": c.threads,
         "h2c": c.h2c,
+        "upgrade_socket": c.upgrade_socket.display().to_string(),
     })
 }
 

@@ -41,6 +41,10 @@ impl MemoryQueue {
 
 #[async_trait]
 impl Queue for MemoryQueue {
+    fn shared(&self) -> bool {
+        false
+    }
+
     async fn push(
         &self,
         upstream: &str,

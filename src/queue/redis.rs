@@ -279,6 +279,10 @@ impl Queue for RedisQueue {
     /// concurrent pushes from several nodes the queue may briefly exceed
     /// `capacity` by the number of racing pushes (approximate by design;
     /// exact would need a script).
+    fn shared(&self) -> bool {
+        true
+    }
+
     async fn push(
         &self,
         upstream: &str,

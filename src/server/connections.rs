@@ -196,6 +196,17 @@ impl ConnectionLimits {
 }
 
 /// A counted place under a cap; given back on drop.
+/// How many connections a gate is serving now.
+#[derive(Clone, Debug)]
+pub struct OpenConnections(Arc<AtomicUsize>);
+
+impl OpenConnections {
+    /// The count now.
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
 struct Slot<'a>(&'a AtomicUsize);
 
 impl<'a> Slot<'a> {
@@ -490,8 +501,8 @@ pub struct ConnectionGate<A> {
     limits: ConnectionLimits,
     /// Which listener, for logs.
     listener: &'static str,
-    /// Connections being served.
-    open: AtomicUsize,
+    /// Connections being served (shared with the shutdown watcher).
+    open: Arc<AtomicUsize>,
     /// Refused connections still lingering.
     lingering: AtomicUsize,
     /// Refusals so far.
@@ -568,7 +579,7 @@ impl<A> ConnectionGate<A> {
             app: Arc::new(app),
             limits,
             listener,
-            open: AtomicUsize::new(0),
+            open: Arc::new(AtomicUsize::new(0)),
             lingering: AtomicUsize::new(0),
             refused: AtomicU64::new(0),
             warned_at: AtomicU64::new(0),
@@ -582,6 +593,12 @@ impl<A> ConnectionGate<A> {
     /// Client connections being served now.
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Acquire)
+    }
+
+    /// A live count of the connections being served, for whoever waits
+    /// for them to end (a draining shutdown).
+    pub fn open_count(&self) -> OpenConnections {
+        OpenConnections(self.open.clone())
     }
 
     /// Counts a refusal; logs one line per [`WARN_EVERY_SECS`] at most.

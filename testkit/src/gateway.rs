@@ -1,4 +1,3 @@
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -204,53 +203,72 @@ impl GatewayBuilder {
         }
 
         let log_path = dir.path().join("gateway.log");
-        let log = File::create(&log_path).expect("create gateway.log");
-        let log_err = log.try_clone().expect("clone gateway.log handle");
-        let mut cmd = sluice_cmd();
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&config_path)
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log_err));
-        if !self.env.iter().any(|(k, _)| k == "RUST_LOG") {
-            cmd.env("RUST_LOG", "info");
-        }
-        for (k, v) in &self.env {
-            cmd.env(k, v);
-        }
-        if let Some((soft, hard)) = self.fd_limit {
-            use std::os::unix::process::CommandExt;
-            let limit = libc::rlimit {
-                rlim_cur: soft as libc::rlim_t,
-                rlim_max: hard as libc::rlim_t,
-            };
-            // SAFETY: runs in the forked child before exec; setrlimit(2) is
-            // async-signal-safe and the closure allocates nothing.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
-                        Ok(())
-                    } else {
-                        Err(std::io::Error::last_os_error())
-                    }
-                });
-            }
-        }
-        let child = cmd.spawn().expect("spawn sluice run");
+        let child = spawn_sluice(&config_path, &log_path, &self.env, self.fd_limit, false);
         let mut gateway = Gateway {
             child,
             status: None,
             listen,
             admin,
             log_path,
-            dir,
+            dir: std::sync::Arc::new(dir),
+            env: self.env,
+            fd_limit: self.fd_limit,
             log_reported: false,
         };
         gateway.wait_healthy();
         gateway
     }
+}
+
+/// Spawns `sluice run --config <config>` (with `--upgrade` if asked),
+/// its stdout and stderr appended to `log`.
+fn spawn_sluice(
+    config: &Path,
+    log: &Path,
+    env: &[(String, String)],
+    fd_limit: Option<(u64, u64)>,
+    upgrade: bool,
+) -> Child {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("open gateway log");
+    let err = out.try_clone().expect("clone gateway log handle");
+    let mut cmd = sluice_cmd();
+    cmd.arg("run").arg("--config").arg(config);
+    if upgrade {
+        cmd.arg("--upgrade");
+    }
+    cmd.current_dir(config.parent().unwrap_or(Path::new(".")))
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err));
+    if !env.iter().any(|(k, _)| k == "RUST_LOG") {
+        cmd.env("RUST_LOG", "info");
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    if let Some((soft, hard)) = fd_limit {
+        use std::os::unix::process::CommandExt;
+        let limit = libc::rlimit {
+            rlim_cur: soft as libc::rlim_t,
+            rlim_max: hard as libc::rlim_t,
+        };
+        // SAFETY: runs in the forked child before exec; setrlimit(2) is
+        // async-signal-safe and the closure allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    cmd.spawn().expect("spawn sluice run")
 }
 
 /// Writes `contents` to `path`, creating parent directories.
@@ -274,8 +292,13 @@ pub struct Gateway {
     admin: SocketAddr,
     /// `<dir>/gateway.log`.
     log_path: PathBuf,
-    /// Temp dir holding gateway.yaml, extra files and the log.
-    dir: tempfile::TempDir,
+    /// Temp dir holding gateway.yaml, extra files and the log (shared
+    /// with the process that upgrades this one).
+    dir: std::sync::Arc<tempfile::TempDir>,
+    /// Extra environment of the process.
+    env: Vec<(String, String)>,
+    /// Its file-descriptor limits, if set.
+    fd_limit: Option<(u64, u64)>,
     /// Set when a panic message already carries the log, so Drop does not repeat it.
     log_reported: bool,
 }
@@ -350,6 +373,49 @@ impl Gateway {
     /// Sends SIGTERM (no-op once the process has been reaped).
     pub fn sigterm(&self) {
         self.signal(libc::SIGTERM);
+    }
+
+    /// Starts `sluice run --upgrade` on this gateway's config, dir and
+    /// environment (its log in `gateway-upgrade-<n>.log`). It waits for
+    /// the listening sockets, which this process hands over on SIGQUIT
+    /// ([`Gateway::sigquit`]); then [`Gateway::wait_ready`] on it.
+    pub fn upgrade(&self) -> Gateway {
+        let mut n = 1;
+        let log_path = loop {
+            let candidate = self.dir.path().join(format!("gateway-upgrade-{n}.log"));
+            if !candidate.exists() {
+                break candidate;
+            }
+            n += 1;
+        };
+        let child = spawn_sluice(
+            &self.dir.path().join("gateway.yaml"),
+            &log_path,
+            &self.env,
+            self.fd_limit,
+            true,
+        );
+        Gateway {
+            child,
+            status: None,
+            listen: self.listen,
+            admin: self.admin,
+            log_path,
+            dir: self.dir.clone(),
+            env: self.env.clone(),
+            fd_limit: self.fd_limit,
+            log_reported: false,
+        }
+    }
+
+    /// Sends SIGQUIT: hand the listeners to an upgrading process, drain, exit.
+    pub fn sigquit(&self) {
+        self.signal(libc::SIGQUIT);
+    }
+
+    /// Waits for `/healthz` and the main listener (after an upgrade).
+    pub fn wait_ready(&mut self) {
+        self.wait_healthy();
     }
 
     /// Sends SIGHUP: reload the config.
