@@ -1,7 +1,10 @@
 //! Prometheus metrics owned by one gateway instance (no global registry,
 //! so tests can build independent gateways). Label values come from config
 //! (rule and upstream names) or from closed enums, never from requests;
-//! series known from config are created at zero on start-up.
+//! series known from config are created at zero on start-up. The
+//! operator's series (process, build, health, reloads) are in `ops`.
+
+mod ops;
 
 use std::time::Duration;
 
@@ -101,7 +104,20 @@ pub struct Metrics {
     queue_wait: HistogramVec,
     oversold: IntCounterVec,
     settlements_pending: IntGauge,
+    upstream_server_up: IntGaugeVec,
+    upstream_max_inflight: IntGaugeVec,
+    store_up: IntGauge,
+    soldout_flag: IntGaugeVec,
+    /// `sluice_config_reloads_total{result}`: reloads by result, `ok` or
+    /// `rejected` (both start at 0).
+    pub config_reloads: IntCounterVec,
+    /// `sluice_access_log_dropped_total`: access-log lines dropped because
+    /// the writer fell behind.
+    pub access_log_dropped: IntCounter,
 }
+
+/// The `result` label values of `sluice_config_reloads_total`.
+pub const RELOAD_RESULTS: [&str; 2] = ["ok", "rejected"];
 
 fn outcome_index(o: Outcome) -> usize {
     Outcome::ALL.iter().position(|x| *x == o).unwrap_or(0)
@@ -231,7 +247,9 @@ impl Metrics {
                 released.with_label_values(&[rule, reason.as_str()]);
             }
         }
+        let ops = ops::OpsSeries::register(&registry)?;
         for upstream in upstreams {
+            ops.upstream_max_inflight.with_label_values(&[upstream]);
             upstream_inflight.with_label_values(&[upstream]);
             queue_depth.with_label_values(&[upstream]);
             queue_wait.with_label_values(&[upstream]);
@@ -254,6 +272,12 @@ impl Metrics {
             queue_wait,
             oversold,
             settlements_pending,
+            upstream_server_up: ops.upstream_server_up,
+            upstream_max_inflight: ops.upstream_max_inflight,
+            store_up: ops.store_up,
+            soldout_flag: ops.soldout_flag,
+            config_reloads: ops.config_reloads,
+            access_log_dropped: ops.access_log_dropped,
         })
     }
 

@@ -102,6 +102,7 @@ impl Upstreams {
             } else {
                 Arc::new(lb)
             };
+            metrics.set_upstream_max_inflight(&config.name, config.max_inflight);
             pools.push(UpstreamPool {
                 config: config.clone(),
                 balancer,
@@ -151,6 +152,18 @@ impl UpstreamPool {
             .iter()
             .filter(|b| backends.ready(b))
             .count()
+    }
+
+    /// Each server of the balancer's current list with whether it is up
+    /// (healthy and enabled; always, without a health check), for
+    /// `sluice_upstream_server_up`.
+    pub fn server_states(&self) -> Vec<(String, bool)> {
+        let backends = self.balancer.backends();
+        backends
+            .get_backend()
+            .iter()
+            .map(|b| (b.addr.to_string(), backends.ready(b)))
+            .collect()
     }
 
     fn peer(&self, backend: &Backend) -> Box<HttpPeer> {
