@@ -104,10 +104,8 @@ pub struct Metrics {
     queue_wait: HistogramVec,
     oversold: IntCounterVec,
     settlements_pending: IntGauge,
-    upstream_server_up: IntGaugeVec,
-    upstream_max_inflight: IntGaugeVec,
-    store_up: IntGauge,
-    soldout_flag: IntGaugeVec,
+    /// Server health, `max_inflight`, store reachability, sold-out flags.
+    ops: ops::OpsSeries,
     /// `sluice_config_reloads_total{result}`: reloads by result, `ok` or
     /// `rejected` (both start at 0).
     pub config_reloads: IntCounterVec,
@@ -247,9 +245,7 @@ impl Metrics {
                 released.with_label_values(&[rule, reason.as_str()]);
             }
         }
-        let ops = ops::OpsSeries::register(&registry)?;
         for upstream in upstreams {
-            ops.upstream_max_inflight.with_label_values(&[upstream]);
             upstream_inflight.with_label_values(&[upstream]);
             queue_depth.with_label_values(&[upstream]);
             queue_wait.with_label_values(&[upstream]);
@@ -257,6 +253,7 @@ impl Metrics {
                 upstream_responses.with_label_values(&[upstream, class.as_str()]);
             }
         }
+        let (ops, config_reloads, access_log_dropped) = ops::OpsSeries::register(&registry)?;
         Ok(Self {
             registry,
             requests_total,
@@ -272,12 +269,9 @@ impl Metrics {
             queue_wait,
             oversold,
             settlements_pending,
-            upstream_server_up: ops.upstream_server_up,
-            upstream_max_inflight: ops.upstream_max_inflight,
-            store_up: ops.store_up,
-            soldout_flag: ops.soldout_flag,
-            config_reloads: ops.config_reloads,
-            access_log_dropped: ops.access_log_dropped,
+            ops,
+            config_reloads,
+            access_log_dropped,
         })
     }
 

@@ -127,6 +127,19 @@ impl Upstreams {
         self.pools.iter().find(|p| p.config.name == name)
     }
 
+    /// Every server of every upstream as `(upstream, server, up)`, for
+    /// `sluice_upstream_server_up`.
+    pub fn server_states(&self) -> Vec<(&str, String, bool)> {
+        self.pools
+            .iter()
+            .flat_map(|p| {
+                p.server_states()
+                    .into_iter()
+                    .map(|(server, up)| (p.config.name.as_str(), server, up))
+            })
+            .collect()
+    }
+
     /// Whether any upstream has at least one healthy server.
     pub fn any_healthy(&self) -> bool {
         self.pools.iter().any(|p| p.healthy_servers() > 0)

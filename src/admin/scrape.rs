@@ -21,17 +21,7 @@ pub async fn refresh(
     store_bound: Duration,
 ) {
     metrics.set_settlements_pending(admission.ledger().journal().len());
-    let states: Vec<(&str, String, bool)> = upstreams
-        .pools()
-        .iter()
-        .flat_map(|pool| {
-            let name = pool.config.name.as_str();
-            pool.server_states()
-                .into_iter()
-                .map(move |(server, up)| (name, server, up))
-        })
-        .collect();
-    metrics.set_upstream_servers(&states);
+    metrics.set_upstream_servers(&upstreams.server_states());
     metrics.set_soldout_flags(&admission.ledger().flags().flagged());
     let store = tokio::time::timeout(store_bound, admission.store().ping()).await;
     metrics.set_store_up(matches!(store, Ok(Ok(()))));

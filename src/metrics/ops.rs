@@ -13,20 +13,21 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registr
 
 use super::{Metrics, RELOAD_RESULTS};
 
-/// The operator's series, registered together.
+/// The operator's series that are set from outside the request path.
 pub(super) struct OpsSeries {
-    pub(super) upstream_server_up: IntGaugeVec,
-    pub(super) upstream_max_inflight: IntGaugeVec,
-    pub(super) store_up: IntGauge,
-    pub(super) soldout_flag: IntGaugeVec,
-    pub(super) config_reloads: IntCounterVec,
-    pub(super) access_log_dropped: IntCounter,
+    upstream_server_up: IntGaugeVec,
+    upstream_max_inflight: IntGaugeVec,
+    store_up: IntGauge,
+    soldout_flag: IntGaugeVec,
 }
 
 impl OpsSeries {
-    /// Registers every series on `registry`; those without labels from
-    /// outside start at 0 (reload results both, build info at 1).
-    pub(super) fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+    /// Registers every series on `registry`; those whose labels are known
+    /// now start at 0 (both reload results; build info at 1). Gives the
+    /// reload and access-log counters too, which their owners move.
+    pub(super) fn register(
+        registry: &Registry,
+    ) -> Result<(Self, IntCounterVec, IntCounter), prometheus::Error> {
         // The standard process_* series (CPU seconds, resident memory,
         // open and max fds, threads, start time), read from /proc when
         // scraped; the collector exists on Linux only.
@@ -95,14 +96,13 @@ impl OpsSeries {
         registry.register(Box::new(soldout_flag.clone()))?;
         registry.register(Box::new(config_reloads.clone()))?;
         registry.register(Box::new(access_log_dropped.clone()))?;
-        Ok(Self {
+        let ops = Self {
             upstream_server_up,
             upstream_max_inflight,
             store_up,
             soldout_flag,
-            config_reloads,
-            access_log_dropped,
-        })
+        };
+        Ok((ops, config_reloads, access_log_dropped))
     }
 }
 
@@ -125,9 +125,10 @@ impl Metrics {
     /// up)` states, dropping series of servers no longer listed (a reload
     /// changed the list).
     pub fn set_upstream_servers(&self, states: &[(&str, String, bool)]) {
-        self.upstream_server_up.reset();
+        self.ops.upstream_server_up.reset();
         for (upstream, server, up) in states {
-            self.upstream_server_up
+            self.ops
+                .upstream_server_up
                 .with_label_values(&[upstream, server.as_str()])
                 .set(i64::from(*up));
         }
@@ -136,14 +137,15 @@ impl Metrics {
     /// Sets `sluice_upstream_max_inflight` of an upstream (at start, and
     /// when a reload changes it).
     pub fn set_upstream_max_inflight(&self, upstream: &str, max_inflight: u32) {
-        self.upstream_max_inflight
+        self.ops
+            .upstream_max_inflight
             .with_label_values(&[upstream])
             .set(i64::from(max_inflight));
     }
 
     /// Sets `sluice_store_up`.
     pub fn set_store_up(&self, up: bool) {
-        self.store_up.set(i64::from(up));
+        self.ops.store_up.set(i64::from(up));
     }
 
     /// Sets `sluice_soldout_flag`: 1 for each flagged `(rule, sku)`, 0 for
@@ -151,15 +153,16 @@ impl Metrics {
     /// (a flag is only set for a loaded sku), never from request data
     /// alone.
     pub fn set_soldout_flags(&self, flagged: &[(Arc<str>, String)]) {
-        self.soldout_flag.reset();
+        self.ops.soldout_flag.reset();
         // `sluice_stock_available`'s labels are (rule, sku) in name order.
         for labels in series_labels(&self.stock_available) {
             if let [rule, sku] = labels.as_slice() {
-                self.soldout_flag.with_label_values(&[rule, sku]).set(0);
+                self.ops.soldout_flag.with_label_values(&[rule, sku]).set(0);
             }
         }
         for (rule, sku) in flagged {
-            self.soldout_flag
+            self.ops
+                .soldout_flag
                 .with_label_values(&[rule, sku.as_str()])
                 .set(1);
         }
@@ -196,7 +199,6 @@ mod tests {
             r#"sluice_build_info{{version="{}"}} 1"#,
             env!("CARGO_PKG_VERSION")
         )));
-        assert!(t.contains(r#"sluice_upstream_max_inflight{upstream="mall"} 0"#));
         assert!(t.contains("sluice_store_up 0"));
         #[cfg(target_os = "linux")]
         assert!(t.contains("process_resident_memory_bytes"), "{t}");
