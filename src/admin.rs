@@ -8,7 +8,10 @@
 //! variable.
 //!
 //! It runs on its own listener (loopback by default) so that scraping,
-//! probes and operators never compete with shoppers.
+//! probes and operators never compete with shoppers. What a scrape reads
+//! from elsewhere first is in `scrape`.
+
+pub mod scrape;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,7 +40,7 @@ const MAX_ADMIN_BODY: usize = 64 << 10;
 /// bounded so one request cannot build a giant Redis list.
 const MAX_RESTOCK: u64 = 10_000_000;
 
-/// `/readyz` waits this long for the store at most.
+/// `/readyz` and a scrape wait this long for the store at most.
 const READY_STORE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The admin HTTP app.
@@ -316,8 +319,13 @@ impl ServeHttp for AdminApp {
         match path.as_str() {
             "/metrics" => {
                 // Read when scraped: nothing to keep in step otherwise.
-                self.metrics
-                    .set_settlements_pending(self.admission.ledger().journal().len());
+                scrape::refresh(
+                    &self.metrics,
+                    &self.upstreams,
+                    &self.admission,
+                    READY_STORE_TIMEOUT,
+                )
+                .await;
                 reply(
                     StatusCode::OK,
                     "text/plain; version=0.0.4",

@@ -1,7 +1,10 @@
 //! Prometheus metrics owned by one gateway instance (no global registry,
 //! so tests can build independent gateways). Label values come from config
 //! (rule and upstream names) or from closed enums, never from requests;
-//! series known from config are created at zero on start-up.
+//! series known from config are created at zero on start-up. The
+//! operator's series (process, build, health, reloads) are in `ops`.
+
+mod ops;
 
 use std::time::Duration;
 
@@ -101,9 +104,18 @@ pub struct Metrics {
     queue_wait: HistogramVec,
     oversold: IntCounterVec,
     settlements_pending: IntGauge,
-    /// `sluice_config_reloads_total{result}`: `ok` or `rejected`.
+    /// Server health, `max_inflight`, store reachability, sold-out flags.
+    ops: ops::OpsSeries,
+    /// `sluice_config_reloads_total{result}`: reloads by result, `ok` or
+    /// `rejected` (both start at 0).
     pub config_reloads: IntCounterVec,
+    /// `sluice_access_log_dropped_total`: access-log lines dropped because
+    /// the writer fell behind.
+    pub access_log_dropped: IntCounter,
 }
+
+/// The `result` label values of `sluice_config_reloads_total`.
+pub const RELOAD_RESULTS: [&str; 2] = ["ok", "rejected"];
 
 fn outcome_index(o: Outcome) -> usize {
     Outcome::ALL.iter().position(|x| *x == o).unwrap_or(0)
@@ -199,18 +211,6 @@ impl Metrics {
             "Commits and releases that could not reach the store, kept in the journal \
              and retried until they land.",
         )?;
-        let config_reloads = IntCounterVec::new(
-            Opts::new(
-                "sluice_config_reloads_total",
-                "Config reloads (SIGHUP or the admin API), by result: ok, or rejected \
-                 (the old config keeps serving).",
-            ),
-            &["result"],
-        )?;
-        registry.register(Box::new(config_reloads.clone()))?;
-        for result in ["ok", "rejected"] {
-            config_reloads.with_label_values(&[result]);
-        }
         registry.register(Box::new(oversold.clone()))?;
         registry.register(Box::new(settlements_pending.clone()))?;
         registry.register(Box::new(upstream_inflight.clone()))?;
@@ -245,6 +245,7 @@ impl Metrics {
                 upstream_responses.with_label_values(&[upstream, class.as_str()]);
             }
         }
+        let (ops, config_reloads, access_log_dropped) = ops::OpsSeries::register(&registry)?;
         let metrics = Self {
             registry,
             requests_total,
@@ -260,7 +261,9 @@ impl Metrics {
             queue_wait,
             oversold,
             settlements_pending,
+            ops,
             config_reloads,
+            access_log_dropped,
         };
         for rule in rules {
             metrics.add_rule(rule);

@@ -93,11 +93,7 @@ impl Reloader {
     pub async fn reload(&self) -> Result<Reloaded, ReloadError> {
         let _one = self.one_at_a_time.lock().await;
         let result = self.reload_once().await;
-        let label = if result.is_ok() { "ok" } else { "rejected" };
-        self.metrics
-            .config_reloads
-            .with_label_values(&[label])
-            .inc();
+        self.metrics.observe_reload(result.is_ok());
         result
     }
 

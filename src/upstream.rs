@@ -155,6 +155,7 @@ impl Upstreams {
             } else {
                 Arc::new(lb)
             };
+            metrics.set_upstream_max_inflight(&config.name, config.max_inflight);
             pools.push(UpstreamPool {
                 name: config.name.clone(),
                 config: ArcSwap::from_pointee(config.clone()),
@@ -179,6 +180,19 @@ impl Upstreams {
     /// The pool of an upstream by name.
     pub fn by_name(&self, name: &str) -> Option<&UpstreamPool> {
         self.pools.iter().find(|p| p.name == name)
+    }
+
+    /// Every server of every upstream as `(upstream, server, up)`, for
+    /// `sluice_upstream_server_up`.
+    pub fn server_states(&self) -> Vec<(&str, String, bool)> {
+        self.pools
+            .iter()
+            .flat_map(|p| {
+                p.server_states()
+                    .into_iter()
+                    .map(|(server, up)| (p.name(), server, up))
+            })
+            .collect()
     }
 
     /// Whether any upstream has at least one healthy server.
@@ -233,6 +247,18 @@ impl UpstreamPool {
             .iter()
             .filter(|b| backends.ready(b))
             .count()
+    }
+
+    /// Each server of the balancer's current list with whether it is up
+    /// (healthy and enabled; always, without a health check), for
+    /// `sluice_upstream_server_up`.
+    pub fn server_states(&self) -> Vec<(String, bool)> {
+        let backends = self.balancer.backends();
+        backends
+            .get_backend()
+            .iter()
+            .map(|b| (b.addr.to_string(), backends.ready(b)))
+            .collect()
     }
 }
 
