@@ -13,8 +13,10 @@
 pub mod error;
 pub mod model;
 pub mod raw;
+pub mod routes;
 pub mod rule_build;
 pub mod rule_raw;
+pub mod tls;
 pub mod units;
 mod validate;
 pub mod view;

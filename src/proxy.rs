@@ -4,8 +4,9 @@
 //!
 //! ```text
 //!  client ──► request_filter ── intake: size limits, Host, ticket polls ─► gateway answer
-//!                  │            rule? admission stages 2-8 ── refused ──► gateway answer
+//! (HTTP or TLS)    │            rule? admission stages 2-8 ── refused ──► gateway answer
 //!                  │                  winner: a Hold and a slot (or queued ► 202)
+//!                  │            no rule: routes pick the upstream (else default_upstream)
 //!                  ▼
 //!            upstream_peer ──── no healthy server? ──► fail_to_proxy
 //!                  │                                      settle the hold (classify),
@@ -48,6 +49,7 @@ use crate::backend::{self, ClientHop, ForwardEnd};
 use crate::config::Config;
 use crate::metrics::{Metrics, UpstreamClass};
 use crate::outcome::{Answer, Outcome};
+use crate::routes::Routes;
 use crate::upstream::slots::Slot;
 use crate::upstream::Upstreams;
 use crate::vocab::{TicketId, UpstreamId};
@@ -59,6 +61,7 @@ pub struct SluiceProxy {
     upstreams: Arc<Upstreams>,
     metrics: Arc<Metrics>,
     admission: Arc<Admission>,
+    routes: Arc<Routes>,
 }
 
 /// Per-request state carried across phases.
@@ -106,18 +109,21 @@ impl RequestCtx {
 }
 
 impl SluiceProxy {
-    /// A proxy over the given config, pools, metrics and pipeline.
+    /// A proxy over the given config, pools, metrics, pipeline and
+    /// pass-through routes.
     pub fn new(
         config: Arc<Config>,
         upstreams: Arc<Upstreams>,
         metrics: Arc<Metrics>,
         admission: Arc<Admission>,
+        routes: Arc<Routes>,
     ) -> Self {
         Self {
             config,
             upstreams,
             metrics,
             admission,
+            routes,
         }
     }
 
@@ -127,6 +133,15 @@ impl SluiceProxy {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip())
+    }
+
+    /// Where the request came from, as the backend is told.
+    fn client_hop(&self, session: &Session) -> ClientHop<'_> {
+        ClientHop {
+            peer: self.peer(session),
+            trusted: &self.config.trusted_proxies,
+            tls: session.digest().is_some_and(|d| d.ssl_digest.is_some()),
+        }
     }
 
     /// Writes a gateway answer (with the rule's overrides) and records its
@@ -250,10 +265,7 @@ impl ProxyHttp for SluiceProxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let from = ClientHop {
-            peer: self.peer(session),
-            trusted: &self.config.trusted_proxies,
-        };
+        let from = self.client_hop(session);
         let ticket = ctx.hold.as_ref().map(Hold::ticket_headers);
         backend::present(upstream_request, from, ticket, ctx.path.as_deref())?;
         ctx.sent_upstream = true;

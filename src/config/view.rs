@@ -131,6 +131,13 @@ pub fn view(c: &Config) -> Value {
         "shutdown": {"grace_period_ms": ms(c.shutdown.grace_period), "timeout_ms": ms(c.shutdown.timeout)},
         "threads": c.threads,
         "h2c": c.h2c,
+        // Paths only: the key's contents are never shown.
+        "tls": c.tls.as_ref().map(|t| json!({"listen": t.listen.to_string(),
+                  "cert": t.cert.display().to_string(), "key": t.key.display().to_string()})),
+        "routes": c.routes.iter().map(|r| json!({
+            "match": {"host": r.host, "path_prefix": r.path_prefix},
+            "upstream": c.upstream(r.upstream).name,
+        })).collect::<Vec<_>>(),
     })
 }
 

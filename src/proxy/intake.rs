@@ -1,6 +1,7 @@
 //! What `request_filter` does with a request, read off the pingora
 //! session: size limits, ticket polls, rule matching (on the canonical
-//! path; a refused spelling is `invalid`), reading a rule's
+//! path; a refused spelling is `invalid`; no rule: the pass-through
+//! route), reading a rule's
 //! body, and handing the attempt to the admission pipeline (stages 2-8).
 //! Only session plumbing lives here; every decision is the pipeline's.
 
@@ -64,7 +65,10 @@ impl SluiceProxy {
         // does meanwhile.
         let rules = self.admission.rules();
         let m = match rules.find(&req.method, req.uri.path()) {
-            Route::Unmatched => return Ok(false),
+            Route::Unmatched => {
+                ctx.upstream = self.routes.pick(req);
+                return Ok(false);
+            }
             Route::Refused(r) => {
                 ctx.stage = rules.stage(r.index).cloned();
                 // The body was not read: the connection cannot be reused.
@@ -129,9 +133,7 @@ impl SluiceProxy {
                 client_ip: forwarded::client_ip(
                     self.peer(session)
                         .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
-                    req.headers
-                        .get("x-forwarded-for")
-                        .and_then(|v| v.to_str().ok()),
+                    forwarded::chain(&req.headers).as_deref(),
                     &self.config.trusted_proxies,
                 ),
             };
@@ -192,10 +194,7 @@ impl SluiceProxy {
         body: Bytes,
         path: Option<&str>,
     ) -> Option<QueuedRequest> {
-        let from = backend::ClientHop {
-            peer: self.peer(session),
-            trusted: &self.config.trusted_proxies,
-        };
+        let from = self.client_hop(session);
         backend::queued(
             session.req_header(),
             body,
