@@ -25,7 +25,7 @@ use pingora_core::tls::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use support::{free_addr, metric_value, put_stock, request, Gateway, Response, Upstream};
+use support::{free_addr, put_stock, request, Gateway, Response, Upstream};
 
 /// Bound on each connect and exchange.
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -261,16 +261,15 @@ async fn a_flash_sale_rule_is_admitted_over_tls_as_over_http() {
     assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
     assert_eq!(mall.requests(), 2);
 
-    let metrics = gw.metrics().await;
-    let count = |outcome: &str| {
-        metric_value(
-            &metrics,
+    // Counted when each request is logged, just after its answer.
+    for (outcome, n) in [("forwarded", 1.0), ("sold_out", 2.0)] {
+        gw.wait_metric(
             "sluice_requests_total",
             &[("rule", "phone"), ("outcome", outcome)],
+            n,
         )
-    };
-    assert_eq!(count("forwarded"), Some(1.0));
-    assert_eq!(count("sold_out"), Some(2.0));
+        .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

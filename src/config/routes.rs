@@ -3,7 +3,7 @@
 //! here as strictly as the rest (a match with neither key, an unknown
 //! upstream, a prefix that is not canonical or not a prefix, a host with
 //! a port, a route that an earlier one always takes first); run by
-//! `validate`. The run-time table is `crate::routes`.
+//! `validate`. The run-time table is the top-level `routes` module.
 
 use serde_saphyr::Spanned;
 

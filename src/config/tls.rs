@@ -3,7 +3,8 @@
 //! ([`load_pair`]: PEM parsed, the key loaded by rustls, the key matched
 //! to the leaf certificate), so `sluice check` refuses what the listener
 //! would, at the token of the field at fault. Called by `validate` and by
-//! the listener's certificate handle (`crate::tls`), at start and reload.
+//! the listener's certificate handle (the top-level `tls` module), at
+//! start and reload.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
