@@ -89,6 +89,7 @@ pub fn client_ip(peer: IpAddr, xff: Option<&str>, trusted: &[IpNet]) -> IpAddr {
 /// peer when the peer is trusted; otherwise only the peer, since an
 /// untrusted client's chain is whatever it chose to write.
 pub fn forwarded_for(peer: IpAddr, xff: Option<&str>, trusted: &[IpNet]) -> String {
+    let peer = canonical(peer);
     match xff {
         Some(chain) if is_trusted(peer, trusted) && !chain.trim().is_empty() => {
             format!("{}, {peer}", chain.trim())
@@ -218,10 +219,19 @@ mod tests {
             ip("198.51.100.4")
         );
         // An untrusted mapped peer is keyed as its IPv4 address, the same
-        // bucket whichever way the listener reports it.
+        // bucket whichever way the listener reports it, and named so to
+        // the backend.
         assert_eq!(
             client_ip(ip("::ffff:203.0.113.7"), None, &trusted),
             ip("203.0.113.7")
+        );
+        assert_eq!(
+            forwarded_for(ip("::ffff:203.0.113.7"), Some("1.2.3.4"), &trusted),
+            "203.0.113.7"
+        );
+        assert_eq!(
+            forwarded_for(mapped, Some("198.51.100.4"), &trusted),
+            "198.51.100.4, 10.0.0.1"
         );
     }
 
