@@ -1,5 +1,6 @@
 //! Builds the pingora server from a validated [`Config`]: the proxy
-//! service on `listen` (and on `tls.listen`, HTTPS), the admin service on `admin.listen` (each behind a
+//! service on `listen` (and on `tls.listen`, HTTPS), the admin service on
+//! `admin.listen` (each behind a
 //! [`connections::ConnectionGate`]: connection cap, header deadline), and
 //! one background health-check service per checked upstream. pingora's own
 //! config loader and command line are bypassed (they ignore unknown keys);

@@ -1,8 +1,8 @@
 //! What `request_filter` does with a request, read off the pingora
 //! session: size limits, ticket polls, rule matching (on the canonical
 //! path; a refused spelling is `invalid`; no rule: the pass-through
-//! route), reading a rule's
-//! body, and handing the attempt to the admission pipeline (stages 2-8).
+//! route), reading a rule's body, and handing the attempt to the
+//! admission pipeline (stages 2-8).
 //! Only session plumbing lives here; every decision is the pipeline's.
 
 use bytes::{Bytes, BytesMut};
