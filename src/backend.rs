@@ -5,7 +5,7 @@
 //!   of its path (`rules::RuleMatch::path`) and its query as received, in
 //!   origin form, whatever spelling the client used.
 //! - Headers: client headers named `X-Sluice-*` never reach the backend;
-//!   `X-Forwarded-For` is rebuilt (`forwarded`); a winner carries
+//!   `X-Forwarded-For` and `X-Forwarded-Proto` are rebuilt (`forwarded`); a winner carries
 //!   `X-Sluice-Ticket`, `X-Sluice-Quantity` and `X-Sluice-Rule`. A queued
 //!   request is sent later with its body in one piece, so it also loses
 //!   the hop-by-hop headers and gets its own `Content-Length`.
@@ -73,13 +73,15 @@ pub struct TicketHeaders<'a> {
     pub key: &'a SkuKey,
 }
 
-/// Where the request came from, for `X-Forwarded-For`.
+/// Where the request came from, for `X-Forwarded-For` and `-Proto`.
 #[derive(Clone, Copy, Debug)]
 pub struct ClientHop<'a> {
     /// The socket peer, when it is an inet address.
     pub peer: Option<IpAddr>,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted: &'a [IpNet],
+    /// Whether the client's connection to the gateway is TLS.
+    pub tls: bool,
 }
 
 /// Rewrites a request header as the backend must see it; `path` is the
@@ -103,12 +105,15 @@ pub fn present(
         req.remove_header(&name);
     }
     if let Some(peer) = from.peer {
-        let incoming = req
-            .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok());
-        let xff = forwarded::forwarded_for(peer, incoming, from.trusted);
+        let incoming = forwarded::chain(&req.headers);
+        let xff = forwarded::forwarded_for(peer, incoming.as_deref(), from.trusted);
         req.insert_header("X-Forwarded-For", xff)?;
+        let proto = req
+            .headers
+            .get(forwarded::XFP)
+            .and_then(|v| v.to_str().ok());
+        let proto = forwarded::forwarded_proto(peer, proto, from.tls, from.trusted).to_string();
+        req.insert_header("X-Forwarded-Proto", proto)?;
     }
     if let Some(t) = ticket {
         // The gateway holds a winner's whole body and sends it at once: the
@@ -319,6 +324,7 @@ mod tests {
         ClientHop {
             peer: Some(ip.parse().expect("ip")),
             trusted: &[],
+            tls: false,
         }
     }
 
@@ -347,6 +353,7 @@ mod tests {
         assert_eq!(h("x-sluice-quantity").as_deref(), Some("2"));
         assert_eq!(h("x-sluice-rule").as_deref(), Some("phone"));
         assert_eq!(h("x-forwarded-for").as_deref(), Some("203.0.113.9"));
+        assert_eq!(h("x-forwarded-proto").as_deref(), Some("http"));
         assert_eq!(h("x-user-id").as_deref(), Some("u1"));
 
         let mut plain = request(&[("x-sluice-ticket", "forged")]);

@@ -18,6 +18,8 @@
 //! | `admission` | the pipeline: stages 2-8, a winner's [`admission::hold::Hold`], ticket polls |
 //! | `drain` | the background sender of queued winners |
 //! | `reconcile` | `sluice reconcile`: ledger checks and repairs after a crash |
+//! | `routes` | which upstream serves pass-through traffic (`routes:`), swappable |
+//! | `tls` | the TLS listener's certificate (a rustls resolver), re-read on reload |
 //! | `proxy` | the pingora glue, one or two calls per phase |
 //! | `reload` | SIGHUP and admin reloads: validate, refuse restart-only changes, swap |
 //! | `admin` | the admin listener: metrics, health, stock, release and reload API |
@@ -53,8 +55,10 @@ pub mod proxy;
 pub mod queue;
 pub mod reconcile;
 pub mod reload;
+pub mod routes;
 pub mod rules;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod upstream;
 pub mod vocab;

@@ -4,8 +4,9 @@
 //!
 //! ```text
 //!  client ──► request_filter ── intake: size limits, Host, ticket polls ─► gateway answer
-//!                  │            rule? admission stages 2-8 ── refused ──► gateway answer
+//! (HTTP or TLS)    │            rule? admission stages 2-8 ── refused ──► gateway answer
 //!                  │                  winner: a Hold and a slot (or queued ► 202)
+//!                  │            no rule: routes pick the upstream (else default_upstream)
 //!                  ▼
 //!            upstream_peer ──── no healthy server? ──► fail_to_proxy
 //!                  │                                      settle the hold (classify),
@@ -49,6 +50,7 @@ use crate::backend::{self, ClientHop, ForwardEnd};
 use crate::config::Config;
 use crate::metrics::{Metrics, UpstreamClass};
 use crate::outcome::{Answer, Outcome};
+use crate::routes::Routes;
 use crate::upstream::slots::Slot;
 use crate::upstream::Upstreams;
 use crate::vocab::{TicketId, UpstreamId};
@@ -60,11 +62,15 @@ pub struct SluiceProxy {
     upstreams: Arc<Upstreams>,
     metrics: Arc<Metrics>,
     admission: Arc<Admission>,
+    routes: Arc<Routes>,
 }
 
 /// Per-request state carried across phases.
 pub struct RequestCtx {
     started: Instant,
+    /// The config in force when the request started (a reload swaps it
+    /// for later requests only).
+    config: Arc<Config>,
     /// The matched rule's stage, as it was when the request started.
     stage: Option<Arc<RuleStage>>,
     /// The rule's own spelling of the request's path, sent to the backend.
@@ -86,13 +92,14 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
-    fn new(upstream: UpstreamId) -> Self {
+    fn new(config: Arc<Config>) -> Self {
         Self {
             started: Instant::now(),
+            upstream: config.default_upstream,
+            config,
             stage: None,
             path: None,
             outcome: Outcome::Passthrough,
-            upstream,
             connect_failures: 0,
             body_bytes: 0,
             admitted_body: None,
@@ -107,18 +114,21 @@ impl RequestCtx {
 }
 
 impl SluiceProxy {
-    /// A proxy over the given config, pools, metrics and pipeline.
+    /// A proxy over the given config, pools, metrics, pipeline and
+    /// pass-through routes.
     pub fn new(
         config: Arc<ArcSwap<Config>>,
         upstreams: Arc<Upstreams>,
         metrics: Arc<Metrics>,
         admission: Arc<Admission>,
+        routes: Arc<Routes>,
     ) -> Self {
         Self {
             config,
             upstreams,
             metrics,
             admission,
+            routes,
         }
     }
 
@@ -128,6 +138,15 @@ impl SluiceProxy {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip())
+    }
+
+    /// Where the request came from, as the backend is told.
+    fn client_hop<'a>(&self, session: &Session, config: &'a Config) -> ClientHop<'a> {
+        ClientHop {
+            peer: self.peer(session),
+            trusted: &config.trusted_proxies,
+            tls: session.digest().is_some_and(|d| d.ssl_digest.is_some()),
+        }
     }
 
     /// Writes a gateway answer (with the rule's overrides) and records its
@@ -163,7 +182,7 @@ impl ProxyHttp for SluiceProxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::new(self.config.load().default_upstream)
+        RequestCtx::new(self.config.load_full())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
@@ -179,7 +198,7 @@ impl ProxyHttp for SluiceProxy {
     ) -> Result<()> {
         // Chunked bodies have no Content-Length to check up front.
         ctx.body_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
-        if ctx.body_bytes > self.config.load().limits.max_body_bytes {
+        if ctx.body_bytes > ctx.config.limits.max_body_bytes {
             return Error::e_explain(ErrorType::HTTPStatus(413), "request body over the limit");
         }
         Ok(())
@@ -251,11 +270,7 @@ impl ProxyHttp for SluiceProxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let config = self.config.load();
-        let from = ClientHop {
-            peer: self.peer(session),
-            trusted: &config.trusted_proxies,
-        };
+        let from = self.client_hop(session, &ctx.config);
         let ticket = ctx.hold.as_ref().map(Hold::ticket_headers);
         backend::present(upstream_request, from, ticket, ctx.path.as_deref())?;
         ctx.sent_upstream = true;
@@ -315,7 +330,7 @@ impl ProxyHttp for SluiceProxy {
         );
         self.settle(ctx, backend::end_of(e, delivered)).await;
         tracing::debug!(error = %e, "request failed");
-        let Some(answer) = failure_answer(e, self.config.load().limits.max_body_bytes) else {
+        let Some(answer) = failure_answer(e, ctx.config.limits.max_body_bytes) else {
             ctx.outcome = Outcome::Invalid;
             return FailToProxy {
                 error_code: 0,

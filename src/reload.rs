@@ -3,7 +3,8 @@
 //! and validated whole; a config with any problem, or one that changes a
 //! key that needs a restart ([`crate::config::restart`]), is refused and
 //! the old one keeps serving. Otherwise the new rules, upstream server
-//! lists and timeouts, and the rest of the live config are swapped in.
+//! lists and timeouts, routes, the TLS certificate and the rest of the
+//! live config are swapped in.
 //! Requests under way finish under what they started with; state of
 //! rules that stay (token buckets, sold-out flags, stock) is kept.
 
@@ -17,8 +18,11 @@ use serde::Serialize;
 
 use crate::admission::{Admission, RulesChanged};
 use crate::config::error::ConfigErrors;
+use crate::config::tls::TlsFileError;
 use crate::config::{restart, Config};
 use crate::metrics::Metrics;
+use crate::routes::Routes;
+use crate::tls::TlsCerts;
 use crate::upstream::{UpstreamError, Upstreams};
 
 /// Why a reload was refused; the old config keeps serving.
@@ -33,6 +37,9 @@ pub enum ReloadError {
     /// An upstream's new server list could not be put in force.
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    /// The TLS certificate or key could not be read again.
+    #[error(transparent)]
+    Tls(#[from] TlsFileError),
     /// Reading the files did not complete.
     #[error("reading the config did not complete: {0}")]
     Task(String),
@@ -65,16 +72,21 @@ pub struct Reloader {
     live: Arc<ArcSwap<Config>>,
     admission: Arc<Admission>,
     upstreams: Arc<Upstreams>,
+    routes: Arc<Routes>,
+    tls: Option<Arc<TlsCerts>>,
     metrics: Arc<Metrics>,
     one_at_a_time: tokio::sync::Mutex<()>,
 }
 
 impl Reloader {
-    /// A reloader of the config in `live` (read again from its `source`).
+    /// A reloader of the config in `live` (read again from its `source`)
+    /// and of everything built from it.
     pub fn new(
         live: Arc<ArcSwap<Config>>,
         admission: Arc<Admission>,
         upstreams: Arc<Upstreams>,
+        routes: Arc<Routes>,
+        tls: Option<Arc<TlsCerts>>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -84,6 +96,8 @@ impl Reloader {
             live,
             admission,
             upstreams,
+            routes,
+            tls,
             metrics,
             one_at_a_time: tokio::sync::Mutex::new(()),
         }
@@ -109,6 +123,14 @@ impl Reloader {
         if !why.is_empty() {
             return Err(ReloadError::NeedsRestart(why));
         }
+        // Certificates first: renewed files that do not serve refuse the
+        // whole reload before anything else changed.
+        if let (Some(certs), Some(tls)) = (&self.tls, &new.tls) {
+            let (certs, tls) = (certs.clone(), tls.clone());
+            tokio::task::spawn_blocking(move || certs.reload(&tls))
+                .await
+                .map_err(|e| ReloadError::Task(e.to_string()))??;
+        }
         let mut upstreams = Vec::new();
         for (pool, config) in self.upstreams.pools().iter().zip(&new.upstreams) {
             if *pool.config() != *config {
@@ -127,6 +149,7 @@ impl Reloader {
                 pool.apply(config).await?;
             }
         }
+        self.routes.apply(&new);
         self.live.store(Arc::new(new));
         Ok(Reloaded { rules, upstreams })
     }

@@ -1,5 +1,6 @@
 //! Builds the pingora server from a validated [`Config`]: the proxy
-//! service on `listen`, the admin service on `admin.listen` (each behind a
+//! service on `listen` (and on `tls.listen`, HTTPS), the admin service on
+//! `admin.listen` (each behind a
 //! [`connections::ConnectionGate`]: connection cap, header deadline), and
 //! one background health-check service per checked upstream. pingora's own
 //! config loader and command line are bypassed (they ignore unknown keys);
@@ -28,6 +29,7 @@ use crate::admin::AdminApp;
 use crate::admission::housekeeping::Housekeeping;
 use crate::admission::journal::Journal;
 use crate::admission::Admission;
+use crate::config::tls::TlsFileError;
 use crate::config::{is_loopback, AdminConfig, Config, StoreBackend};
 use crate::drain::Drainer;
 use crate::metrics::Metrics;
@@ -37,10 +39,12 @@ use crate::queue::rates::DrainRates;
 use crate::queue::redis::RedisQueue;
 use crate::queue::Queue;
 use crate::reload::{self, Reloader, SighupReloads};
+use crate::routes::Routes;
 use crate::store::instrumented::InstrumentedStore;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::RedisStore;
 use crate::store::{Store, StoreError};
+use crate::tls::TlsCerts;
 use crate::upstream::{UpstreamError, Upstreams};
 use connections::{ConnectionGate, ConnectionLimits, FdLimit};
 use shutdown::ExitWhenDrained;
@@ -75,6 +79,9 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The TLS certificate or key cannot serve.
+    #[error(transparent)]
+    Tls(#[from] TlsFileError),
     /// The admin listener would be open to the network with no token.
     #[error("admin.listen {addr} is not a loopback address and {why}: anyone who reaches it could change stock; set the token, listen on 127.0.0.1, or set admin.allow_remote_without_token: true")]
     AdminUnprotected {
@@ -165,6 +172,11 @@ pub struct Gateway {
     server: Server,
     /// The metrics, for embedding and tests.
     pub metrics: Arc<Metrics>,
+    /// The route table of pass-through traffic (`Routes::apply` on reload).
+    pub routes: Arc<Routes>,
+    /// The TLS listener's certificate, when there is one
+    /// (`TlsCerts::reload` on reload).
+    pub tls: Option<Arc<TlsCerts>>,
 }
 
 impl Gateway {
@@ -176,7 +188,14 @@ impl Gateway {
         if !upgrade {
             check_bindable(config.listen, "listen")?;
             check_bindable(config.admin.listen, "admin.listen")?;
+            if let Some(tls) = &config.tls {
+                check_bindable(tls.listen, "tls.listen")?;
+            }
         }
+        let tls = match &config.tls {
+            Some(tls) => Some(Arc::new(TlsCerts::load(tls)?)),
+            None => None,
+        };
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::new(
             config.rules.rules().iter().map(|r| &*r.name),
@@ -211,10 +230,13 @@ impl Gateway {
         ));
 
         let live = Arc::new(ArcSwap::new(config.clone()));
+        let routes = Arc::new(Routes::new(&config));
         let reloader = Arc::new(Reloader::new(
             live.clone(),
             admission.clone(),
             upstreams.clone(),
+            routes.clone(),
+            tls.clone(),
             metrics.clone(),
         ));
         reload::ignore_sighup_until_listening();
@@ -238,6 +260,7 @@ impl Gateway {
                 upstreams.clone(),
                 metrics.clone(),
                 admission.clone(),
+                routes.clone(),
             ),
         );
         proxy_app.server_options = Some(options);
@@ -249,6 +272,15 @@ impl Gateway {
         let open_connections = gate.open_count();
         let mut proxy = Service::new("sluice proxy".to_string(), gate);
         proxy.add_tcp(&config.listen.to_string());
+        // Same service, same gate and connection cap: a request over TLS
+        // takes exactly the path of a plain one.
+        if let (Some(tls_config), Some(certs)) = (&config.tls, &tls) {
+            proxy.add_tls_with_settings(
+                &tls_config.listen.to_string(),
+                None,
+                TlsCerts::settings(certs)?,
+            );
+        }
 
         let mut admin = Service::new(
             "sluice admin".to_string(),
@@ -305,7 +337,12 @@ impl Gateway {
                 config.store.sweep_interval,
             ),
         ));
-        Ok(Self { server, metrics })
+        Ok(Self {
+            server,
+            metrics,
+            routes,
+            tls,
+        })
     }
 
     /// Runs until SIGTERM (graceful) or SIGINT (at once); then returns.

@@ -18,7 +18,7 @@ const BAD: &[(&str, &[&str])] = &[
     // ---- gateway.yaml ----
     (
         "tests/fixtures/bad_unknown_top_key.yaml",
-        &["tests/fixtures/bad_unknown_top_key.yaml:1:1: unknown field `listne`, expected one of listen, admin, store, upstreams, default_upstream, rules, trusted_proxies, limits, shutdown, threads, h2c, upgrade_socket"],
+        &["tests/fixtures/bad_unknown_top_key.yaml:1:1: unknown field `listne`, expected one of listen, admin, store, upstreams, default_upstream, rules, trusted_proxies, limits, shutdown, threads, h2c, upgrade_socket, tls, routes"],
     ),
     (
         "tests/fixtures/bad_unknown_nested_key.yaml",
@@ -94,6 +94,44 @@ const BAD: &[(&str, &[&str])] = &[
             "tests/fixtures/bad_limits_connections.yaml:6:20: limits.max_connections: 0 must be a whole number from 1 to 4294967295",
             "tests/fixtures/bad_limits_connections.yaml:7:19: limits.header_timeout: must be above 0",
             "tests/fixtures/bad_limits_connections.yaml:8:22: limits.keepalive_timeout: invalid duration \"10 sec\": expected a whole number followed by ms, s, m or h (like 250ms or 3s)",
+        ],
+    ),
+    (
+        "tests/fixtures/bad_routes.yaml",
+        &[
+            "tests/fixtures/bad_routes.yaml:10:27: routes[1].match.path_prefix: \"api/v2\" must start with '/'",
+            "tests/fixtures/bad_routes.yaml:12:12: routes[2].match: needs host, path_prefix or both (what no route matches goes to default_upstream)",
+            "tests/fixtures/bad_routes.yaml:14:20: routes[3].match.host: \"static.example:8080\" must not have a port (a route matches the host on any port)",
+            "tests/fixtures/bad_routes.yaml:15:15: routes[3].upstream: \"cdn\" is not defined under upstreams (defined: api, mall)",
+            "tests/fixtures/bad_routes.yaml:16:5: routes[4]: never matches: routes[0] above it takes every request it would",
+            "tests/fixtures/bad_routes.yaml:18:27: routes[5].match.path_prefix: \"/static//js\" is not in canonical form (requests are routed on their canonical path): write \"/static/js\"",
+            "tests/fixtures/bad_routes.yaml:20:5: missing required key `routes[6].match`",
+        ],
+    ),
+    (
+        "tests/fixtures/bad_routes_unknown_key.yaml",
+        &["tests/fixtures/bad_routes_unknown_key.yaml:6:14: unknown field `path`, expected one of host, path_prefix"],
+    ),
+    (
+        "tests/fixtures/bad_tls_missing.yaml",
+        &[
+            "tests/fixtures/bad_tls_missing.yaml:6:3: missing required key `tls.cert`",
+            "tests/fixtures/bad_tls_missing.yaml:6:3: missing required key `tls.key`",
+            "tests/fixtures/bad_tls_missing.yaml:6:11: tls.listen: 127.0.0.1:8080 is also the main listen address",
+        ],
+    ),
+    (
+        "tests/fixtures/bad_tls_files.yaml",
+        &[
+            "tests/fixtures/bad_tls_files.yaml:7:9: tls.cert: cannot read tests/fixtures/no-such-cert.pem: No such file or directory (os error 2)",
+            "tests/fixtures/bad_tls_files.yaml:8:8: tls.key: cannot read tests/fixtures/no-such-key.pem: No such file or directory (os error 2)",
+        ],
+    ),
+    (
+        "tests/fixtures/bad_tls_not_pem.yaml",
+        &[
+            "tests/fixtures/bad_tls_not_pem.yaml:6:40: tls.cert: tests/fixtures/bad_tls_not_pem.yaml holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            "tests/fixtures/bad_tls_not_pem.yaml:6:67: tls.key: tests/fixtures/bad_tls_not_pem.yaml holds no unencrypted PEM private key (PKCS#8, PKCS#1 or SEC1)",
         ],
     ),
     (
@@ -474,6 +512,27 @@ fn good_config_loads_into_the_typed_model() {
     assert_eq!(config.shutdown.grace_period, Duration::from_secs(10));
     assert_eq!(config.threads, 4);
     assert!(config.h2c);
+    let routes: Vec<(Option<&str>, Option<&str>, &str)> = config
+        .routes
+        .iter()
+        .map(|r| {
+            (
+                r.host.as_deref(),
+                r.path_prefix.as_deref(),
+                config.upstream(r.upstream).name.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        routes,
+        [
+            (None, Some("/api/coupons"), "coupons"),
+            // Hosts are kept lowercase: they are compared without case.
+            (Some("static.example.com"), Some("/assets/"), "mall"),
+        ]
+    );
+    // tls: its files are made by tests/tls.rs, which checks it.
+    assert!(config.tls.is_none());
 
     let rules = config.rules.rules();
     let names: Vec<&str> = rules.iter().map(|r| &*r.name).collect();

@@ -134,6 +134,35 @@ pub struct Config {
     pub h2c: bool,
     /// The Unix socket `sluice run --upgrade` takes the listeners from.
     pub upgrade_socket: PathBuf,
+    /// The TLS listener, when there is one.
+    pub tls: Option<TlsConfig>,
+    /// Where traffic no rule matches goes, first match first; else
+    /// `default_upstream`.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// `tls:`: a second listener of the proxy, HTTPS (HTTP/2 or HTTP/1.1 by ALPN).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// Its address (changing it needs a restart).
+    pub listen: SocketAddr,
+    /// PEM certificate chain, leaf first (relative paths resolved from
+    /// gateway.yaml's folder).
+    pub cert: PathBuf,
+    /// PEM private key of the leaf certificate.
+    pub key: PathBuf,
+}
+
+/// One entry of `routes:`; at least one of `host` and `path_prefix` is set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteConfig {
+    /// The request's host, lowercase, without port; any host when `None`.
+    pub host: Option<String>,
+    /// A canonical path prefix, matched at a segment boundary; any path
+    /// when `None`.
+    pub path_prefix: Option<String>,
+    /// Where matching requests go.
+    pub upstream: UpstreamId,
 }
 
 impl Config {

@@ -39,6 +39,42 @@ pub struct RawGateway {
     pub h2c: Option<bool>,
     #[serde(default)]
     pub upgrade_socket: Option<Spanned<String>>,
+    #[serde(default)]
+    pub tls: Option<Spanned<RawTls>>,
+    #[serde(default)]
+    pub routes: Option<Spanned<Vec<Spanned<RawRoute>>>>,
+}
+
+/// `tls:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    #[serde(default)]
+    pub listen: Option<Spanned<String>>,
+    #[serde(default)]
+    pub cert: Option<Spanned<String>>,
+    #[serde(default)]
+    pub key: Option<Spanned<String>>,
+}
+
+/// One entry of `routes:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    #[serde(default, rename = "match")]
+    pub matcher: Option<Spanned<RawRouteMatch>>,
+    #[serde(default)]
+    pub upstream: Option<Spanned<String>>,
+}
+
+/// `routes[].match:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouteMatch {
+    #[serde(default)]
+    pub host: Option<Spanned<String>>,
+    #[serde(default)]
+    pub path_prefix: Option<Spanned<String>>,
 }
 
 /// `admin:`

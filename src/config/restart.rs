@@ -4,7 +4,8 @@
 //! half applied.
 //!
 //! Reloadable: every rule file (and the `rules:` globs), the upstreams'
-//! `servers` and timeouts, `default_upstream` and `trusted_proxies`.
+//! `servers` and timeouts, `default_upstream`, `routes`,
+//! `trusted_proxies`, and the TLS certificate and key (re-read).
 
 use super::{Config, StoreConfig, UpstreamConfig};
 

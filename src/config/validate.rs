@@ -567,6 +567,16 @@ pub fn gateway(p: &mut Problems, raw: &RawGateway) -> Option<Config> {
         }
     }
 
+    let tls = super::tls::tls(
+        p,
+        raw,
+        &[
+            ("main listen", listen),
+            ("admin.listen", admin.as_ref().map(|a| a.listen)),
+        ],
+    );
+    let routes = super::routes::routes(p, raw, &names);
+
     let threads = match &raw.threads {
         Some(t) => positive(p, "threads", t).map_or(1, |n| n as usize),
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -612,6 +622,8 @@ pub fn gateway(p: &mut Problems, raw: &RawGateway) -> Option<Config> {
         threads,
         h2c: raw.h2c.unwrap_or(false),
         upgrade_socket: upgrade_socket?,
+        tls,
+        routes,
     })
 }
 

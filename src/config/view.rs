@@ -132,6 +132,13 @@ pub fn view(c: &Config) -> Value {
         "threads": c.threads,
         "h2c": c.h2c,
         "upgrade_socket": c.upgrade_socket.display().to_string(),
+        // Paths only: the key's contents are never shown.
+        "tls": c.tls.as_ref().map(|t| json!({"listen": t.listen.to_string(),
+                  "cert": t.cert.display().to_string(), "key": t.key.display().to_string()})),
+        "routes": c.routes.iter().map(|r| json!({
+            "match": {"host": r.host, "path_prefix": r.path_prefix},
+            "upstream": c.upstream(r.upstream).name,
+        })).collect::<Vec<_>>(),
     })
 }
 

@@ -1,7 +1,8 @@
 //! What `request_filter` does with a request, read off the pingora
 //! session: size limits, ticket polls, rule matching (on the canonical
-//! path; a refused spelling is `invalid`), reading a rule's
-//! body, and handing the attempt to the admission pipeline (stages 2-8).
+//! path; a refused spelling is `invalid`; no rule: the pass-through
+//! route), reading a rule's body, and handing the attempt to the
+//! admission pipeline (stages 2-8).
 //! Only session plumbing lives here; every decision is the pipeline's.
 
 use bytes::{Bytes, BytesMut};
@@ -15,6 +16,7 @@ use crate::admission::hold::Hold;
 use crate::admission::overflow::Waited;
 use crate::admission::{Candidate, RuleStage, Verdict};
 use crate::backend::{self, forwarded};
+use crate::config::Config;
 use crate::outcome::{Answer, Outcome};
 use crate::queue::QueuedRequest;
 use crate::rules::Route;
@@ -64,7 +66,10 @@ impl SluiceProxy {
         // does meanwhile.
         let rules = self.admission.rules();
         let m = match rules.find(&req.method, req.uri.path()) {
-            Route::Unmatched => return Ok(false),
+            Route::Unmatched => {
+                ctx.upstream = self.routes.pick(req);
+                return Ok(false);
+            }
             Route::Refused(r) => {
                 ctx.stage = rules.stage(r.index).cloned();
                 // The body was not read: the connection cannot be reused.
@@ -129,10 +134,8 @@ impl SluiceProxy {
                 client_ip: forwarded::client_ip(
                     self.peer(session)
                         .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
-                    req.headers
-                        .get("x-forwarded-for")
-                        .and_then(|v| v.to_str().ok()),
-                    &self.config.load().trusted_proxies,
+                    forwarded::chain(&req.headers).as_deref(),
+                    &ctx.config.trusted_proxies,
                 ),
             };
             self.admission.admit(stage, &candidate).await
@@ -172,7 +175,8 @@ impl SluiceProxy {
             }
             Waited::Full(hold) => {
                 ctx.ticket = Some(hold.ticket());
-                let request = self.queued_request(session, &hold, body, ctx.path.as_deref());
+                let request =
+                    self.queued_request(session, &ctx.config, &hold, body, ctx.path.as_deref());
                 let answer = self.admission.enqueue(hold, request, stage, pool).await;
                 self.answer(session, ctx, &answer).await?;
                 Ok(true)
@@ -188,15 +192,12 @@ impl SluiceProxy {
     fn queued_request(
         &self,
         session: &Session,
+        config: &Config,
         hold: &Hold,
         body: Bytes,
         path: Option<&str>,
     ) -> Option<QueuedRequest> {
-        let config = self.config.load();
-        let from = backend::ClientHop {
-            peer: self.peer(session),
-            trusted: &config.trusted_proxies,
-        };
+        let from = self.client_hop(session, config);
         backend::queued(
             session.req_header(),
             body,

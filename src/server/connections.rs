@@ -676,9 +676,9 @@ where
     /// Serves one admitted connection until it closes: pingora's HTTP/1
     /// keep-alive loop, with each request head read under its deadline.
     async fn serve(&self, mut stream: Stream, shutdown: &ShutdownWatch) {
-        // Only a plain TCP stream can take bytes back; a TLS one (Sluice
-        // has no TLS listener yet) goes to pingora as it is, with pingora's
-        // per-read timeouts.
+        // Only a plain TCP stream can take bytes back; a TLS one (the
+        // `tls.listen` listener) goes to pingora as it is, with pingora's
+        // per-read timeouts (README, Operating Sluice, TLS).
         if !stream.as_any().is::<L4Stream>() {
             self.app.process_new(stream, shutdown).await;
             return;
