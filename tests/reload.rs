@@ -332,3 +332,52 @@ async fn a_reload_moves_traffic_to_a_new_server_list() {
         serde_json::json!([new.addr().to_string()])
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_puts_new_routes_in_force() {
+    let mall = Upstream::start();
+    let statics = Upstream::start();
+    let yaml = |routes: &str| {
+        format!(
+            "listen: ${{LISTEN}}\n\
+             admin: {{ listen: ${{ADMIN}} }}\n\
+             threads: 2\n\
+             upstreams:\n  mall:\n    servers: [{}]\n  statics:\n    servers: [{}]\n\
+             default_upstream: mall\n\
+             rules: lua-free-rules/*.yaml\n{routes}",
+            mall.addr(),
+            statics.addr()
+        )
+    };
+    let g = Gateway::builder()
+        .config(&yaml(""))
+        .file("lua-free-rules/flash.yaml", FLASH)
+        .start();
+    assert_eq!(
+        request(g.listen(), "GET", "/static/app.js", &[], b"")
+            .await
+            .status,
+        200
+    );
+    assert_eq!((mall.requests(), statics.requests()), (1, 0));
+
+    g.write(
+        "gateway.yaml",
+        &yaml("routes:\n  - { match: { path_prefix: /static }, upstream: statics }\n"),
+    );
+    let resp = request(g.admin(), "POST", "/admin/v1/reload", &[], b"").await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(
+        request(g.listen(), "GET", "/static/app.js", &[], b"")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        request(g.listen(), "GET", "/goods/1", &[], b"")
+            .await
+            .status,
+        200
+    );
+    assert_eq!((mall.requests(), statics.requests()), (2, 1));
+}

@@ -456,3 +456,41 @@ async fn reload_serves_a_new_certificate_to_new_handshakes_and_keeps_a_good_one_
     assert_eq!(served(addr, &both).await, b.der.to_vec());
     assert_eq!(certs.leaf().as_deref(), Some(b.der.as_ref()));
 }
+
+/// The leaf certificate a new handshake with a real gateway is served.
+async fn leaf_of(addr: SocketAddr, roots: &[&CertificateDer<'static>]) -> Vec<u8> {
+    let tls = connect(addr, roots, &[b"http/1.1"]).await;
+    tls.get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.to_vec())
+        .expect("a served certificate")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_makes_a_real_gateway_serve_a_renewed_certificate_and_refuses_a_broken_one() {
+    let mall = Upstream::start();
+    let tls = free_addr();
+    let (a, b) = (self_signed(), self_signed());
+    let g = start(&mall, tls, &a);
+    let both = [&a.der, &b.der];
+    assert_eq!(leaf_of(tls, &both).await, a.der.to_vec());
+
+    // certbot's deploy hook: new files, then `systemctl reload sluice`.
+    g.write("tls/cert.pem", &b.cert_pem);
+    g.write("tls/key.pem", &b.key_pem);
+    g.sighup();
+    g.wait_metric("sluice_config_reloads_total", &[("result", "ok")], 1.0)
+        .await;
+    assert_eq!(leaf_of(tls, &both).await, b.der.to_vec());
+    let resp = h1(tls, &b.der, "GET", "/goods/1", &[]).await;
+    assert_eq!(resp.status, 200);
+
+    // A key that is not the certificate's: refused, b keeps serving.
+    g.write("tls/key.pem", &a.key_pem);
+    let resp = request(g.admin(), "POST", "/admin/v1/reload", &[], b"").await;
+    assert_eq!(resp.status, 422, "{}", resp.text());
+    assert!(resp.text().contains("tls.key"), "{}", resp.text());
+    assert_eq!(leaf_of(tls, &both).await, b.der.to_vec());
+}
