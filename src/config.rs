@@ -13,6 +13,7 @@
 //! Called by `main` (`run`, `check`) and by the admin reload.
 
 pub mod error;
+mod logs;
 pub mod model;
 pub mod raw;
 pub mod rule_build;
@@ -59,6 +60,8 @@ pub fn load_with_env(path: &Path, env: EnvLookup) -> Result<Config, ConfigErrors
         Err(e) => return Err(ConfigErrors(vec![ConfigError::from_yaml(path, &e)])),
     };
     let config = validate::gateway(&mut Problems::new(path, &mut found), &raw);
+    let access_log = logs::access_log(&mut Problems::new(path, &mut found), &raw, env);
+    let log = logs::log(&mut Problems::new(path, &mut found), &raw);
     // Rule files are checked even when gateway.yaml has problems, so one
     // `sluice check` shows everything; they need the upstream names.
     let names: Vec<String> = raw
@@ -87,6 +90,8 @@ pub fn load_with_env(path: &Path, env: EnvLookup) -> Result<Config, ConfigErrors
     match config {
         Some(mut config) if found.is_empty() => {
             config.rules = RuleSet::new(rules);
+            config.access_log = access_log;
+            config.log = log;
             Ok(config)
         }
         _ => Err(ConfigErrors(found)),

@@ -18,10 +18,11 @@
 //! | `admission` | the pipeline: stages 2-8, a winner's [`admission::hold::Hold`], ticket polls |
 //! | `drain` | the background sender of queued winners |
 //! | `reconcile` | `sluice reconcile`: ledger checks and repairs after a crash |
+//! | `access_log` | one line per request, written off the request path; SIGUSR1 reopens the file |
 //! | `proxy` | the pingora glue, one or two calls per phase |
 //! | `admin` | the admin listener: metrics, health, stock and release API |
 //! | `server` | builds and runs the pingora server from a config |
-//! | `logging` | tracing set-up |
+//! | `logging` | tracing set-up (text or JSON on stderr) |
 //!
 //! The path of a request (details in `proxy`):
 //!
@@ -40,6 +41,7 @@
 //!           backend::present (the rule's path) ─► the backend ─► hold.settle(classify(how it ended)) ─► client
 //! ```
 
+pub mod access_log;
 pub mod admin;
 pub mod admission;
 pub mod backend;

@@ -210,9 +210,11 @@ fn reconcile(args: &ReconcileArgs) -> anyhow::Result<bool> {
 }
 
 fn run(args: &ConfigArg) -> anyhow::Result<()> {
-    sluice::logging::init();
+    // The config says how to log, so it is read first; its problems are
+    // printed as `sluice check` prints them.
     let config = sluice::config::load(&args.config)
         .map_err(|errors| anyhow::anyhow!("invalid config:\n{errors}"))?;
+    sluice::logging::init(config.log.format);
     tracing::info!(
         listen = %config.listen,
         admin = %config.admin.listen,

@@ -101,6 +101,9 @@ pub struct Metrics {
     queue_wait: HistogramVec,
     oversold: IntCounterVec,
     settlements_pending: IntGauge,
+    /// Access-log lines dropped because the writer fell behind (or could
+    /// not write).
+    access_log_dropped: IntCounter,
 }
 
 fn outcome_index(o: Outcome) -> usize {
@@ -197,6 +200,12 @@ impl Metrics {
             "Commits and releases that could not reach the store, kept in the journal \
              and retried until they land.",
         )?;
+        let access_log_dropped = IntCounter::new(
+            "sluice_access_log_dropped_total",
+            "Access-log lines dropped because the writer fell behind or could not write; \
+             requests never wait for the log.",
+        )?;
+        registry.register(Box::new(access_log_dropped.clone()))?;
         registry.register(Box::new(oversold.clone()))?;
         registry.register(Box::new(settlements_pending.clone()))?;
         registry.register(Box::new(upstream_inflight.clone()))?;
@@ -254,7 +263,13 @@ impl Metrics {
             queue_wait,
             oversold,
             settlements_pending,
+            access_log_dropped,
         })
+    }
+
+    /// The counter of dropped access-log lines (moved by the access log).
+    pub fn access_log_dropped(&self) -> IntCounter {
+        self.access_log_dropped.clone()
     }
 
     /// Counts units a late commit could not take back.

@@ -24,9 +24,10 @@
 //!                  │
 //!                  ▼
 //!              logging  sluice_requests_total, duration; a hold still
-//!                       here (client gone) is settled
+//!                       here (client gone) is settled; the access-log line
 //! ```
 
+mod access;
 mod intake;
 pub mod respond;
 
@@ -42,6 +43,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use tokio::sync::OwnedSemaphorePermit;
 
+use crate::access_log::AccessLog;
 use crate::admission::hold::{Hold, Receipt};
 use crate::admission::{Admission, RuleStage};
 use crate::backend::{self, ClientHop, ForwardEnd};
@@ -59,6 +61,7 @@ pub struct SluiceProxy {
     upstreams: Arc<Upstreams>,
     metrics: Arc<Metrics>,
     admission: Arc<Admission>,
+    access_log: Option<AccessLog>,
 }
 
 /// Per-request state carried across phases.
@@ -82,6 +85,13 @@ pub struct RequestCtx {
     kept: Option<KeptAnswer>,
     pass_permit: Option<OwnedSemaphorePermit>,
     slot: Option<Slot>,
+    /// The user and sku admission read, for the access log.
+    user: Option<String>,
+    sku: Option<String>,
+    /// When a server was first chosen, and how long until the upstream's
+    /// answer ended (the access log's upstream time).
+    upstream_started: Option<Instant>,
+    upstream_time: Option<Duration>,
 }
 
 impl RequestCtx {
@@ -101,6 +111,10 @@ impl RequestCtx {
             kept: None,
             pass_permit: None,
             slot: None,
+            user: None,
+            sku: None,
+            upstream_started: None,
+            upstream_time: None,
         }
     }
 }
@@ -118,7 +132,14 @@ impl SluiceProxy {
             upstreams,
             metrics,
             admission,
+            access_log: None,
         }
+    }
+
+    /// Writes one access-log line per request into `log`, when set.
+    pub fn with_access_log(mut self, log: Option<AccessLog>) -> Self {
+        self.access_log = log;
+        self
     }
 
     /// The socket peer's ip, when it is an inet address.
@@ -189,6 +210,7 @@ impl ProxyHttp for SluiceProxy {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
+        ctx.upstream_started.get_or_insert_with(Instant::now);
         let pool = self.upstreams.pool(ctx.upstream);
         pool.select().map_or_else(
             || {
@@ -296,6 +318,9 @@ impl ProxyHttp for SluiceProxy {
         if let Some(kept) = ctx.kept.take_if(|_| end_of_stream) {
             kept.finish();
         }
+        if end_of_stream {
+            ctx.upstream_time = ctx.upstream_started.map(|t| t.elapsed());
+        }
         Ok(None)
     }
 
@@ -378,5 +403,6 @@ impl ProxyHttp for SluiceProxy {
             ctx.outcome,
             ctx.started.elapsed(),
         );
+        self.log_access(session, ctx);
     }
 }

@@ -21,6 +21,7 @@ use pingora_core::services::listening::Service;
 
 use pingora_core::services::background::background_service;
 
+use crate::access_log::{AccessLogError, LogWriter};
 use crate::admin::AdminApp;
 use crate::admission::housekeeping::Housekeeping;
 use crate::admission::journal::Journal;
@@ -70,6 +71,9 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The access log cannot be written, or its writer cannot start.
+    #[error(transparent)]
+    AccessLog(#[from] AccessLogError),
     /// The admin listener would be open to the network with no token.
     #[error("admin.listen {addr} is not a loopback address and {why}: anyone who reaches it could change stock; set the token, listen on 127.0.0.1, or set admin.allow_remote_without_token: true")]
     AdminUnprotected {
@@ -159,6 +163,10 @@ pub struct Gateway {
     server: Server,
     /// The metrics, for embedding and tests.
     pub metrics: Arc<Metrics>,
+    /// The access log's writer, flushed when the server stops.
+    log_writer: LogWriter,
+    /// How long the writer gets to flush (`shutdown.timeout`).
+    shutdown_timeout: Duration,
 }
 
 impl Gateway {
@@ -172,6 +180,9 @@ impl Gateway {
             config.rules.rules().iter().map(|r| &*r.name),
             config.upstreams.iter().map(|u| u.name.as_str()),
         )?);
+        // Before any listener opens: SIGUSR1 is handled from the start.
+        let (access_log, log_writer) =
+            crate::access_log::start(config.access_log.as_ref(), metrics.access_log_dropped())?;
         let (upstreams, health_services) = Upstreams::new(&config.upstreams, &metrics)?;
         let upstreams = Arc::new(upstreams);
         let store: Arc<dyn Store> = match config.store.backend {
@@ -215,7 +226,8 @@ impl Gateway {
                 upstreams.clone(),
                 metrics.clone(),
                 admission.clone(),
-            ),
+            )
+            .with_access_log(access_log),
         );
         proxy_app.server_options = Some(options);
         let mut proxy = Service::new(
@@ -271,12 +283,20 @@ impl Gateway {
                 config.store.sweep_interval,
             ),
         ));
-        Ok(Self { server, metrics })
+        let shutdown_timeout = config.shutdown.timeout;
+        Ok(Self {
+            server,
+            metrics,
+            log_writer,
+            shutdown_timeout,
+        })
     }
 
-    /// Runs until SIGTERM (graceful) or SIGINT (at once); then returns.
+    /// Runs until SIGTERM (graceful) or SIGINT (at once); then writes out
+    /// the access log and returns.
     pub fn run(self) {
         self.server.run(pingora_core::server::RunArgs::default());
+        self.log_writer.finish(self.shutdown_timeout);
     }
 }
 

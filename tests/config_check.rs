@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use sluice::config::{Limits, OnFailure, StoreBackend};
+use sluice::config::{AccessLogFormat, Limits, LogFormat, OnFailure, StoreBackend};
 use sluice::rules::{FieldSource, Fold, RateKey, Spelling, Variants};
 
 /// `(fixture, every line `sluice check` must print, in order)`.
@@ -21,7 +21,7 @@ const BAD: &[(&str, &[&str])] = &[
         // The file is read on past the typo, so the key it misspelt is
         // missing too.
         &[
-            "tests/fixtures/bad_unknown_top_key.yaml:1:1: unknown field `listne`, expected one of listen, admin, store, upstreams, default_upstream, rules, trusted_proxies, limits, shutdown, threads, h2c",
+            "tests/fixtures/bad_unknown_top_key.yaml:1:1: unknown field `listne`, expected one of listen, admin, store, upstreams, default_upstream, rules, trusted_proxies, limits, shutdown, threads, h2c, access_log, log",
             "tests/fixtures/bad_unknown_top_key.yaml:1:1: missing required key `listen`",
         ],
     ),
@@ -138,10 +138,28 @@ const BAD: &[(&str, &[&str])] = &[
         &[
             "tests/fixtures/bad_everything.yaml:6:19: upstreams.mall.max_inflight: 0 must be a whole number from 1 to 4294967295",
             "tests/fixtures/bad_everything.yaml:7:5: unknown field `retries`, expected one of servers, max_inflight, connect_timeout, read_timeout, write_timeout, idle_timeout, health_check, queue_claim_idle",
-            "tests/fixtures/bad_everything.yaml:10:1: unknown field `logging`, expected one of listen, admin, store, upstreams, default_upstream, rules, trusted_proxies, limits, shutdown, threads, h2c",
+            "tests/fixtures/bad_everything.yaml:10:1: unknown field `logging`, expected one of listen, admin, store, upstreams, default_upstream, rules, trusted_proxies, limits, shutdown, threads, h2c, access_log, log",
             "tests/fixtures/rules/bad_everything.yaml:3:62: unknown field `host`, expected one of method, path, variants, case, trailing_slash, params, suffix",
             "tests/fixtures/rules/bad_everything.yaml:7:36: rate_limits[0].per: invalid duration \"1 minute\": expected a whole number followed by ms, s, m or h (like 250ms or 3s)",
         ],
+    ),
+    (
+        "tests/fixtures/bad_access_log.yaml",
+        &[
+            "tests/fixtures/bad_access_log.yaml:5:9: access_log.path: tests/fixtures/no-such-dir/access.log cannot be created in tests/fixtures/no-such-dir: No such file or directory (os error 2)",
+            "tests/fixtures/bad_access_log.yaml:6:11: access_log.format: \"common\" is not one of json, combined",
+            "tests/fixtures/bad_access_log.yaml:7:17: access_log.hash_key_env: environment variable SLUICE_TEST_UNSET_LOG_KEY is unset or empty",
+            "tests/fixtures/bad_access_log.yaml:8:11: access_log.buffer: 0 must be a whole number of lines from 1 to 1048576",
+            "tests/fixtures/bad_access_log.yaml:9:16: log.format: \"xml\" is not one of text, json",
+        ],
+    ),
+    (
+        "tests/fixtures/bad_access_log_path.yaml",
+        &["tests/fixtures/bad_access_log_path.yaml:4:21: access_log.path: tests/fixtures/rules is a directory"],
+    ),
+    (
+        "tests/fixtures/bad_access_log_missing_path.yaml",
+        &["tests/fixtures/bad_access_log_missing_path.yaml:4:13: missing required key `access_log.path`"],
     ),
     // ---- rule files (each gateway fixture points `rules:` at rules/bad_<what>.yaml) ----
     (
@@ -277,6 +295,7 @@ const SECRETS: &[(&str, &str)] = &[
     ("SHOP_JWT_SECRET", "fixture-secret"),
     ("SLUICE_JWT_SECRET", "fixture-secret"),
     ("SLUICE_TEST_EMPTY_SECRET", ""),
+    ("SLUICE_LOG_KEY", "fixture-log-key"),
 ];
 
 /// `sluice` with the fixtures' secrets in its environment.
@@ -577,6 +596,19 @@ fn good_config_loads_into_the_typed_model() {
     assert_eq!(config.shutdown.grace_period, Duration::from_secs(10));
     assert_eq!(config.threads, 4);
     assert!(config.h2c);
+    let access_log = config.access_log.as_ref().expect("access_log");
+    assert_eq!(
+        access_log.path,
+        path.parent().expect("dir").join("access.log")
+    );
+    assert_eq!(access_log.format, AccessLogFormat::Combined);
+    assert!(!access_log.log_user);
+    assert_eq!(access_log.buffer, 1024);
+    assert_eq!(
+        access_log.hash_key.as_ref().map(|k| k.bytes()),
+        Some(&b"fixture-log-key"[..])
+    );
+    assert_eq!(config.log.format, LogFormat::Json);
 
     let rules = config.rules.rules();
     let names: Vec<&str> = rules.iter().map(|r| &*r.name).collect();

@@ -37,6 +37,34 @@ pub struct RawGateway {
     pub threads: Option<Spanned<i64>>,
     #[serde(default)]
     pub h2c: Option<bool>,
+    #[serde(default)]
+    pub access_log: Option<Spanned<RawAccessLog>>,
+    #[serde(default)]
+    pub log: Option<Spanned<RawLog>>,
+}
+
+/// `access_log:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccessLog {
+    #[serde(default)]
+    pub path: Option<Spanned<String>>,
+    #[serde(default)]
+    pub format: Option<Spanned<String>>,
+    #[serde(default)]
+    pub log_user: Option<Spanned<bool>>,
+    #[serde(default)]
+    pub hash_key_env: Option<Spanned<String>>,
+    #[serde(default)]
+    pub buffer: Option<Spanned<i64>>,
+}
+
+/// `log:` (the gateway's own log lines)
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    #[serde(default)]
+    pub format: Option<Spanned<String>>,
 }
 
 /// `admin:`

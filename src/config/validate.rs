@@ -589,6 +589,9 @@ pub fn gateway(p: &mut Problems, raw: &RawGateway) -> Option<Config> {
         shutdown,
         threads,
         h2c: raw.h2c.unwrap_or(false),
+        // Set by `logs`, which also reads the hash key's variable.
+        access_log: None,
+        log: Default::default(),
     })
 }
 
