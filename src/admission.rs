@@ -40,7 +40,7 @@ use crate::queue::Queue;
 use crate::rules::{FailureMode, Route, Rule, RuleSet};
 use crate::store::{DedupMark, MarkScope, Reservation, Reserved, StockView, Store, StoreError};
 use crate::vocab::{valid_id, ReleaseReason, SkuKey, TicketId};
-use extract::{Extractor, RequestParts};
+use extract::{Attempt, Extractor, RequestParts};
 use hold::{Hold, HoldTerms, Leases, Ledger};
 use journal::Journal;
 use ratelimit::RateLimitStage;
@@ -339,12 +339,26 @@ impl Admission {
 
     /// Stages 2-7 for a request that matched `stage`'s rule.
     pub async fn admit(&self, stage: &RuleStage, c: &Candidate<'_>) -> Verdict {
-        let r = &stage.rule;
+        self.admit_seen(stage, c).await.0
+    }
+
+    /// [`Admission::admit`], also giving back who asked for what (the
+    /// extracted attempt, for the access log), once stage 2 got it.
+    pub async fn admit_seen(
+        &self,
+        stage: &RuleStage,
+        c: &Candidate<'_>,
+    ) -> (Verdict, Option<Attempt>) {
         // 2. extract
-        let attempt = match stage.extractor.extract(&c.parts) {
-            Ok(a) => a,
-            Err(message) => return Verdict::Answer(Answer::Invalid { message }),
-        };
+        match stage.extractor.extract(&c.parts) {
+            Ok(attempt) => (self.judge(stage, &attempt, c).await, Some(attempt)),
+            Err(message) => (Verdict::Answer(Answer::Invalid { message }), None),
+        }
+    }
+
+    /// Stages 3-7 for an extracted attempt.
+    async fn judge(&self, stage: &RuleStage, attempt: &Attempt, c: &Candidate<'_>) -> Verdict {
+        let r = &stage.rule;
         let idempotency = match idempotency_key(&c.parts) {
             Ok(k) => k,
             Err(message) => return Verdict::Answer(Answer::Invalid { message }),

@@ -1,22 +1,26 @@
 //! Configuration: `gateway.yaml` and the rule files it points at.
 //!
-//! Parsing is strict (unknown keys are errors) and two-layered: `raw` and
+//! Parsing is strict (unknown keys are errors, every one of them collected
+//! by `strict` while the rest is read on) and two-layered: `raw` and
 //! `rule_raw` mirror the YAML with source locations, `validate` and
 //! `rule_build` turn it into the typed [`Config`] and its rules (JWT
 //! secrets included, read from the environment here so that a missing one
 //! is reported at its rule's `secret_env`). Every problem is
 //! reported as `path:line:column: message`; one file's YAML syntax error
-//! stops that file, but the other files are still checked.
+//! (or a value of the wrong type, text where a number belongs) stops that
+//! file, but the other files are still checked.
 //!
 //! Called by `main` (`run`, `check`) and by the admin reload.
 
 pub mod error;
+mod logs;
 pub mod model;
 pub mod raw;
 pub mod restart;
 pub mod routes;
 pub mod rule_build;
 pub mod rule_raw;
+pub mod strict;
 pub mod tls;
 pub mod units;
 mod validate;
@@ -51,11 +55,16 @@ pub fn load_with_env(path: &Path, env: EnvLookup) -> Result<Config, ConfigErrors
             )]))
         }
     };
-    let raw: raw::RawGateway = match serde_saphyr::from_str(&text) {
-        Ok(r) => r,
+    let raw: raw::RawGateway = match strict::parse(&text) {
+        Ok((r, unknown)) => {
+            found.extend(unknown_keys(path, unknown));
+            r
+        }
         Err(e) => return Err(ConfigErrors(vec![ConfigError::from_yaml(path, &e)])),
     };
     let config = validate::gateway(&mut Problems::new(path, &mut found), &raw);
+    let access_log = logs::access_log(&mut Problems::new(path, &mut found), &raw, env);
+    let log = logs::log(&mut Problems::new(path, &mut found), &raw);
     // Rule files are checked even when gateway.yaml has problems, so one
     // `sluice check` shows everything; they need the upstream names.
     let names: Vec<String> = raw
@@ -84,6 +93,8 @@ pub fn load_with_env(path: &Path, env: EnvLookup) -> Result<Config, ConfigErrors
     match config {
         Some(mut config) if found.is_empty() => {
             config.rules = RuleSet::new(rules);
+            config.access_log = access_log;
+            config.log = log;
             Ok(config)
         }
         _ => Err(ConfigErrors(found)),
@@ -105,6 +116,14 @@ pub fn reload_rules(config: &Config) -> Result<RuleSet, ConfigErrors> {
     } else {
         Err(ConfigErrors(found))
     }
+}
+
+/// Unknown keys of `file` as problems at their keys.
+fn unknown_keys(file: &Path, unknown: Vec<strict::UnknownKey>) -> Vec<ConfigError> {
+    unknown
+        .into_iter()
+        .map(|u| ConfigError::at(file, u.at, u.to_string()))
+        .collect()
 }
 
 /// Orders problems by file (in the order files were read), then line and
@@ -196,8 +215,11 @@ fn load_rules_into(
                 continue;
             }
         };
-        let raw: RawRuleFile = match serde_saphyr::from_str(&text) {
-            Ok(r) => r,
+        let raw: RawRuleFile = match strict::parse(&text) {
+            Ok((r, unknown)) => {
+                found.extend(unknown_keys(&file, unknown));
+                r
+            }
             Err(e) => {
                 found.push(ConfigError::from_yaml(&file, &e));
                 continue;

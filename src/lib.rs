@@ -20,11 +20,12 @@
 //! | `reconcile` | `sluice reconcile`: ledger checks and repairs after a crash |
 //! | `routes` | which upstream serves pass-through traffic (`routes:`), swappable |
 //! | `tls` | the TLS listener's certificate (a rustls resolver), re-read on reload |
+//! | `access_log` | one line per request, written off the request path; SIGUSR1 reopens the file |
 //! | `proxy` | the pingora glue, one or two calls per phase |
 //! | `reload` | SIGHUP and admin reloads: validate, refuse restart-only changes, swap |
 //! | `admin` | the admin listener: metrics, health, stock, release and reload API |
 //! | `server` | builds and runs the pingora server from a config |
-//! | `logging` | tracing set-up |
+//! | `logging` | tracing set-up (text or JSON on stderr) |
 //!
 //! The path of a request (details in `proxy`):
 //!
@@ -43,6 +44,7 @@
 //!           backend::present (the rule's path) ─► the backend ─► hold.settle(classify(how it ended)) ─► client
 //! ```
 
+pub mod access_log;
 pub mod admin;
 pub mod admission;
 pub mod backend;

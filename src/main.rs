@@ -22,11 +22,22 @@ struct Cli {
 enum Command {
     /// Start the gateway (the default).
     Run(RunArgs),
-    /// Validate the config and every rule file; exit 1 listing each problem.
-    Check(ConfigArg),
+    /// Validate the config and every rule file; exit 1 listing every
+    /// problem on stderr.
+    Check(CheckArgs),
     /// Check the shared store's ledgers after a crash and repair them from
     /// the tickets the backend placed (dry run unless --apply).
     Reconcile(ReconcileArgs),
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Print the effective config (defaults filled in, rule files read,
+    /// secrets redacted) as YAML on stdout, like `nginx -T`.
+    #[arg(long)]
+    print: bool,
 }
 
 #[derive(Args)]
@@ -98,20 +109,38 @@ fn main() -> ExitCode {
     }
 }
 
-fn check(args: &ConfigArg) -> ExitCode {
-    match sluice::config::load(&args.config) {
+fn check(args: &CheckArgs) -> ExitCode {
+    let path = &args.config.config;
+    match sluice::config::load(path) {
         Ok(config) => {
-            println!(
+            let summary = format!(
                 "{}: ok ({} upstreams, {} rules)",
-                args.config.display(),
+                path.display(),
                 config.upstreams.len(),
                 config.rules.rules().len()
             );
-            ExitCode::SUCCESS
+            if !args.print {
+                println!("{summary}");
+                return ExitCode::SUCCESS;
+            }
+            // stdout carries only the config, so it can be piped.
+            match serde_saphyr::to_string(&sluice::config::view::view(&config)) {
+                Ok(yaml) => {
+                    print!("{yaml}");
+                    eprintln!("{summary}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}: cannot print the config: {e}", path.display());
+                    ExitCode::FAILURE
+                }
+            }
         }
         Err(errors) => {
+            // Problems go to stderr (as nginx -t's do): stdout stays clean
+            // for --print.
             for e in &errors.0 {
-                println!("{e}");
+                eprintln!("{e}");
             }
             ExitCode::FAILURE
         }
@@ -192,9 +221,11 @@ fn reconcile(args: &ReconcileArgs) -> anyhow::Result<bool> {
 }
 
 fn run(args: &RunArgs) -> anyhow::Result<()> {
-    sluice::logging::init();
+    // The config says how to log, so it is read first; its problems are
+    // printed as `sluice check` prints them.
     let config = sluice::config::load(&args.config.config)
         .map_err(|errors| anyhow::anyhow!("invalid config:\n{errors}"))?;
+    sluice::logging::init(config.log.format);
     tracing::info!(
         listen = %config.listen,
         admin = %config.admin.listen,

@@ -284,6 +284,11 @@ impl Metrics {
         }
     }
 
+    /// The counter of dropped access-log lines (moved by the access log).
+    pub fn access_log_dropped(&self) -> IntCounter {
+        self.access_log_dropped.clone()
+    }
+
     /// Counts units a late commit could not take back.
     pub fn observe_oversold(&self, rule: &str, units: u32) {
         self.oversold

@@ -25,9 +25,10 @@
 //!                  │
 //!                  ▼
 //!              logging  sluice_requests_total, duration; a hold still
-//!                       here (client gone) is settled
+//!                       here (client gone) is settled; the access-log line
 //! ```
 
+mod access;
 mod intake;
 pub mod respond;
 
@@ -44,6 +45,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use tokio::sync::OwnedSemaphorePermit;
 
+use crate::access_log::AccessLog;
 use crate::admission::hold::{Hold, Receipt};
 use crate::admission::{Admission, RuleStage};
 use crate::backend::{self, ClientHop, ForwardEnd};
@@ -63,6 +65,7 @@ pub struct SluiceProxy {
     metrics: Arc<Metrics>,
     admission: Arc<Admission>,
     routes: Arc<Routes>,
+    access_log: Option<AccessLog>,
 }
 
 /// Per-request state carried across phases.
@@ -89,6 +92,13 @@ pub struct RequestCtx {
     kept: Option<KeptAnswer>,
     pass_permit: Option<OwnedSemaphorePermit>,
     slot: Option<Slot>,
+    /// The user and sku admission read, for the access log.
+    user: Option<String>,
+    sku: Option<String>,
+    /// When a server was first chosen, and how long until the upstream's
+    /// answer ended (the access log's upstream time).
+    upstream_started: Option<Instant>,
+    upstream_time: Option<Duration>,
 }
 
 impl RequestCtx {
@@ -109,6 +119,10 @@ impl RequestCtx {
             kept: None,
             pass_permit: None,
             slot: None,
+            user: None,
+            sku: None,
+            upstream_started: None,
+            upstream_time: None,
         }
     }
 }
@@ -129,7 +143,14 @@ impl SluiceProxy {
             metrics,
             admission,
             routes,
+            access_log: None,
         }
+    }
+
+    /// Writes one access-log line per request into `log`, when set.
+    pub fn with_access_log(mut self, log: Option<AccessLog>) -> Self {
+        self.access_log = log;
+        self
     }
 
     /// The socket peer's ip, when it is an inet address.
@@ -209,6 +230,7 @@ impl ProxyHttp for SluiceProxy {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
+        ctx.upstream_started.get_or_insert_with(Instant::now);
         let pool = self.upstreams.pool(ctx.upstream);
         pool.select().map_or_else(
             || {
@@ -313,6 +335,9 @@ impl ProxyHttp for SluiceProxy {
         if let Some(kept) = ctx.kept.take_if(|_| end_of_stream) {
             kept.finish();
         }
+        if end_of_stream {
+            ctx.upstream_time = ctx.upstream_started.map(|t| t.elapsed());
+        }
         Ok(None)
     }
 
@@ -395,5 +420,6 @@ impl ProxyHttp for SluiceProxy {
             ctx.outcome,
             ctx.started.elapsed(),
         );
+        self.log_access(session, ctx);
     }
 }

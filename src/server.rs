@@ -25,6 +25,7 @@ use pingora_core::services::listening::Service;
 
 use pingora_core::services::background::background_service;
 
+use crate::access_log::{AccessLogError, LogWriter};
 use crate::admin::AdminApp;
 use crate::admission::housekeeping::Housekeeping;
 use crate::admission::journal::Journal;
@@ -82,6 +83,9 @@ pub enum StartError {
     /// The TLS certificate or key cannot serve.
     #[error(transparent)]
     Tls(#[from] TlsFileError),
+    /// The access log cannot be written, or its writer cannot start.
+    #[error(transparent)]
+    AccessLog(#[from] AccessLogError),
     /// The admin listener would be open to the network with no token.
     #[error("admin.listen {addr} is not a loopback address and {why}: anyone who reaches it could change stock; set the token, listen on 127.0.0.1, or set admin.allow_remote_without_token: true")]
     AdminUnprotected {
@@ -167,6 +171,21 @@ fn server_conf(config: &Config) -> ServerConf {
     }
 }
 
+/// The access log's writer, finished once: by whichever of an early exit
+/// ([`ExitWhenDrained`]) and the end of `run` comes first.
+#[derive(Clone)]
+struct FinishLog(Arc<std::sync::Mutex<Option<LogWriter>>>);
+
+impl FinishLog {
+    /// Writes the queued lines and flushes (at most `within`).
+    fn finish(&self, within: Duration) {
+        let writer = self.0.lock().ok().and_then(|mut w| w.take());
+        if let Some(writer) = writer {
+            writer.finish(within);
+        }
+    }
+}
+
 /// A built gateway, ready to run.
 pub struct Gateway {
     server: Server,
@@ -177,6 +196,10 @@ pub struct Gateway {
     /// The TLS listener's certificate, when there is one
     /// (`TlsCerts::reload` on reload).
     pub tls: Option<Arc<TlsCerts>>,
+    /// The access log's writer, flushed when the server stops.
+    log_writer: FinishLog,
+    /// How long the writer gets to flush (`shutdown.timeout`).
+    shutdown_timeout: Duration,
 }
 
 impl Gateway {
@@ -201,6 +224,10 @@ impl Gateway {
             config.rules.rules().iter().map(|r| &*r.name),
             config.upstreams.iter().map(|u| u.name.as_str()),
         )?);
+        // Before any listener opens: SIGUSR1 is handled from the start.
+        let (access_log, log_writer) =
+            crate::access_log::start(config.access_log.as_ref(), metrics.access_log_dropped())?;
+        let log_writer = FinishLog(Arc::new(std::sync::Mutex::new(Some(log_writer))));
         let (upstreams, health_services) = Upstreams::new(&config.upstreams, &metrics)?;
         let upstreams = Arc::new(upstreams);
         let store: Arc<dyn Store> = match config.store.backend {
@@ -261,7 +288,8 @@ impl Gateway {
                 metrics.clone(),
                 admission.clone(),
                 routes.clone(),
-            ),
+            )
+            .with_access_log(access_log),
         );
         proxy_app.server_options = Some(options);
         let gate = ConnectionGate::new(
@@ -320,6 +348,11 @@ impl Gateway {
             ExitWhenDrained {
                 connections: vec![open_connections],
                 sending: drainer.sending(),
+                before_exit: {
+                    let log = log_writer.clone();
+                    let within = config.shutdown.timeout;
+                    Arc::new(move || log.finish(within))
+                },
                 queue,
                 upstreams: config.upstreams.iter().map(|u| u.name.clone()).collect(),
             },
@@ -337,17 +370,22 @@ impl Gateway {
                 config.store.sweep_interval,
             ),
         ));
+        let shutdown_timeout = config.shutdown.timeout;
         Ok(Self {
             server,
             metrics,
             routes,
             tls,
+            log_writer,
+            shutdown_timeout,
         })
     }
 
-    /// Runs until SIGTERM (graceful) or SIGINT (at once); then returns.
+    /// Runs until SIGTERM (graceful) or SIGINT (at once); then writes out
+    /// the access log and returns.
     pub fn run(self) {
         self.server.run(pingora_core::server::RunArgs::default());
+        self.log_writer.finish(self.shutdown_timeout);
     }
 }
 

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use sluice::config::{Limits, OnFailure, StoreBackend};
+use sluice::config::{AccessLogFormat, Limits, LogFormat, OnFailure, StoreBackend};
 use sluice::rules::{FieldSource, Fold, RateKey, Spelling, Variants};
 
 /// `(fixture, every line `sluice check` must print, in order)`.
@@ -18,7 +18,12 @@ const BAD: &[(&str, &[&str])] = &[
     // ---- gateway.yaml ----
     (
         "tests/fixtures/bad_unknown_top_key.yaml",
-        &["tests/fixtures/bad_unknown_top_key.yaml:1:1: unknown field `listne`, expected one of listen, admin, store, upstreams, default_upstream, rules, trusted_proxies, limits, shutdown, threads, h2c, upgrade_socket, tls, routes"],
+        // The file is read on past the typo, so the key it misspelt is
+        // missing too.
+        &[
+            "tests/fixtures/bad_unknown_top_key.yaml:1:1: unknown field `listne`, expected one of listen, admin, store, upstreams, default_upstream, rules, trusted_proxies, limits, shutdown, threads, h2c, upgrade_socket, tls, routes, access_log, log",
+            "tests/fixtures/bad_unknown_top_key.yaml:1:1: missing required key `listen`",
+        ],
     ),
     (
         "tests/fixtures/bad_unknown_nested_key.yaml",
@@ -110,7 +115,11 @@ const BAD: &[(&str, &[&str])] = &[
     ),
     (
         "tests/fixtures/bad_routes_unknown_key.yaml",
-        &["tests/fixtures/bad_routes_unknown_key.yaml:6:14: unknown field `path`, expected one of host, path_prefix"],
+        // Read on past the unknown key: the match is then empty too.
+        &[
+            "tests/fixtures/bad_routes_unknown_key.yaml:6:12: routes[0].match: needs host, path_prefix or both (what no route matches goes to default_upstream)",
+            "tests/fixtures/bad_routes_unknown_key.yaml:6:14: unknown field `path`, expected one of host, path_prefix",
+        ],
     ),
     (
         "tests/fixtures/bad_tls_missing.yaml",
@@ -165,6 +174,34 @@ const BAD: &[(&str, &[&str])] = &[
             "tests/fixtures/rules/bad_several.yaml:7:28: rate_limits[0].rate: 0 must be a whole number from 1 to 4294967295",
             "tests/fixtures/rules/bad_several.yaml:13:23: release_on: \"502\" is not one of connect_error, timeout, 5xx, 4xx",
         ],
+    ),
+    (
+        "tests/fixtures/bad_everything.yaml",
+        &[
+            "tests/fixtures/bad_everything.yaml:6:19: upstreams.mall.max_inflight: 0 must be a whole number from 1 to 4294967295",
+            "tests/fixtures/bad_everything.yaml:7:5: unknown field `retries`, expected one of servers, max_inflight, connect_timeout, read_timeout, write_timeout, idle_timeout, health_check, queue_claim_idle",
+            "tests/fixtures/bad_everything.yaml:10:1: unknown field `logging`, expected one of listen, admin, store, upstreams, default_upstream, rules, trusted_proxies, limits, shutdown, threads, h2c, upgrade_socket, tls, routes, access_log, log",
+            "tests/fixtures/rules/bad_everything.yaml:3:62: unknown field `host`, expected one of method, path, variants, case, trailing_slash, params, suffix",
+            "tests/fixtures/rules/bad_everything.yaml:7:36: rate_limits[0].per: invalid duration \"1 minute\": expected a whole number followed by ms, s, m or h (like 250ms or 3s)",
+        ],
+    ),
+    (
+        "tests/fixtures/bad_access_log.yaml",
+        &[
+            "tests/fixtures/bad_access_log.yaml:5:9: access_log.path: tests/fixtures/no-such-dir/access.log cannot be created in tests/fixtures/no-such-dir: No such file or directory (os error 2)",
+            "tests/fixtures/bad_access_log.yaml:6:11: access_log.format: \"common\" is not one of json, combined",
+            "tests/fixtures/bad_access_log.yaml:7:17: access_log.hash_key_env: environment variable SLUICE_TEST_UNSET_LOG_KEY is unset or empty",
+            "tests/fixtures/bad_access_log.yaml:8:11: access_log.buffer: 0 must be a whole number of lines from 1 to 1048576",
+            "tests/fixtures/bad_access_log.yaml:9:16: log.format: \"xml\" is not one of text, json",
+        ],
+    ),
+    (
+        "tests/fixtures/bad_access_log_path.yaml",
+        &["tests/fixtures/bad_access_log_path.yaml:4:21: access_log.path: tests/fixtures/rules is a directory"],
+    ),
+    (
+        "tests/fixtures/bad_access_log_missing_path.yaml",
+        &["tests/fixtures/bad_access_log_missing_path.yaml:4:13: missing required key `access_log.path`"],
     ),
     // ---- rule files (each gateway fixture points `rules:` at rules/bad_<what>.yaml) ----
     (
@@ -300,6 +337,7 @@ const SECRETS: &[(&str, &str)] = &[
     ("SHOP_JWT_SECRET", "fixture-secret"),
     ("SLUICE_JWT_SECRET", "fixture-secret"),
     ("SLUICE_TEST_EMPTY_SECRET", ""),
+    ("SLUICE_LOG_KEY", "fixture-log-key"),
 ];
 
 /// `sluice` with the fixtures' secrets in its environment.
@@ -327,23 +365,111 @@ fn stdout_lines(out: &Output) -> Vec<String> {
         .collect()
 }
 
+/// Problems are printed on stderr, like `nginx -t`'s.
+fn stderr_lines(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
 #[test]
 fn bad_configs_print_every_problem_at_its_token() {
     let mut failures = Vec::new();
     for (fixture, expected) in BAD {
         let out = check(fixture);
-        let got = stdout_lines(&out);
-        if out.status.code() != Some(1) || got != *expected {
+        let got = stderr_lines(&out);
+        if out.status.code() != Some(1) || got != *expected || !out.stdout.is_empty() {
             failures.push(format!(
-                "{fixture}: exit {:?}\n  expected:\n    {}\n  got:\n    {}\n  stderr: {}",
+                "{fixture}: exit {:?}\n  expected on stderr:\n    {}\n  got:\n    {}\n  stdout (must be empty): {}",
                 out.status.code(),
                 expected.join("\n    "),
                 got.join("\n    "),
-                String::from_utf8_lossy(&out.stderr).trim()
+                String::from_utf8_lossy(&out.stdout).trim()
             ));
         }
     }
     assert!(failures.is_empty(), "\n{}", failures.join("\n\n"));
+}
+
+/// Two unknown keys, a bad value and a bad rule file (an unknown key and
+/// a bad value of its own): one run reports all five, each at its token,
+/// on stderr, with nothing on stdout, and exits 1. Unknown keys used to
+/// stop a file's check at the first one.
+#[test]
+fn check_reports_every_problem_of_every_file_in_one_run() {
+    let out = check("tests/fixtures/bad_everything.yaml");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        out.stdout.is_empty(),
+        "stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let lines = stderr_lines(&out);
+    let at: Vec<&str> = lines
+        .iter()
+        .map(|l| l.split(": ").next().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        at,
+        [
+            "tests/fixtures/bad_everything.yaml:6:19",
+            "tests/fixtures/bad_everything.yaml:7:5",
+            "tests/fixtures/bad_everything.yaml:10:1",
+            "tests/fixtures/rules/bad_everything.yaml:3:62",
+            "tests/fixtures/rules/bad_everything.yaml:7:36",
+        ],
+        "{lines:#?}"
+    );
+    let unknown = lines.iter().filter(|l| l.contains("unknown field")).count();
+    assert_eq!(unknown, 3, "{lines:#?}");
+}
+
+/// `sluice check --print` shows the effective config on stdout as YAML:
+/// the defaults of every key left out, the rule files read and resolved.
+#[test]
+fn check_print_shows_the_effective_config_with_defaults() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(
+        dir.path().join("gateway.yaml"),
+        "listen: 127.0.0.1:8080\nupstreams: { mall: { servers: [127.0.0.1:8000] } }\n\
+         default_upstream: mall\nrules: rules/*.yaml\n",
+    )
+    .expect("write gateway.yaml");
+    std::fs::create_dir(dir.path().join("rules")).expect("rules dir");
+    std::fs::write(
+        dir.path().join("rules/phone.yaml"),
+        "rules:\n  - name: phone\n    match: { method: POST, path: \"/api/{sku}/order\" }\n    \
+         user: { header: X-User-Id }\n    sku: { path: sku }\n",
+    )
+    .expect("write rule file");
+    let out = sluice_with_secrets()
+        .args(["check", "--print", "--config"])
+        .arg(dir.path().join("gateway.yaml"))
+        .output()
+        .expect("run sluice check --print");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains(": ok (1 upstreams, 1 rules)"), "{stderr}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let printed: serde_json::Value = serde_saphyr::from_str(&text)
+        .unwrap_or_else(|e| panic!("--print is not YAML ({e}):\n{text}"));
+    let at = |pointer: &str| {
+        printed
+            .pointer(pointer)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {pointer} in:\n{text}"))
+    };
+    // Defaults of keys the file leaves out.
+    assert_eq!(at("/admin/listen"), "127.0.0.1:9901");
+    assert_eq!(at("/store/backend"), "memory");
+    assert_eq!(at("/upstreams/0/max_inflight"), 64);
+    assert_eq!(at("/upstreams/0/connect_timeout_ms"), 1000);
+    assert_eq!(at("/limits/max_body_bytes"), 16 << 20);
+    assert_eq!(at("/shutdown/grace_period_ms"), 5000);
+    // The rule file, read and resolved (its upstream is the default one).
+    assert_eq!(at("/rules/0/name"), "phone");
+    assert_eq!(at("/rules/0/upstream"), "mall");
 }
 
 #[test]
@@ -433,7 +559,7 @@ fn missing_config_file_fails_with_a_clear_message() {
     let path = "tests/fixtures/does_not_exist.yaml";
     let out = check(path);
     assert_eq!(out.status.code(), Some(1));
-    let lines = stdout_lines(&out);
+    let lines = stderr_lines(&out);
     assert_eq!(lines.len(), 1, "{lines:?}");
     let prefix = format!("{path}:1:1: cannot read config: ");
     assert!(
@@ -533,6 +659,19 @@ fn good_config_loads_into_the_typed_model() {
     );
     // tls: its files are made by tests/tls.rs, which checks it.
     assert!(config.tls.is_none());
+    let access_log = config.access_log.as_ref().expect("access_log");
+    assert_eq!(
+        access_log.path,
+        path.parent().expect("dir").join("access.log")
+    );
+    assert_eq!(access_log.format, AccessLogFormat::Combined);
+    assert!(!access_log.log_user);
+    assert_eq!(access_log.buffer, 1024);
+    assert_eq!(
+        access_log.hash_key.as_ref().map(|k| k.bytes()),
+        Some(&b"fixture-log-key"[..])
+    );
+    assert_eq!(config.log.format, LogFormat::Json);
 
     let rules = config.rules.rules();
     let names: Vec<&str> = rules.iter().map(|r| &*r.name).collect();
@@ -604,7 +743,7 @@ fn shipped_gateway_and_every_rule_pack_pass_check() {
     assert!(
         out.status.success(),
         "gateway.yaml: {}",
-        String::from_utf8_lossy(&out.stdout)
+        String::from_utf8_lossy(&out.stderr)
     );
     let packs = std::fs::read_dir("lua-free-rules/more").expect("lua-free-rules/more");
     let mut checked = 0;
@@ -629,7 +768,7 @@ fn shipped_gateway_and_every_rule_pack_pass_check() {
             out.status.success(),
             "{}: {}",
             pack.display(),
-            String::from_utf8_lossy(&out.stdout)
+            String::from_utf8_lossy(&out.stderr)
         );
         checked += 1;
     }

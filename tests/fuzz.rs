@@ -44,7 +44,12 @@ fn cases(default: u32) -> ProptestConfig {
 const SECRET: &str = "fixture-secret";
 
 fn env(name: &str) -> Option<std::ffi::OsString> {
-    matches!(name, "SHOP_JWT_SECRET" | "SLUICE_JWT_SECRET").then(|| SECRET.into())
+    // SLUICE_LOG_KEY: the good fixture's access-log hash key.
+    matches!(
+        name,
+        "SHOP_JWT_SECRET" | "SLUICE_JWT_SECRET" | "SLUICE_LOG_KEY"
+    )
+    .then(|| SECRET.into())
 }
 
 /// Writes `gateway` (and `rules/r.yaml` if given) into a fresh temp dir

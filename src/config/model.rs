@@ -101,6 +101,15 @@ pub mod defaults {
     }
     /// `shutdown.timeout`: time for runtimes to stop after the grace period.
     pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
+    /// `access_log.format`: every field, one JSON object a line.
+    pub const ACCESS_LOG_FORMAT: super::AccessLogFormat = super::AccessLogFormat::Json;
+    /// `access_log.buffer`: lines waiting for the writer before new ones
+    /// are dropped (a few hundred bytes each: a few MiB at most).
+    pub const ACCESS_LOG_BUFFER: u32 = 16_384;
+    /// The largest `access_log.buffer`: the channel is memory on every node.
+    pub const ACCESS_LOG_BUFFER_MAX: u32 = 1 << 20;
+    /// `log.format`: human-readable lines.
+    pub const LOG_FORMAT: super::LogFormat = super::LogFormat::Text;
 }
 
 /// The whole validated configuration.
@@ -139,6 +148,10 @@ pub struct Config {
     /// Where traffic no rule matches goes, first match first; else
     /// `default_upstream`.
     pub routes: Vec<RouteConfig>,
+    /// One line per request, when `access_log:` is set.
+    pub access_log: Option<AccessLogConfig>,
+    /// The gateway's own log lines.
+    pub log: LogConfig,
 }
 
 /// `tls:`: a second listener of the proxy, HTTPS (HTTP/2 or HTTP/1.1 by ALPN).
@@ -337,4 +350,75 @@ pub struct ShutdownConfig {
     pub grace_period: Duration,
     /// Then runtimes get this long to stop.
     pub timeout: Duration,
+}
+
+/// `access_log.format`
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccessLogFormat {
+    /// One JSON object a line.
+    Json,
+    /// nginx's `combined` line with Sluice's fields appended.
+    Combined,
+}
+
+impl AccessLogFormat {
+    /// The name in the config.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            AccessLogFormat::Json => "json",
+            AccessLogFormat::Combined => "combined",
+        }
+    }
+}
+
+/// `access_log:`
+#[derive(Clone, Debug)]
+pub struct AccessLogConfig {
+    /// The file lines are appended to (reopened on SIGUSR1).
+    pub path: PathBuf,
+    /// The line format.
+    pub format: AccessLogFormat,
+    /// Write user ids as they are instead of a keyed hash.
+    pub log_user: bool,
+    /// The variable the hash key was read from; `None`: a random key
+    /// per process.
+    pub hash_key_env: Option<String>,
+    /// The hash key read from `hash_key_env` when the config was loaded.
+    pub hash_key: Option<crate::rules::Secret>,
+    /// Lines that may wait for the writer before new ones are dropped.
+    pub buffer: u32,
+}
+
+/// `log.format`
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object a line.
+    Json,
+}
+
+impl LogFormat {
+    /// The name in the config.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+/// `log:`
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogConfig {
+    /// The line format of the gateway's own logs (stderr).
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: defaults::LOG_FORMAT,
+        }
+    }
 }

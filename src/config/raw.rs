@@ -43,6 +43,10 @@ pub struct RawGateway {
     pub tls: Option<Spanned<RawTls>>,
     #[serde(default)]
     pub routes: Option<Spanned<Vec<Spanned<RawRoute>>>>,
+    #[serde(default)]
+    pub access_log: Option<Spanned<RawAccessLog>>,
+    #[serde(default)]
+    pub log: Option<Spanned<RawLog>>,
 }
 
 /// `tls:`
@@ -75,6 +79,30 @@ pub struct RawRouteMatch {
     pub host: Option<Spanned<String>>,
     #[serde(default)]
     pub path_prefix: Option<Spanned<String>>,
+}
+
+/// `access_log:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccessLog {
+    #[serde(default)]
+    pub path: Option<Spanned<String>>,
+    #[serde(default)]
+    pub format: Option<Spanned<String>>,
+    #[serde(default)]
+    pub log_user: Option<Spanned<bool>>,
+    #[serde(default)]
+    pub hash_key_env: Option<Spanned<String>>,
+    #[serde(default)]
+    pub buffer: Option<Spanned<i64>>,
+}
+
+/// `log:` (the gateway's own log lines)
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    #[serde(default)]
+    pub format: Option<Spanned<String>>,
 }
 
 /// `admin:`

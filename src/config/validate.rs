@@ -624,6 +624,9 @@ pub fn gateway(p: &mut Problems, raw: &RawGateway) -> Option<Config> {
         upgrade_socket: upgrade_socket?,
         tls,
         routes,
+        // Set by `logs`, which also reads the hash key's variable.
+        access_log: None,
+        log: Default::default(),
     })
 }
 

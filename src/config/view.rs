@@ -139,6 +139,12 @@ pub fn view(c: &Config) -> Value {
             "match": {"host": r.host, "path_prefix": r.path_prefix},
             "upstream": c.upstream(r.upstream).name,
         })).collect::<Vec<_>>(),
+        // The hash key itself is never shown, only where it comes from.
+        "access_log": c.access_log.as_ref().map(|a| json!({
+            "path": a.path.display().to_string(), "format": a.format.as_str(),
+            "log_user": a.log_user, "hash_key_env": a.hash_key_env, "buffer": a.buffer,
+        })),
+        "log": {"format": c.log.format.as_str()},
     })
 }
 

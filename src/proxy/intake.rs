@@ -138,7 +138,11 @@ impl SluiceProxy {
                     &ctx.config.trusted_proxies,
                 ),
             };
-            self.admission.admit(stage, &candidate).await
+            let (verdict, attempt) = self.admission.admit_seen(stage, &candidate).await;
+            if let Some(a) = attempt {
+                (ctx.user, ctx.sku) = (Some(a.user), Some(a.sku));
+            }
+            verdict
         };
         let hold = match verdict {
             Verdict::Answer(answer) => {

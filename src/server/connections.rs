@@ -721,10 +721,14 @@ where
                 };
                 continue;
             }
+            // At shutdown an idle keep-alive connection is closed, but a
+            // new one (accepted just before the listener closed, its
+            // client already sending) is served its first request.
+            let idle = matches!(deadline, Deadline::Next { .. });
             let head = tokio::select! {
                 biased;
                 head = read_head(&mut stream, &mut buf, deadline, self.limits.max_head_bytes) => head,
-                () = shutting_down(shutdown.clone()) => Head::Idle,
+                () = shutting_down(shutdown.clone()), if idle => Head::Idle,
             };
             match head {
                 Head::Complete => {}

@@ -31,6 +31,9 @@ pub struct ExitWhenDrained {
     pub queue: Arc<dyn Queue>,
     /// Upstream names (the queue's keys).
     pub upstreams: Vec<String>,
+    /// Run (on a blocking thread) just before the process ends: flushes
+    /// what is buffered, such as the access log.
+    pub before_exit: Arc<dyn Fn() + Send + Sync>,
 }
 
 impl ExitWhenDrained {
@@ -72,6 +75,8 @@ impl BackgroundService for ExitWhenDrained {
                 );
                 // pingora would sleep out the whole grace period; every
                 // settlement has been written (the journal syncs each).
+                let flush = self.before_exit.clone();
+                let _ = tokio::task::spawn_blocking(move || flush()).await;
                 std::process::exit(0);
             }
             tokio::time::sleep(POLL).await;
