@@ -21,6 +21,11 @@ use crate::queue::Queue;
 /// How often the watcher looks again once draining.
 const POLL: Duration = Duration::from_millis(20);
 
+/// How long nothing must be left before the process ends: a connection
+/// accepted just before the listener closed is counted only once its
+/// task first runs.
+const QUIET: Duration = Duration::from_millis(200);
+
 /// Ends the process once a shutdown has nothing left to wait for.
 pub struct ExitWhenDrained {
     /// Client connections of the proxy's listeners.
@@ -66,9 +71,13 @@ impl BackgroundService for ExitWhenDrained {
             queued,
             "shutting down: no new connections; waiting for requests under way"
         );
+        let mut quiet_since: Option<Instant> = None;
         loop {
             let (connections, sending, queued) = self.left().await;
-            if connections == 0 && sending == 0 && queued == 0 {
+            let idle = connections == 0 && sending == 0 && queued == 0;
+            if !idle {
+                quiet_since = None;
+            } else if quiet_since.get_or_insert_with(Instant::now).elapsed() >= QUIET {
                 tracing::info!(
                     after_ms = started.elapsed().as_millis() as u64,
                     "nothing left in flight; exiting"
