@@ -3,7 +3,8 @@
 //! upstream server is healthy), and the admin API under `/admin/v1/`:
 //! stock (`PUT`/`GET /admin/v1/stock/{rule}/{sku}`) and releases
 //! (`POST /admin/v1/release`) and the effective config, redacted
-//! (`GET /admin/v1/config`). Everything under `/admin/` needs
+//! (`GET /admin/v1/config`), and purges of the read cache (`DELETE
+//! /admin/v1/cache?prefix=/api/goods/`). Everything under `/admin/` needs
 //! `Authorization: Bearer <token>` when `admin.token_env` names a set
 //! variable.
 //!
@@ -21,6 +22,7 @@ use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
 use crate::admission::Admission;
+use crate::cache::ReadCache;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::store::StoreError;
@@ -44,6 +46,7 @@ pub struct AdminApp {
     metrics: Arc<Metrics>,
     upstreams: Arc<Upstreams>,
     admission: Arc<Admission>,
+    cache: Arc<ReadCache>,
     token: Option<Vec<u8>>,
 }
 
@@ -78,6 +81,7 @@ impl AdminApp {
         metrics: Arc<Metrics>,
         upstreams: Arc<Upstreams>,
         admission: Arc<Admission>,
+        cache: Arc<ReadCache>,
         token_env: Option<&str>,
     ) -> Self {
         let token = token_env.and_then(|name| match std::env::var(name) {
@@ -95,6 +99,7 @@ impl AdminApp {
             metrics,
             upstreams,
             admission,
+            cache,
             token,
         }
     }
@@ -225,6 +230,29 @@ impl AdminApp {
         }
     }
 
+    /// `DELETE /admin/v1/cache?prefix=/api/goods/`: the prefix as it is
+    /// written in request paths (not decoded), `/` for everything.
+    async fn purge(&self, query: Option<&str>) -> Response<Vec<u8>> {
+        let prefix = query
+            .unwrap_or_default()
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("prefix="));
+        let Some(prefix) = prefix.filter(|p| p.starts_with('/')) else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "give the path prefix to purge: ?prefix=/api/goods/ (or ?prefix=/ for everything)",
+            );
+        };
+        match self.cache.purge(prefix).await {
+            Ok(purged) => json_reply(StatusCode::OK, &json!({"prefix": prefix, "purged": purged})),
+            // This node's memory is purged; the shared tier may not be.
+            Err(e) => json_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"error": e.to_string(), "prefix": prefix}),
+            ),
+        }
+    }
+
     async fn release(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let body = match Self::read_json(session).await {
             Ok(b) => b,
@@ -267,6 +295,10 @@ impl ServeHttp for AdminApp {
                     self.stock(session, &method, rule, sku).await
                 }
                 (&Method::POST, ["admin", "v1", "release"]) => self.release(session).await,
+                (&Method::DELETE, ["admin", "v1", "cache"]) => {
+                    let query = session.req_header().uri.query().map(str::to_string);
+                    self.purge(query.as_deref()).await
+                }
                 (&Method::GET, ["admin", "v1", "config"]) => {
                     json_reply(StatusCode::OK, &crate::config::view::view(&self.config))
                 }
@@ -287,6 +319,7 @@ impl ServeHttp for AdminApp {
                 // Read when scraped: nothing to keep in step otherwise.
                 self.metrics
                     .set_settlements_pending(self.admission.ledger().journal().len());
+                self.cache.publish_size();
                 reply(
                     StatusCode::OK,
                     "text/plain; version=0.0.4",

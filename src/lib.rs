@@ -16,6 +16,7 @@
 //! | `upstream` | server pools, health checks, `max_inflight` slots |
 //! | `backend` | how a request is presented to the backend and how an exchange ended |
 //! | `admission` | the pipeline: stages 2-8, a winner's [`admission::hold::Hold`], ticket polls |
+//! | `cache` | the read cache (memory and Redis tiers, single flight, stale answers) and the stock view of pages |
 //! | `drain` | the background sender of queued winners |
 //! | `reconcile` | `sluice reconcile`: ledger checks and repairs after a crash |
 //! | `proxy` | the pingora glue, one or two calls per phase |
@@ -43,6 +44,7 @@
 pub mod admin;
 pub mod admission;
 pub mod backend;
+pub mod cache;
 pub mod config;
 pub mod drain;
 pub mod logging;

@@ -3,9 +3,11 @@
 //! (`backend`), the responder (`respond`) or the metrics.
 //!
 //! ```text
-//!  client ──► request_filter ── intake: size limits, Host, ticket polls ─► gateway answer
+//!  client ──► request_filter ── intake: size limits, Host, ticket and stock polls ─► gateway answer
 //!                  │            rule? admission stages 2-8 ── refused ──► gateway answer
 //!                  │                  winner: a Hold and a slot (or queued ► 202)
+//!                  │            cache rule? (`cached`) hit, stale, shared, own fetch ─► answer
+//!                  │                  bypass ─► on to the backend
 //!                  ▼
 //!            upstream_peer ──── no healthy server? ──► fail_to_proxy
 //!                  │                                      settle the hold (classify),
@@ -27,6 +29,7 @@
 //!                       here (client gone) is settled
 //! ```
 
+mod cached;
 mod intake;
 pub mod respond;
 
@@ -45,6 +48,8 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::admission::hold::{Hold, Receipt};
 use crate::admission::Admission;
 use crate::backend::{self, ClientHop, ForwardEnd};
+use crate::cache::stock::StockView;
+use crate::cache::{CacheResult, ReadCache, CACHE_HEADER};
 use crate::config::Config;
 use crate::metrics::{Metrics, UpstreamClass};
 use crate::outcome::{Answer, Outcome};
@@ -59,6 +64,8 @@ pub struct SluiceProxy {
     upstreams: Arc<Upstreams>,
     metrics: Arc<Metrics>,
     admission: Arc<Admission>,
+    cache: Arc<ReadCache>,
+    stock: Arc<StockView>,
 }
 
 /// Per-request state carried across phases.
@@ -82,6 +89,11 @@ pub struct RequestCtx {
     kept: Option<KeptAnswer>,
     pass_permit: Option<OwnedSemaphorePermit>,
     slot: Option<Slot>,
+    /// The cache rule that matched (the `rule` label when no flash-sale
+    /// rule did).
+    cache_rule: Option<Arc<str>>,
+    /// Set when the cache sent the request on to the backend.
+    cache_result: Option<CacheResult>,
 }
 
 impl RequestCtx {
@@ -101,23 +113,29 @@ impl RequestCtx {
             kept: None,
             pass_permit: None,
             slot: None,
+            cache_rule: None,
+            cache_result: None,
         }
     }
 }
 
 impl SluiceProxy {
-    /// A proxy over the given config, pools, metrics and pipeline.
+    /// A proxy over the given config, pools, metrics, pipeline and read
+    /// path (cache and stock view).
     pub fn new(
         config: Arc<Config>,
         upstreams: Arc<Upstreams>,
         metrics: Arc<Metrics>,
         admission: Arc<Admission>,
+        (cache, stock): (Arc<ReadCache>, Arc<StockView>),
     ) -> Self {
         Self {
             config,
             upstreams,
             metrics,
             admission,
+            cache,
+            stock,
         }
     }
 
@@ -280,6 +298,9 @@ impl ProxyHttp for SluiceProxy {
         self.metrics
             .observe_upstream(upstream, UpstreamClass::of_status(status));
         upstream_response.insert_header(OUTCOME_HEADER, ctx.outcome.as_str())?;
+        if let Some(r) = ctx.cache_result {
+            upstream_response.insert_header(CACHE_HEADER, r.as_str())?;
+        }
         let receipt = self.settle(ctx, ForwardEnd::Answered(status)).await;
         ctx.kept = receipt.map(|r| KeptAnswer::new(r, upstream_response));
         Ok(())
@@ -352,7 +373,12 @@ impl ProxyHttp for SluiceProxy {
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         // One line per decision, at debug only: never per request at info.
         tracing::debug!(
-            rule = ctx.rule.as_ref().map_or(crate::metrics::NO_RULE, |r| &*r.1),
+            rule = ctx
+                .rule
+                .as_ref()
+                .map(|r| &*r.1)
+                .or(ctx.cache_rule.as_deref())
+                .unwrap_or(crate::metrics::NO_RULE),
             outcome = ctx.outcome.as_str(),
             status = session.response_written().map_or(0, |r| r.status.as_u16()),
             ticket = ?ctx.ticket.map(|t| t.to_string()),
@@ -376,7 +402,10 @@ impl ProxyHttp for SluiceProxy {
         ctx.pass_permit = None;
         ctx.slot = None;
         self.metrics.observe_request(
-            ctx.rule.as_ref().map(|r| &*r.1),
+            ctx.rule
+                .as_ref()
+                .map(|r| &*r.1)
+                .or(ctx.cache_rule.as_deref()),
             ctx.outcome,
             ctx.started.elapsed(),
         );

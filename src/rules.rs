@@ -7,6 +7,7 @@
 //! matches against it. The admission pipeline reads these values; nothing
 //! here touches a request body.
 
+pub mod cache;
 pub mod canonical;
 pub mod template;
 
@@ -20,6 +21,7 @@ use http::{HeaderName, Method};
 
 use crate::outcome::{Outcome, ResponseOverride};
 use crate::vocab::UpstreamId;
+pub use cache::{CacheRule, CacheRules, KeyPart};
 pub use canonical::{Fold, Spelling, Variants};
 pub use template::PathTemplate;
 

@@ -25,6 +25,8 @@ use crate::admin::AdminApp;
 use crate::admission::housekeeping::Housekeeping;
 use crate::admission::journal::Journal;
 use crate::admission::Admission;
+use crate::cache::stock::StockView;
+use crate::cache::{CacheError, ReadCache};
 use crate::config::{is_loopback, AdminConfig, Config, StoreBackend};
 use crate::drain::Drainer;
 use crate::metrics::Metrics;
@@ -62,6 +64,9 @@ pub enum StartError {
     /// The store could not be set up.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The read cache could not be set up.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
     /// The settlement journal cannot be read or written.
     #[error("store.journal {path}: {source}")]
     Journal {
@@ -168,8 +173,15 @@ impl Gateway {
         check_bindable(config.listen, "listen")?;
         check_bindable(config.admin.listen, "admin.listen")?;
         let config = Arc::new(config);
+        // Cache rules are `rule` labels too (their names are unique
+        // across both kinds).
         let metrics = Arc::new(Metrics::new(
-            config.rules.rules().iter().map(|r| &*r.name),
+            config
+                .rules
+                .rules()
+                .iter()
+                .map(|r| &*r.name)
+                .chain(config.cache_rules.rules().iter().map(|r| &*r.name)),
             config.upstreams.iter().map(|u| u.name.as_str()),
         )?);
         let (upstreams, health_services) = Upstreams::new(&config.upstreams, &metrics)?;
@@ -200,6 +212,12 @@ impl Gateway {
             journal,
         ));
 
+        let cache = Arc::new(ReadCache::new(&config, upstreams.clone(), metrics.clone())?);
+        let stock = Arc::new(StockView::new(
+            admission.clone(),
+            config.store.recheck_interval,
+        ));
+
         let mut server = Server::new_with_opt_and_conf(None, server_conf(&config));
         server.bootstrap();
 
@@ -215,6 +233,7 @@ impl Gateway {
                 upstreams.clone(),
                 metrics.clone(),
                 admission.clone(),
+                (cache.clone(), stock),
             ),
         );
         proxy_app.server_options = Some(options);
@@ -236,6 +255,7 @@ impl Gateway {
                     metrics.clone(),
                     upstreams.clone(),
                     admission.clone(),
+                    cache,
                     config.admin.token_env.as_deref(),
                 )),
                 ConnectionLimits::admin(&config.limits),

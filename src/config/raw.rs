@@ -37,6 +37,20 @@ pub struct RawGateway {
     pub threads: Option<Spanned<i64>>,
     #[serde(default)]
     pub h2c: Option<bool>,
+    #[serde(default)]
+    pub cache: Option<Spanned<RawCache>>,
+}
+
+/// `cache:`: the read cache's tiers (its rules live in rule files).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    #[serde(default)]
+    pub max_bytes: Option<Spanned<ByteSize>>,
+    #[serde(default)]
+    pub redis: Option<Spanned<bool>>,
+    #[serde(default)]
+    pub session_cookies: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// `admin:`

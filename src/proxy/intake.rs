@@ -1,5 +1,5 @@
 //! What `request_filter` does with a request, read off the pingora
-//! session: size limits, ticket polls, rule matching (on the canonical
+//! session: size limits, ticket and stock polls, rule matching (on the canonical
 //! path; a refused spelling is `invalid`), reading a rule's
 //! body, and handing the attempt to the admission pipeline (stages 2-8).
 //! Only session plumbing lives here; every decision is the pipeline's.
@@ -21,6 +21,9 @@ use crate::rules::Route;
 
 /// The path prefix of ticket polls.
 const TICKETS_PATH: &str = "/sluice/tickets/";
+
+/// The path prefix of stock polls (`/sluice/stock/{rule}/{sku}`).
+const STOCK_PATH: &str = "/sluice/stock/";
 
 /// The body length a request declares (`None` for chunked or absent).
 pub(super) fn declared_length(req: &RequestHeader) -> Option<u64> {
@@ -59,9 +62,14 @@ impl SluiceProxy {
                 self.answer(session, ctx, &answer).await?;
                 return Ok(true);
             }
+            if let Some(rest) = req.uri.path().strip_prefix(STOCK_PATH) {
+                let answer = self.stock.poll(rest).await;
+                self.answer(session, ctx, &answer).await?;
+                return Ok(true);
+            }
         }
         let m = match self.admission.find(&req.method, req.uri.path()) {
-            Route::Unmatched => return Ok(false),
+            Route::Unmatched => return self.cached(session, ctx).await,
             Route::Refused(r) => {
                 ctx.rule = Some((r.index, r.rule.name.clone()));
                 // The body was not read: the connection cannot be reused.
