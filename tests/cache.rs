@@ -130,15 +130,19 @@ async fn hits_are_answered_by_the_gateway_with_age_and_conditional_requests_get_
         assert_eq!(resp.header("etag"), Some("\"v1\""));
         assert_eq!(resp.header("x-sluice-outcome"), Some("cached"));
     }
-    let changed = request(
-        gw.listen(),
-        "GET",
-        "/api/goods/7",
-        &[("if-none-match", "\"v0\"")],
-        b"",
-    )
-    .await;
+    // A 304 and a full answer on one keep-alive connection.
+    let mut conn = Conn::connect(gw.listen()).await;
+    let not_modified = conn
+        .send("GET", "/api/goods/7", &[("if-none-match", "\"v1\"")], b"")
+        .await
+        .expect("conditional request");
+    assert_eq!(not_modified.status, 304);
+    let changed = conn
+        .send("GET", "/api/goods/7", &[("if-none-match", "\"v0\"")], b"")
+        .await
+        .expect("second request on the connection");
     assert_eq!(changed.status, 200);
+    assert_eq!(changed.body, first.body);
     // Other paths, other keys; paths no cache rule matches pass through.
     assert_eq!(n_of(&get(gw.listen(), "/api/goods/8").await), 2);
     let other = get(gw.listen(), "/api/other/7").await;

@@ -67,15 +67,13 @@ fn cookies(req: &RequestHeader) -> impl Iterator<Item = (&str, &str)> {
         })
 }
 
-/// The host a request names (`Host`, or the HTTP/2 authority), lowercase.
-fn host(req: &RequestHeader) -> String {
-    let named = req
-        .headers
+/// The host a request names (`Host`, or the HTTP/2 authority).
+fn host(req: &RequestHeader) -> &str {
+    req.headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .or_else(|| req.uri.authority().map(|a| a.as_str()))
-        .unwrap_or_default();
-    named.to_ascii_lowercase()
+        .unwrap_or_default()
 }
 
 /// The key of a request under `rule`: `path[?query]`, then one line for
@@ -92,7 +90,8 @@ pub fn key(rule: &CacheRule, req: &RequestHeader) -> String {
         key.push_str(q);
     }
     key.push('\n');
-    key.push_str(&host(req));
+    // Lowercase, as hosts compare (no allocation of its own).
+    key.extend(host(req).chars().map(|c| c.to_ascii_lowercase()));
     for part in &rule.key {
         match part {
             KeyPart::Path | KeyPart::Query => {}
