@@ -27,7 +27,8 @@
 //! The path of a request (details in `proxy`):
 //!
 //! ```text
-//! client ─► proxy::request_filter ─► rules::RuleSet::find ── no rule ──► passthrough to the backend
+//! client ─► proxy::request_filter ─► rules::RuleSet::find ── no rule ──► cache rule? read cache (hit, stale,
+//!                                        │                               one fetch per key) ── else ──► passthrough
 //!                  (the canonical path)  │  └─ refused spelling ──► invalid
 //!                                        │ rule
 //!                                        ▼

@@ -1,6 +1,7 @@
 //! Flash-sale rules at run time: the typed model of a rule and the rule
 //! set that matches requests to rules by method and the canonical form of
-//! their path (`canonical`), against path templates (`template`).
+//! their path (`canonical`), against path templates (`template`); and the
+//! read-cache rules, matched exactly (`cache`).
 //!
 //! Building rules from files is `config`'s job (it owns file loading,
 //! secrets and error locations); this module only holds the result and

@@ -1,7 +1,8 @@
 //! What `request_filter` does with a request, read off the pingora
 //! session: size limits, ticket and stock polls, rule matching (on the canonical
 //! path; a refused spelling is `invalid`), reading a rule's
-//! body, and handing the attempt to the admission pipeline (stages 2-8).
+//! body, and handing the attempt to the admission pipeline (stages 2-8);
+//! a request no rule matches goes on to the read cache (`cached`).
 //! Only session plumbing lives here; every decision is the pipeline's.
 
 use bytes::{Bytes, BytesMut};
