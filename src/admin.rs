@@ -2,8 +2,9 @@
 //! (the process is up), `GET /readyz` (the store answers and at least one
 //! upstream server is healthy), and the admin API under `/admin/v1/`:
 //! stock (`PUT`/`GET /admin/v1/stock/{rule}/{sku}`) and releases
-//! (`POST /admin/v1/release`), reloads (`POST /admin/v1/reload`) and the
-//! effective config, redacted (`GET /admin/v1/config`). Everything under `/admin/` needs
+//! (`POST /admin/v1/release`), reloads (`POST /admin/v1/reload`), purges
+//! of the read cache (`DELETE /admin/v1/cache?prefix=/api/goods/`) and
+//! the effective config, redacted (`GET /admin/v1/config`). Everything under `/admin/` needs
 //! `Authorization: Bearer <token>` when `admin.token_env` names a set
 //! variable.
 //!
@@ -25,6 +26,7 @@ use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
 use crate::admission::Admission;
+use crate::cache::ReadCache;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::reload::{ReloadError, Reloader};
@@ -50,6 +52,7 @@ pub struct AdminApp {
     upstreams: Arc<Upstreams>,
     admission: Arc<Admission>,
     reloader: Arc<Reloader>,
+    cache: Arc<ReadCache>,
     token: Option<Vec<u8>>,
 }
 
@@ -85,6 +88,7 @@ impl AdminApp {
         upstreams: Arc<Upstreams>,
         admission: Arc<Admission>,
         reloader: Arc<Reloader>,
+        cache: Arc<ReadCache>,
         token_env: Option<&str>,
     ) -> Self {
         let token = token_env.and_then(|name| match std::env::var(name) {
@@ -103,6 +107,7 @@ impl AdminApp {
             upstreams,
             admission,
             reloader,
+            cache,
             token,
         }
     }
@@ -233,6 +238,29 @@ impl AdminApp {
         }
     }
 
+    /// `DELETE /admin/v1/cache?prefix=/api/goods/`: the prefix as it is
+    /// written in request paths (not decoded), `/` for everything.
+    async fn purge(&self, query: Option<&str>) -> Response<Vec<u8>> {
+        let prefix = query
+            .unwrap_or_default()
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("prefix="));
+        let Some(prefix) = prefix.filter(|p| p.starts_with('/')) else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "give the path prefix to purge: ?prefix=/api/goods/ (or ?prefix=/ for everything)",
+            );
+        };
+        match self.cache.purge(prefix).await {
+            Ok(purged) => json_reply(StatusCode::OK, &json!({"prefix": prefix, "purged": purged})),
+            // This node's memory is purged; the shared tier may not be.
+            Err(e) => json_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"error": e.to_string(), "prefix": prefix}),
+            ),
+        }
+    }
+
     async fn release(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let body = match Self::read_json(session).await {
             Ok(b) => b,
@@ -299,6 +327,10 @@ impl ServeHttp for AdminApp {
                     self.stock(session, &method, rule, sku).await
                 }
                 (&Method::POST, ["admin", "v1", "release"]) => self.release(session).await,
+                (&Method::DELETE, ["admin", "v1", "cache"]) => {
+                    let query = session.req_header().uri.query().map(str::to_string);
+                    self.purge(query.as_deref()).await
+                }
                 (&Method::GET, ["admin", "v1", "config"]) => json_reply(
                     StatusCode::OK,
                     &crate::config::view::view(&self.config.load()),
@@ -326,6 +358,7 @@ impl ServeHttp for AdminApp {
                     READY_STORE_TIMEOUT,
                 )
                 .await;
+                self.cache.publish_size();
                 reply(
                     StatusCode::OK,
                     "text/plain; version=0.0.4",

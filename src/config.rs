@@ -12,6 +12,7 @@
 //!
 //! Called by `main` (`run`, `check`) and by the admin reload.
 
+pub mod cache_build;
 pub mod error;
 mod logs;
 pub mod model;
@@ -30,8 +31,9 @@ use std::path::{Path, PathBuf};
 
 use serde_saphyr::Location;
 
-use crate::rules::{Rule, RuleSet};
+use crate::rules::{CacheRule, CacheRules, Rule, RuleSet};
 use crate::vocab::UpstreamId;
+use cache_build::build_cache_rule;
 use error::{ConfigError, ConfigErrors, Problems};
 pub use model::*;
 use rule_build::{build_rule, EnvLookup, RuleContext};
@@ -88,13 +90,14 @@ pub fn load_with_env(path: &Path, env: EnvLookup) -> Result<Config, ConfigErrors
         default_upstream: UpstreamId(default_upstream),
         env,
     };
-    let rules = load_rules_into(path, (&globs, globs_at), &ctx, &mut found);
+    let (rules, cache_rules) = load_rules_into(path, (&globs, globs_at), &ctx, &mut found);
     sort_by_position(&mut found);
     match config {
         Some(mut config) if found.is_empty() => {
             config.rules = RuleSet::new(rules);
             config.access_log = access_log;
             config.log = log;
+            config.cache_rules = CacheRules::new(cache_rules);
             Ok(config)
         }
         _ => Err(ConfigErrors(found)),
@@ -102,6 +105,7 @@ pub fn load_with_env(path: &Path, env: EnvLookup) -> Result<Config, ConfigErrors
 }
 
 /// Re-reads the rule files of a running config (admin reload, SIGHUP).
+/// Cache rules are checked too, but those in force stay until a restart.
 pub fn reload_rules(config: &Config) -> Result<RuleSet, ConfigErrors> {
     let mut found = Vec::new();
     let names: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
@@ -110,7 +114,8 @@ pub fn reload_rules(config: &Config) -> Result<RuleSet, ConfigErrors> {
         default_upstream: config.default_upstream,
         env: &|name| std::env::var_os(name),
     };
-    let rules = load_rules_into(&config.source, (&config.rule_globs, None), &ctx, &mut found);
+    let (rules, _cache) =
+        load_rules_into(&config.source, (&config.rule_globs, None), &ctx, &mut found);
     if found.is_empty() {
         Ok(RuleSet::new(rules))
     } else {
@@ -202,8 +207,9 @@ fn load_rules_into(
     globs: (&[String], Option<Location>),
     ctx: &RuleContext,
     found: &mut Vec<ConfigError>,
-) -> Vec<Rule> {
+) -> (Vec<Rule>, Vec<CacheRule>) {
     let mut rules: Vec<Rule> = Vec::new();
+    let mut cache_rules: Vec<CacheRule> = Vec::new();
     for file in rule_files(config_path, globs, found) {
         let text = match std::fs::read_to_string(&file) {
             Ok(t) => t,
@@ -269,6 +275,72 @@ fn load_rules_into(
             }
             rules.push(rule);
         }
+        for raw_rule in &raw.cache {
+            let Some(rule) = build_cache_rule(raw_rule, ctx, &mut p) else {
+                continue;
+            };
+            if let Some(problem) = cache_conflict(&rule, &rules, &cache_rules) {
+                let at = raw_rule
+                    .value
+                    .matcher
+                    .as_ref()
+                    .map_or(raw_rule.referenced, |m| {
+                        if problem.starts_with("name") {
+                            raw_rule
+                                .value
+                                .name
+                                .as_ref()
+                                .map_or(m.value.path.referenced, |n| n.referenced)
+                        } else {
+                            m.value.path.referenced
+                        }
+                    });
+                p.add(at, problem);
+                continue;
+            }
+            cache_rules.push(rule);
+        }
     }
-    rules
+    (rules, cache_rules)
+}
+
+/// Why a cache rule cannot join the others: a name already used (by a
+/// flash-sale or a cache rule: both are `rule` labels), or a path another
+/// cache rule or a flash-sale rule of the same method also matches.
+fn cache_conflict(rule: &CacheRule, rules: &[Rule], cache: &[CacheRule]) -> Option<String> {
+    let named = rules
+        .iter()
+        .map(|r| (&r.name, &r.origin))
+        .chain(cache.iter().map(|c| (&c.name, &c.origin)))
+        .find(|(n, _)| **n == rule.name);
+    if let Some((_, origin)) = named {
+        return Some(format!(
+            "name: {:?} is already used by the rule at {}:{}",
+            &*rule.name,
+            origin.0.display(),
+            origin.1
+        ));
+    }
+    if let Some(other) = cache.iter().find(|c| c.path.overlaps(&rule.path)) {
+        return Some(format!(
+            "cache.match: GET {:?} overlaps cache rule {:?} (GET {:?}); a request would match both",
+            rule.path.as_str(),
+            &*other.name,
+            other.path.as_str()
+        ));
+    }
+    // A flash-sale rule wins over the cache: refuse the overlap rather
+    // than leave a cache rule that never serves some of its paths.
+    if let Some(other) = rules
+        .iter()
+        .find(|r| r.method == rule.method && r.path.overlaps(&rule.path))
+    {
+        return Some(format!(
+            "cache.match: GET {:?} overlaps rule {:?} (GET {:?}); flash-sale requests are never cached",
+            rule.path.as_str(),
+            &*other.name,
+            other.path.as_str()
+        ));
+    }
+    None
 }

@@ -16,6 +16,7 @@
 //! | `upstream` | server pools, health checks, `max_inflight` slots |
 //! | `backend` | how a request is presented to the backend and how an exchange ended |
 //! | `admission` | the pipeline: stages 2-8, a winner's [`admission::hold::Hold`], ticket polls |
+//! | `cache` | the read cache (memory and Redis tiers, single flight, stale answers) and the stock view of pages |
 //! | `drain` | the background sender of queued winners |
 //! | `reconcile` | `sluice reconcile`: ledger checks and repairs after a crash |
 //! | `routes` | which upstream serves pass-through traffic (`routes:`), swappable |
@@ -30,7 +31,8 @@
 //! The path of a request (details in `proxy`):
 //!
 //! ```text
-//! client ─► proxy::request_filter ─► rules::RuleSet::find ── no rule ──► passthrough to the backend
+//! client ─► proxy::request_filter ─► rules::RuleSet::find ── no rule ──► cache rule? read cache (hit, stale,
+//!                                        │                               one fetch per key) ── else ──► passthrough
 //!                  (the canonical path)  │  └─ refused spelling ──► invalid
 //!                                        │ rule
 //!                                        ▼
@@ -48,6 +50,7 @@ pub mod access_log;
 pub mod admin;
 pub mod admission;
 pub mod backend;
+pub mod cache;
 pub mod config;
 pub mod drain;
 pub mod logging;

@@ -1,7 +1,8 @@
 //! Outcomes of a request and the gateway's own answers.
 //!
 //! `Outcome` is the closed set of labels of DESIGN.md section 3 (the
-//! `X-Sluice-Outcome` header and the `outcome` metric label). `Answer` is a
+//! `X-Sluice-Outcome` header and the `outcome` metric label), plus
+//! `cached` for answers of the read cache and the stock view. `Answer` is a
 //! refusal or notice the gateway makes itself; [`render`] is the one place
 //! where an answer becomes status, headers and body, with a rule's
 //! `responses` overrides applied on top.
@@ -37,11 +38,14 @@ pub enum Outcome {
     Unavailable,
     /// No rule matched; proxied unchanged.
     Passthrough,
+    /// Answered by the gateway's read cache (a fresh, stale or shared
+    /// answer) or its local stock view, without a backend request of its own.
+    Cached,
 }
 
 impl Outcome {
     /// Every outcome, in contract order (used to pre-register metric series).
-    pub const ALL: [Outcome; 10] = [
+    pub const ALL: [Outcome; 11] = [
         Outcome::Forwarded,
         Outcome::Queued,
         Outcome::SoldOut,
@@ -52,6 +56,7 @@ impl Outcome {
         Outcome::Invalid,
         Outcome::Unavailable,
         Outcome::Passthrough,
+        Outcome::Cached,
     ];
 
     /// The contract name: header value and metric label.
@@ -67,6 +72,7 @@ impl Outcome {
             Outcome::Invalid => "invalid",
             Outcome::Unavailable => "unavailable",
             Outcome::Passthrough => "passthrough",
+            Outcome::Cached => "cached",
         }
     }
 
@@ -108,6 +114,8 @@ pub enum Answer {
     HeadersTooLarge { limit: u64 },
     /// 503 with the reason.
     Unavailable { message: String },
+    /// The answer to a stock poll (`GET /sluice/stock/{rule}/{sku}`).
+    Stock(StockPoll),
     /// The answer to a ticket poll (`GET /sluice/tickets/{id}`).
     Ticket {
         /// The ticket as the client wrote it.
@@ -115,6 +123,48 @@ pub enum Answer {
         /// Where it is.
         poll: TicketPoll,
     },
+}
+
+/// What a page polling a sku's stock is told.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StockPoll {
+    /// 200 `{"available": N, "state": ...}`.
+    Known {
+        /// Units left, as this node last saw them.
+        available: u64,
+        /// Where the sale is.
+        state: SaleState,
+    },
+    /// 404: no such rule, or a sku nobody loaded.
+    Unknown {
+        /// Why, for the page's developer.
+        message: String,
+    },
+}
+
+/// Where a sku's sale is, for pages (`state` of a stock poll).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SaleState {
+    /// Open, with units left.
+    OnSale,
+    /// Nothing left.
+    SoldOut,
+    /// Before the rule's window.
+    NotStarted,
+    /// After the rule's window.
+    Ended,
+}
+
+impl SaleState {
+    /// The contract name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            SaleState::OnSale => "on_sale",
+            SaleState::SoldOut => "sold_out",
+            SaleState::NotStarted => "not_started",
+            SaleState::Ended => "ended",
+        }
+    }
 }
 
 /// Where a polled ticket is.
@@ -152,6 +202,8 @@ impl Answer {
             | Answer::BodyTooLarge { .. }
             | Answer::HeadersTooLarge { .. } => Outcome::Invalid,
             Answer::Unavailable { .. } => Outcome::Unavailable,
+            Answer::Stock(StockPoll::Known { .. }) => Outcome::Cached,
+            Answer::Stock(StockPoll::Unknown { .. }) => Outcome::Invalid,
             Answer::Ticket { poll, .. } => match poll {
                 TicketPoll::Unknown => Outcome::Invalid,
                 TicketPoll::Queued { .. } => Outcome::Queued,
@@ -253,6 +305,14 @@ pub fn render(answer: &Answer, overrides: Option<&ResponseOverride>) -> Rendered
         ),
         Answer::Unavailable { message } => (
             StatusCode::SERVICE_UNAVAILABLE,
+            json!({"outcome": name, "message": message}),
+        ),
+        Answer::Stock(StockPoll::Known { available, state }) => (
+            StatusCode::OK,
+            json!({"available": available, "state": state.as_str()}),
+        ),
+        Answer::Stock(StockPoll::Unknown { message }) => (
+            StatusCode::NOT_FOUND,
             json!({"outcome": name, "message": message}),
         ),
         Answer::Ticket { id, poll } => match poll {
@@ -489,6 +549,33 @@ mod tests {
                 HeaderValue::from_static("text/plain")
             )]
         );
+    }
+
+    #[test]
+    fn a_stock_poll_is_the_bare_view_or_a_404() {
+        let r = render(
+            &Answer::Stock(StockPoll::Known {
+                available: 7,
+                state: SaleState::OnSale,
+            }),
+            None,
+        );
+        assert_eq!((r.status.as_u16(), r.outcome), (200, Outcome::Cached));
+        assert_eq!(body(&r), json!({"available": 7, "state": "on_sale"}));
+        let r = render(
+            &Answer::Stock(StockPoll::Unknown {
+                message: "no rule".into(),
+            }),
+            None,
+        );
+        assert_eq!((r.status.as_u16(), r.outcome), (404, Outcome::Invalid));
+        for (s, name) in [
+            (SaleState::SoldOut, "sold_out"),
+            (SaleState::NotStarted, "not_started"),
+            (SaleState::Ended, "ended"),
+        ] {
+            assert_eq!(s.as_str(), name);
+        }
     }
 
     #[test]

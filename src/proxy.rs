@@ -3,10 +3,12 @@
 //! (`backend`), the responder (`respond`) or the metrics.
 //!
 //! ```text
-//!  client ──► request_filter ── intake: size limits, Host, ticket polls ─► gateway answer
+//!  client ──► request_filter ── intake: size limits, Host, ticket and stock polls ─► gateway answer
 //! (HTTP or TLS)    │            rule? admission stages 2-8 ── refused ──► gateway answer
 //!                  │                  winner: a Hold and a slot (or queued ► 202)
 //!                  │            no rule: routes pick the upstream (else default_upstream)
+//!                  │            cache rule? (`cached`) hit, stale, shared, own fetch ─► answer
+//!                  │                  bypass ─► on to the backend
 //!                  ▼
 //!            upstream_peer ──── no healthy server? ──► fail_to_proxy
 //!                  │                                      settle the hold (classify),
@@ -29,6 +31,7 @@
 //! ```
 
 mod access;
+mod cached;
 mod intake;
 pub mod respond;
 
@@ -49,6 +52,8 @@ use crate::access_log::AccessLog;
 use crate::admission::hold::{Hold, Receipt};
 use crate::admission::{Admission, RuleStage};
 use crate::backend::{self, ClientHop, ForwardEnd};
+use crate::cache::stock::StockView;
+use crate::cache::{CacheResult, ReadCache, CACHE_HEADER};
 use crate::config::Config;
 use crate::metrics::{Metrics, UpstreamClass};
 use crate::outcome::{Answer, Outcome};
@@ -66,6 +71,8 @@ pub struct SluiceProxy {
     admission: Arc<Admission>,
     routes: Arc<Routes>,
     access_log: Option<AccessLog>,
+    cache: Arc<ReadCache>,
+    stock: Arc<StockView>,
 }
 
 /// Per-request state carried across phases.
@@ -99,6 +106,11 @@ pub struct RequestCtx {
     /// answer ended (the access log's upstream time).
     upstream_started: Option<Instant>,
     upstream_time: Option<Duration>,
+    /// The cache rule that matched (the `rule` label when no flash-sale
+    /// rule did).
+    cache_rule: Option<Arc<str>>,
+    /// Set when the cache sent the request on to the backend.
+    cache_result: Option<CacheResult>,
 }
 
 impl RequestCtx {
@@ -123,19 +135,22 @@ impl RequestCtx {
             sku: None,
             upstream_started: None,
             upstream_time: None,
+            cache_rule: None,
+            cache_result: None,
         }
     }
 }
 
 impl SluiceProxy {
-    /// A proxy over the given config, pools, metrics, pipeline and
-    /// pass-through routes.
+    /// A proxy over the given config, pools, metrics, pipeline,
+    /// pass-through routes and read path (cache and stock view).
     pub fn new(
         config: Arc<ArcSwap<Config>>,
         upstreams: Arc<Upstreams>,
         metrics: Arc<Metrics>,
         admission: Arc<Admission>,
         routes: Arc<Routes>,
+        (cache, stock): (Arc<ReadCache>, Arc<StockView>),
     ) -> Self {
         Self {
             config,
@@ -144,6 +159,8 @@ impl SluiceProxy {
             admission,
             routes,
             access_log: None,
+            cache,
+            stock,
         }
     }
 
@@ -317,6 +334,9 @@ impl ProxyHttp for SluiceProxy {
         self.metrics
             .observe_upstream(upstream, UpstreamClass::of_status(status));
         upstream_response.insert_header(OUTCOME_HEADER, ctx.outcome.as_str())?;
+        if let Some(r) = ctx.cache_result {
+            upstream_response.insert_header(CACHE_HEADER, r.as_str())?;
+        }
         let receipt = self.settle(ctx, ForwardEnd::Answered(status)).await;
         ctx.kept = receipt.map(|r| KeptAnswer::new(r, upstream_response));
         Ok(())
@@ -392,7 +412,12 @@ impl ProxyHttp for SluiceProxy {
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         // One line per decision, at debug only: never per request at info.
         tracing::debug!(
-            rule = ctx.stage.as_ref().map_or(crate::metrics::NO_RULE, |s| &*s.rule.name),
+            rule = ctx
+                .stage
+                .as_ref()
+                .map(|s| &*s.rule.name)
+                .or(ctx.cache_rule.as_deref())
+                .unwrap_or(crate::metrics::NO_RULE),
             outcome = ctx.outcome.as_str(),
             status = session.response_written().map_or(0, |r| r.status.as_u16()),
             ticket = ?ctx.ticket.map(|t| t.to_string()),
@@ -416,7 +441,10 @@ impl ProxyHttp for SluiceProxy {
         ctx.pass_permit = None;
         ctx.slot = None;
         self.metrics.observe_request(
-            ctx.stage.as_ref().map(|s| &*s.rule.name),
+            ctx.stage
+                .as_ref()
+                .map(|s| &*s.rule.name)
+                .or(ctx.cache_rule.as_deref()),
             ctx.outcome,
             ctx.started.elapsed(),
         );

@@ -3,7 +3,7 @@
 //! and validated whole; a config with any problem, or one that changes a
 //! key that needs a restart ([`crate::config::restart`]), is refused and
 //! the old one keeps serving. Otherwise the new rules, upstream server
-//! lists and timeouts, routes, the TLS certificate and the rest of the
+//! lists and timeouts, routes, cache rules, the TLS certificate and the rest of the
 //! live config are swapped in.
 //! Requests under way finish under what they started with; state of
 //! rules that stay (token buckets, sold-out flags, stock) is kept.
@@ -17,6 +17,7 @@ use pingora_core::services::background::BackgroundService;
 use serde::Serialize;
 
 use crate::admission::{Admission, RulesChanged};
+use crate::cache::ReadCache;
 use crate::config::error::ConfigErrors;
 use crate::config::tls::TlsFileError;
 use crate::config::{restart, Config};
@@ -73,6 +74,7 @@ pub struct Reloader {
     admission: Arc<Admission>,
     upstreams: Arc<Upstreams>,
     routes: Arc<Routes>,
+    cache: Arc<ReadCache>,
     tls: Option<Arc<TlsCerts>>,
     metrics: Arc<Metrics>,
     one_at_a_time: tokio::sync::Mutex<()>,
@@ -86,6 +88,7 @@ impl Reloader {
         admission: Arc<Admission>,
         upstreams: Arc<Upstreams>,
         routes: Arc<Routes>,
+        cache: Arc<ReadCache>,
         tls: Option<Arc<TlsCerts>>,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -97,6 +100,7 @@ impl Reloader {
             admission,
             upstreams,
             routes,
+            cache,
             tls,
             metrics,
             one_at_a_time: tokio::sync::Mutex::new(()),
@@ -140,8 +144,10 @@ impl Reloader {
         // Rules first: a rule's leases follow its upstream's timeouts, and
         // a lease computed for longer timeouts is safe while the old,
         // shorter ones still apply.
-        for rule in new.rules.rules() {
-            self.metrics.add_rule(&rule.name);
+        // Cache rules are `rule` labels too.
+        let names = new.rules.rules().iter().map(|r| &r.name);
+        for name in names.chain(new.cache_rules.rules().iter().map(|r| &r.name)) {
+            self.metrics.add_rule(name);
         }
         let rules = self.admission.apply(&new);
         for (pool, config) in self.upstreams.pools().iter().zip(&new.upstreams) {
@@ -150,6 +156,7 @@ impl Reloader {
             }
         }
         self.routes.apply(&new);
+        self.cache.apply(&new);
         self.live.store(Arc::new(new));
         Ok(Reloaded { rules, upstreams })
     }

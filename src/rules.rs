@@ -1,12 +1,14 @@
 //! Flash-sale rules at run time: the typed model of a rule and the rule
 //! set that matches requests to rules by method and the canonical form of
-//! their path (`canonical`), against path templates (`template`).
+//! their path (`canonical`), against path templates (`template`); and the
+//! read-cache rules, matched exactly (`cache`).
 //!
 //! Building rules from files is `config`'s job (it owns file loading,
 //! secrets and error locations); this module only holds the result and
 //! matches against it. The admission pipeline reads these values; nothing
 //! here touches a request body.
 
+pub mod cache;
 pub mod canonical;
 pub mod template;
 
@@ -20,6 +22,7 @@ use http::{HeaderName, Method};
 
 use crate::outcome::{Outcome, ResponseOverride};
 use crate::vocab::UpstreamId;
+pub use cache::{CacheRule, CacheRules, KeyPart};
 pub use canonical::{Fold, Spelling, Variants};
 pub use template::PathTemplate;
 

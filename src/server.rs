@@ -30,6 +30,8 @@ use crate::admin::AdminApp;
 use crate::admission::housekeeping::Housekeeping;
 use crate::admission::journal::Journal;
 use crate::admission::Admission;
+use crate::cache::stock::StockView;
+use crate::cache::{CacheError, ReadCache};
 use crate::config::tls::TlsFileError;
 use crate::config::{is_loopback, AdminConfig, Config, StoreBackend};
 use crate::drain::Drainer;
@@ -72,6 +74,9 @@ pub enum StartError {
     /// The store could not be set up.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The read cache could not be set up.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
     /// The settlement journal cannot be read or written.
     #[error("store.journal {path}: {source}")]
     Journal {
@@ -220,8 +225,15 @@ impl Gateway {
             None => None,
         };
         let config = Arc::new(config);
+        // Cache rules are `rule` labels too (their names are unique
+        // across both kinds).
         let metrics = Arc::new(Metrics::new(
-            config.rules.rules().iter().map(|r| &*r.name),
+            config
+                .rules
+                .rules()
+                .iter()
+                .map(|r| &*r.name)
+                .chain(config.cache_rules.rules().iter().map(|r| &*r.name)),
             config.upstreams.iter().map(|u| u.name.as_str()),
         )?);
         // Before any listener opens: SIGUSR1 is handled from the start.
@@ -256,6 +268,12 @@ impl Gateway {
             journal,
         ));
 
+        let cache = Arc::new(ReadCache::new(&config, upstreams.clone(), metrics.clone())?);
+        let stock = Arc::new(StockView::new(
+            admission.clone(),
+            config.store.recheck_interval,
+        ));
+
         let live = Arc::new(ArcSwap::new(config.clone()));
         let routes = Arc::new(Routes::new(&config));
         let reloader = Arc::new(Reloader::new(
@@ -263,6 +281,7 @@ impl Gateway {
             admission.clone(),
             upstreams.clone(),
             routes.clone(),
+            cache.clone(),
             tls.clone(),
             metrics.clone(),
         ));
@@ -288,6 +307,7 @@ impl Gateway {
                 metrics.clone(),
                 admission.clone(),
                 routes.clone(),
+                (cache.clone(), stock),
             )
             .with_access_log(access_log),
         );
@@ -319,6 +339,7 @@ impl Gateway {
                     upstreams.clone(),
                     admission.clone(),
                     reloader.clone(),
+                    cache,
                     config.admin.token_env.as_deref(),
                 )),
                 ConnectionLimits::admin(&config.limits),

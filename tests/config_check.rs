@@ -10,8 +10,8 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use sluice::config::{AccessLogFormat, Limits, LogFormat, OnFailure, StoreBackend};
-use sluice::rules::{FieldSource, Fold, RateKey, Spelling, Variants};
+use sluice::config::{AccessLogFormat, CacheConfig, Limits, LogFormat, OnFailure, StoreBackend};
+use sluice::rules::{FieldSource, Fold, KeyPart, RateKey, Spelling, Variants};
 
 /// `(fixture, every line `sluice check` must print, in order)`.
 const BAD: &[(&str, &[&str])] = &[
@@ -21,7 +21,7 @@ const BAD: &[(&str, &[&str])] = &[
         // The file is read on past the typo, so the key it misspelt is
         // missing too.
         &[
-            "tests/fixtures/bad_unknown_top_key.yaml:1:1: unknown field `listne`, expected one of listen, admin, store, upstreams, default_upstream, rules, trusted_proxies, limits, shutdown, threads, h2c, upgrade_socket, tls, routes, access_log, log",
+            "tests/fixtures/bad_unknown_top_key.yaml:1:1: unknown field `listne`, expected one of listen, admin, store, upstreams, default_upstream, rules, trusted_proxies, limits, shutdown, threads, h2c, upgrade_socket, tls, routes, access_log, log, cache",
             "tests/fixtures/bad_unknown_top_key.yaml:1:1: missing required key `listen`",
         ],
     ),
@@ -180,7 +180,7 @@ const BAD: &[(&str, &[&str])] = &[
         &[
             "tests/fixtures/bad_everything.yaml:6:19: upstreams.mall.max_inflight: 0 must be a whole number from 1 to 4294967295",
             "tests/fixtures/bad_everything.yaml:7:5: unknown field `retries`, expected one of servers, max_inflight, connect_timeout, read_timeout, write_timeout, idle_timeout, health_check, queue_claim_idle",
-            "tests/fixtures/bad_everything.yaml:10:1: unknown field `logging`, expected one of listen, admin, store, upstreams, default_upstream, rules, trusted_proxies, limits, shutdown, threads, h2c, upgrade_socket, tls, routes, access_log, log",
+            "tests/fixtures/bad_everything.yaml:10:1: unknown field `logging`, expected one of listen, admin, store, upstreams, default_upstream, rules, trusted_proxies, limits, shutdown, threads, h2c, upgrade_socket, tls, routes, access_log, log, cache",
             "tests/fixtures/rules/bad_everything.yaml:3:62: unknown field `host`, expected one of method, path, variants, case, trailing_slash, params, suffix",
             "tests/fixtures/rules/bad_everything.yaml:7:36: rate_limits[0].per: invalid duration \"1 minute\": expected a whole number followed by ms, s, m or h (like 250ms or 3s)",
         ],
@@ -322,6 +322,48 @@ const BAD: &[(&str, &[&str])] = &[
     (
         "tests/fixtures/bad_rule_overlap_spelling.yaml",
         &["tests/fixtures/rules/bad_overlap_spelling.yaml:9:34: match: POST \"/API/Order.json\" overlaps rule \"order\" (POST \"/api/order\"); a request would match both"],
+    ),
+    // ---- read-cache rules (`cache:` in rule files) and `cache:` in gateway.yaml ----
+    (
+        "tests/fixtures/bad_cache_rule.yaml",
+        &[
+            "tests/fixtures/rules/bad_cache_rule.yaml:2:22: cache.match.method: \"POST\" is not cached: only GET is",
+            "tests/fixtures/rules/bad_cache_rule.yaml:6:10: cache.ttl: must be above 0",
+            "tests/fixtures/rules/bad_cache_rule.yaml:7:21: cache.stale_if_error: invalid duration \"5 min\": expected a whole number followed by ms, s, m or h (like 250ms or 3s)",
+            "tests/fixtures/rules/bad_cache_rule.yaml:8:24: cache.key: \"Bad Header\" is not a valid header name",
+            "tests/fixtures/rules/bad_cache_rule.yaml:8:45: cache.key: \"ip\" is not one of path, query, header:<name>, cookie:<name>",
+            "tests/fixtures/rules/bad_cache_rule.yaml:8:49: cache.key: \"query\" is listed twice",
+            "tests/fixtures/rules/bad_cache_rule.yaml:9:15: cache.max_body: 134217728 must be from 1 to 67108864 (64MiB)",
+            "tests/fixtures/rules/bad_cache_rule.yaml:10:21: cache.statuses[1]: 206 (a partial answer) is never cached",
+            "tests/fixtures/rules/bad_cache_rule.yaml:10:26: cache.statuses[2]: 999 is not an HTTP status from 200 to 599",
+            "tests/fixtures/rules/bad_cache_rule.yaml:11:15: cache.upstream: \"shop\" is not defined under upstreams (defined: mall)",
+            "tests/fixtures/rules/bad_cache_rule.yaml:15:10: cache.key: must include path (without it every path shares one entry)",
+            "tests/fixtures/rules/bad_cache_rule.yaml:16:5: missing required key `ttl`",
+        ],
+    ),
+    (
+        "tests/fixtures/bad_cache_overlap.yaml",
+        &[
+            "tests/fixtures/rules/bad_cache_overlap.yaml:10:33: cache.match: GET \"/api/goods/{sku}\" overlaps cache rule \"/api/goods/{id}\" (GET \"/api/goods/{id}\"); a request would match both",
+            "tests/fixtures/rules/bad_cache_overlap.yaml:12:11: name: \"phone\" is already used by the rule at tests/fixtures/rules/bad_cache_overlap.yaml:2",
+            "tests/fixtures/rules/bad_cache_overlap.yaml:16:33: cache.match: GET \"/api/phone/{sku}/claim\" overlaps rule \"phone\" (GET \"/api/phone/{sku}/claim\"); flash-sale requests are never cached",
+        ],
+    ),
+    (
+        "tests/fixtures/bad_cache_unknown_key.yaml",
+        // Read on past the typo: the key it misspelt is missing too.
+        &[
+            "tests/fixtures/rules/bad_cache_unknown_key.yaml:2:5: missing required key `ttl`",
+            "tests/fixtures/rules/bad_cache_unknown_key.yaml:4:5: unknown field `tll`, expected one of name, match, ttl, stale_while_revalidate, stale_if_error, key, max_body, statuses, lock_timeout, upstream",
+        ],
+    ),
+    (
+        "tests/fixtures/bad_cache_gateway.yaml",
+        &[
+            "tests/fixtures/bad_cache_gateway.yaml:7:14: cache.max_bytes: must be above 0",
+            "tests/fixtures/bad_cache_gateway.yaml:9:32: cache.session_cookies[1]: \"a b\" is not a cookie name",
+            "tests/fixtures/bad_cache_gateway.yaml:9:39: cache.session_cookies[2]: \"\" is not a cookie name",
+        ],
     ),
     (
         "tests/fixtures/bad_rule_overlap.yaml",
@@ -729,6 +771,56 @@ fn good_config_loads_into_the_typed_model() {
     let vouchers = &rules[2];
     assert_eq!(config.upstream(vouchers.upstream).name, "coupons");
     assert_eq!(vouchers.queue.max_wait, Duration::from_millis(250));
+
+    assert_eq!(
+        config.cache,
+        CacheConfig {
+            max_bytes: 128 << 20,
+            redis: true,
+            session_cookies: vec!["PHPSESSID".into(), "SHOPSESSION".into()],
+        }
+    );
+    let cached = config.cache_rules.rules();
+    assert_eq!(cached.len(), 2);
+    let goods = &cached[0];
+    assert_eq!(&*goods.name, "goods");
+    assert_eq!(
+        (
+            goods.ttl,
+            goods.stale_while_revalidate,
+            goods.stale_if_error
+        ),
+        (
+            Duration::from_secs(2),
+            Duration::from_secs(10),
+            Duration::from_secs(300)
+        )
+    );
+    assert_eq!(
+        goods.key,
+        [
+            KeyPart::Path,
+            KeyPart::Query,
+            KeyPart::Header(http::HeaderName::from_static("accept-language")),
+            KeyPart::Cookie("currency".into()),
+        ]
+    );
+    assert_eq!(goods.max_body, 256 << 10);
+    assert_eq!(goods.statuses, Some(vec![200, 404]));
+    assert_eq!(goods.lock_timeout, Duration::from_secs(3));
+    assert_eq!(config.upstream(goods.upstream).name, "coupons");
+    // Defaults, and the path as the name of an unnamed rule.
+    let activity = &cached[1];
+    assert_eq!(&*activity.name, "/api/activity/{id}/");
+    assert_eq!(activity.key, [KeyPart::Path, KeyPart::Query]);
+    assert_eq!(
+        (activity.stale_while_revalidate, activity.stale_if_error),
+        (Duration::ZERO, Duration::ZERO)
+    );
+    assert_eq!(activity.max_body, 256 << 10);
+    assert_eq!(activity.statuses, None);
+    assert_eq!(activity.lock_timeout, Duration::from_secs(5));
+    assert_eq!(config.upstream(activity.upstream).name, "mall");
 }
 
 /// Every shipped rule pack passes `sluice check`: the default

@@ -381,3 +381,36 @@ async fn a_reload_puts_new_routes_in_force() {
     );
     assert_eq!((mall.requests(), statics.requests()), (2, 1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_puts_new_cache_rules_in_force() {
+    let mall = Upstream::start();
+    let g = Gateway::builder()
+        .config(&gateway_yaml(&[mall.addr()], ""))
+        .file("lua-free-rules/flash.yaml", FLASH)
+        .start();
+    for _ in 0..2 {
+        let resp = request(g.listen(), "GET", "/api/goods/1", &[], b"").await;
+        assert_eq!(resp.header("x-sluice-cache"), None);
+    }
+    assert_eq!(mall.requests(), 2);
+
+    g.write(
+        "lua-free-rules/pages.yaml",
+        "cache:\n  - name: goods\n    match: { method: GET, path: \"/api/goods/{id}\" }\n    ttl: 60s\n",
+    );
+    g.sighup();
+    g.wait_metric("sluice_config_reloads_total", &[("result", "ok")], 1.0)
+        .await;
+    let first = request(g.listen(), "GET", "/api/goods/1", &[], b"").await;
+    assert_eq!(first.header("x-sluice-cache"), Some("miss"));
+    let second = request(g.listen(), "GET", "/api/goods/1", &[], b"").await;
+    assert_eq!(second.header("x-sluice-cache"), Some("hit"));
+    assert_eq!(mall.requests(), 3, "the cached page is read once");
+    g.wait_metric(
+        "sluice_cache_requests_total",
+        &[("rule", "goods"), ("result", "hit")],
+        1.0,
+    )
+    .await;
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use crate::rules::RuleSet;
+use crate::rules::{CacheRules, RuleSet};
 
 use crate::vocab::UpstreamId;
 
@@ -92,6 +92,21 @@ pub mod defaults {
         let m = usable / 17 * 8 + usable % 17 * 8 / 17;
         u32::try_from(m).unwrap_or(u32::MAX).max(1)
     }
+    /// `cache.max_bytes`: the memory tier of the read cache, 64 MiB.
+    pub const CACHE_MAX_BYTES: u64 = 64 << 20;
+    /// `cache.session_cookies`: cookies that make a request personal (a
+    /// logged-in page), so it bypasses the cache unless the key names
+    /// them; the session cookies of PHP, Java servlets, Spring Session,
+    /// Laravel, Express, ASP.NET and Django.
+    pub const CACHE_SESSION_COOKIES: &[&str] = &[
+        "PHPSESSID",
+        "JSESSIONID",
+        "SESSION",
+        "laravel_session",
+        "connect.sid",
+        "ASP.NET_SessionId",
+        "sessionid",
+    ];
     /// `shutdown.grace_period`: time for in-flight requests after SIGTERM.
     pub const GRACE_PERIOD: Duration = Duration::from_secs(5);
     /// `upgrade_socket` when not set: one per main listen port, so two
@@ -152,6 +167,10 @@ pub struct Config {
     pub access_log: Option<AccessLogConfig>,
     /// The gateway's own log lines.
     pub log: LogConfig,
+    /// The read cache's tiers.
+    pub cache: CacheConfig,
+    /// The read-cache rules loaded from the rule files.
+    pub cache_rules: CacheRules,
 }
 
 /// `tls:`: a second listener of the proxy, HTTPS (HTTP/2 or HTTP/1.1 by ALPN).
@@ -176,6 +195,31 @@ pub struct RouteConfig {
     pub path_prefix: Option<String>,
     /// Where matching requests go.
     pub upstream: UpstreamId,
+}
+
+/// `cache:` in `gateway.yaml`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// Bound of the memory tier, in bytes of bodies, headers and keys.
+    pub max_bytes: u64,
+    /// Share answers between nodes through `store.redis`.
+    pub redis: bool,
+    /// Cookie names that make a request bypass the cache unless keyed
+    /// (compared without regard to case).
+    pub session_cookies: Vec<String>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: defaults::CACHE_MAX_BYTES,
+            redis: false,
+            session_cookies: defaults::CACHE_SESSION_COOKIES
+                .iter()
+                .map(|c| c.to_string())
+                .collect(),
+        }
+    }
 }
 
 impl Config {

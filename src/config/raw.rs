@@ -47,6 +47,8 @@ pub struct RawGateway {
     pub access_log: Option<Spanned<RawAccessLog>>,
     #[serde(default)]
     pub log: Option<Spanned<RawLog>>,
+    #[serde(default)]
+    pub cache: Option<Spanned<RawCache>>,
 }
 
 /// `tls:`
@@ -103,6 +105,18 @@ pub struct RawAccessLog {
 pub struct RawLog {
     #[serde(default)]
     pub format: Option<Spanned<String>>,
+}
+
+/// `cache:`: the read cache's tiers (its rules live in rule files).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    #[serde(default)]
+    pub max_bytes: Option<Spanned<ByteSize>>,
+    #[serde(default)]
+    pub redis: Option<Spanned<bool>>,
+    #[serde(default)]
+    pub session_cookies: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// `admin:`

@@ -5,7 +5,8 @@
 //!
 //! Reloadable: every rule file (and the `rules:` globs), the upstreams'
 //! `servers` and timeouts, `default_upstream`, `routes`,
-//! `trusted_proxies`, and the TLS certificate and key (re-read).
+//! `trusted_proxies`, the cache rules of the rule files, and the TLS
+//! certificate and key (re-read).
 
 use super::{Config, StoreConfig, UpstreamConfig};
 

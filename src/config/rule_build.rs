@@ -121,7 +121,7 @@ pub fn build_rule(raw: &Spanned<RawRule>, ctx: &RuleContext, p: &mut Problems) -
 }
 
 /// Rule names become metric labels and Redis key parts: keep them plain.
-fn check_name(p: &mut Problems, name: &Spanned<String>) -> Option<Arc<str>> {
+pub(super) fn check_name(p: &mut Problems, name: &Spanned<String>) -> Option<Arc<str>> {
     let n = name.value.as_str();
     let plain = !n.is_empty()
         && n.len() <= 64

@@ -5,13 +5,52 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-use super::units::ConfigDuration;
+use super::units::{ByteSize, ConfigDuration};
 
-/// A rule file: `rules:` and a list of rules.
+/// A rule file: `rules:` (flash-sale rules) and `cache:` (read-cache
+/// rules), each a list and each optional.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRuleFile {
+    #[serde(default)]
     pub rules: Vec<Spanned<RawRule>>,
+    #[serde(default)]
+    pub cache: Vec<Spanned<RawCacheRule>>,
+}
+
+/// One read-cache rule, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCacheRule {
+    #[serde(default)]
+    pub name: Option<Spanned<String>>,
+    #[serde(rename = "match", default)]
+    pub matcher: Option<Spanned<RawCacheMatch>>,
+    #[serde(default)]
+    pub ttl: Option<Spanned<ConfigDuration>>,
+    #[serde(default)]
+    pub stale_while_revalidate: Option<Spanned<ConfigDuration>>,
+    #[serde(default)]
+    pub stale_if_error: Option<Spanned<ConfigDuration>>,
+    #[serde(default)]
+    pub key: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    pub max_body: Option<Spanned<ByteSize>>,
+    #[serde(default)]
+    pub statuses: Option<Spanned<Vec<Spanned<i64>>>>,
+    #[serde(default)]
+    pub lock_timeout: Option<Spanned<ConfigDuration>>,
+    #[serde(default)]
+    pub upstream: Option<Spanned<String>>,
+}
+
+/// A cache rule's `match:`: method and path template only (matched
+/// exactly; see `rules::cache`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCacheMatch {
+    pub method: Spanned<String>,
+    pub path: Spanned<String>,
 }
 
 /// One rule, as written.

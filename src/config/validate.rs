@@ -10,12 +10,12 @@ use serde_saphyr::{Location, Spanned};
 
 use super::error::Problems;
 use super::model::{
-    defaults, is_loopback, AdminConfig, Config, HealthCheckConfig, Limits, OnFailure, RedisConfig,
-    ShutdownConfig, StoreBackend, StoreConfig, UpstreamConfig,
+    defaults, is_loopback, AdminConfig, CacheConfig, Config, HealthCheckConfig, Limits, OnFailure,
+    RedisConfig, ShutdownConfig, StoreBackend, StoreConfig, UpstreamConfig,
 };
 use super::raw::{RawGateway, RawUpstream};
 use super::units::ConfigDuration;
-use crate::rules::RuleSet;
+use crate::rules::{CacheRules, RuleSet};
 use crate::vocab::UpstreamId;
 
 fn socket_addr(p: &mut Problems, field: &str, v: &Spanned<String>) -> Option<SocketAddr> {
@@ -603,6 +603,7 @@ pub fn gateway(p: &mut Problems, raw: &RawGateway) -> Option<Config> {
         }
         None => listen.map(|l| defaults::upgrade_socket(l.port())),
     };
+    let cache = cache(p, raw);
 
     if p.count() > before {
         return None;
@@ -627,7 +628,49 @@ pub fn gateway(p: &mut Problems, raw: &RawGateway) -> Option<Config> {
         // Set by `logs`, which also reads the hash key's variable.
         access_log: None,
         log: Default::default(),
+        cache,
+        cache_rules: CacheRules::default(),
     })
+}
+
+/// `cache:`: the memory bound, the Redis tier and the session cookies.
+fn cache(p: &mut Problems, raw: &RawGateway) -> CacheConfig {
+    let mut out = CacheConfig::default();
+    let Some(c) = &raw.cache else {
+        return out;
+    };
+    if let Some(m) = &c.value.max_bytes {
+        match p.size("cache.max_bytes", m) {
+            Some(0) => p.add(m.referenced, "cache.max_bytes: must be above 0"),
+            // moka weighs entries in u32 and sums them in u64: any u64 fits.
+            Some(n) => out.max_bytes = n,
+            None => {}
+        }
+    }
+    if let Some(r) = &c.value.redis {
+        out.redis = r.value;
+    }
+    if let Some(list) = &c.value.session_cookies {
+        out.session_cookies.clear();
+        for (i, name) in list.value.iter().enumerate() {
+            let n = name.value.trim();
+            let token = !n.is_empty()
+                && n.bytes()
+                    .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
+            if token {
+                out.session_cookies.push(n.to_string());
+            } else {
+                p.add(
+                    name.referenced,
+                    format!(
+                        "cache.session_cookies[{i}]: {:?} is not a cookie name",
+                        name.value
+                    ),
+                );
+            }
+        }
+    }
+    out
 }
 
 /// The folder rule globs are relative to.

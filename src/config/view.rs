@@ -6,7 +6,7 @@
 use serde_json::{json, Value};
 
 use super::{Config, OnFailure, StoreBackend};
-use crate::rules::{FieldSource, RateKey};
+use crate::rules::{FieldSource, KeyPart, RateKey};
 
 fn ms(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -101,6 +101,31 @@ pub fn view(c: &Config) -> Value {
             })
         })
         .collect();
+    let cache_rules: Vec<Value> = c
+        .cache_rules
+        .rules()
+        .iter()
+        .map(|r| {
+            json!({
+                "name": &*r.name,
+                "match": {"method": r.method.as_str(), "path": r.path.as_str()},
+                "ttl_ms": ms(r.ttl),
+                "stale_while_revalidate_ms": ms(r.stale_while_revalidate),
+                "stale_if_error_ms": ms(r.stale_if_error),
+                "key": r.key.iter().map(|k| match k {
+                    KeyPart::Path => "path".to_string(),
+                    KeyPart::Query => "query".to_string(),
+                    KeyPart::Header(h) => format!("header:{h}"),
+                    KeyPart::Cookie(n) => format!("cookie:{n}"),
+                }).collect::<Vec<_>>(),
+                "max_body": r.max_body,
+                "statuses": r.statuses,
+                "lock_timeout_ms": ms(r.lock_timeout),
+                "upstream": c.upstream(r.upstream).name,
+                "source": format!("{}:{}", r.origin.0.display(), r.origin.1),
+            })
+        })
+        .collect();
     json!({
         "source": c.source.display().to_string(),
         "listen": c.listen.to_string(),
@@ -145,6 +170,8 @@ pub fn view(c: &Config) -> Value {
             "log_user": a.log_user, "hash_key_env": a.hash_key_env, "buffer": a.buffer,
         })),
         "log": {"format": c.log.format.as_str()},
+        "cache": {"max_bytes": c.cache.max_bytes, "redis": c.cache.redis,
+                  "session_cookies": c.cache.session_cookies, "rules": cache_rules},
     })
 }
 

@@ -1,8 +1,8 @@
 //! What `request_filter` does with a request, read off the pingora
-//! session: size limits, ticket polls, rule matching (on the canonical
-//! path; a refused spelling is `invalid`; no rule: the pass-through
-//! route), reading a rule's body, and handing the attempt to the
-//! admission pipeline (stages 2-8).
+//! session: size limits, ticket and stock polls, rule matching (on the
+//! canonical path; a refused spelling is `invalid`; no rule: the
+//! pass-through route, then the read cache, `cached`), reading a rule's
+//! body, and handing the attempt to the admission pipeline (stages 2-8).
 //! Only session plumbing lives here; every decision is the pipeline's.
 
 use bytes::{Bytes, BytesMut};
@@ -23,6 +23,9 @@ use crate::rules::Route;
 
 /// The path prefix of ticket polls.
 const TICKETS_PATH: &str = "/sluice/tickets/";
+
+/// The path prefix of stock polls (`/sluice/stock/{rule}/{sku}`).
+const STOCK_PATH: &str = "/sluice/stock/";
 
 /// The body length a request declares (`None` for chunked or absent).
 pub(super) fn declared_length(req: &RequestHeader) -> Option<u64> {
@@ -61,6 +64,11 @@ impl SluiceProxy {
                 self.answer(session, ctx, &answer).await?;
                 return Ok(true);
             }
+            if let Some(rest) = req.uri.path().strip_prefix(STOCK_PATH) {
+                let answer = self.stock.poll(rest).await;
+                self.answer(session, ctx, &answer).await?;
+                return Ok(true);
+            }
         }
         // This request keeps the rules in force now, whatever a reload
         // does meanwhile.
@@ -68,7 +76,7 @@ impl SluiceProxy {
         let m = match rules.find(&req.method, req.uri.path()) {
             Route::Unmatched => {
                 ctx.upstream = self.routes.pick(req);
-                return Ok(false);
+                return self.cached(session, ctx).await;
             }
             Route::Refused(r) => {
                 ctx.stage = rules.stage(r.index).cloned();

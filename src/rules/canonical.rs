@@ -219,6 +219,54 @@ pub fn percent_normalize(path: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// Whether `path` is already its own canonical form under `params:
+/// strict` (every escape upper-case and of a reserved byte, ASCII only, no
+/// `;`, `\\`, empty or dot segment), checked without allocating: the read
+/// cache matches only such paths, so a pass-through request pays one scan.
+pub fn is_canonical(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    if bytes.first() != Some(&b'/') {
+        return false;
+    }
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            b'%' => {
+                let upper_hex = |j: usize| {
+                    bytes
+                        .get(j)
+                        .is_some_and(|c| c.is_ascii_digit() || (b'A'..=b'F').contains(c))
+                };
+                if !(upper_hex(i + 1) && upper_hex(i + 2)) {
+                    return false;
+                }
+                let hi = bytes.get(i + 1).copied().and_then(hex_value).unwrap_or(0);
+                let lo = bytes.get(i + 2).copied().and_then(hex_value).unwrap_or(0);
+                if is_unreserved(hi * 16 + lo) {
+                    return false;
+                }
+                i += 3;
+                continue;
+            }
+            b';' | b'\\' | b'?' | b'#' => return false,
+            b'/' => {
+                // The segment after this slash: empty (`//`) or a dot segment.
+                let rest = &bytes[i + 1..];
+                let seg_end = rest.iter().position(|&c| c == b'/').unwrap_or(rest.len());
+                let seg = &rest[..seg_end];
+                let last = seg_end == rest.len();
+                if matches!(seg, b"." | b"..") || (seg.is_empty() && !last) {
+                    return false;
+                }
+            }
+            b if !b.is_ascii() || b.is_ascii_control() => return false,
+            _ => {}
+        }
+        i += 1;
+    }
+    true
+}
+
 /// How `path` reads to the most lenient backend, before its canonical
 /// form is taken: every escape decoded (again, for double encodings, up
 /// to three times), a decoded NUL ending the path (C string handling),

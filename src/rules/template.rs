@@ -133,6 +133,33 @@ impl PathTemplate {
         Some(captures)
     }
 
+    /// Whether a path that is already canonical (`canonical::is_canonical`)
+    /// is exactly this template: literals byte for byte, a capture per
+    /// segment, the trailing slash as written. Allocates nothing, so the
+    /// read cache can try every pass-through GET against its rules.
+    pub fn matches_exactly(&self, path: &str) -> bool {
+        let body = path.get(1..).unwrap_or_default();
+        let (body, trailing) = match body.strip_suffix('/') {
+            Some(b) => (b, true),
+            None => (body, false),
+        };
+        if trailing != self.trailing_slash && !body.is_empty() {
+            return false;
+        }
+        let mut parts = body.split('/').filter(|s| !s.is_empty());
+        for seg in &self.segments {
+            let Some(part) = parts.next() else {
+                return false;
+            };
+            if let Segment::Literal(lit) = seg {
+                if lit != part {
+                    return false;
+                }
+            }
+        }
+        parts.next().is_none()
+    }
+
     /// The rule's own spelling of a path it matched: its literals as
     /// written (in canonical form), the captures, its trailing slash.
     pub fn render(&self, captures: &[(&str, &str)]) -> String {

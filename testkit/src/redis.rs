@@ -77,6 +77,42 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
+    /// Sends one command (as a RESP array) and gives the reply: the line of
+    /// a simple reply (`:3`, `+OK`, `-ERR ...`) or the text of a bulk one
+    /// (`INFO`); panics when the server does not answer.
+    pub fn command(&self, args: &[&str]) -> String {
+        let mut stream = TcpStream::connect_timeout(&self.addr(), Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("connect to redis {}: {e}", self.addr()));
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut out = format!("*{}\r\n", args.len());
+        for a in args {
+            out.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        stream
+            .write_all(out.as_bytes())
+            .expect("send redis command");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(end) = got.windows(2).position(|w| w == b"\r\n") {
+                let line = String::from_utf8_lossy(&got[..end]).into_owned();
+                let Some(len) = line.strip_prefix('$') else {
+                    return line;
+                };
+                let len: usize = len.parse().unwrap_or(0);
+                if got.len() >= end + 2 + len {
+                    return String::from_utf8_lossy(&got[end + 2..end + 2 + len]).into_owned();
+                }
+            }
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    panic!("redis {} closed before replying to {args:?}", self.addr())
+                }
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
     /// SIGKILLs the server and reaps it; connecting afterwards is refused.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

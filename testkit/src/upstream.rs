@@ -58,6 +58,12 @@ struct State {
     fail_every: AtomicU64,
     /// Every non-health request, in arrival order.
     recorded: Mutex<Vec<Recorded>>,
+    /// Whether requests are recorded (a flood of many would fill memory).
+    recording: AtomicBool,
+    /// Extra headers on normal responses.
+    extra_headers: Mutex<Vec<(String, String)>>,
+    /// Bytes of padding in normal responses' JSON (`"pad"`).
+    padding: AtomicU64,
 }
 
 /// Decrements `inflight` when a handler finishes or is dropped mid-request.
@@ -101,6 +107,9 @@ impl Upstream {
             healthy: AtomicBool::new(true),
             fail_every: AtomicU64::new(0),
             recorded: Mutex::new(Vec::new()),
+            recording: AtomicBool::new(true),
+            extra_headers: Mutex::new(Vec::new()),
+            padding: AtomicU64::new(0),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let thread_state = state.clone();
@@ -203,6 +212,25 @@ impl Upstream {
     /// Makes every k-th normal request (by request number) answer 500; 0 disables.
     pub fn set_fail_every(&self, k: u64) {
         self.state.fail_every.store(k, Ordering::SeqCst);
+    }
+
+    /// Adds these headers to every normal response (replacing the last
+    /// set); `{n}` in a value becomes the request number.
+    pub fn set_response_headers(&self, headers: &[(&str, &str)]) {
+        *self.state.extra_headers.lock().expect("headers lock") = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    }
+
+    /// Pads every normal response's JSON with `bytes` characters (`"pad"`).
+    pub fn set_padding(&self, bytes: u64) {
+        self.state.padding.store(bytes, Ordering::SeqCst);
+    }
+
+    /// Stops (false) or resumes recording requests; counting goes on.
+    pub fn set_recording(&self, on: bool) {
+        self.state.recording.store(on, Ordering::SeqCst);
     }
 
     /// Closes the listener and drops every connection; later connects are refused.
@@ -332,7 +360,9 @@ async fn handle(
             .collect(),
         body: body.clone(),
     };
-    state.recorded.lock().expect("recorded lock").push(record);
+    if state.recording.load(Ordering::SeqCst) {
+        state.recorded.lock().expect("recorded lock").push(record);
+    }
 
     let stall = state.stall_ms.load(Ordering::SeqCst);
     if stall > 0 {
@@ -345,17 +375,25 @@ async fn handle(
     } else {
         state.status.load(Ordering::SeqCst)
     };
-    let json = serde_json::json!({
+    let pad = state.padding.load(Ordering::SeqCst) as usize;
+    let mut json = serde_json::json!({
         "upstream": addr.to_string(),
         "method": parts.method.as_str(),
         "uri": uri,
         "body": String::from_utf8_lossy(&body),
         "n": n,
     });
-    Ok(Response::builder()
+    if pad > 0 {
+        json["pad"] = serde_json::Value::String("x".repeat(pad));
+    }
+    let mut builder = Response::builder()
         .status(status)
         .header("content-type", "application/json")
-        .header("x-upstream", addr.to_string())
+        .header("x-upstream", addr.to_string());
+    for (k, v) in state.extra_headers.lock().expect("headers lock").iter() {
+        builder = builder.header(k.as_str(), v.replace("{n}", &n.to_string()));
+    }
+    Ok(builder
         .body(Full::new(Bytes::from(json.to_string())))
         .expect("build upstream response"))
 }

@@ -561,3 +561,34 @@ proptest! {
         prop_assert_eq!(route(&rules, &Method::POST, &path), Got::Refused(0), "{:?}", path);
     }
 }
+
+#[test]
+fn is_canonical_says_which_paths_are_their_own_normal_form() {
+    for yes in [
+        "/",
+        "/api/goods/1",
+        "/api/goods/",
+        "/a/%2F/%E6%89%8B",
+        "/a-b_c~d.e",
+    ] {
+        assert!(is_canonical(yes), "{yes}");
+    }
+    for no in [
+        "", "api", "//", "/a//b", "/a/./b", "/a/../b", "/a/..", "/a/.", "/a;b", "/a\\b", "/%61",
+        "/%2f", "/%zz", "/%E", "/\u{e9}", "/a?b", "/a#b",
+    ] {
+        assert!(!is_canonical(no), "{no}");
+    }
+}
+
+proptest! {
+    #![proptest_config(bounded())]
+
+    #[test]
+    fn a_path_called_canonical_is_its_own_normal_form(path in pathy()) {
+        if is_canonical(&path) {
+            let normal = normalize(&path, Fold::Strict);
+            prop_assert_eq!(normal.as_str(), path.as_str());
+        }
+    }
+}
