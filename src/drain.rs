@@ -234,15 +234,6 @@ impl Inner {
             return;
         };
         let req = &delivery.request;
-        let state = match self.admission.store().ticket(req.ticket).await {
-            Ok(r) => r.map(|r| r.state),
-            Err(e) => {
-                // Leave it unacknowledged: it is taken again after the
-                // claim idle time, when the store may answer.
-                tracing::debug!(ticket = %req.ticket, error = %e, "cannot read a queued ticket");
-                return;
-            }
-        };
         let Some(stage) = self.admission.stage_named(&req.key.rule) else {
             // Its rule is gone (removed by a reload, renamed across a
             // restart): nobody can send it under the right rule; give its
@@ -255,15 +246,6 @@ impl Inner {
             self.ack(pool.name(), &delivery).await;
             return;
         };
-        match state {
-            Some(TicketState::Queued) | Some(TicketState::Held) => {}
-            // Done already (a slow node finished it), released by an
-            // operator, or expired: nothing to send.
-            _ => {
-                self.ack(pool.name(), &delivery).await;
-                return;
-            }
-        }
         let terms = Admission::terms(&stage, req.qty);
         let max_attempts = stage.rule.queue.max_attempts;
         let hold = self
@@ -283,6 +265,9 @@ impl Inner {
         self.metrics.observe_queue_wait(pool.name(), waited);
         self.rates.record(pool.name());
         let mut attempt = 1;
+        // Whether the ticket is still live is learnt from the first lease
+        // renewal (no separate read of its state).
+        let mut first = true;
         loop {
             // Tell the queue this node is alive and still on it, so the
             // entry is not taken over while a slow try or a retry runs.
@@ -296,12 +281,29 @@ impl Inner {
             // Each try renews the hold's lease for one more try; a hold
             // whose lease ran out while it waited (a sweep returned its
             // units) is not sent: it was never placed.
-            if let Ok(false) = hold.set_state(TicketState::Held).await {
-                tracing::info!(ticket = %req.ticket, "queued order past its lease; not sent");
-                hold.relinquish();
-                self.ack(pool.name(), &delivery).await;
-                return;
+            match hold.set_state(TicketState::Held).await {
+                Ok(true) => {}
+                // Done already (a slow node finished it), released by an
+                // operator, or past its lease (a sweep returned its
+                // units): nothing to send.
+                Ok(false) => {
+                    tracing::info!(ticket = %req.ticket, "queued order no longer holds its units; not sent");
+                    hold.relinquish();
+                    self.ack(pool.name(), &delivery).await;
+                    return;
+                }
+                // The store cannot say: leave the entry unacknowledged,
+                // taken again after the claim idle time, when it may.
+                Err(e) if first => {
+                    tracing::debug!(ticket = %req.ticket, error = %e, "cannot renew a queued ticket");
+                    hold.into_queue();
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(ticket = %req.ticket, error = %e, "lease renewal failed; trying anyway");
+                }
             }
+            first = false;
             let (end, answer) = self.send(pool, req).await;
             let settlement = hold.classify(end);
             if settlement.releases() && attempt < max_attempts {

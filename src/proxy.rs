@@ -49,7 +49,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::access_log::AccessLog;
-use crate::admission::hold::{Hold, Receipt};
+use crate::admission::hold::{Hold, Receipt, Settlement};
 use crate::admission::{Admission, RuleStage};
 use crate::backend::{self, ClientHop, ForwardEnd};
 use crate::cache::stock::StockView;
@@ -202,6 +202,30 @@ impl SluiceProxy {
 
     /// Settles the request's hold, if it still has one, by how its
     /// forward ended.
+    /// What a winner's answer (its headers, just in) does to its hold: a
+    /// release (or keep) settles now, before the client reads the answer,
+    /// so a retry finds the units back; a commit waits for the body, to
+    /// keep the answer in the same round trip.
+    async fn answered(
+        &self,
+        ctx: &mut RequestCtx,
+        status: u16,
+        header: &ResponseHeader,
+    ) -> Option<KeptAnswer> {
+        let hold = ctx.hold.take()?;
+        match hold.classify(ForwardEnd::Answered(status)) {
+            Settlement::Commit => Some(KeptAnswer::commit_after(hold, header)),
+            how => {
+                let ticket = hold.ticket();
+                let (receipt, settled) = hold.settle(how).await;
+                if let Err(e) = settled {
+                    tracing::warn!(ticket = %ticket, error = %e, "could not settle a ticket");
+                }
+                Some(KeptAnswer::keep_after(receipt, header))
+            }
+        }
+    }
+
     async fn settle(&self, ctx: &mut RequestCtx, end: ForwardEnd) -> Option<Receipt> {
         let hold = ctx.hold.take()?;
         let (ticket, how) = (hold.ticket(), hold.classify(end));
@@ -337,8 +361,7 @@ impl ProxyHttp for SluiceProxy {
         if let Some(r) = ctx.cache_result {
             upstream_response.insert_header(CACHE_HEADER, r.as_str())?;
         }
-        let receipt = self.settle(ctx, ForwardEnd::Answered(status)).await;
-        ctx.kept = receipt.map(|r| KeptAnswer::new(r, upstream_response));
+        ctx.kept = self.answered(ctx, status, upstream_response).await;
         Ok(())
     }
 
@@ -352,10 +375,10 @@ impl ProxyHttp for SluiceProxy {
         if let (Some(kept), Some(chunk)) = (&mut ctx.kept, body) {
             kept.push(chunk);
         }
-        if let Some(kept) = ctx.kept.take_if(|_| end_of_stream) {
-            kept.finish();
-        }
         if end_of_stream {
+            if let Some(kept) = ctx.kept.as_mut() {
+                kept.end();
+            }
             ctx.upstream_time = ctx.upstream_started.map(|t| t.elapsed());
         }
         Ok(None)
@@ -424,6 +447,12 @@ impl ProxyHttp for SluiceProxy {
             elapsed_ms = ctx.started.elapsed().as_millis() as u64,
             "decision"
         );
+        // A committing answer is committed with its body now that the
+        // client has it: one store round trip per winner after the
+        // reservation.
+        if let Some(kept) = ctx.kept.take() {
+            kept.finish().await;
+        }
         // Ended without an upstream answer or a proxy failure: the client
         // went away, before the backend had the whole order or while it
         // worked (as uncertain as a timeout).

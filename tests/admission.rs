@@ -234,6 +234,43 @@ async fn stock(gw: &Gateway, rule: &str, sku: &str) -> Value {
     stock_as(gw, None, rule, sku).await
 }
 
+/// Waits (bounded) until the stock view's counters are these, then
+/// asserts them: a winner's commit lands just after its answer is written
+/// (with the answer, in one store round trip).
+async fn expect_stock(gw: &Gateway, rule: &str, sku: &str, counts: (u64, u64, u64, u64, u64)) {
+    expect_stock_as(gw, None, rule, sku, counts).await;
+}
+
+/// [`expect_stock`] with an admin token.
+async fn expect_stock_as(
+    gw: &Gateway,
+    token: Option<&str>,
+    rule: &str,
+    sku: &str,
+    counts: (u64, u64, u64, u64, u64),
+) {
+    let (available, initial, sold, in_flight, released) = counts;
+    let mut view = stock_as(gw, token, rule, sku).await;
+    for _ in 0..200 {
+        let same = [
+            ("available", available),
+            ("initial", initial),
+            ("sold", sold),
+            ("in_flight", in_flight),
+            ("queued", 0),
+            ("released", released),
+        ]
+        .iter()
+        .all(|(k, v)| view[*k].as_u64() == Some(*v));
+        if same {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        view = stock_as(gw, token, rule, sku).await;
+    }
+    expect_view(&view, available, initial, sold, in_flight, released);
+}
+
 /// Asserts the stock view's counters (all of them).
 #[track_caller]
 fn expect_view(
@@ -373,7 +410,7 @@ async fn invalid_input_is_refused_before_the_backend(store: StoreUnderTest) {
     expect(&resp, 200, "forwarded");
     assert_eq!(up.requests(), 1);
     assert_eq!(up.last().unwrap().header("x-sluice-quantity"), Some("2"));
-    expect_view(&stock(&gw, "inv", "p1").await, 98, 100, 2, 0, 0);
+    expect_stock(&gw, "inv", "p1", (98, 100, 2, 0, 0)).await;
 }
 
 /// 2. Before the window: 425 `not_started` with `starts_in`; after: 410 `ended`.
@@ -401,8 +438,8 @@ async fn campaign_window_not_started_and_ended(store: StoreUnderTest) {
 
     expect_json(&buy(&gw, "late", "p1", "u1").await, 410, "ended");
     assert_eq!(up.requests(), 0);
-    expect_view(&stock(&gw, "early", "p1").await, 5, 5, 0, 0, 0);
-    expect_view(&stock(&gw, "late", "p1").await, 5, 5, 0, 0, 0);
+    expect_stock(&gw, "early", "p1", (5, 5, 0, 0, 0)).await;
+    expect_stock(&gw, "late", "p1", (5, 5, 0, 0, 0)).await;
 }
 
 /// 3. One request per 10 s per user: the second is 429 with `Retry-After`.
@@ -431,7 +468,7 @@ async fn rate_limit_per_user_answers_retry_after(store: StoreUnderTest) {
     // Another user has its own bucket.
     expect(&buy(&gw, "rl", "p1", "u2").await, 200, "forwarded");
     assert_eq!(up.requests(), 2);
-    expect_view(&stock(&gw, "rl", "p1").await, 8, 10, 2, 0, 0);
+    expect_stock(&gw, "rl", "p1", (8, 10, 2, 0, 0)).await;
     gw.wait_metric(
         "sluice_requests_total",
         &[("rule", "rl"), ("outcome", "rate_limited")],
@@ -529,7 +566,7 @@ async fn sale_forwards_exactly_the_stock_with_tickets(store: StoreUnderTest) {
     );
     gw.wait_metric("sluice_stock_available", &labels, 0.0).await;
 
-    expect_view(&stock(&gw, "sale", "phone").await, 0, 3, 3, 0, 0);
+    expect_stock(&gw, "sale", "phone", (0, 3, 3, 0, 0)).await;
     for (outcome, n) in [("forwarded", 3.0), ("sold_out", 3.0)] {
         gw.wait_metric(
             "sluice_requests_total",
@@ -591,7 +628,7 @@ async fn dedup_replays_or_points_at_the_first_attempt(store: StoreUnderTest) {
     };
     assert_eq!(replay.header("content-type"), Some("application/json"));
     assert_eq!(up.requests(), 1, "a duplicate reached the backend");
-    expect_view(&stock(&gw, "dd", "s1").await, 9, 10, 1, 0, 0);
+    expect_stock(&gw, "dd", "s1", (9, 10, 1, 0, 0)).await;
 
     // In flight: a second click gets 409 with the first's ticket.
     up.set_stall(Duration::from_secs(1));
@@ -629,7 +666,7 @@ async fn dedup_replays_or_points_at_the_first_attempt(store: StoreUnderTest) {
         .map(|r| r.header("x-user-id").unwrap_or_default().to_string())
         .collect();
     assert_eq!(users, ["u1", "u2", "u3", "u4"]);
-    expect_view(&stock(&gw, "dd", "s1").await, 6, 10, 4, 0, 0);
+    expect_stock(&gw, "dd", "s1", (6, 10, 4, 0, 0)).await;
 }
 
 /// 6c. `Idempotency-Key` marks are scoped to (rule, user): user B sending
@@ -813,7 +850,7 @@ async fn per_user_limit_without_dedup_is_duplicate(store: StoreUnderTest) {
     expect(&resp, 200, "forwarded");
 
     assert_eq!(up.requests(), 2);
-    expect_view(&stock(&gw, "pul", "s1").await, 8, 10, 2, 0, 0);
+    expect_stock(&gw, "pul", "s1", (8, 10, 2, 0, 0)).await;
 }
 
 /// 8. A 5xx from the backend is relayed and returns the units; the same
@@ -841,7 +878,7 @@ async fn backend_5xx_releases_the_units(store: StoreUnderTest) {
         "/api/rel/s1/order",
         "the backend's own body"
     );
-    expect_view(&stock(&gw, "rel", "s1").await, 1, 1, 0, 0, 1);
+    expect_stock(&gw, "rel", "s1", (1, 1, 0, 0, 1)).await;
     gw.wait_metric(
         "sluice_released_total",
         &[("rule", "rel"), ("reason", "5xx")],
@@ -851,7 +888,7 @@ async fn backend_5xx_releases_the_units(store: StoreUnderTest) {
 
     up.set_status(200);
     expect(&buy(&gw, "rel", "s1", "u1").await, 200, "forwarded");
-    expect_view(&stock(&gw, "rel", "s1").await, 0, 1, 1, 0, 1);
+    expect_stock(&gw, "rel", "s1", (0, 1, 1, 0, 1)).await;
     assert_eq!(up.requests(), 2);
 }
 
@@ -880,9 +917,9 @@ async fn connect_error_answers_unavailable_and_returns_units(store: StoreUnderTe
     put_stock(&gw, "conn", "s1", 2).await;
 
     expect_json(&buy(&gw, "conn", "s1", "u1").await, 503, "unavailable");
-    expect_view(&stock(&gw, "conn", "s1").await, 2, 2, 0, 0, 1);
+    expect_stock(&gw, "conn", "s1", (2, 2, 0, 0, 1)).await;
     expect_json(&buy(&gw, "conn", "s1", "u2").await, 503, "unavailable");
-    expect_view(&stock(&gw, "conn", "s1").await, 2, 2, 0, 0, 2);
+    expect_stock(&gw, "conn", "s1", (2, 2, 0, 0, 2)).await;
     assert_eq!(
         up.requests(),
         0,
@@ -996,7 +1033,7 @@ async fn admin_api_needs_the_token_and_releases_tickets(store: StoreUnderTest) {
         let resp = admin(&gw, "POST", "/admin/v1/release", token, bad).await;
         assert_eq!(resp.status, 400, "{bad}: {}", resp.text());
     }
-    expect_view(&stock_as(&gw, token, "adm", "s1").await, 1, 1, 0, 0, 1);
+    expect_stock_as(&gw, token, "adm", "s1", (1, 1, 0, 0, 1)).await;
     gw.wait_metric(
         "sluice_released_total",
         &[("rule", "adm"), ("reason", "admin")],
@@ -1006,7 +1043,7 @@ async fn admin_api_needs_the_token_and_releases_tickets(store: StoreUnderTest) {
 
     // The sold-out flag set by u2's refusal is gone: the unit sells again.
     expect(&buy(&gw, "adm", "s1", "u2").await, 200, "forwarded");
-    expect_view(&stock_as(&gw, token, "adm", "s1").await, 0, 1, 1, 0, 1);
+    expect_stock_as(&gw, token, "adm", "s1", (0, 1, 1, 0, 1)).await;
     assert_eq!(up.requests(), 2);
 }
 
@@ -1076,7 +1113,7 @@ async fn concurrent_buyers_get_exactly_the_stock(store: StoreUnderTest) {
         "the backend saw other users than the winners"
     );
 
-    expect_view(&stock(&gw, "rush", "s1").await, 0, STOCK, STOCK, 0, 0);
+    expect_stock(&gw, "rush", "s1", (0, STOCK, STOCK, 0, 0)).await;
     gw.wait_metric(
         "sluice_requests_total",
         &[("rule", "rush"), ("outcome", "forwarded")],

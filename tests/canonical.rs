@@ -154,19 +154,27 @@ async fn put_stock(gw: &Gateway, rule: &str, sku: &str, n: u64) {
     assert_eq!(resp.status, 200, "PUT stock: {}", resp.text());
 }
 
-/// The stock view, asserted to add up: initial == available + in_flight +
-/// queued + sold.
+/// The stock view once nothing is in flight (a winner's commit lands just
+/// after its answer), asserted to add up: initial == available +
+/// in_flight + queued + sold.
 async fn stock(gw: &Gateway, rule: &str, sku: &str) -> Value {
-    let resp = request(
-        gw.admin(),
-        "GET",
-        &format!("/admin/v1/stock/{rule}/{sku}"),
-        &[],
-        b"",
-    )
-    .await;
-    assert_eq!(resp.status, 200, "GET stock: {}", resp.text());
-    let v = resp.json();
+    let mut v = Value::Null;
+    for _ in 0..100 {
+        let resp = request(
+            gw.admin(),
+            "GET",
+            &format!("/admin/v1/stock/{rule}/{sku}"),
+            &[],
+            b"",
+        )
+        .await;
+        assert_eq!(resp.status, 200, "GET stock: {}", resp.text());
+        v = resp.json();
+        if v["in_flight"].as_u64() == Some(0) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let n = |k: &str| v[k].as_u64().unwrap_or_else(|| panic!("{k} in {v}"));
     assert_eq!(
         n("initial"),

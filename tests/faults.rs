@@ -180,7 +180,11 @@ async fn a_frozen_redis_strands_no_unit_and_locks_out_no_buyer() {
     // Every refused buyer may try again, and wins.
     let again = burst(gw.listen(), "frozen", 60, 4).await;
     assert_eq!(count(&again, "forwarded"), 60, "{again:?}");
-    let view = stock_view(gw.admin(), "seckill", "p1").await;
+    // Each commit lands just after its answer.
+    let view = wait_for_stock(gw.admin(), "seckill", "p1", Duration::from_secs(20), |v| {
+        field(v, "in_flight") == 0
+    })
+    .await;
     assert_eq!((field(&view, "sold"), field(&view, "available")), (60, 40));
     assert_adds_up(&view);
 }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::shop::{field, put_stock, stock_view};
+use support::shop::{field, put_stock, wait_for_stock};
 use support::{request, Conn, Gateway, RedisServer, Upstream};
 
 const RULE: &str = r#"rules:
@@ -244,7 +244,11 @@ async fn an_upgrade_under_a_request_loop_refuses_and_fails_nothing() {
     assert!(before_exit >= 50);
 
     // The sale went on across both processes with one stock.
-    let view = stock_view(new.admin(), "flash", "f1").await;
+    // Each commit lands just after its answer.
+    let view = wait_for_stock(new.admin(), "flash", "f1", Duration::from_secs(20), |v| {
+        field(v, "in_flight") == 0
+    })
+    .await;
     let won = won.load(Ordering::Relaxed);
     assert_eq!(field(&view, "sold"), won, "{view}");
     assert_eq!(field(&view, "available"), 100_000 - won, "{view}");

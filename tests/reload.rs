@@ -10,7 +10,7 @@ use sluice_testkit as support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use support::shop::{field, put_stock, stock_view};
+use support::shop::{field, put_stock, stock_view, wait_for_stock};
 use support::{metric_value, request, Gateway, Upstream};
 
 const SECKILL: &str = r#"rules:
@@ -297,7 +297,11 @@ async fn a_request_under_way_finishes_under_the_rule_it_started_with() {
     g.write("lua-free-rules/flash.yaml", FLASH);
     let (status, body) = admin_reload(&g).await;
     assert_eq!(status, 200, "{body}");
-    let view = stock_view(g.admin(), "flash", "f1").await;
+    // The commit lands just after the answer.
+    let view = wait_for_stock(g.admin(), "flash", "f1", Duration::from_secs(20), |v| {
+        field(v, "in_flight") == 0
+    })
+    .await;
     assert_eq!(field(&view, "sold"), 1, "{view}");
     assert_eq!(field(&view, "available"), 1, "{view}");
     assert_eq!(field(&view, "in_flight"), 0, "{view}");

@@ -177,7 +177,15 @@ async fn three_nodes_on_one_redis_sell_exactly_the_stock_once_per_user() {
     }
     // Every node sees the same ledger.
     for n in &nodes {
-        let v = stock(n.admin(), "phone").await;
+        // The last commits land just after their answers.
+        let v = support::wait_for_stock(
+            n.admin(),
+            "seckill",
+            "phone",
+            Duration::from_secs(20),
+            |v| v["in_flight"] == 0,
+        )
+        .await;
         assert_eq!(v["available"], 0);
         assert_eq!(v["sold"], 60);
         assert_eq!(v["in_flight"], 0);
@@ -442,4 +450,66 @@ async fn on_failure_is_each_rules_own_choice() {
     assert_eq!(seen.len(), 1, "only the pass_capped rule reached the mall");
     assert_eq!(seen[0].uri, "/api/vouchers/v1/grab");
     assert_eq!(seen[0].header("x-sluice-ticket"), None);
+}
+
+/// Store round trips, counted by the gateway's own metrics and by Redis
+/// itself: a winner costs two (reserve; commit with the kept answer), a
+/// loser once its sku is sold out costs none (the local flag answers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_winner_costs_two_redis_round_trips_and_a_loser_after_sold_out_none() {
+    let redis = RedisServer::start();
+    let up = Upstream::start();
+    // A long recheck: the flag is not re-read from Redis during the test.
+    let store = format!(
+        "{{ backend: redis, recheck_interval: 1h, redis: {{ url: \"{}\", timeout: 1s }} }}",
+        redis.url()
+    );
+    let gw = node(&up, &store);
+    load_stock(gw.admin(), "phone", 20).await;
+    let ops = |text: &str, op: &str| {
+        metric_value(text, "sluice_store_duration_seconds_count", &[("op", op)]).unwrap_or(0.0)
+    };
+    let before = gw.metrics().await;
+    let exec_before = redis.calls("exec");
+    for i in 0..20 {
+        let (status, outcome) = buy(gw.listen(), "phone", &format!("w{i}")).await;
+        assert_eq!((status, outcome.as_str()), (200, "forwarded"));
+    }
+    // Commits land just after their answers.
+    let view = support::wait_for_stock(
+        gw.admin(),
+        "seckill",
+        "phone",
+        Duration::from_secs(20),
+        |v| v["in_flight"] == 0,
+    )
+    .await;
+    assert_eq!(view["sold"], 20, "{view}");
+    let after = gw.metrics().await;
+    assert_eq!(ops(&after, "reserve") - ops(&before, "reserve"), 20.0);
+    assert_eq!(ops(&after, "commit") - ops(&before, "commit"), 20.0);
+    assert_eq!(ops(&after, "release") - ops(&before, "release"), 0.0);
+    // Each is one MULTI/EXEC round trip.
+    assert_eq!(
+        redis.calls("exec") - exec_before,
+        40,
+        "transactions for 20 winners"
+    );
+
+    // The first loser learns the sku is gone from Redis; the rest from
+    // the local flag.
+    let (_, first) = buy(gw.listen(), "phone", "late0").await;
+    assert_eq!(first, "sold_out");
+    let exec_mid = redis.calls("exec");
+    let reserves_mid = ops(&gw.metrics().await, "reserve");
+    for i in 1..50 {
+        let (_, outcome) = buy(gw.listen(), "phone", &format!("late{i}")).await;
+        assert_eq!(outcome, "sold_out");
+    }
+    assert_eq!(
+        redis.calls("exec"),
+        exec_mid,
+        "losers after sold out reach Redis"
+    );
+    assert_eq!(ops(&gw.metrics().await, "reserve"), reserves_mid);
 }

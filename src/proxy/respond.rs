@@ -9,7 +9,7 @@ use pingora_core::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 
-use crate::admission::hold::Receipt;
+use crate::admission::hold::{Hold, Receipt, Settlement};
 use crate::admission::MAX_KEPT_BODY;
 use crate::backend;
 use crate::outcome::{Answer, Rendered};
@@ -60,20 +60,34 @@ pub fn failure_answer(e: &Error, max_body_bytes: u64) -> Option<Answer> {
     }
 }
 
-/// A settled winner's backend answer, collected as it streams to the
-/// client (bounded by [`MAX_KEPT_BODY`]) and kept once it is through.
+/// What follows the body of a winner's backend answer.
+enum AfterBody {
+    /// The answer places the order: the hold is committed with the answer
+    /// once the body is through, in one store round trip.
+    Commit(Hold),
+    /// Settled already (released, or kept held): the answer is kept for
+    /// the buyer's poll.
+    Keep(Receipt),
+}
+
+/// A winner's backend answer, collected as it streams to the client
+/// (bounded by [`MAX_KEPT_BODY`]), then committed with its hold or kept
+/// for its settled ticket ([`KeptAnswer::finish`], in `logging`).
 pub struct KeptAnswer {
-    receipt: Receipt,
+    then: Option<AfterBody>,
     status: u16,
     content_type: Option<String>,
     body: BytesMut,
+    /// The body went past the bound: only whole answers are replayed.
+    truncated: bool,
+    /// The body was read to its end.
+    complete: bool,
 }
 
 impl KeptAnswer {
-    /// Starts keeping the answer that `header` begins.
-    pub fn new(receipt: Receipt, header: &ResponseHeader) -> Self {
+    fn new(then: AfterBody, header: &ResponseHeader) -> Self {
         Self {
-            receipt,
+            then: Some(then),
             status: header.status.as_u16(),
             content_type: header
                 .headers
@@ -81,26 +95,75 @@ impl KeptAnswer {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string),
             body: BytesMut::new(),
+            truncated: false,
+            complete: false,
         }
+    }
+
+    /// An answer that commits `hold` once it is through.
+    pub fn commit_after(hold: Hold, header: &ResponseHeader) -> Self {
+        Self::new(AfterBody::Commit(hold), header)
+    }
+
+    /// The answer of a ticket already settled.
+    pub fn keep_after(receipt: Receipt, header: &ResponseHeader) -> Self {
+        Self::new(AfterBody::Keep(receipt), header)
     }
 
     /// Adds a body chunk, up to the bound.
     pub fn push(&mut self, chunk: &[u8]) {
-        let room = MAX_KEPT_BODY.saturating_sub(self.body.len());
-        self.body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if self.body.len() + chunk.len() > MAX_KEPT_BODY {
+            self.truncated = true;
+            return;
+        }
+        self.body.extend_from_slice(chunk);
     }
 
-    /// Keeps the whole answer, off the answer's path (the hold is already
-    /// settled).
-    pub fn finish(self) {
-        tokio::spawn(async move {
-            let answer = StoredResponse {
-                status: self.status,
-                content_type: self.content_type,
-                body: self.body.freeze(),
-            };
-            self.receipt.keep(&answer).await;
+    /// The body was read to its end.
+    pub fn end(&mut self) {
+        self.complete = true;
+    }
+
+    /// Commits the hold with the answer (without it when the body did not
+    /// arrive whole: a repeat is never replayed half an answer), or keeps
+    /// the answer of a settled ticket.
+    pub async fn finish(mut self) {
+        let answer = (self.complete && !self.truncated).then(|| StoredResponse {
+            status: self.status,
+            content_type: self.content_type.take(),
+            body: std::mem::take(&mut self.body).freeze(),
         });
+        match (self.then.take(), answer) {
+            (Some(AfterBody::Commit(hold)), answer) => {
+                let ticket = hold.ticket();
+                let settled = match &answer {
+                    Some(a) => hold.settle_with_answer(Settlement::Commit, a).await,
+                    None => hold.settle(Settlement::Commit).await.1,
+                };
+                if let Err(e) = settled {
+                    // Journaled by the ledger; the units stay held until
+                    // it lands, never resold.
+                    tracing::warn!(ticket = %ticket, error = %e, "could not commit a ticket");
+                }
+            }
+            (Some(AfterBody::Keep(receipt)), Some(answer)) => receipt.keep(&answer).await,
+            (Some(AfterBody::Keep(_)) | None, _) => {}
+        }
+    }
+}
+
+impl Drop for KeptAnswer {
+    /// The backend answered with a committing status: whatever happens
+    /// to the request task afterwards, the order is committed.
+    fn drop(&mut self) {
+        if let Some(AfterBody::Commit(hold)) = self.then.take() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = hold.settle(Settlement::Commit).await;
+                });
+            }
+            // Without a runtime the hold's own drop keeps the units held.
+        }
     }
 }
 

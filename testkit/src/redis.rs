@@ -77,6 +77,18 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
+    /// How many times Redis ran the command `name` (lowercase) since it
+    /// started, from `INFO commandstats`.
+    pub fn calls(&self, name: &str) -> u64 {
+        let info = self.command(&["INFO", "commandstats"]);
+        let prefix = format!("cmdstat_{name}:calls=");
+        info.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Sends one command (as a RESP array) and gives the reply: the line of
     /// a simple reply (`:3`, `+OK`, `-ERR ...`) or the text of a bulk one
     /// (`INFO`); panics when the server does not answer.
