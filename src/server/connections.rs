@@ -450,41 +450,33 @@ fn closing_response(r: &Rendered) -> Bytes {
 
 /// Whether pingora left the start of a pipelined next request in
 /// `settings`. pingora 0.9 keeps that field private with no accessor, so
-/// its derived `Debug` is read, and the reading stops as soon as the
-/// field's variant shows (the bytes themselves are never formatted).
-/// `tests/intake.rs` pipelines orders, so a change upstream shows there.
+/// its derived `Debug` is read: `DebugStruct` writes each field name as
+/// one piece, so the probe waits for the piece `pipelined_prefix` and
+/// stops formatting at the first piece of its value (`Some` or `None`),
+/// allocating nothing and never formatting the bytes. `tests/intake.rs`
+/// pipelines orders, so a change upstream shows there.
 fn has_pipelined_prefix(settings: &HttpPersistentSettings) -> bool {
     use std::fmt::Write as _;
-    /// Looks for `pipelined_prefix: S` (Some) or `N` (None).
+    #[derive(Default)]
     struct Probe {
-        tail: String,
+        in_field: bool,
         found: Option<bool>,
     }
     impl std::fmt::Write for Probe {
         fn write_str(&mut self, s: &str) -> std::fmt::Result {
-            const FIELD: &str = "pipelined_prefix: ";
-            self.tail.push_str(s);
-            if let Some(at) = self.tail.find(FIELD) {
-                if let Some(c) = self.tail[at + FIELD.len()..].chars().next() {
-                    self.found = Some(c == 'S');
-                    // Enough read: stop formatting here.
-                    return Err(std::fmt::Error);
+            if self.in_field {
+                if s == ": " {
+                    return Ok(());
                 }
-            } else if self.tail.len() > 64 {
-                // Keep only what could still start the field name.
-                let cut = self.tail.len() - FIELD.len();
-                let cut = (cut..=self.tail.len())
-                    .find(|i| self.tail.is_char_boundary(*i))
-                    .unwrap_or(self.tail.len());
-                self.tail.drain(..cut);
+                self.found = Some(s.starts_with("Some"));
+                // Enough read: stop formatting here.
+                return Err(std::fmt::Error);
             }
+            self.in_field = s == "pipelined_prefix";
             Ok(())
         }
     }
-    let mut probe = Probe {
-        tail: String::with_capacity(96),
-        found: None,
-    };
+    let mut probe = Probe::default();
     let _ = write!(probe, "{settings:?}");
     probe.found.unwrap_or(false)
 }
