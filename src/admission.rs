@@ -26,6 +26,7 @@ pub mod ratelimit;
 pub mod soldout;
 pub mod tickets;
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -34,7 +35,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{Config, OnFailure};
-use crate::outcome::{render, Answer, Rendered};
+use crate::outcome::{render, Answer, Outcome, Rendered};
 use crate::queue::rates::DrainRates;
 use crate::queue::Queue;
 use crate::rules::{FailureMode, Route, Rule, RuleSet};
@@ -63,6 +64,10 @@ pub struct RuleStage {
     pub leases: Leases,
     /// What it does while the store is down (its own, or the store's).
     on_failure: FailureMode,
+    /// Its `sold_out` and `ended` answers, rendered once: the answers most
+    /// of a sale's crowd gets, written without building a body each time.
+    sold_out: Rendered,
+    ended: Rendered,
 }
 
 impl RuleStage {
@@ -83,6 +88,8 @@ impl RuleStage {
             limits,
             leases: Leases::of(rule, config.upstream(rule.upstream), &config.store),
             on_failure: rule.on_failure.unwrap_or(store_mode),
+            sold_out: render(&Answer::SoldOut, rule.responses.get(Outcome::SoldOut)),
+            ended: render(&Answer::Ended, rule.responses.get(Outcome::Ended)),
         }
     }
 
@@ -332,9 +339,15 @@ impl Admission {
 
     /// An answer as written to the client: the rule's overrides, if any,
     /// on top of the contract's defaults.
-    pub fn render(stage: Option<&RuleStage>, answer: &Answer) -> Rendered {
-        let overrides = stage.and_then(|s| s.rule.responses.get(answer.outcome()));
-        render(answer, overrides)
+    pub fn render<'s>(stage: Option<&'s RuleStage>, answer: &Answer) -> Cow<'s, Rendered> {
+        match (stage, answer) {
+            (Some(s), Answer::SoldOut) => Cow::Borrowed(&s.sold_out),
+            (Some(s), Answer::Ended) => Cow::Borrowed(&s.ended),
+            _ => {
+                let overrides = stage.and_then(|s| s.rule.responses.get(answer.outcome()));
+                Cow::Owned(render(answer, overrides))
+            }
+        }
     }
 
     /// Stages 2-7 for a request that matched `stage`'s rule.

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
-use serde_json::json;
+use serde::Serialize;
 
 use crate::vocab::StoredResponse;
 
@@ -242,113 +242,153 @@ pub struct Rendered {
 /// contract's default statuses, with the rule's override (if any) on top.
 pub fn render(answer: &Answer, overrides: Option<&ResponseOverride>) -> Rendered {
     let outcome = answer.outcome();
-    let name = outcome.as_str();
+    let name = Some(outcome.as_str());
     let mut headers = vec![(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     )];
+    let limit_message;
     let (status, body) = match answer {
         Answer::Queued { ticket, position } => (
             StatusCode::ACCEPTED,
-            json!({"outcome": name, "ticket": ticket, "position": position}),
+            Body {
+                outcome: name,
+                ticket: Some(Some(ticket)),
+                position: Some(*position),
+                ..Body::default()
+            },
         ),
-        Answer::SoldOut => (
-            StatusCode::GONE,
-            json!({"outcome": name, "message": "sold out"}),
-        ),
+        Answer::SoldOut => (StatusCode::GONE, Body::message(name, "sold out")),
         Answer::RateLimited { retry_after } => {
             let secs = retry_after_secs(*retry_after);
             headers.push((http::header::RETRY_AFTER, HeaderValue::from(secs)));
             (
                 StatusCode::TOO_MANY_REQUESTS,
-                json!({"outcome": name, "message": "too many requests, slow down", "retry_after": secs}),
+                Body {
+                    retry_after: Some(secs),
+                    ..Body::message(name, "too many requests, slow down")
+                },
             )
         }
         Answer::Duplicate {
             ticket,
-            queued_position: Some(position),
+            queued_position,
             message,
         } => (
-            StatusCode::ACCEPTED,
-            json!({"outcome": name, "message": message, "ticket": ticket, "position": position}),
-        ),
-        Answer::Duplicate {
-            ticket,
-            queued_position: None,
-            message,
-        } => (
-            StatusCode::CONFLICT,
-            json!({"outcome": name, "message": message, "ticket": ticket}),
+            if queued_position.is_some() {
+                StatusCode::ACCEPTED
+            } else {
+                StatusCode::CONFLICT
+            },
+            Body {
+                ticket: Some(ticket.as_deref()),
+                position: *queued_position,
+                ..Body::message(name, message)
+            },
         ),
         // The first attempt's own answer, byte for byte; overrides do not
         // apply to what the backend said.
         Answer::Replay(stored) => return replayed(outcome, stored),
         Answer::NotStarted { starts_in } => (
             StatusCode::TOO_EARLY,
-            json!({"outcome": name, "message": "not started yet", "starts_in": retry_after_secs(*starts_in)}),
+            Body {
+                starts_in: Some(retry_after_secs(*starts_in)),
+                ..Body::message(name, "not started yet")
+            },
         ),
-        Answer::Ended => (
-            StatusCode::GONE,
-            json!({"outcome": name, "message": "the sale has ended"}),
-        ),
-        Answer::Invalid { message } => (
-            StatusCode::BAD_REQUEST,
-            json!({"outcome": name, "message": message}),
-        ),
-        Answer::BodyTooLarge { limit } => (
-            StatusCode::PAYLOAD_TOO_LARGE,
-            json!({"outcome": name, "message": format!("request body over {limit} bytes")}),
-        ),
-        Answer::HeadersTooLarge { limit } => (
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            json!({"outcome": name, "message": format!("request headers over {limit} bytes")}),
-        ),
+        Answer::Ended => (StatusCode::GONE, Body::message(name, "the sale has ended")),
+        Answer::Invalid { message } => (StatusCode::BAD_REQUEST, Body::message(name, message)),
+        Answer::BodyTooLarge { limit } => {
+            limit_message = format!("request body over {limit} bytes");
+            (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Body::message(name, &limit_message),
+            )
+        }
+        Answer::HeadersTooLarge { limit } => {
+            limit_message = format!("request headers over {limit} bytes");
+            (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                Body::message(name, &limit_message),
+            )
+        }
         Answer::Unavailable { message } => (
             StatusCode::SERVICE_UNAVAILABLE,
-            json!({"outcome": name, "message": message}),
+            Body::message(name, message),
         ),
         Answer::Stock(StockPoll::Known { available, state }) => (
             StatusCode::OK,
-            json!({"available": available, "state": state.as_str()}),
+            Body {
+                available: Some(*available),
+                state: Some(state.as_str()),
+                ..Body::default()
+            },
         ),
-        Answer::Stock(StockPoll::Unknown { message }) => (
-            StatusCode::NOT_FOUND,
-            json!({"outcome": name, "message": message}),
-        ),
-        Answer::Ticket { id, poll } => match poll {
-            TicketPoll::Unknown => (
-                StatusCode::NOT_FOUND,
-                json!({"outcome": name, "message": "unknown or expired ticket", "ticket": id}),
-            ),
-            TicketPoll::Queued {
-                position,
-                eta_seconds,
-            } => (
-                StatusCode::ACCEPTED,
-                json!({"outcome": name, "ticket": id, "position": position, "eta_seconds": eta_seconds}),
-            ),
-            TicketPoll::InFlight => (
-                StatusCode::CONFLICT,
-                json!({"outcome": name, "state": "in_flight", "ticket": id, "message": "the order is being placed"}),
-            ),
-            TicketPoll::Done(Some(r)) | TicketPoll::NotPlaced(Some(r)) => {
-                return replayed(outcome, r)
+        Answer::Stock(StockPoll::Unknown { message }) => {
+            (StatusCode::NOT_FOUND, Body::message(name, message))
+        }
+        Answer::Ticket { id, poll } => {
+            let ticket = Some(Some(id.as_str()));
+            match poll {
+                TicketPoll::Unknown => (
+                    StatusCode::NOT_FOUND,
+                    Body {
+                        ticket,
+                        ..Body::message(name, "unknown or expired ticket")
+                    },
+                ),
+                TicketPoll::Queued {
+                    position,
+                    eta_seconds,
+                } => (
+                    StatusCode::ACCEPTED,
+                    Body {
+                        outcome: name,
+                        ticket,
+                        position: Some(*position),
+                        eta_seconds: Some(*eta_seconds),
+                        ..Body::default()
+                    },
+                ),
+                TicketPoll::InFlight => (
+                    StatusCode::CONFLICT,
+                    Body {
+                        state: Some("in_flight"),
+                        ticket,
+                        ..Body::message(name, "the order is being placed")
+                    },
+                ),
+                TicketPoll::Done(Some(r)) | TicketPoll::NotPlaced(Some(r)) => {
+                    return replayed(outcome, r)
+                }
+                TicketPoll::Done(None) => (
+                    StatusCode::OK,
+                    Body {
+                        outcome: name,
+                        state: Some("done"),
+                        ticket,
+                        ..Body::default()
+                    },
+                ),
+                TicketPoll::NotPlaced(None) => (
+                    StatusCode::GONE,
+                    Body {
+                        state: Some("released"),
+                        ticket,
+                        ..Body::message(
+                            name,
+                            "the order was not placed; the units went back to stock",
+                        )
+                    },
+                ),
             }
-            TicketPoll::Done(None) => (
-                StatusCode::OK,
-                json!({"outcome": name, "state": "done", "ticket": id}),
-            ),
-            TicketPoll::NotPlaced(None) => (
-                StatusCode::GONE,
-                json!({"outcome": name, "state": "released", "ticket": id, "message": "the order was not placed; the units went back to stock"}),
-            ),
-        },
+        }
     };
     let mut rendered = Rendered {
         outcome,
         status,
         headers,
-        body: Bytes::from(body.to_string()),
+        body: body.to_bytes(),
     };
     if let Some(o) = overrides {
         if let Some(status) = o.status {
@@ -363,6 +403,48 @@ pub fn render(answer: &Answer, overrides: Option<&ResponseOverride>) -> Rendered
         }
     }
     rendered
+}
+
+/// A gateway answer's JSON body, serialized straight from borrowed parts
+/// (no `serde_json::Value` map per answer). Fields are in alphabetical
+/// order, the key order clients have always seen; `Some(None)` is a
+/// `null` the contract shows (a duplicate without a ticket, an unknown ETA).
+#[derive(Default, Serialize)]
+struct Body<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    available: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    eta_seconds: Option<Option<u64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outcome: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    position: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    starts_in: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ticket: Option<Option<&'a str>>,
+}
+
+impl<'a> Body<'a> {
+    /// `{"message": .., "outcome": ..}`, the shape of most answers.
+    fn message(outcome: Option<&'a str>, message: &'a str) -> Self {
+        Self {
+            message: Some(message),
+            outcome,
+            ..Self::default()
+        }
+    }
+
+    fn to_bytes(&self) -> Bytes {
+        // Plain strings and numbers: serializing them cannot fail.
+        serde_json::to_vec(self).map_or_else(|_| Bytes::new(), Bytes::from)
+    }
 }
 
 /// A kept backend answer as it was (status, Content-Type, body), under the
@@ -393,6 +475,7 @@ fn retry_after_secs(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn body(r: &Rendered) -> serde_json::Value {
         serde_json::from_slice(&r.body).expect("json body")
@@ -634,5 +717,45 @@ mod tests {
             assert_eq!(Outcome::from_name(o.as_str()), Some(o));
         }
         assert_eq!(Outcome::from_name("nope"), None);
+    }
+
+    #[test]
+    fn bodies_keep_their_exact_bytes() {
+        let cases = [
+            (
+                Answer::SoldOut,
+                r#"{"message":"sold out","outcome":"sold_out"}"#,
+            ),
+            (
+                Answer::RateLimited {
+                    retry_after: Duration::from_millis(2500),
+                },
+                r#"{"message":"too many requests, slow down","outcome":"rate_limited","retry_after":3}"#,
+            ),
+            (
+                Answer::Duplicate {
+                    ticket: None,
+                    queued_position: None,
+                    message: "already in progress",
+                },
+                r#"{"message":"already in progress","outcome":"duplicate","ticket":null}"#,
+            ),
+            (
+                Answer::Queued {
+                    ticket: "t1".into(),
+                    position: 4,
+                },
+                r#"{"outcome":"queued","position":4,"ticket":"t1"}"#,
+            ),
+            (
+                Answer::Invalid {
+                    message: "say \"hi\"".into(),
+                },
+                r#"{"message":"say \"hi\"","outcome":"invalid"}"#,
+            ),
+        ];
+        for (answer, want) in cases {
+            assert_eq!(std::str::from_utf8(&render(&answer, None).body), Ok(want));
+        }
     }
 }
