@@ -93,11 +93,8 @@ impl SluiceProxy {
         };
         ctx.upstream = m.rule.upstream;
         ctx.path = Some(m.path);
-        let captures: Vec<(String, String)> = m
-            .captures
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
+        let captures: Vec<(&str, &str)> =
+            m.captures.iter().map(|(k, v)| (*k, v.as_str())).collect();
         ctx.stage = Some(stage.clone());
         self.admit(session, ctx, &stage, &captures).await
     }
@@ -108,7 +105,7 @@ impl SluiceProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
         stage: &RuleStage,
-        captures: &[(String, String)],
+        captures: &[(&str, &str)],
     ) -> Result<bool> {
         if let Some(message) = backend::host_problem(session.req_header(), true) {
             session.set_keepalive(None);
@@ -128,15 +125,11 @@ impl SluiceProxy {
         };
         let verdict = {
             let req = session.req_header();
-            let captures: Vec<(&str, &str)> = captures
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect();
             let candidate = Candidate {
                 parts: RequestParts {
                     headers: &req.headers,
                     query: req.uri.query(),
-                    captures: &captures,
+                    captures,
                     body: Some(&body),
                 },
                 client_ip: forwarded::client_ip(

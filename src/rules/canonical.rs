@@ -121,9 +121,9 @@ impl Default for Spelling {
 /// or `..` segment, and ends with `/` (when not the root) only when the
 /// request's path had a trailing slash.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NormalPath(String);
+pub struct NormalPath<'a>(Cow<'a, str>);
 
-impl NormalPath {
+impl NormalPath<'_> {
     /// The canonical path.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -143,7 +143,7 @@ impl NormalPath {
     }
 }
 
-impl std::fmt::Display for NormalPath {
+impl std::fmt::Display for NormalPath<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
     }
@@ -151,7 +151,36 @@ impl std::fmt::Display for NormalPath {
 
 /// The canonical form of `path` (no query); `params` says whether
 /// `;params` are dropped from each segment.
-pub fn normalize(path: &str, params: Fold) -> NormalPath {
+pub fn normalize(path: &str, params: Fold) -> NormalPath<'_> {
+    if already_canonical(path) {
+        // Most requests: nothing to rewrite, so nothing to allocate.
+        return NormalPath(Cow::Borrowed(path));
+    }
+    NormalPath(Cow::Owned(rewrite(path, params)))
+}
+
+/// Whether `path` is its own canonical form under either `params` mode:
+/// ASCII without `%` or `;`, and no empty (but a last), `.` or `..`
+/// segment. `rewrite` leaves such a path as it is (a test checks).
+fn already_canonical(path: &str) -> bool {
+    let Some(body) = path.strip_prefix('/') else {
+        return false;
+    };
+    if !body.bytes().all(|b| b.is_ascii() && b != b'%' && b != b';') {
+        return false;
+    }
+    let mut segments = body.split('/').peekable();
+    while let Some(seg) = segments.next() {
+        let last = segments.peek().is_none();
+        if (seg.is_empty() && !last) || seg == "." || seg == ".." {
+            return false;
+        }
+    }
+    true
+}
+
+/// The canonical form, built segment by segment.
+fn rewrite(path: &str, params: Fold) -> String {
     let text = percent_normalize(path);
     let body = text.strip_prefix('/').unwrap_or(&text);
     let mut kept: Vec<&str> = Vec::new();
@@ -179,7 +208,7 @@ pub fn normalize(path: &str, params: Fold) -> NormalPath {
     if out.is_empty() || trailing {
         out.push('/');
     }
-    NormalPath(out)
+    out
 }
 
 /// Step 1 of the canonical form: unreserved escapes decoded, the others

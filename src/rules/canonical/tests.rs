@@ -457,6 +457,17 @@ proptest! {
     }
 
     #[test]
+    fn the_allocation_free_path_agrees_with_the_rewrite(path in pathy()) {
+        for params in [Fold::Ignore, Fold::Strict] {
+            let fast = normalize(&path, params);
+            prop_assert_eq!(fast.as_str(), rewrite(&path, params));
+        }
+        if already_canonical(&path) {
+            prop_assert_eq!(rewrite(&path, Fold::Ignore), path);
+        }
+    }
+
+    #[test]
     fn template_matching_never_panics(
         template in prop_oneof![pathy(), "(/(\\{[a-z]{1,3}\\}|[a-zA-Z0-9%.~-]{1,5})){1,5}/?"],
         path in pathy(),
