@@ -1,9 +1,9 @@
-//! A burst of buyers: `concurrency` keep-alive connections share the
-//! buyer ids, each buyer clicks "order" once, and every answer is recorded.
+//! The crowd of a sale: buyers who click "order" (and click again when
+//! they see an error), and people who only browse the product page while
+//! the sale runs. Every answer is recorded with its latency.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,35 +13,57 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-/// One answer a buyer got.
+/// How long a buyer's app waits for an answer before showing an error.
+const BUYER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a browsing person waits for a page before giving up.
+const BROWSER_TIMEOUT: Duration = Duration::from_secs(3);
+/// Pause between two page views of one browsing person.
+const BROWSE_PAUSE: Duration = Duration::from_millis(50);
+/// Upper bound on page views per browsing person, so the loop ends even if
+/// the buyers never do.
+const MAX_VIEWS: u64 = 100_000;
+
+/// What one request came to, as the person saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seen {
+    /// An order number (the mall placed the order).
+    Bought,
+    /// "Queued": Sluice holds the order and sends it when the mall frees up.
+    Queued,
+    /// "Sold out", from the mall or from Sluice.
+    SoldOut,
+    /// Another refusal: already bought, duplicate, slow down.
+    Refused,
+    /// A page that loaded.
+    Page,
+    /// An error page (5xx) or a broken connection.
+    Error,
+    /// Nothing within the app's timeout.
+    Timeout,
+}
+
+/// One answer.
 pub struct Answer {
-    /// `X-Sluice-Outcome`, or `error` when no answer came.
-    pub outcome: String,
-    /// HTTP status (0 when no answer came).
-    pub status: u16,
-    /// Time from send to the end of the answer.
+    /// What the person saw.
+    pub seen: Seen,
+    /// Time from send to the end of the answer (or to the timeout).
     pub latency: Duration,
 }
 
-/// What the burst saw.
-pub struct Report {
-    /// Every answer.
+/// Every answer of one crowd.
+#[derive(Default)]
+pub struct Tally {
+    /// The answers, in no particular order.
     pub answers: Vec<Answer>,
-    /// Wall time of the burst.
-    pub elapsed: Duration,
 }
 
-impl Report {
-    /// Counts by outcome label and status.
-    pub fn outcomes(&self) -> BTreeMap<(&str, u16), usize> {
-        let mut out = BTreeMap::new();
-        for a in &self.answers {
-            *out.entry((a.outcome.as_str(), a.status)).or_default() += 1;
-        }
-        out
+impl Tally {
+    /// Answers that were `seen`.
+    pub fn count(&self, seen: Seen) -> usize {
+        self.answers.iter().filter(|a| a.seen == seen).count()
     }
 
-    /// The latency at quantile `q` (0.0-1.0).
+    /// The latency at quantile `q` (0.0-1.0) over all answers.
     pub fn latency(&self, q: f64) -> Duration {
         let mut all: Vec<Duration> = self.answers.iter().map(|a| a.latency).collect();
         all.sort();
@@ -50,14 +72,22 @@ impl Report {
     }
 }
 
-/// Sends `buyers` orders for `sku` to `gateway`, `concurrency` at a time.
-pub async fn burst(gateway: SocketAddr, sku: &str, buyers: u64, concurrency: u64) -> Report {
+/// Sends one order per buyer for `sku` to `target`, `concurrency` buyers at
+/// a time; a buyer who sees an error or a timeout clicks again, at most
+/// `retries` times.
+pub async fn buy(
+    target: SocketAddr,
+    sku: &str,
+    buyers: u64,
+    concurrency: u64,
+    retries: u32,
+) -> Tally {
     let next = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
+    let path = format!("/api/seckill/{sku}/order");
     let mut workers = Vec::new();
-    for _ in 0..concurrency.max(1) {
+    for _ in 0..concurrency.clamp(1, buyers.max(1)) {
         let next = next.clone();
-        let path = format!("/api/seckill/{sku}/order");
+        let path = path.clone();
         workers.push(tokio::spawn(async move {
             let mut answers = Vec::new();
             let mut conn = None;
@@ -66,47 +96,111 @@ pub async fn burst(gateway: SocketAddr, sku: &str, buyers: u64, concurrency: u64
                 if id >= buyers {
                     break;
                 }
-                let t0 = Instant::now();
-                let (outcome, status) = match order(&mut conn, gateway, &path, id).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        conn = None;
-                        ("error".to_string(), 0)
+                let user = format!("buyer-{id}");
+                for _ in 0..=retries {
+                    let answer = send(&mut conn, target, "POST", &path, &user, BUYER_TIMEOUT).await;
+                    let again = matches!(answer.seen, Seen::Error | Seen::Timeout);
+                    answers.push(answer);
+                    if !again {
+                        break;
                     }
-                };
-                answers.push(Answer {
-                    outcome,
-                    status,
-                    latency: t0.elapsed(),
-                });
+                }
             }
             answers
         }));
     }
-    let mut answers = Vec::new();
+    let mut tally = Tally::default();
     for w in workers {
         if let Ok(mut a) = w.await {
-            answers.append(&mut a);
+            tally.answers.append(&mut a);
         }
     }
-    Report {
-        answers,
-        elapsed: started.elapsed(),
-    }
+    tally
+}
+
+/// `people` browse the product page of `sku` at `target`, one view every
+/// [`BROWSE_PAUSE`], until `stop` is set.
+pub fn browse(
+    target: SocketAddr,
+    sku: &str,
+    people: u64,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Tally> {
+    let path = format!("/api/goods/{sku}");
+    tokio::spawn(async move {
+        let mut people_tasks = Vec::new();
+        for n in 0..people {
+            let stop = stop.clone();
+            let path = path.clone();
+            people_tasks.push(tokio::spawn(async move {
+                let mut answers = Vec::new();
+                let mut conn = None;
+                let user = format!("browser-{n}");
+                for _ in 0..MAX_VIEWS {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let answer = send(&mut conn, target, "GET", &path, &user, BROWSER_TIMEOUT).await;
+                    answers.push(answer);
+                    tokio::time::sleep(BROWSE_PAUSE).await;
+                }
+                answers
+            }));
+        }
+        let mut tally = Tally::default();
+        for t in people_tasks {
+            if let Ok(mut a) = t.await {
+                tally.answers.append(&mut a);
+            }
+        }
+        tally
+    })
 }
 
 type Sender = http1::SendRequest<Full<Bytes>>;
 
-async fn order(
+/// One request on the person's keep-alive connection (opened when there is
+/// none); a failed or timed-out exchange drops the connection, as a browser
+/// or an app would.
+async fn send(
     conn: &mut Option<Sender>,
-    gateway: SocketAddr,
+    target: SocketAddr,
+    method: &str,
     path: &str,
-    buyer: u64,
-) -> Result<(String, u16), String> {
+    user: &str,
+    timeout: Duration,
+) -> Answer {
+    let t0 = Instant::now();
+    let seen = match tokio::time::timeout(timeout, exchange(conn, target, method, path, user)).await
+    {
+        Ok(Ok(seen)) => seen,
+        Ok(Err(_)) => {
+            *conn = None;
+            Seen::Error
+        }
+        Err(_) => {
+            *conn = None;
+            Seen::Timeout
+        }
+    };
+    Answer {
+        seen,
+        latency: t0.elapsed(),
+    }
+}
+
+async fn exchange(
+    conn: &mut Option<Sender>,
+    target: SocketAddr,
+    method: &str,
+    path: &str,
+    user: &str,
+) -> Result<Seen, String> {
     if conn.as_ref().is_none_or(|c| c.is_closed()) {
-        let stream = TcpStream::connect(gateway)
+        let stream = TcpStream::connect(target)
             .await
             .map_err(|e| e.to_string())?;
+        let _ = stream.set_nodelay(true);
         let (sender, connection) = http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| e.to_string())?;
@@ -115,26 +209,67 @@ async fn order(
     }
     let sender = conn.as_mut().ok_or("no connection")?;
     sender.ready().await.map_err(|e| e.to_string())?;
-    let req = hyper::Request::post(path)
-        .header("host", gateway.to_string())
-        .header("x-user-id", format!("buyer-{buyer}"))
+    let body = if method == "POST" {
+        Bytes::from_static(br#"{"qty":1}"#)
+    } else {
+        Bytes::new()
+    };
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", target.to_string())
+        .header("x-user-id", user)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from_static(br#"{"qty":1}"#)))
+        .body(Full::new(body))
         .map_err(|e| e.to_string())?;
-    let resp = tokio::time::timeout(Duration::from_secs(30), sender.send_request(req))
-        .await
-        .map_err(|_| "timeout".to_string())?
-        .map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
     let outcome = resp
         .headers()
         .get("x-sluice-outcome")
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("none")
+        .unwrap_or("")
         .to_string();
-    resp.into_body()
+    let body = resp
+        .into_body()
         .collect()
         .await
-        .map_err(|e| e.to_string())?;
-    Ok((outcome, status))
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    let code = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["code"].as_i64());
+    Ok(classify(method, status, &outcome, code))
+}
+
+/// What a person makes of an answer: the status, Sluice's outcome header
+/// (absent straight at the mall) and the mall's own `code`.
+fn classify(method: &str, status: u16, outcome: &str, code: Option<i64>) -> Seen {
+    match (status, outcome, code) {
+        (500..=599, _, _) | (0..=199, _, _) => Seen::Error,
+        (202, "queued", _) => Seen::Queued,
+        (_, "sold_out", _) | (200, _, Some(1001)) => Seen::SoldOut,
+        (200, _, Some(0)) if method == "GET" => Seen::Page,
+        (200, _, Some(0)) => Seen::Bought,
+        _ => Seen::Refused,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_read_as_a_person_would() {
+        assert_eq!(classify("POST", 200, "", Some(0)), Seen::Bought);
+        assert_eq!(classify("POST", 200, "forwarded", Some(0)), Seen::Bought);
+        assert_eq!(classify("POST", 200, "", Some(1001)), Seen::SoldOut);
+        assert_eq!(classify("POST", 410, "sold_out", None), Seen::SoldOut);
+        assert_eq!(classify("POST", 202, "queued", None), Seen::Queued);
+        assert_eq!(classify("POST", 503, "", Some(503)), Seen::Error);
+        assert_eq!(classify("POST", 503, "unavailable", None), Seen::Error);
+        assert_eq!(classify("POST", 429, "rate_limited", None), Seen::Refused);
+        assert_eq!(classify("POST", 200, "", Some(1002)), Seen::Refused);
+        assert_eq!(classify("GET", 200, "passthrough", Some(0)), Seen::Page);
+    }
 }
