@@ -80,9 +80,7 @@ async fn main() -> anyhow::Result<()> {
         None => Arc::new(EmbeddedStore::new(config)),
     };
     let mall = Mall::new(store);
-    mall.reset(&sku, stock)
-        .await
-        .context("loading the sale")?;
+    mall.reset(&sku, stock).await.context("loading the sale")?;
     let server = mall
         .serve(listen)
         .await

@@ -132,14 +132,13 @@ async fn without_sluice_a_burst_fills_the_pool_and_product_pages_fail() {
     assert_eq!(done.load(Ordering::Relaxed), BURST);
     // Once the pile-up is gone, pages load again.
     assert_eq!(
-        get(server.addr(), &format!("/api/goods/{SKU}")).await.status,
+        get(server.addr(), &format!("/api/goods/{SKU}"))
+            .await
+            .status,
         200
     );
     let books = store.books(SKU).await.expect("books");
-    assert_eq!(
-        (books.orders.len(), books.stock),
-        (POOL, 100 - POOL as u64)
-    );
+    assert_eq!((books.orders.len(), books.stock), (POOL, 100 - POOL as u64));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,10 +170,13 @@ async fn through_sluice_the_mall_keeps_pages_loading_and_sells_exactly_the_stock
     // Sluice lets MAX_INFLIGHT orders into the mall (stuck on the row) and
     // answers every other buyer itself: queued or sold out.
     let stats = mall.stats();
-    until("max_inflight orders in the mall, everyone else answered", || {
-        stats.orders_now() == MAX_INFLIGHT as u64
-            && done.load(Ordering::Relaxed) == BURST - MAX_INFLIGHT
-    })
+    until(
+        "max_inflight orders in the mall, everyone else answered",
+        || {
+            stats.orders_now() == MAX_INFLIGHT as u64
+                && done.load(Ordering::Relaxed) == BURST - MAX_INFLIGHT
+        },
+    )
     .await;
     for _ in 0..PAGES {
         let page = get(gw.listen(), &format!("/api/goods/{SKU}")).await;
@@ -187,7 +189,10 @@ async fn through_sluice_the_mall_keeps_pages_loading_and_sells_exactly_the_stock
     let mut outcomes = std::collections::BTreeMap::new();
     for o in orders {
         let resp = o.await.expect("buyer");
-        let outcome = resp.header("x-sluice-outcome").unwrap_or("none").to_string();
+        let outcome = resp
+            .header("x-sluice-outcome")
+            .unwrap_or("none")
+            .to_string();
         *outcomes.entry(outcome).or_insert(0usize) += 1;
     }
     let view = wait_for_stock(gw.admin(), "seckill", SKU, Duration::from_secs(60), |v| {

@@ -127,7 +127,10 @@ async fn a_sale_through_sluice_leaves_exactly_the_stock_in_mariadb() {
     let mut outcomes: HashMap<String, usize> = HashMap::new();
     for c in clicks {
         let (user, resp) = c.await.expect("buyer task");
-        let outcome = resp.header("x-sluice-outcome").unwrap_or("none").to_string();
+        let outcome = resp
+            .header("x-sluice-outcome")
+            .unwrap_or("none")
+            .to_string();
         *outcomes.entry(outcome).or_default() += 1;
         if let Some(id) = order_id(&resp) {
             assert!(
@@ -136,7 +139,10 @@ async fn a_sale_through_sluice_leaves_exactly_the_stock_in_mariadb() {
             );
         }
     }
-    assert!(outcomes.get("sold_out").copied().unwrap_or(0) > 0, "{outcomes:?}");
+    assert!(
+        outcomes.get("sold_out").copied().unwrap_or(0) > 0,
+        "{outcomes:?}"
+    );
     // Queued winners are sent by the gateway itself; wait for them.
     let view = wait_for_stock(gw.admin(), "seckill", SKU, Duration::from_secs(60), |v| {
         v["queued"] == 0 && v["in_flight"] == 0

@@ -1,9 +1,11 @@
-//! The crowd of a sale: buyers who click "order" (and click again when
-//! they see an error), and people who only browse the product page while
-//! the sale runs. Every answer is recorded with its latency.
+//! The crowd of a sale: buyers who all click "order" within the first
+//! second (and click again when they see an error), and people who only
+//! look at the product page while the sale runs. Both arrive on a fixed
+//! schedule, not as a fixed number of busy connections, so a slow server
+//! cannot slow the crowd down. Every answer is recorded with its latency.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,10 +19,10 @@ use tokio::net::TcpStream;
 const BUYER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a browsing person waits for a page before giving up.
 const BROWSER_TIMEOUT: Duration = Duration::from_secs(3);
-/// Pause between two page views of one browsing person.
-const BROWSE_PAUSE: Duration = Duration::from_millis(50);
-/// Upper bound on page views per browsing person, so the loop ends even if
-/// the buyers never do.
+/// How long a buyer who saw an error takes to click again.
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
+/// Upper bound on page views of one sale, so browsing ends even if the
+/// buyers never do.
 const MAX_VIEWS: u64 = 100_000;
 
 /// What one request came to, as the person saw it.
@@ -65,92 +67,101 @@ impl Tally {
 
     /// The latency at quantile `q` (0.0-1.0) over all answers.
     pub fn latency(&self, q: f64) -> Duration {
-        let mut all: Vec<Duration> = self.answers.iter().map(|a| a.latency).collect();
+        self.latency_of(q, |_| true)
+    }
+
+    /// The latency at quantile `q` over the answers whose `seen` passes.
+    pub fn latency_of(&self, q: f64, pick: impl Fn(Seen) -> bool) -> Duration {
+        let mut all: Vec<Duration> = self
+            .answers
+            .iter()
+            .filter(|a| pick(a.seen))
+            .map(|a| a.latency)
+            .collect();
         all.sort();
         let i = ((all.len() as f64 - 1.0) * q).round() as usize;
         all.get(i).copied().unwrap_or_default()
     }
 }
 
-/// Sends one order per buyer for `sku` to `target`, `concurrency` buyers at
-/// a time; a buyer who sees an error or a timeout clicks again, at most
-/// `retries` times.
+/// `buyers` people each click "order" once for `sku` at `target`, their
+/// first clicks spread evenly over `ramp` (everyone is waiting for the
+/// sale to open), each on their own connection; a buyer who sees an error
+/// or a timeout clicks again after [`RETRY_PAUSE`], at most `retries`
+/// times.
 pub async fn buy(
     target: SocketAddr,
     sku: &str,
     buyers: u64,
-    concurrency: u64,
+    ramp: Duration,
     retries: u32,
 ) -> Tally {
-    let next = Arc::new(AtomicU64::new(0));
     let path = format!("/api/seckill/{sku}/order");
-    let mut workers = Vec::new();
-    for _ in 0..concurrency.clamp(1, buyers.max(1)) {
-        let next = next.clone();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for id in 0..buyers {
         let path = path.clone();
-        workers.push(tokio::spawn(async move {
+        // Evenly spread, so every run has the same arrival pattern.
+        let at = started + ramp.mul_f64(id as f64 / buyers.max(1) as f64);
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until(at.into()).await;
+            let user = format!("buyer-{id}");
             let mut answers = Vec::new();
             let mut conn = None;
-            loop {
-                let id = next.fetch_add(1, Ordering::Relaxed);
-                if id >= buyers {
-                    break;
+            for attempt in 0..=retries {
+                if attempt > 0 {
+                    tokio::time::sleep(RETRY_PAUSE).await;
                 }
-                let user = format!("buyer-{id}");
-                for _ in 0..=retries {
-                    let answer = send(&mut conn, target, "POST", &path, &user, BUYER_TIMEOUT).await;
-                    let again = matches!(answer.seen, Seen::Error | Seen::Timeout);
-                    answers.push(answer);
-                    if !again {
-                        break;
-                    }
+                let answer = send(&mut conn, target, "POST", &path, &user, BUYER_TIMEOUT).await;
+                let again = matches!(answer.seen, Seen::Error | Seen::Timeout);
+                answers.push(answer);
+                if !again {
+                    break;
                 }
             }
             answers
         }));
     }
     let mut tally = Tally::default();
-    for w in workers {
-        if let Ok(mut a) = w.await {
+    for t in tasks {
+        if let Ok(mut a) = t.await {
             tally.answers.append(&mut a);
         }
     }
     tally
 }
 
-/// `people` browse the product page of `sku` at `target`, one view every
-/// [`BROWSE_PAUSE`], until `stop` is set.
+/// Product-page views of `sku` at `target`, `per_second` of them evenly
+/// spaced, each by another person on their own connection, until `stop` is
+/// set. Views arrive on schedule whether or not earlier ones came back, so
+/// every moment of the sale is sampled alike.
 pub fn browse(
     target: SocketAddr,
     sku: &str,
-    people: u64,
+    per_second: u64,
     stop: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<Tally> {
     let path = format!("/api/goods/{sku}");
     tokio::spawn(async move {
-        let mut people_tasks = Vec::new();
-        for n in 0..people {
-            let stop = stop.clone();
+        let mut views = Vec::new();
+        let every = Duration::from_secs(1).checked_div(per_second.max(1) as u32);
+        let mut tick = tokio::time::interval(every.unwrap_or(Duration::from_secs(1)));
+        for n in 0..MAX_VIEWS {
+            tick.tick().await;
+            if stop.load(Ordering::Relaxed) || per_second == 0 {
+                break;
+            }
             let path = path.clone();
-            people_tasks.push(tokio::spawn(async move {
-                let mut answers = Vec::new();
+            views.push(tokio::spawn(async move {
                 let mut conn = None;
                 let user = format!("browser-{n}");
-                for _ in 0..MAX_VIEWS {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let answer = send(&mut conn, target, "GET", &path, &user, BROWSER_TIMEOUT).await;
-                    answers.push(answer);
-                    tokio::time::sleep(BROWSE_PAUSE).await;
-                }
-                answers
+                send(&mut conn, target, "GET", &path, &user, BROWSER_TIMEOUT).await
             }));
         }
         let mut tally = Tally::default();
-        for t in people_tasks {
-            if let Ok(mut a) = t.await {
-                tally.answers.append(&mut a);
+        for v in views {
+            if let Ok(a) = v.await {
+                tally.answers.push(a);
             }
         }
         tally

@@ -30,9 +30,9 @@ flash_sale: the same sale straight at a legacy mall, then through Sluice
 
   --buyers N        buyers, each clicking order once (3000)
   --stock N         units on sale (100)
-  --concurrency N   buyers clicking at the same moment (500)
+  --ramp-ms N       the buyers' first clicks spread over this long (1000)
   --retries N       clicks again after an error or a timeout (1)
-  --browsers N      people browsing the product page during the sale (20)
+  --page-views N    product-page views per second during the sale (100)
   --pool N          the mall's database connections (20)
   --pool-wait-ms N  how long a request waits for a connection (1000)
   --row-lock-ms N   work inside an order's transaction, row locked (5)
@@ -43,12 +43,12 @@ flash_sale: the same sale straight at a legacy mall, then through Sluice
 ";
 
 /// The demo's knobs.
-pub struct Args {
+struct Args {
     buyers: u64,
     stock: u64,
-    concurrency: u64,
+    ramp_ms: u64,
     retries: u32,
-    browsers: u64,
+    page_views: u64,
     pool: usize,
     pool_wait_ms: u64,
     row_lock_ms: u64,
@@ -60,14 +60,16 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
         buyers: 3000,
         stock: 100,
-        concurrency: 500,
+        ramp_ms: 1000,
         retries: 1,
-        browsers: 20,
+        page_views: 100,
         pool: 20,
         pool_wait_ms: 1000,
         row_lock_ms: 5,
         max_inflight: 16,
-        mysql: std::env::var("MALL_MYSQL_URL").ok().filter(|u| !u.is_empty()),
+        mysql: std::env::var("MALL_MYSQL_URL")
+            .ok()
+            .filter(|u| !u.is_empty()),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -86,9 +88,9 @@ fn parse_args() -> anyhow::Result<Args> {
         match flag.as_str() {
             "--buyers" => args.buyers = number()?,
             "--stock" => args.stock = number()?,
-            "--concurrency" => args.concurrency = number()?,
+            "--ramp-ms" => args.ramp_ms = number()?,
             "--retries" => args.retries = u32::try_from(number()?)?,
-            "--browsers" => args.browsers = number()?,
+            "--page-views" => args.page_views = number()?,
             "--pool" => args.pool = usize::try_from(number()?)?,
             "--pool-wait-ms" => args.pool_wait_ms = number()?,
             "--row-lock-ms" => args.row_lock_ms = number()?,
@@ -105,7 +107,7 @@ fn parse_args() -> anyhow::Result<Args> {
 
 /// What one play of the sale came to.
 pub struct Phase {
-    /// "straight at the mall" or "through Sluice".
+    /// "Straight at the mall" or "Through Sluice".
     pub name: &'static str,
     /// Every answer the buyers got.
     pub buyers: Tally,
@@ -144,9 +146,10 @@ async fn play(
         s.load_stock(SKU, args.stock).await?;
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let browsing = buyers::browse(target, SKU, args.browsers, stop.clone());
+    let browsing = buyers::browse(target, SKU, args.page_views, stop.clone());
     let started = Instant::now();
-    let bought = buyers::buy(target, SKU, args.buyers, args.concurrency, args.retries).await;
+    let ramp = Duration::from_millis(args.ramp_ms);
+    let bought = buyers::buy(target, SKU, args.buyers, ramp, args.retries).await;
     let elapsed = started.elapsed();
     stop.store(true, Ordering::Relaxed);
     let pages = browsing.await?;
@@ -167,6 +170,9 @@ async fn play(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
+    // Every buyer is a connection, to the mall and then to Sluice as well:
+    // a login shell's soft limit of 1024 descriptors is too few.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
     let config = MallConfig {
         pool: args.pool,
         pool_wait: Duration::from_millis(args.pool_wait_ms),
@@ -184,14 +190,18 @@ async fn main() -> anyhow::Result<()> {
     let server = mall.serve(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
 
     println!(
-        "Flash sale of {} x {SKU}: {} buyers, {} clicking at the same moment, each clicking \
-         again after an error (up to {}x); {} people browsing the product page meanwhile.",
-        args.stock, args.buyers, args.concurrency, args.retries, args.browsers
+        "Flash sale of {} x {SKU}: {} buyers click \"order\" within {:.1} s, each clicking \
+         again after an error (up to {}x); meanwhile {} product-page views a second.",
+        args.stock,
+        args.buyers,
+        args.ramp_ms as f64 / 1000.0,
+        args.retries,
+        args.page_views
     );
     println!("The mall: {}.\n", mall.store().describe());
 
     let direct = play(
-        "straight at the mall",
+        "Straight at the mall",
         format!("pool of {}", args.pool),
         &mall,
         server.addr(),
@@ -201,7 +211,7 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let sluice = gateway::Sluice::start(server.addr(), args.max_inflight).await?;
     let through = play(
-        "through Sluice",
+        "Through Sluice",
         format!("max_inflight {}", args.max_inflight),
         &mall,
         sluice.listen,

@@ -64,10 +64,22 @@ pub fn print(a: &Phase, b: &Phase, stock: u64) {
     row("  timeouts (no answer within 5 s)", &|p| {
         p.buyers.count(Seen::Timeout).to_string()
     });
-    row("buyer latency p50 / p99", &|p| {
-        format!("{} / {}", ms(p.buyers.latency(0.5)), ms(p.buyers.latency(0.99)))
+    row("buyer latency p50 / p99, every answer", &|p| {
+        format!(
+            "{} / {}",
+            ms(p.buyers.latency(0.5)),
+            ms(p.buyers.latency(0.99))
+        )
     });
-    row("product pages loaded / tried", &|p| {
+    let told_no = |s: Seen| matches!(s, Seen::SoldOut | Seen::Refused);
+    row("  of the answers \"sold out\" or refused", &|p| {
+        format!(
+            "{} / {}",
+            ms(p.buyers.latency_of(0.5, told_no)),
+            ms(p.buyers.latency_of(0.99, told_no))
+        )
+    });
+    row("product pages loaded / viewed", &|p| {
         format!(
             "{} / {} ({})",
             p.pages.count(Seen::Page),
@@ -76,7 +88,11 @@ pub fn print(a: &Phase, b: &Phase, stock: u64) {
         )
     });
     row("product page latency p50 / p99", &|p| {
-        format!("{} / {}", ms(p.pages.latency(0.5)), ms(p.pages.latency(0.99)))
+        format!(
+            "{} / {}",
+            ms(p.pages.latency(0.5)),
+            ms(p.pages.latency(0.99))
+        )
     });
     row("order requests that reached the mall", &|p| {
         mall(p, "orders_received").to_string()
@@ -84,19 +100,26 @@ pub fn print(a: &Phase, b: &Phase, stock: u64) {
     row("most orders inside the mall at once", &|p| {
         format!("{} ({})", mall(p, "orders_peak"), p.cap)
     });
-    row("the sale took", &|p| format!("{:.1} s", p.elapsed.as_secs_f64()));
+    row("the sale took", &|p| {
+        format!("{:.1} s", p.elapsed.as_secs_f64())
+    });
 
     let failed = |p: &Phase| p.buyers.count(Seen::Error) + p.buyers.count(Seen::Timeout);
     let pages_ok = |p: &Phase| pct(p.pages.count(Seen::Page), p.pages.answers.len());
     println!(
-        "\nStraight at the mall, {} buyer requests failed or timed out and {} of product pages \
-         loaded: the pool was full of orders waiting on the row lock.",
+        "\n{}: {} of {} buyer requests failed or timed out and {} of product pages loaded; \
+         up to {} orders were inside the mall at once, waiting for its {} or for the row lock.",
+        a.name,
         failed(a),
-        pages_ok(a)
+        a.buyers.answers.len(),
+        pages_ok(a),
+        mall(a, "orders_peak"),
+        a.cap
     );
     println!(
-        "Through Sluice, {} failed or timed out, {} of product pages loaded, the mall received \
-         {} order requests instead of {}, at most {} at once, and sold {} of {stock}.",
+        "{}: {} failed or timed out, {} of product pages loaded, the mall received {} order \
+         requests instead of {}, at most {} at once, and sold {} of {stock}.",
+        b.name,
         failed(b),
         pages_ok(b),
         mall(b, "orders_received"),

@@ -240,9 +240,7 @@ impl Mall {
                 // Its own task: a hang-up does not cut a transaction short.
                 tokio::spawn(async move { mall.order(&sku, user, ticket).await })
                     .await
-                    .unwrap_or_else(|_| {
-                        json(StatusCode::INTERNAL_SERVER_ERROR, r#"{"code":500}"#)
-                    })
+                    .unwrap_or_else(|_| json(StatusCode::INTERNAL_SERVER_ERROR, r#"{"code":500}"#))
             }
             (&Method::GET, ["api", "goods", sku]) => self.page(sku).await,
             (&Method::GET, ["health"]) => json(StatusCode::OK, r#"{"code":0}"#),
@@ -365,8 +363,7 @@ impl Mall {
 /// 1 to `max` characters of `[A-Za-z0-9._:-]`.
 fn valid_id(s: &str, max: usize) -> bool {
     (1..=max).contains(&s.len())
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 

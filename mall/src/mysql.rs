@@ -226,10 +226,7 @@ async fn create_database(opts: &Opts) -> Result<(), StoreError> {
     let Some(name) = opts.db_name() else {
         return Err(StoreError::Db("the URL names no database".into()));
     };
-    if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '_')
-    {
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
         return Err(StoreError::Db(format!(
             "database {name:?} does not exist; create it (only [A-Za-z0-9_] names are created here)"
         )));
