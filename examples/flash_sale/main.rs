@@ -1,235 +1,230 @@
-//! The main job, visible: a mall that serialises orders on a stock row
-//! lock, Sluice in front of it on the embedded memory store, and a burst
-//! of buyers for a small stock. Prints what the buyers were told and what
-//! the mall received.
+//! The main job, visible: one flash sale played twice against a stand-in
+//! legacy mall (a pool of 20 database connections, orders serialised on the
+//! stock-row lock, product pages that need a connection too): first with
+//! the buyers straight at the mall, then through Sluice on its embedded
+//! memory store. Prints the two side by side, every number measured in the
+//! run.
 //!
-//! `cargo run --release --example flash_sale -- --buyers 3000 --stock 100`
+//! `cargo run --release --example flash_sale [-- --buyers 3000 --stock 100
+//! --mysql mysql://root@127.0.0.1:3306/mall]`; `--help` lists the knobs.
 
 mod buyers;
-mod mall;
+mod gateway;
+mod table;
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use sluice_demo_mall::{EmbeddedStore, Mall, MallConfig, MallStore, MySqlStore};
 
+use buyers::Tally;
+
+/// The sku on sale.
 const SKU: &str = "phone-1";
 
-const DEMO_RULE: &str = r#"rules:
-  - name: phone-seckill
-    match: { method: POST, path: "/api/seckill/{sku}/order" }
-    user: { header: X-User-Id }
-    sku: { path: sku }
-    quantity: { json: qty, default: 1, max: 1 }
-    rate_limits:
-      - { key: user, rate: 1, per: 3s }
-      - { key: rule, rate: 20000, per: 1s }
-    dedup: { key: [user, sku], ttl: 10m }
-    stock: { per_user_limit: 1 }
-    release_on: [connect_error, timeout, 5xx]
-"#;
+const HELP: &str = "\
+flash_sale: the same sale straight at a legacy mall, then through Sluice
 
+  --buyers N        buyers, each clicking order once (3000)
+  --stock N         units on sale (100)
+  --ramp-ms N       the buyers' first clicks spread over this long (1000)
+  --retries N       clicks again after an error or a timeout (1)
+  --page-views N    product-page views per second during the sale (100)
+  --pool N          the mall's database connections (20)
+  --pool-wait-ms N  how long a request waits for a connection (1000)
+  --row-lock-ms N   work inside an order's transaction, row locked (5)
+  --max-inflight N  Sluice's max_inflight for the mall (16)
+  --mysql URL       run the mall on MySQL/MariaDB (or MALL_MYSQL_URL);
+                    its goods and orders tables are created when missing
+                    and reset for each phase
+";
+
+/// The demo's knobs.
 struct Args {
     buyers: u64,
     stock: u64,
-    concurrency: u64,
+    ramp_ms: u64,
+    retries: u32,
+    page_views: u64,
+    pool: usize,
+    pool_wait_ms: u64,
     row_lock_ms: u64,
+    max_inflight: u64,
+    mysql: Option<String>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
         buyers: 3000,
         stock: 100,
-        concurrency: 200,
-        row_lock_ms: 2,
+        ramp_ms: 1000,
+        retries: 1,
+        page_views: 100,
+        pool: 20,
+        pool_wait_ms: 1000,
+        row_lock_ms: 5,
+        max_inflight: 16,
+        mysql: std::env::var("MALL_MYSQL_URL")
+            .ok()
+            .filter(|u| !u.is_empty()),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
-        let value: u64 = it
-            .next()
-            .with_context(|| format!("{flag} needs a value"))?
-            .parse()
-            .with_context(|| format!("{flag} needs a whole number"))?;
-        match flag.as_str() {
-            "--buyers" => args.buyers = value,
-            "--stock" => args.stock = value,
-            "--concurrency" => args.concurrency = value,
-            "--row-lock-ms" => args.row_lock_ms = value,
-            other => {
-                bail!("unknown flag {other}; use --buyers, --stock, --concurrency, --row-lock-ms")
-            }
+        if flag == "--help" || flag == "-h" {
+            print!("{HELP}");
+            std::process::exit(0);
         }
+        let value = it
+            .next()
+            .with_context(|| format!("{flag} needs a value (see --help)"))?;
+        let number = || -> anyhow::Result<u64> {
+            value
+                .parse()
+                .with_context(|| format!("{flag} needs a whole number, not {value:?}"))
+        };
+        match flag.as_str() {
+            "--buyers" => args.buyers = number()?,
+            "--stock" => args.stock = number()?,
+            "--ramp-ms" => args.ramp_ms = number()?,
+            "--retries" => args.retries = u32::try_from(number()?)?,
+            "--page-views" => args.page_views = number()?,
+            "--pool" => args.pool = usize::try_from(number()?)?,
+            "--pool-wait-ms" => args.pool_wait_ms = number()?,
+            "--row-lock-ms" => args.row_lock_ms = number()?,
+            "--max-inflight" => args.max_inflight = number()?,
+            "--mysql" => args.mysql = Some(value),
+            other => bail!("unknown flag {other} (see --help)"),
+        }
+    }
+    if args.pool == 0 || args.max_inflight == 0 {
+        bail!("--pool and --max-inflight must be at least 1");
     }
     Ok(args)
 }
 
-fn free_addr() -> anyhow::Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+/// What one play of the sale came to.
+pub struct Phase {
+    /// "Straight at the mall" or "Through Sluice".
+    pub name: &'static str,
+    /// Every answer the buyers got.
+    pub buyers: Tally,
+    /// Every answer the browsing people got.
+    pub pages: Tally,
+    /// The mall's books after the sale.
+    pub books: sluice_demo_mall::Books,
+    /// The mall's counters after the sale.
+    pub mall: serde_json::Value,
+    /// What bounds the orders inside the mall, for the table.
+    pub cap: String,
+    /// From the first click to the last answer.
+    pub elapsed: Duration,
 }
 
-/// Writes the gateway config and rule file the demo runs with.
-fn write_config(
-    dir: &std::path::Path,
-    mall: SocketAddr,
-) -> anyhow::Result<(std::path::PathBuf, SocketAddr, SocketAddr)> {
-    let listen = free_addr()?;
-    let admin = free_addr()?;
-    let config = format!(
-        "listen: {listen}\n\
-         admin: {{ listen: {admin} }}\n\
-         store: {{ backend: memory }}\n\
-         shutdown: {{ grace_period: 0s, timeout: 1s }}\n\
-         upstreams:\n  mall:\n    servers: [{mall}]\n    max_inflight: 16\n    \
-         health_check: {{ path: /health, interval: 1s }}\n\
-         default_upstream: mall\n\
-         rules: lua-free-rules/*.yaml\n"
-    );
-    std::fs::create_dir_all(dir.join("lua-free-rules"))?;
-    std::fs::write(dir.join("gateway.yaml"), config)?;
-    // The shipped pack (lua-free-rules/phone-seckill.yaml) limits each ip to
-    // 20/s; every simulated buyer here shares 127.0.0.1, so the demo keeps
-    // the per-user and per-rule buckets and drops the per-ip one.
-    std::fs::write(dir.join("lua-free-rules/phone-seckill.yaml"), DEMO_RULE)?;
-    Ok((dir.join("gateway.yaml"), listen, admin))
-}
-
-async fn admin_request(
-    admin: SocketAddr,
-    method: &str,
-    path: &str,
-    body: &str,
-) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(admin).await?;
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await?;
-    s.write_all(body.as_bytes()).await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    Ok(out)
-}
-
-async fn admin_get(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
-    admin_request(admin, "GET", path, "").await
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
+/// Plays the sale against `target` (the mall itself or Sluice in front of
+/// it) on a freshly reset mall.
+async fn play(
+    name: &'static str,
+    cap: String,
+    mall: &Mall,
+    target: SocketAddr,
+    args: &Args,
+    sluice: Option<&gateway::Sluice>,
+) -> anyhow::Result<Phase> {
+    // Orders of a previous phase may still be finishing in the mall.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while mall.stats().orders_now() > 0 {
+        if Instant::now() > deadline {
+            bail!("the mall is still busy with the previous phase");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    mall.reset(SKU, args.stock).await?;
+    if let Some(s) = sluice {
+        s.load_stock(SKU, args.stock).await?;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let browsing = buyers::browse(target, SKU, args.page_views, stop.clone());
+    let started = Instant::now();
+    let ramp = Duration::from_millis(args.ramp_ms);
+    let bought = buyers::buy(target, SKU, args.buyers, ramp, args.retries).await;
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let pages = browsing.await?;
+    if let Some(s) = sluice {
+        s.settle(SKU).await?;
+    }
+    Ok(Phase {
+        name,
+        buyers: bought,
+        pages,
+        books: mall.store().books(SKU).await?,
+        mall: mall.stats().to_json(),
+        cap,
+        elapsed,
+    })
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
-    let mall = mall::Mall::new(SKU, args.stock, Duration::from_millis(args.row_lock_ms));
-    let mall_addr = mall.clone().serve().await?;
+    // Every buyer is a connection, to the mall and then to Sluice as well:
+    // a login shell's soft limit of 1024 descriptors is too few.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let config = MallConfig {
+        pool: args.pool,
+        pool_wait: Duration::from_millis(args.pool_wait_ms),
+        row_lock_hold: Duration::from_millis(args.row_lock_ms),
+    };
+    let store: Arc<dyn MallStore> = match &args.mysql {
+        Some(url) => Arc::new(
+            MySqlStore::connect(url, config)
+                .await
+                .with_context(|| format!("the mall's database at {url}"))?,
+        ),
+        None => Arc::new(EmbeddedStore::new(config)),
+    };
+    let mall = Mall::new(store);
+    let server = mall.serve(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
 
-    let dir = tempfile::tempdir()?;
-    let (config_path, listen, admin) = write_config(dir.path(), mall_addr)?;
-    let config = sluice::config::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let gateway = sluice::server::Gateway::build(config, false)?;
-    // pingora's server blocks its thread until the process ends.
-    std::thread::spawn(move || gateway.run());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !admin_get(admin, "/readyz")
-        .await
-        .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
-    {
-        if Instant::now() > deadline {
-            bail!("the gateway did not become ready");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    println!(
+        "Flash sale of {} x {SKU}: {} buyers click \"order\" within {:.1} s, each clicking \
+         again after an error (up to {}x); meanwhile {} product-page views a second.",
+        args.stock,
+        args.buyers,
+        args.ramp_ms as f64 / 1000.0,
+        args.retries,
+        args.page_views
+    );
+    println!("The mall: {}.\n", mall.store().describe());
 
-    let loaded = admin_request(
-        admin,
-        "PUT",
-        &format!("/admin/v1/stock/phone-seckill/{SKU}"),
-        &format!("{{\"available\": {}}}", args.stock),
+    let direct = play(
+        "Straight at the mall",
+        format!("pool of {}", args.pool),
+        &mall,
+        server.addr(),
+        &args,
+        None,
     )
     .await?;
-    if !loaded.starts_with("HTTP/1.1 200") {
-        bail!("could not load the stock: {loaded}");
-    }
+    let sluice = gateway::Sluice::start(server.addr(), args.max_inflight).await?;
+    let through = play(
+        "Through Sluice",
+        format!("max_inflight {}", args.max_inflight),
+        &mall,
+        sluice.listen,
+        &args,
+        Some(&sluice),
+    )
+    .await?;
 
+    table::print(&direct, &through, args.stock);
     println!(
-        "Flash sale: {} buyers, {} units of {SKU}, {} at a time, through Sluice at {listen}",
-        args.buyers, args.stock, args.concurrency
+        "\nSluice's stock view after the sale: {}",
+        sluice.stock(SKU).await?
     );
-    println!(
-        "(the mall holds its stock-row lock {} ms per order)\n",
-        args.row_lock_ms
-    );
-    let report = buyers::burst(listen, SKU, args.buyers, args.concurrency).await;
-
-    println!("{:<14} {:>6} {:>7}", "outcome", "status", "buyers");
-    for ((outcome, status), n) in report.outcomes() {
-        println!("{outcome:<14} {status:>6} {n:>7}");
-    }
-    let secs = report.elapsed.as_secs_f64().max(1e-9);
-    println!(
-        "\n{} answers in {:.2}s ({:.0}/s); latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        report.answers.len(),
-        secs,
-        report.answers.len() as f64 / secs,
-        ms(report.latency(0.5)),
-        ms(report.latency(0.99)),
-        ms(report.latency(1.0)),
-    );
-    // Queued winners are sent by the gateway itself as the mall frees up;
-    // wait for them before reading the mall's books.
-    let queued = report
-        .outcomes()
-        .iter()
-        .filter(|((o, _), _)| *o == "queued")
-        .map(|(_, n)| *n)
-        .sum::<usize>();
-    if queued > 0 {
-        let t0 = Instant::now();
-        loop {
-            let view = admin_get(admin, &format!("/admin/v1/stock/phone-seckill/{SKU}")).await?;
-            let body = view.split("\r\n\r\n").nth(1).unwrap_or("");
-            let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
-            if v["queued"] == 0 && v["in_flight"] == 0 {
-                break;
-            }
-            if t0.elapsed() > Duration::from_secs(120) {
-                bail!("queued orders did not drain: {body}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        println!(
-            "{queued} queued winners were sent to the mall by Sluice within {:.2}s after the burst",
-            t0.elapsed().as_secs_f64()
-        );
-    }
-    let s = &mall.stats;
-    println!(
-        "\nThe mall received {} orders: {} sold, {} refused for lack of stock; \
-         at worst {} orders waited on the stock row lock at once; {} users bought twice.",
-        s.orders_received.load(Ordering::Relaxed),
-        s.orders_sold.load(Ordering::Relaxed),
-        s.orders_refused.load(Ordering::Relaxed),
-        s.peak_waiting.load(Ordering::Relaxed),
-        mall.repeat_buyers(),
-    );
-
-    let stock = admin_get(admin, &format!("/admin/v1/stock/phone-seckill/{SKU}")).await?;
-    if let Some(body) = stock.split("\r\n\r\n").nth(1) {
-        println!("\nSluice's stock view: {body}");
-    }
-    let metrics = admin_get(admin, "/metrics").await?;
-    println!("\nFrom Sluice's /metrics:");
-    for line in metrics.lines() {
-        let counted = line.starts_with("sluice_requests_total") && !line.ends_with(" 0");
-        let upstream = line.starts_with("sluice_upstream_responses_total") && !line.ends_with(" 0");
-        if counted || upstream {
-            println!("  {line}");
-        }
-    }
-    // The gateway thread never returns; end the process here.
+    // The gateway's thread never returns; end the process here.
     std::process::exit(0);
 }

@@ -1,5 +1,5 @@
 //! Real-process helpers shared by Sluice's integration tests (`tests/`)
-//! and benchmarks (`benches/`): a throwaway `redis-server`, a scriptable
+//! and benchmarks (`benches/`): a throwaway `redis-server` and `mariadbd`, a scriptable
 //! HTTP upstream, a connection-exact HTTP client and the `sluice` binary
 //! run as a child process. Dev-only: never a dependency of the product.
 
@@ -7,6 +7,8 @@
 pub mod client;
 /// The real `sluice` binary run as a child process.
 pub mod gateway;
+/// A throwaway `mariadbd` child process with its own data dir.
+pub mod mariadb;
 /// A raw TCP client for malformed or hand-framed requests.
 pub mod raw;
 /// A throwaway `redis-server` child process.
@@ -20,6 +22,7 @@ pub use client::{get, request, Conn, Response};
 pub use gateway::{
     free_addr, free_port, metric_value, sluice_bin, sluice_cmd, Gateway, GatewayBuilder,
 };
+pub use mariadb::MariaDbServer;
 pub use raw::RawConn;
 pub use redis::RedisServer;
 pub use shop::{assert_adds_up, put_stock, stock_view, wait_for_stock};
