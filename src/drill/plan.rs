@@ -201,7 +201,7 @@ fn json_string(s: &str) -> String {
 /// Builds the plan from the rule (if any) and the flags.
 pub fn build(rule: Option<&Rule>, shape: &Shape<'_>) -> Result<Plan, DrillError> {
     let (mut order, signer) = match rule {
-        Some(r) => from_rule(r)?,
+        Some(r) => from_rule(r, shape.path.is_some())?,
         None => (
             RequestPlan {
                 method: String::new(),
@@ -362,8 +362,9 @@ fn parse_header(text: &str) -> Result<(String, Template), DrillError> {
     Ok((name.to_string(), Template::parse(value)))
 }
 
-/// The order request a rule expects, and its token signer when it reads a JWT.
-fn from_rule(rule: &Rule) -> Result<(RequestPlan, Option<Signer>), DrillError> {
+/// The order request a rule expects, and its token signer when it reads a
+/// JWT; without its path when `own_path` (`--path` replaces it).
+fn from_rule(rule: &Rule, own_path: bool) -> Result<(RequestPlan, Option<Signer>), DrillError> {
     let mut captures: Vec<(&str, Piece)> = Vec::new();
     let mut query: Vec<(&str, Piece)> = Vec::new();
     let mut cookies: Vec<(&str, Piece)> = Vec::new();
@@ -415,6 +416,7 @@ fn from_rule(rule: &Rule) -> Result<(RequestPlan, Option<Signer>), DrillError> {
         match seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
             Some(name) => match captures.iter().find(|(c, _)| *c == name) {
                 Some((_, piece)) => target.push(piece.clone()),
+                None if own_path => {}
                 None => {
                     return Err(DrillError::Rule(format!(
                         "the rule {}'s path {text} has a capture {{{name}}} that is not the user, the sku or the quantity: give the request with --path",
