@@ -411,3 +411,47 @@ async fn bad_flags_and_unknown_rules_are_named() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("sale.yaml:3:5"), "{err}");
 }
+
+#[test]
+fn help_documents_every_flag_and_placeholder() {
+    let out = sluice_cmd()
+        .args(["drill", "--help"])
+        .output()
+        .expect("run sluice drill --help");
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--target",
+        "--users",
+        "--attempts-per-user",
+        "--concurrency",
+        "--threads",
+        "--duration",
+        "--sku",
+        "--config",
+        "--rule",
+        "--method",
+        "--path",
+        "--header",
+        "--body",
+        "--quantity",
+        "--user-prefix",
+        "--browse-path",
+        "--browse-ratio",
+        "--admin",
+        "--admin-token-env",
+        "--stock",
+        "--per-user-limit",
+        "--timeout",
+        "--ticket-timeout",
+        "--json",
+    ] {
+        assert!(
+            help.contains(&format!("{flag} <")) || help.contains(&format!("{flag}  ")),
+            "{flag} missing:\n{help}"
+        );
+    }
+    for placeholder in ["{user}", "{sku}", "{qty}", "{n}"] {
+        assert!(help.contains(placeholder), "{placeholder} missing:\n{help}");
+    }
+}

@@ -18,19 +18,29 @@ fn ratio(s: &str) -> Result<f64, String> {
     }
 }
 
-/// `sluice drill`: play a flash sale against a gateway and report.
-#[derive(Args, Clone, Debug)]
-#[command(after_help = "\
-Placeholders in --path, --header, --body and --browse-path: {user} (the user id, \
-<user-prefix><number>), {sku} (user i buys sku i mod the number of skus), {qty} \
-(--quantity) and {n} (the request's number in the drill).
+/// The text after the flags. clap turns every `{n}` of help text into a
+/// line break, with no escape; an empty style reset inside the braces keeps
+/// ours as written (clap strips styles when stdout is not a terminal, and
+/// a terminal shows nothing for it).
+fn after_help() -> String {
+    let n = format!("{{{}n}}", clap::builder::styling::Reset.render());
+    format!(
+        "Placeholders in --path, --header, --body and --browse-path: {{user}} (the user id, \
+<user-prefix><number>), {{sku}} (user i buys sku i mod the number of skus), {{qty}} \
+(--quantity) and {n} (the request's number in the drill, from 0).
 
 Exit status: 0 when every check passed (or none could run), 1 when a check failed \
 or the target never answered, 2 for bad flags, a bad config or an admin API that \
 cannot be read.
 
 Example: sluice drill --config gateway.yaml --rule phone-seckill --sku phone-1 \
---users 3000 --attempts-per-user 2 --admin http://127.0.0.1:9901 --stock 100")]
+--users 3000 --attempts-per-user 2 --admin http://127.0.0.1:9901 --stock 100"
+    )
+}
+
+/// `sluice drill`: play a flash sale against a gateway and report.
+#[derive(Args, Clone, Debug)]
+#[command(after_help = after_help())]
 pub struct DrillArgs {
     /// The gateway's main listener, http://HOST:PORT (default: `listen` of
     /// --config, with 0.0.0.0 read as 127.0.0.1).
