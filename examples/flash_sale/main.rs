@@ -4,6 +4,10 @@
 //! the mall received.
 //!
 //! `cargo run --release --example flash_sale -- --buyers 3000 --stock 100`
+//!
+//! With `--serve`, it loads the stock and keeps the mall and the gateway
+//! running (until Ctrl-C) instead of sending its own buyers, and prints the
+//! `sluice drill` command that plays the sale against them.
 
 mod buyers;
 mod mall;
@@ -35,6 +39,7 @@ struct Args {
     stock: u64,
     concurrency: u64,
     row_lock_ms: u64,
+    serve: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -43,9 +48,14 @@ fn parse_args() -> anyhow::Result<Args> {
         stock: 100,
         concurrency: 200,
         row_lock_ms: 2,
+        serve: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--serve" {
+            args.serve = true;
+            continue;
+        }
         let value: u64 = it
             .next()
             .with_context(|| format!("{flag} needs a value"))?
@@ -57,7 +67,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--concurrency" => args.concurrency = value,
             "--row-lock-ms" => args.row_lock_ms = value,
             other => {
-                bail!("unknown flag {other}; use --buyers, --stock, --concurrency, --row-lock-ms")
+                bail!("unknown flag {other}; use --buyers, --stock, --concurrency, --row-lock-ms, --serve")
             }
         }
     }
@@ -155,6 +165,22 @@ async fn main() -> anyhow::Result<()> {
         bail!("could not load the stock: {loaded}");
     }
 
+    if args.serve {
+        println!(
+            "The mall (row lock {} ms per order) behind Sluice at {listen}, admin {admin}; {} units of {SKU} loaded.\n\
+             Play the sale (Ctrl-C here stops mall and gateway):\n\n  \
+             sluice drill --config {} --rule phone-seckill --sku {SKU} --users {} --attempts-per-user 2 \\\n    \
+             --concurrency {} --admin http://{admin} --stock {}",
+            args.row_lock_ms,
+            args.stock,
+            config_path.display(),
+            args.buyers,
+            args.concurrency,
+            args.stock
+        );
+        tokio::signal::ctrl_c().await?;
+        std::process::exit(0);
+    }
     println!(
         "Flash sale: {} buyers, {} units of {SKU}, {} at a time, through Sluice at {listen}",
         args.buyers, args.stock, args.concurrency
