@@ -237,6 +237,9 @@ impl Report {
             },
             m.quantity
         );
+        if let Some(b) = &m.browse {
+            let _ = writeln!(out, "browse: GET {b}");
+        }
         let _ = writeln!(
             out,
             "{} requests in {:.2} s: {:.0} req/s; {} connection errors, {} broken, {} timeouts; {} connections opened\n",
@@ -248,9 +251,9 @@ impl Report {
             self.stats.errors.iter().map(|e| e.timeouts).sum::<u64>(),
             self.stats.connections,
         );
-        let mut kinds = vec![(Kind::Order, "orders".to_string())];
-        if let Some(b) = &m.browse {
-            kinds.push((Kind::Browse, format!("browse (GET {b})")));
+        let mut kinds = vec![(Kind::Order, "orders")];
+        if m.browse.is_some() {
+            kinds.push((Kind::Browse, "browse"));
         }
         for (kind, title) in kinds {
             let total = self.stats.answered(kind);
