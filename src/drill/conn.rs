@@ -319,10 +319,9 @@ impl Conn {
                 self.buf.resize(len * 2, 0);
             }
         }
-        Ok(self.stream.read(&mut self.buf[self.end..]).await.map(|n| {
-            self.end += n;
-            n
-        })?)
+        let n = self.stream.read(&mut self.buf[self.end..]).await?;
+        self.end += n;
+        Ok(n)
     }
 }
 

@@ -362,6 +362,9 @@ fn parse_header(text: &str) -> Result<(String, Template), DrillError> {
     Ok((name.to_string(), Template::parse(value)))
 }
 
+/// The token a rule reads: its header, secret, and `(claim, value)`s.
+type Token<'r> = (&'r http::HeaderName, &'r [u8], Vec<(String, Piece)>);
+
 /// The order request a rule expects, and its token signer when it reads a
 /// JWT; without its path when `own_path` (`--path` replaces it).
 fn from_rule(rule: &Rule, own_path: bool) -> Result<(RequestPlan, Option<Signer>), DrillError> {
@@ -370,7 +373,7 @@ fn from_rule(rule: &Rule, own_path: bool) -> Result<(RequestPlan, Option<Signer>
     let mut cookies: Vec<(&str, Piece)> = Vec::new();
     let mut json: Vec<(&str, Piece)> = Vec::new();
     let mut headers: Vec<(String, Template)> = Vec::new();
-    let mut jwt: Option<(&http::HeaderName, &[u8], Vec<(String, Piece)>)> = None;
+    let mut jwt: Option<Token<'_>> = None;
     let sources = [
         (Some(&rule.user), Piece::User),
         (Some(&rule.sku), Piece::Sku),

@@ -289,6 +289,77 @@ fn kept(status: u16, release_on: &ReleaseOn) -> bool {
         || (400..500).contains(&status) && release_on.status_4xx)
 }
 
+/// One request that went out.
+struct Sent {
+    kind: Kind,
+    user: u64,
+    sku_index: usize,
+    at: Instant,
+    micros: u64,
+}
+
+/// Counts one request's answer (or failure), and follows a win or a ticket.
+fn count(local: &Local, sent: &Sent, result: &Result<super::conn::Answer, Failure>, body: &[u8]) {
+    let Sent {
+        kind,
+        user,
+        sku_index,
+        at: sent,
+        micros,
+    } = *sent;
+    let plan = &*local.plan;
+    let load = &local.load;
+    let shared = &*local.shared;
+    let mut stats = local.stats.borrow_mut();
+    match result {
+        Ok(answer) => {
+            stats.record(kind, answer.label, answer.status, micros);
+            if kind == Kind::Order {
+                match answer.label {
+                    Label::Outcome(Outcome::Forwarded) if kept(answer.status, &load.release_on) => {
+                        stats.wins.push(Win {
+                            user,
+                            sku: sku_index,
+                            units: plan.quantity,
+                            by: WonBy::Forwarded,
+                        });
+                    }
+                    Label::Outcome(Outcome::Queued) => {
+                        stats.tickets.queued += 1;
+                        match tickets::ticket_of(body) {
+                            Some(ticket) => {
+                                shared.tickets_open.fetch_add(1, Ordering::Relaxed);
+                                local.tickets.borrow_mut().push(Pending {
+                                    due: Instant::now() + tickets::FIRST_POLL,
+                                    clicked: sent,
+                                    give_up: sent + load.ticket_timeout,
+                                    wait: tickets::FIRST_POLL,
+                                    ticket,
+                                    user,
+                                    sku: sku_index,
+                                    units: plan.quantity,
+                                });
+                            }
+                            // A queued answer without a ticket (a rule
+                            // overriding its body) cannot be followed.
+                            None => stats.tickets.unknown += 1,
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Err(failure) => {
+            let errors = stats.errors_mut(kind);
+            match failure {
+                Failure::Connect => errors.connect += 1,
+                Failure::Io => errors.io += 1,
+                Failure::Timeout => errors.timeouts += 1,
+            }
+        }
+    }
+}
+
 /// One keep-alive connection sending schedule slots until none are left.
 async fn worker(local: Rc<Local>) {
     let plan = &*local.plan;
@@ -333,57 +404,14 @@ async fn worker(local: Rc<Local>) {
         let sent = Instant::now();
         let result = client.send(&request, &mut body, keep).await;
         let micros = sent.elapsed().as_micros() as u64;
-        let mut stats = local.stats.borrow_mut();
-        match result {
-            Ok(answer) => {
-                stats.record(kind, answer.label, answer.status, micros);
-                if kind == Kind::Order {
-                    match answer.label {
-                        Label::Outcome(Outcome::Forwarded)
-                            if kept(answer.status, &load.release_on) =>
-                        {
-                            stats.wins.push(Win {
-                                user,
-                                sku: sku_index,
-                                units: plan.quantity,
-                                by: WonBy::Forwarded,
-                            });
-                        }
-                        Label::Outcome(Outcome::Queued) => {
-                            stats.tickets.queued += 1;
-                            match tickets::ticket_of(&body) {
-                                Some(ticket) => {
-                                    shared.tickets_open.fetch_add(1, Ordering::Relaxed);
-                                    local.tickets.borrow_mut().push(Pending {
-                                        due: Instant::now() + tickets::FIRST_POLL,
-                                        clicked: sent,
-                                        give_up: sent + load.ticket_timeout,
-                                        wait: tickets::FIRST_POLL,
-                                        ticket,
-                                        user,
-                                        sku: sku_index,
-                                        units: plan.quantity,
-                                    });
-                                }
-                                // A queued answer without a ticket (a rule
-                                // overriding its body) cannot be followed.
-                                None => stats.tickets.unknown += 1,
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-            }
-            Err(failure) => {
-                let errors = stats.errors_mut(kind);
-                match failure {
-                    Failure::Connect => errors.connect += 1,
-                    Failure::Io => errors.io += 1,
-                    Failure::Timeout => errors.timeouts += 1,
-                }
-            }
-        }
-        drop(stats);
+        let out = Sent {
+            kind,
+            user,
+            sku_index,
+            at: sent,
+            micros,
+        };
+        count(&local, &out, &result, &body);
         shared.finished.fetch_add(1, Ordering::Relaxed);
         if matches!(result, Err(Failure::Connect)) {
             // A refused connect fails at once; pause so a dead target is
