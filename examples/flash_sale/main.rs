@@ -168,7 +168,7 @@ async fn main() -> anyhow::Result<()> {
     if args.serve {
         println!(
             "The mall (row lock {} ms per order) behind Sluice at {listen}, admin {admin}; {} units of {SKU} loaded.\n\
-             Play the sale (Ctrl-C here stops mall and gateway):\n\n  \
+             Play the sale (Ctrl-C or SIGTERM stops mall and gateway):\n\n  \
              sluice drill --config {} --rule phone-seckill --sku {SKU} --users {} --attempts-per-user 2 \\\n    \
              --concurrency {} --admin http://{admin} --stock {}",
             args.row_lock_ms,
@@ -178,7 +178,13 @@ async fn main() -> anyhow::Result<()> {
             args.concurrency,
             args.stock
         );
-        tokio::signal::ctrl_c().await?;
+        // Ctrl-C or SIGTERM ends the demo (the gateway inside takes
+        // SIGTERM as a drain, which alone would leave the mall running).
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r?,
+            _ = term.recv() => {}
+        }
         std::process::exit(0);
     }
     println!(
