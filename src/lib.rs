@@ -19,6 +19,7 @@
 //! | `cache` | the read cache (memory and Redis tiers, single flight, stale answers) and the stock view of pages |
 //! | `drain` | the background sender of queued winners |
 //! | `reconcile` | `sluice reconcile`: ledger checks and repairs after a crash |
+//! | `drill` | `sluice drill`: a load test that plays a flash sale against a running gateway and checks its invariants (a client: nothing of the gateway imports it) |
 //! | `routes` | which upstream serves pass-through traffic (`routes:`), swappable |
 //! | `tls` | the TLS listener's certificate (a rustls resolver), re-read on reload |
 //! | `access_log` | one line per request, written off the request path; SIGUSR1 reopens the file |
@@ -53,6 +54,7 @@ pub mod backend;
 pub mod cache;
 pub mod config;
 pub mod drain;
+pub mod drill;
 pub mod logging;
 pub mod metrics;
 pub mod outcome;

@@ -25,6 +25,10 @@ enum Command {
     /// Validate the config and every rule file; exit 1 listing every
     /// problem on stderr.
     Check(CheckArgs),
+    /// Play a flash sale against a running gateway (N users, M clicks
+    /// each, C keep-alive connections) and report outcomes, latencies,
+    /// tickets and the invariant checks it could verify.
+    Drill(Box<sluice::drill::DrillArgs>),
     /// Check the shared store's ledgers after a crash and repair them from
     /// the tickets the backend placed (dry run unless --apply).
     Reconcile(ReconcileArgs),
@@ -91,6 +95,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run(cli.run)) {
         Command::Check(args) => check(&args),
+        Command::Drill(args) => drill(&args),
         Command::Reconcile(args) => match reconcile(&args) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,
@@ -143,6 +148,29 @@ fn check(args: &CheckArgs) -> ExitCode {
                 eprintln!("{e}");
             }
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Exit status 0 when every check passed, 1 when one failed (or the
+/// target never answered), 2 when the drill could not run.
+fn drill(args: &sluice::drill::DrillArgs) -> ExitCode {
+    match sluice::drill::run(args) {
+        Ok(report) => {
+            if args.json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{}", report.to_text());
+            }
+            if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("sluice drill: {e}");
+            ExitCode::from(2)
         }
     }
 }

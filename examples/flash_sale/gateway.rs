@@ -35,7 +35,7 @@ pub struct Sluice {
     /// The admin listener.
     pub admin: SocketAddr,
     /// Holds gateway.yaml and the rule file while the gateway runs.
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 fn free_addr() -> anyhow::Result<SocketAddr> {
@@ -54,11 +54,7 @@ impl Sluice {
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let gateway = sluice::server::Gateway::build(config, false)?;
         std::thread::spawn(move || gateway.run());
-        let sluice = Sluice {
-            listen,
-            admin,
-            _dir: dir,
-        };
+        let sluice = Sluice { listen, admin, dir };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !sluice
             .get("/readyz")
@@ -71,6 +67,11 @@ impl Sluice {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Ok(sluice)
+    }
+
+    /// The gateway.yaml it runs with (for `sluice drill --config`).
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("gateway.yaml")
     }
 
     /// Loads `units` of `sku` under the demo rule.

@@ -40,6 +40,9 @@ flash_sale: the same sale straight at a legacy mall, then through Sluice
   --mysql URL       run the mall on MySQL/MariaDB (or MALL_MYSQL_URL);
                     its goods and orders tables are created when missing
                     and reset for each phase
+  --serve           load the stock and keep the mall and Sluice running
+                    (until Ctrl-C) instead of playing the sale, and print
+                    the `sluice drill` command that plays it against them
 ";
 
 /// The demo's knobs.
@@ -54,6 +57,7 @@ struct Args {
     row_lock_ms: u64,
     max_inflight: u64,
     mysql: Option<String>,
+    serve: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -70,9 +74,14 @@ fn parse_args() -> anyhow::Result<Args> {
         mysql: std::env::var("MALL_MYSQL_URL")
             .ok()
             .filter(|u| !u.is_empty()),
+        serve: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--serve" {
+            args.serve = true;
+            continue;
+        }
         if flag == "--help" || flag == "-h" {
             print!("{HELP}");
             std::process::exit(0);
@@ -167,6 +176,37 @@ async fn play(
     })
 }
 
+/// `--serve`: the mall and Sluice in front of it, stock loaded, until
+/// Ctrl-C or SIGTERM, for `sluice drill` to play the sale against.
+async fn serve(mall: &Mall, at: SocketAddr, args: &Args) -> anyhow::Result<()> {
+    mall.reset(SKU, args.stock).await?;
+    let sluice = gateway::Sluice::start(at, args.max_inflight).await?;
+    sluice.load_stock(SKU, args.stock).await?;
+    println!(
+        "Sluice at {} (admin {}) in front of the mall at {at}; {} units of {SKU} loaded.\n\
+         Play the sale (Ctrl-C or SIGTERM stops mall and gateway):\n\n  \
+         sluice drill --target http://{} --config {} --rule {} --sku {SKU} --users {} \\\n    \
+         --attempts-per-user 2 --concurrency 200 --admin http://{} --stock {}",
+        sluice.listen,
+        sluice.admin,
+        args.stock,
+        sluice.listen,
+        sluice.config_path().display(),
+        gateway::RULE,
+        args.buyers,
+        sluice.admin,
+        args.stock
+    );
+    // The gateway inside takes SIGTERM as a drain, which alone would leave
+    // the mall running: either signal ends the whole demo.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    std::process::exit(0);
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
@@ -199,6 +239,9 @@ async fn main() -> anyhow::Result<()> {
         args.page_views
     );
     println!("The mall: {}.\n", mall.store().describe());
+    if args.serve {
+        return serve(&mall, server.addr(), &args).await;
+    }
 
     let direct = play(
         "Straight at the mall",
