@@ -55,6 +55,9 @@ impl MariaDbServer {
             .arg(format!("--datadir={}", data.display()))
             .arg("--auth-root-authentication-method=normal")
             .arg("--skip-test-db")
+            // Its bootstrap server names temporary tables by pid in
+            // TMPDIR: two installs sharing /tmp can take each other's.
+            .env("TMPDIR", dir.path())
             .current_dir(dir.path())
             .stdin(Stdio::null());
         if is_root() {
@@ -158,6 +161,7 @@ fn spawn(mariadbd: &Path, dir: &Path, port: u16) -> Child {
         .arg(format!("--pid-file={}", path("mariadbd.pid")))
         .arg(format!("--log-error={}", path("error.log")))
         .arg(format!("--init-file={}", path("init.sql")))
+        .arg(format!("--tmpdir={}", dir.display()))
         .arg(format!("--port={port}"))
         .arg("--bind-address=127.0.0.1")
         .arg("--skip-networking=0")
