@@ -38,10 +38,13 @@ function _M.init(c)
 end
 
 local function reply(status, outcome, body)
+  body = body or BODY[outcome]
   ngx.status = status
   ngx.header["Content-Type"] = "application/json"
+  -- A length, not chunks: the same framing as Sluice's and nginx's answers.
+  ngx.header["Content-Length"] = #body
   ngx.header["X-Sluice-Outcome"] = outcome
-  ngx.print(body or BODY[outcome])
+  ngx.print(body)
   return ngx.exit(ngx.HTTP_OK)
 end
 
