@@ -7,6 +7,13 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+// mimalloc instead of glibc's malloc: pingora and the gateway allocate and
+// free small buffers on every request, and glibc's malloc/free were a tenth
+// to a fifth of the profile. Measured against glibc and jemalloc in
+// BENCHMARKS.md ("The release profile").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Sluice: a flash-sale gateway in front of a mall backend.
 #[derive(Parser)]
 #[command(name = "sluice", version, args_conflicts_with_subcommands = true)]
