@@ -5,7 +5,7 @@
 //! memory store. Prints the two side by side, every number measured in the
 //! run.
 //!
-//! `cargo run --release --example flash_sale [-- --buyers 3000 --stock 100
+//! `cargo run --profile demo --example flash_sale [-- --buyers 3000 --stock 100
 //! --mysql mysql://root@127.0.0.1:3306/mall]`; `--help` lists the knobs.
 
 mod buyers;
