@@ -151,7 +151,7 @@ pub struct TicketRecord {
 }
 
 /// The admin view of one (rule, sku): all integers, from the ledger.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StockView {
     /// Units anyone can still win.
     pub available: u64,
@@ -165,6 +165,18 @@ pub struct StockView {
     pub queued: u64,
     /// Units returned to stock by releases, cumulative.
     pub released: u64,
+}
+
+impl StockView {
+    /// Units held or sold: what `initial` must equal.
+    pub fn accounted(&self) -> u64 {
+        self.available + self.in_flight + self.queued + self.sold
+    }
+
+    /// Whether nothing is held any more.
+    pub fn settled(&self) -> bool {
+        self.in_flight == 0 && self.queued == 0
+    }
 }
 
 /// One ticket of a sku as `sluice reconcile` sees it: its record and

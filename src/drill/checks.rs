@@ -15,11 +15,12 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::conn::{Client, Keep};
 use super::stats::Win;
 use super::DrillError;
+use crate::store::StockView;
 
 /// How long to wait for holds to settle (commits land just after their
 /// answers; queued winners need the backend) before the final view.
@@ -30,35 +31,6 @@ const SETTLE_POLL: Duration = Duration::from_millis(50);
 
 /// Admin calls get this long each.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The admin API's stock view of one (rule, sku).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StockView {
-    /// Units anyone can still win.
-    pub available: u64,
-    /// Units ever loaded.
-    pub initial: u64,
-    /// Units in committed tickets.
-    pub sold: u64,
-    /// Units at the backend now.
-    pub in_flight: u64,
-    /// Units in queued tickets.
-    pub queued: u64,
-    /// Units returned by releases, cumulative.
-    pub released: u64,
-}
-
-impl StockView {
-    /// Units held or sold: what `initial` must equal.
-    pub fn accounted(&self) -> u64 {
-        self.available + self.in_flight + self.queued + self.sold
-    }
-
-    /// Whether nothing is held any more.
-    pub fn settled(&self) -> bool {
-        self.in_flight == 0 && self.queued == 0
-    }
-}
 
 /// The admin listener and its token.
 pub struct Admin {

@@ -9,8 +9,9 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-use super::checks::{Check, StockView};
+use super::checks::Check;
 use super::stats::{histogram, Kind, Stats, WonBy};
+use crate::store::StockView;
 
 /// What was asked for.
 #[derive(Clone, Debug)]
