@@ -23,13 +23,16 @@
 //! | `routes` | which upstream serves pass-through traffic (`routes:`), swappable |
 //! | `tls` | the TLS listener's certificate (a rustls resolver), re-read on reload |
 //! | `access_log` | one line per request, written off the request path; SIGUSR1 reopens the file |
-//! | `proxy` | the pingora glue, one or two calls per phase |
+//! | `proxy` | the pingora glue, one or two calls per phase; the fast lane (refusals answered from the connection gate) |
 //! | `reload` | SIGHUP and admin reloads: validate, refuse restart-only changes, swap |
 //! | `admin` | the admin listener: metrics, health, stock, release and reload API |
 //! | `server` | builds and runs the pingora server from a config |
 //! | `logging` | tracing set-up (text or JSON on stderr) |
 //!
-//! The path of a request (details in `proxy`):
+//! The path of a request (details in `proxy`); a rule request whose whole
+//! body came with its head is first judged by `proxy::lane`, from the
+//! connection gate: a refusal is answered there, a winner's verdict goes
+//! along to `request_filter`.
 //!
 //! ```text
 //! client ─► proxy::request_filter ─► rules::RuleSet::find ── no rule ──► cache rule? read cache (hit, stale,

@@ -33,6 +33,7 @@
 mod access;
 mod cached;
 mod intake;
+pub mod lane;
 pub mod respond;
 
 use std::net::IpAddr;

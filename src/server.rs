@@ -19,6 +19,7 @@ use arc_swap::ArcSwap;
 
 use pingora_core::apps::http_app::HttpServer;
 use pingora_core::apps::HttpServerOptions;
+use pingora_core::listeners::{L4BufferSettings, ListenerConfig, DEFAULT_L4_WRITE_BUFFER_SIZE};
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::Server;
 use pingora_core::services::listening::Service;
@@ -36,6 +37,7 @@ use crate::config::tls::TlsFileError;
 use crate::config::{is_loopback, AdminConfig, Config, StoreBackend};
 use crate::drain::Drainer;
 use crate::metrics::Metrics;
+use crate::proxy::lane::FastLane;
 use crate::proxy::SluiceProxy;
 use crate::queue::memory::MemoryQueue;
 use crate::queue::rates::DrainRates;
@@ -309,25 +311,35 @@ impl Gateway {
                 routes.clone(),
                 (cache.clone(), stock),
             )
-            .with_access_log(access_log),
+            .with_access_log(access_log.clone()),
         );
         proxy_app.server_options = Some(options);
         let gate = ConnectionGate::new(
             proxy_app,
             ConnectionLimits::main(&config.limits, fds),
             "main",
-        );
+        )
+        .with_lane(FastLane::new(
+            live.clone(),
+            metrics.clone(),
+            admission.clone(),
+            access_log,
+        ));
         let open_connections = gate.open_count();
         let mut proxy = Service::new("sluice proxy".to_string(), gate);
-        proxy.add_tcp(&config.listen.to_string());
+        // No L4 read buffer: the gate, the lane and pingora's sessions each
+        // read into buffers of their own, so pingora's default 64 KiB one
+        // (zeroed at accept) only added a copy per read and 64 KiB of
+        // memory per open connection, idle or not (BENCHMARKS.md, RSS).
+        let endpoint = |addr: SocketAddr| {
+            ListenerConfig::tcp(addr.to_string())
+                .l4_buffer(L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE))
+        };
+        proxy.add_listener(endpoint(config.listen));
         // Same service, same gate and connection cap: a request over TLS
         // takes exactly the path of a plain one.
         if let (Some(tls_config), Some(certs)) = (&config.tls, &tls) {
-            proxy.add_tls_with_settings(
-                &tls_config.listen.to_string(),
-                None,
-                TlsCerts::settings(certs)?,
-            );
+            proxy.add_listener(endpoint(tls_config.listen).tls(TlsCerts::settings(certs)?));
         }
 
         let mut admin = Service::new(

@@ -22,10 +22,10 @@ use crate::queue::QueuedRequest;
 use crate::rules::Route;
 
 /// The path prefix of ticket polls.
-const TICKETS_PATH: &str = "/sluice/tickets/";
+pub(super) const TICKETS_PATH: &str = "/sluice/tickets/";
 
 /// The path prefix of stock polls (`/sluice/stock/{rule}/{sku}`).
-const STOCK_PATH: &str = "/sluice/stock/";
+pub(super) const STOCK_PATH: &str = "/sluice/stock/";
 
 /// The body length a request declares (`None` for chunked or absent).
 pub(super) fn declared_length(req: &RequestHeader) -> Option<u64> {
@@ -139,7 +139,10 @@ impl SluiceProxy {
                     &ctx.config.trusted_proxies,
                 ),
             };
-            let (verdict, attempt) = self.admission.admit_seen(stage, &candidate).await;
+            let (verdict, attempt) = match super::lane::take_preset(stage) {
+                Some(judged) => judged,
+                None => self.admission.admit_seen(stage, &candidate).await,
+            };
             if let Some(a) = attempt {
                 (ctx.user, ctx.sku) = (Some(a.user), Some(a.sku));
             }

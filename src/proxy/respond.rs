@@ -34,6 +34,70 @@ pub async fn write_answer(session: &mut Session, answer: &Rendered) -> Result<()
         .await
 }
 
+/// Header names as pingora spells them on the wire (its `titled_header_name`
+/// list, which it keeps private); others go out in lower case, as there.
+fn titled(name: &http::HeaderName) -> &str {
+    use http::header as h;
+    match *name {
+        h::ACCEPT_RANGES => "Accept-Ranges",
+        h::AGE => "Age",
+        h::CACHE_CONTROL => "Cache-Control",
+        h::CONNECTION => "Connection",
+        h::CONTENT_TYPE => "Content-Type",
+        h::CONTENT_ENCODING => "Content-Encoding",
+        h::CONTENT_LENGTH => "Content-Length",
+        h::DATE => "Date",
+        h::TRANSFER_ENCODING => "Transfer-Encoding",
+        h::HOST => "Host",
+        h::SERVER => "Server",
+        h::SET_COOKIE => "Set-Cookie",
+        _ => name.as_str(),
+    }
+}
+
+/// A rendered answer as the bytes of an HTTP/1.1 response, its fields in
+/// the order and spelling [`write_answer`] has pingora write them, then
+/// `more` fields.
+pub fn to_wire(r: &Rendered, more: &[(&str, &[u8])]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut out = Vec::with_capacity(192 + r.body.len());
+    // Writing into a Vec cannot fail.
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\n",
+        r.status.as_u16(),
+        r.status.canonical_reason().unwrap_or("")
+    );
+    let mut field = |name: &str, value: &[u8]| {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    };
+    for (name, value) in &r.headers {
+        field(titled(name), value.as_bytes());
+    }
+    field(
+        "Content-Length",
+        itoa::Buffer::new().format(r.body.len()).as_bytes(),
+    );
+    field(OUTCOME_HEADER, r.outcome.as_str().as_bytes());
+    for (name, value) in more {
+        field(name, value);
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&r.body);
+    out
+}
+
+/// The bytes pingora writes for [`write_answer`] on an HTTP/1.1 session:
+/// the answer, its `Date` and `Connection`.
+pub fn wire_answer(r: &Rendered, keep_alive: bool) -> Vec<u8> {
+    let date = pingora_core::protocols::http::date::get_cached_date();
+    let connection: &[u8] = if keep_alive { b"keep-alive" } else { b"close" };
+    to_wire(r, &[("Date", date.as_bytes()), ("Connection", connection)])
+}
+
 /// What to tell a client whose request failed with `e`; `None` when the
 /// client itself went away (nobody to tell). A request pingora refuses to
 /// forward (say `Connection` nominating `Host`) or a body with broken

@@ -11,7 +11,12 @@
 //!              │ a slot, held until the connection closes       read and drop what the client sends, close
 //!              ▼
 //!           read the request head (no parsing: find its end) ── late ──► 408, close
-//!              │ complete: the bytes are put back into the stream   idle, closed ──► close
+//!              │ complete                                          idle, closed ──► close
+//!              ▼
+//!           the fast lane (main listener): a rule request whose whole body is here
+//!              │ ── the gateway's own answer ──► written here; the next head may already follow
+//!              │ ── a winner ──► its verdict goes along to pingora's session (task-local)
+//!              │ the bytes are put back into the stream
 //!              ▼
 //!           the app's HTTP/1 session: pingora parses the head from those bytes, no socket read
 //!              │ reusable
@@ -44,7 +49,8 @@ use tokio::time::{timeout, timeout_at, Instant};
 
 use crate::config::{defaults, Limits};
 use crate::outcome::{render, Answer, Rendered};
-use crate::proxy::respond::OUTCOME_HEADER;
+use crate::proxy::lane::{self, FastLane, Step};
+use crate::proxy::respond::to_wire;
 
 /// Concurrent connections of the admin listener: scrapes, probes and an
 /// operator's calls are few; the fd reserve (`defaults::FD_RESERVE`) counts them.
@@ -369,8 +375,20 @@ async fn read_head(
     let mut scan = HeadScan::default();
     let mut until = match deadline {
         Deadline::Fresh(by) => by,
+        // Bytes left after the last request (the fast lane answered it)
+        // are this head's first: its header_timeout runs from now.
+        Deadline::Next { header_timeout, .. } if !buf.is_empty() => Instant::now() + header_timeout,
         Deadline::Next { idle_until, .. } => idle_until,
     };
+    // A client that pipelines may have sent all of this head already.
+    if !buf.is_empty() {
+        if scan.complete(buf) {
+            return Head::Complete;
+        }
+        if buf.len() > max_head_bytes {
+            return Head::TooLarge;
+        }
+    }
     loop {
         if buf.capacity() - buf.len() < HEAD_BUF / 4 {
             buf.reserve(HEAD_BUF);
@@ -422,30 +440,7 @@ fn rewind(stream: Stream, bytes: &[u8]) -> Option<Stream> {
 
 /// A rendered answer as the raw HTTP/1.1 bytes of a closing response.
 fn closing_response(r: &Rendered) -> Bytes {
-    let mut out = Vec::with_capacity(256 + r.body.len());
-    out.extend_from_slice(
-        format!(
-            "HTTP/1.1 {} {}\r\n",
-            r.status.as_u16(),
-            r.status.canonical_reason().unwrap_or("")
-        )
-        .as_bytes(),
-    );
-    let mut header = |name: &[u8], value: &[u8]| {
-        out.extend_from_slice(name);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
-    };
-    for (name, value) in &r.headers {
-        header(name.as_str().as_bytes(), value.as_bytes());
-    }
-    header(OUTCOME_HEADER.as_bytes(), r.outcome.as_str().as_bytes());
-    header(b"Content-Length", r.body.len().to_string().as_bytes());
-    header(b"Connection", b"close");
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(&r.body);
-    Bytes::from(out)
+    Bytes::from(to_wire(r, &[("Connection", b"close")]))
 }
 
 /// Whether pingora left the start of a pipelined next request in
@@ -490,6 +485,8 @@ fn whole_secs(d: Duration) -> u64 {
 /// front of a pingora HTTP app.
 pub struct ConnectionGate<A> {
     app: Arc<A>,
+    /// Judges rule requests from the head's bytes before pingora does.
+    lane: Option<FastLane>,
     limits: ConnectionLimits,
     /// Which listener, for logs.
     listener: &'static str,
@@ -569,6 +566,7 @@ impl<A> ConnectionGate<A> {
             ),
             two_hosts: refusal_of(StatusCode::BAD_REQUEST, "Host: sent more than once"),
             app: Arc::new(app),
+            lane: None,
             limits,
             listener,
             open: Arc::new(AtomicUsize::new(0)),
@@ -580,6 +578,13 @@ impl<A> ConnectionGate<A> {
             late: closing_response(&late),
             too_large: closing_response(&too_large),
         }
+    }
+
+    /// Puts `lane` in front of the app: the gateway's own answers to rule
+    /// requests go out without a pingora session.
+    pub fn with_lane(mut self, lane: FastLane) -> Self {
+        self.lane = Some(lane);
+        self
     }
 
     /// Client connections being served now.
@@ -681,12 +686,17 @@ where
         let keepalive_secs = whole_secs(self.limits.keepalive_timeout);
         let mut settings: Option<HttpPersistentSettings> = None;
         let mut deadline = Deadline::Fresh(Instant::now() + self.limits.header_timeout);
+        let peer = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        // pingora counts a connection's reuses only in its own sessions.
+        let lane = self.lane.as_ref().filter(|_| reuse_limit.is_none());
         // One buffer per connection: its bytes are copied back into the
-        // stream, so it is free again for the next head.
+        // stream, so it is free again for the next head; what follows a
+        // request the lane answered stays in it as the next head's start.
         let mut buf = BytesMut::with_capacity(HEAD_BUF);
         loop {
-            buf.clear();
-            if buf.capacity() > 4 * HEAD_BUF {
+            if buf.is_empty() && buf.capacity() > 4 * HEAD_BUF {
                 // A large head once should not pin its buffer for the
                 // connection's life.
                 buf = BytesMut::with_capacity(HEAD_BUF);
@@ -716,7 +726,7 @@ where
             // At shutdown an idle keep-alive connection is closed, but a
             // new one (accepted just before the listener closed, its
             // client already sending) is served its first request.
-            let idle = matches!(deadline, Deadline::Next { .. });
+            let idle = matches!(deadline, Deadline::Next { .. }) && buf.is_empty();
             let head = tokio::select! {
                 biased;
                 head = read_head(&mut stream, &mut buf, deadline, self.limits.max_head_bytes) => head,
@@ -750,9 +760,37 @@ where
                 self.answer_and_close(&mut stream, answer).await;
                 return;
             }
+            let mut preset = None;
+            if let Some(lane) = lane.filter(|_| !h2_preface && !*shutdown.borrow()) {
+                match lane.step(&buf, peer).await {
+                    Step::Pass => {}
+                    Step::Forward(p) => preset = Some(p),
+                    Step::Answered {
+                        response,
+                        used,
+                        close,
+                    } => {
+                        let sent = timeout(self.limits.header_timeout, async {
+                            stream.write_all(&response).await?;
+                            stream.flush().await
+                        })
+                        .await;
+                        if close || !matches!(sent, Ok(Ok(()))) {
+                            return;
+                        }
+                        let _ = buf.split_to(used);
+                        deadline = Deadline::Next {
+                            idle_until: Instant::now() + self.limits.keepalive_timeout,
+                            header_timeout: self.limits.header_timeout,
+                        };
+                        continue;
+                    }
+                }
+            }
             let Some(rewound) = rewind(stream, &buf) else {
                 return;
             };
+            buf.clear();
             stream = rewound;
             if h2c && matches!(deadline, Deadline::Fresh(_)) && h2_preface {
                 // pingora's own h2c path: it peeks the preface again, from
@@ -770,7 +808,12 @@ where
                     session.set_keepalive_reuses_remaining(reuse_limit);
                 }
             }
-            let Some(reused) = self.app.process_new_http(session, shutdown).await else {
+            let served = self.app.process_new_http(session, shutdown);
+            let reused = match preset {
+                Some(p) => lane::with_preset(p, served).await,
+                None => served.await,
+            };
+            let Some(reused) = reused else {
                 return;
             };
             let (next, kept) = reused.consume();
@@ -904,7 +947,7 @@ mod tests {
             "{head}"
         );
         for line in [
-            "content-type: application/json",
+            "Content-Type: application/json",
             "X-Sluice-Outcome: unavailable",
             "retry-after: 1",
             "Connection: close",

@@ -1,0 +1,384 @@
+//! The fast lane: a request to a flash-sale rule judged straight from the
+//! bytes the connection gate read, before pingora builds a session for it.
+//! When the gateway answers it itself (sold out, rate limited, ended, a
+//! duplicate, invalid, ...), the lane writes the same answer the proxy
+//! would, counts it and logs it; a winner (or a capped pass) goes on to
+//! pingora with its verdict handed over through a task-local, so admission
+//! runs once per request and the hold keeps one owner.
+//!
+//! Why: nearly all of a sale's crowd is refused, and pingora's session
+//! (head parse into its own types, the proxy phases, the response writer)
+//! cost more than all of the gateway's own work on such a request
+//! (BENCHMARKS.md). The lane takes only what it reads exactly as pingora
+//! would: HTTP/1.1 in origin form, one `Host`, at most one all-digit
+//! `Content-Length` with the whole body already read, no
+//! `Transfer-Encoding`, `Expect` or `Upgrade`, `Connection` absent,
+//! `keep-alive` or `close`, within the size limits, to a rule's route.
+//! Everything else (polls, pass-through, refused spellings, a body still on
+//! its way, a shutdown) goes to pingora untouched, bytes and all.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue, Method, Uri};
+
+use super::intake::{STOCK_PATH, TICKETS_PATH};
+use super::respond::wire_answer;
+use crate::access_log::{clip_header, clip_path, AccessLog, Entry};
+use crate::admission::extract::{Attempt, RequestParts};
+use crate::admission::{Admission, Candidate, RuleStage, Verdict};
+use crate::backend::forwarded;
+use crate::config::{Config, Limits};
+use crate::metrics::Metrics;
+use crate::rules::Route;
+
+/// Header fields the lane parses; a head with more goes to pingora.
+const MAX_FIELDS: usize = 64;
+
+/// What the lane made of the request at the front of the gate's buffer.
+pub enum Step {
+    /// Not the lane's: pingora serves it from the same bytes.
+    Pass,
+    /// Answered: write `response`, drop the request's `used` bytes from
+    /// the buffer (what follows is the next request), and close the
+    /// connection after writing when `close`.
+    Answered {
+        /// The whole HTTP/1.1 response.
+        response: Vec<u8>,
+        /// The request's head and body length.
+        used: usize,
+        /// The client asked for `Connection: close`.
+        close: bool,
+    },
+    /// A verdict that forwards: pingora serves the request with it.
+    Forward(Preset),
+}
+
+/// A verdict the lane reached for a request that pingora now forwards.
+pub struct Preset {
+    stage: Arc<RuleStage>,
+    verdict: Verdict,
+    attempt: Option<Attempt>,
+}
+
+tokio::task_local! {
+    static PRESET: RefCell<Option<Preset>>;
+}
+
+/// Runs pingora's session of the request the lane judged, with its
+/// verdict for `request_filter` to take; a verdict left untaken (the
+/// session failed first) is dropped with the scope, which releases a hold.
+pub async fn with_preset<F: Future>(preset: Preset, session: F) -> F::Output {
+    PRESET.scope(RefCell::new(Some(preset)), session).await
+}
+
+/// The verdict the lane reached for this request, if it judged it under
+/// `stage`. A stage swapped by a reload in between drops the verdict (its
+/// hold goes back) and the request is judged again.
+pub(super) fn take_preset(stage: &RuleStage) -> Option<(Verdict, Option<Attempt>)> {
+    let preset = PRESET.try_with(|p| p.borrow_mut().take()).ok().flatten()?;
+    std::ptr::eq(&*preset.stage, stage).then_some((preset.verdict, preset.attempt))
+}
+
+/// A request head the lane takes, parsed from the gate's buffer.
+#[derive(Debug)]
+struct Head {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    /// Bytes of the head, then of the body, at the front of the buffer.
+    head_len: usize,
+    body_len: usize,
+    /// `Connection: close`.
+    close: bool,
+}
+
+/// An all-digit `Content-Length` (what every parser reads alike).
+fn digits(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// The head at the front of `buf` with its whole body after it, if the
+/// lane takes it (see the module doc); `None` hands it to pingora.
+fn parse(buf: &[u8], limits: &Limits) -> Option<Head> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
+    let mut req = httparse::Request::new(&mut fields);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        _ => return None,
+    };
+    if req.version != Some(1) {
+        return None;
+    }
+    let method = Method::from_bytes(req.method?.as_bytes()).ok()?;
+    let target = req.path?;
+    if !target.starts_with('/') {
+        return None;
+    }
+    let uri = Uri::try_from(target).ok()?;
+    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    let (mut header_bytes, mut length, mut close, mut hosts) = (0u64, None, false, 0);
+    for field in req.headers.iter() {
+        let name = HeaderName::from_bytes(field.name.as_bytes()).ok()?;
+        let value = field.value;
+        // As `limits.max_header_bytes` counts them: name, ": ", value, CRLF.
+        header_bytes += (name.as_str().len() + value.len() + 4) as u64;
+        if name == header::TRANSFER_ENCODING || name == header::EXPECT || name == header::UPGRADE {
+            return None;
+        } else if name == header::CONTENT_LENGTH {
+            if length.is_some() {
+                return None;
+            }
+            length = Some(digits(value)?);
+        } else if name == header::CONNECTION {
+            if value.eq_ignore_ascii_case(b"close") {
+                close = true;
+            } else if !value.eq_ignore_ascii_case(b"keep-alive") {
+                return None;
+            }
+        } else if name == header::HOST {
+            hosts += 1;
+        }
+        headers.append(name, HeaderValue::from_bytes(value).ok()?);
+    }
+    let body_len = length.unwrap_or(0);
+    if hosts != 1
+        || header_bytes > limits.max_header_bytes
+        || body_len > limits.max_body_bytes.min(limits.max_rule_body_bytes)
+    {
+        return None;
+    }
+    let body_len = usize::try_from(body_len).ok()?;
+    if buf.len() - head_len < body_len {
+        return None;
+    }
+    Some(Head {
+        method,
+        uri,
+        headers,
+        head_len,
+        body_len,
+        close,
+    })
+}
+
+/// The lane: the parts of the proxy a refusal needs.
+pub struct FastLane {
+    config: Arc<ArcSwap<Config>>,
+    metrics: Arc<Metrics>,
+    admission: Arc<Admission>,
+    access_log: Option<AccessLog>,
+}
+
+impl FastLane {
+    /// A lane over the proxy's config, metrics, pipeline and access log.
+    pub fn new(
+        config: Arc<ArcSwap<Config>>,
+        metrics: Arc<Metrics>,
+        admission: Arc<Admission>,
+        access_log: Option<AccessLog>,
+    ) -> Self {
+        Self {
+            config,
+            metrics,
+            admission,
+            access_log,
+        }
+    }
+
+    /// Judges the request at the front of `buf` (a complete head, as the
+    /// gate found it) from a client at `peer`.
+    pub async fn step(&self, buf: &[u8], peer: Option<IpAddr>) -> Step {
+        let started = Instant::now();
+        let config = self.config.load();
+        let Some(head) = parse(buf, &config.limits) else {
+            return Step::Pass;
+        };
+        let path = head.uri.path();
+        if head.method == Method::GET
+            && (path.starts_with(TICKETS_PATH) || path.starts_with(STOCK_PATH))
+        {
+            return Step::Pass;
+        }
+        let rules = self.admission.rules();
+        let Route::Rule(m) = rules.find(&head.method, path) else {
+            return Step::Pass;
+        };
+        let Some(stage) = rules.stage(m.index).cloned() else {
+            return Step::Pass;
+        };
+        let captures: Vec<(&str, &str)> =
+            m.captures.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let body = buf.get(head.head_len..head.head_len + head.body_len);
+        let client_ip = forwarded::client_ip(
+            peer.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
+            forwarded::chain(&head.headers).as_deref(),
+            &config.trusted_proxies,
+        );
+        let candidate = Candidate {
+            parts: RequestParts {
+                headers: &head.headers,
+                query: head.uri.query(),
+                captures: &captures,
+                body,
+            },
+            client_ip,
+        };
+        let (verdict, attempt) = self.admission.admit_seen(&stage, &candidate).await;
+        let answer = match verdict {
+            Verdict::Answer(answer) => answer,
+            verdict => {
+                return Step::Forward(Preset {
+                    stage,
+                    verdict,
+                    attempt,
+                })
+            }
+        };
+        let rendered = Admission::render(Some(&stage), &answer);
+        let response = wire_answer(&rendered, !head.close);
+        let elapsed = started.elapsed();
+        tracing::debug!(
+            rule = &*stage.rule.name,
+            outcome = rendered.outcome.as_str(),
+            status = rendered.status.as_u16(),
+            elapsed_ms = elapsed.as_millis() as u64,
+            "decision"
+        );
+        self.metrics
+            .observe_request(Some(&stage.rule.name), rendered.outcome, elapsed);
+        if let Some(log) = &self.access_log {
+            let header = |name| {
+                head.headers
+                    .get(name)
+                    .map(|v: &HeaderValue| clip_header(&String::from_utf8_lossy(v.as_bytes())))
+            };
+            let (user, sku) = attempt.map(|a| (a.user, a.sku)).unzip();
+            log.send(Entry {
+                time: SystemTime::now(),
+                client_ip,
+                method: head.method.clone(),
+                path: clip_path(path),
+                version: http::Version::HTTP_11,
+                status: rendered.status.as_u16(),
+                bytes: rendered.body.len() as u64,
+                referer: header(header::REFERER),
+                user_agent: header(header::USER_AGENT),
+                outcome: rendered.outcome,
+                rule: Some(stage.rule.name.clone()),
+                sku,
+                user,
+                ticket: None,
+                upstream: None,
+                upstream_time: None,
+                total_time: started.elapsed(),
+            });
+        }
+        Step::Answered {
+            response,
+            used: head.head_len + head.body_len,
+            close: head.close,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            max_header_bytes: 200,
+            max_body_bytes: 100,
+            max_rule_body_bytes: 50,
+            max_connections: None,
+            header_timeout: std::time::Duration::from_secs(1),
+            keepalive_timeout: std::time::Duration::from_secs(1),
+        }
+    }
+
+    /// What the lane makes of `raw`: `(head_len, body_len, close)`.
+    fn taken(raw: &str) -> Option<(usize, usize, bool)> {
+        parse(raw.as_bytes(), &limits()).map(|h| (h.head_len, h.body_len, h.close))
+    }
+
+    #[test]
+    fn takes_plain_http11_requests_with_their_whole_body() {
+        let order = "POST /buy/1 HTTP/1.1\r\nHost: shop\r\nContent-Length: 2\r\n\r\nhi";
+        assert_eq!(taken(order), Some((order.len() - 2, 2, false)));
+        let pipelined = format!("{order}GET / HTTP/1.1\r\n");
+        assert_eq!(taken(&pipelined), Some((order.len() - 2, 2, false)));
+        let bare = "POST /buy/1 HTTP/1.1\r\nHost: shop\r\n\r\n";
+        assert_eq!(taken(bare), Some((bare.len(), 0, false)));
+        let closing = "POST /b HTTP/1.1\r\nHost: s\r\nConnection: Close\r\n\r\n";
+        assert_eq!(taken(closing), Some((closing.len(), 0, true)));
+        let kept = "POST /b HTTP/1.1\r\nHost: s\r\nconnection: keep-alive\r\n\r\n";
+        assert_eq!(taken(kept), Some((kept.len(), 0, false)));
+    }
+
+    #[test]
+    fn leaves_to_pingora_what_it_might_read_differently() {
+        for raw in [
+            // the body is still on its way
+            "POST /b HTTP/1.1\r\nHost: s\r\nContent-Length: 3\r\n\r\nhi",
+            // framing other than one plain length
+            "POST /b HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "POST /b HTTP/1.1\r\nHost: s\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nhi",
+            "POST /b HTTP/1.1\r\nHost: s\r\nContent-Length: +2\r\n\r\nhi",
+            "POST /b HTTP/1.1\r\nHost: s\r\nContent-Length:  \r\n\r\n",
+            "POST /b HTTP/1.1\r\nHost: s\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nhi",
+            "GET /b HTTP/1.1\r\nHost: s\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            "POST /b HTTP/1.1\r\nHost: s\r\nConnection: close, te\r\n\r\n",
+            // versions, target forms, Host
+            "POST /b HTTP/1.0\r\nHost: s\r\n\r\n",
+            "POST http://s/b HTTP/1.1\r\nHost: s\r\n\r\n",
+            "POST * HTTP/1.1\r\nHost: s\r\n\r\n",
+            "POST /b HTTP/1.1\r\n\r\n",
+            "POST /b HTTP/1.1\r\nHost: s\r\nhost: t\r\n\r\n",
+            // over the limits: pingora's path answers them
+            "POST /b HTTP/1.1\r\nHost: s\r\nContent-Length: 51\r\n\r\n",
+            // not a whole head, or not HTTP
+            "POST /b HTTP/1.1\r\nHost: s\r\n",
+            "POST /b HTTP/1.1\r\nHo st: s\r\n\r\n",
+        ] {
+            assert_eq!(taken(raw), None, "{raw:?}");
+        }
+        let long = format!(
+            "POST /b HTTP/1.1\r\nHost: s\r\nX: {}\r\n\r\n",
+            "v".repeat(200)
+        );
+        assert_eq!(taken(&long), None);
+        let many: String = (0..MAX_FIELDS).map(|i| format!("X-{i}: v\r\n")).collect();
+        let many = format!("POST /b HTTP/1.1\r\nHost: s\r\n{many}\r\n");
+        let roomy = Limits {
+            max_header_bytes: 1 << 20,
+            ..limits()
+        };
+        assert_eq!(parse(many.as_bytes(), &roomy).map(|h| h.head_len), None);
+    }
+
+    #[test]
+    fn digits_only_lengths() {
+        assert_eq!(digits(b"0"), Some(0));
+        assert_eq!(digits(b"1234"), Some(1234));
+        for bad in [
+            &b""[..],
+            b"+1",
+            b"-1",
+            b" 1",
+            b"1 ",
+            b"0x10",
+            b"99999999999999999999",
+        ] {
+            assert_eq!(digits(bad), None, "{bad:?}");
+        }
+    }
+}
