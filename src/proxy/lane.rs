@@ -85,14 +85,21 @@ pub(super) fn take_preset(stage: &RuleStage) -> Option<(Verdict, Option<Attempt>
     std::ptr::eq(&*preset.stage, stage).then_some((preset.verdict, preset.attempt))
 }
 
-/// A request head the lane takes, parsed from the gate's buffer.
-#[derive(Debug)]
-struct Head {
+/// A request line the lane takes, parsed from the gate's buffer, with the
+/// head's header fields still raw.
+struct Line<'b> {
     method: Method,
     uri: Uri,
-    headers: HeaderMap,
-    /// Bytes of the head, then of the body, at the front of the buffer.
+    /// Bytes of the whole head at the front of the buffer.
     head_len: usize,
+    fields: &'b [httparse::Header<'b>],
+}
+
+/// The header fields of a head the lane takes.
+#[derive(Debug)]
+struct Fields {
+    headers: HeaderMap,
+    /// Bytes of the body after the head.
     body_len: usize,
     /// `Connection: close`.
     close: bool,
@@ -106,11 +113,10 @@ fn digits(v: &[u8]) -> Option<u64> {
     std::str::from_utf8(v).ok()?.parse().ok()
 }
 
-/// The head at the front of `buf` with its whole body after it, if the
-/// lane takes it (see the module doc); `None` hands it to pingora.
-fn parse(buf: &[u8], limits: &Limits) -> Option<Head> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
-    let mut req = httparse::Request::new(&mut fields);
+/// The request line of the whole head at the front of `buf`, if it is
+/// HTTP/1.1 in origin form; the fields are parsed into `slots`.
+fn request_line<'b>(buf: &'b [u8], slots: &'b mut [httparse::Header<'b>]) -> Option<Line<'b>> {
+    let mut req = httparse::Request::new(slots);
     let head_len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         _ => return None,
@@ -123,10 +129,21 @@ fn parse(buf: &[u8], limits: &Limits) -> Option<Head> {
     if !target.starts_with('/') {
         return None;
     }
-    let uri = Uri::try_from(target).ok()?;
-    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    Some(Line {
+        method,
+        uri: Uri::try_from(target).ok()?,
+        head_len,
+        fields: req.headers,
+    })
+}
+
+/// The header fields of `line`, if the lane takes them (see the module
+/// doc) and the whole body follows the head in `buf`; `None` hands the
+/// request to pingora.
+fn fields(line: &Line<'_>, buf: &[u8], limits: &Limits) -> Option<Fields> {
+    let mut headers = HeaderMap::with_capacity(line.fields.len());
     let (mut header_bytes, mut length, mut close, mut hosts) = (0u64, None, false, 0);
-    for field in req.headers.iter() {
+    for field in line.fields {
         let name = HeaderName::from_bytes(field.name.as_bytes()).ok()?;
         let value = field.value;
         // As `limits.max_header_bytes` counts them: name, ": ", value, CRLF.
@@ -157,14 +174,11 @@ fn parse(buf: &[u8], limits: &Limits) -> Option<Head> {
         return None;
     }
     let body_len = usize::try_from(body_len).ok()?;
-    if buf.len() - head_len < body_len {
+    if buf.len() - line.head_len < body_len {
         return None;
     }
-    Some(Head {
-        method,
-        uri,
+    Some(Fields {
         headers,
-        head_len,
         body_len,
         close,
     })
@@ -198,35 +212,42 @@ impl FastLane {
     /// gate found it) from a client at `peer`.
     pub async fn step(&self, buf: &[u8], peer: Option<IpAddr>) -> Step {
         let started = Instant::now();
-        let config = self.config.load();
-        let Some(head) = parse(buf, &config.limits) else {
+        let mut slots = [httparse::EMPTY_HEADER; MAX_FIELDS];
+        let Some(line) = request_line(buf, &mut slots) else {
             return Step::Pass;
         };
-        let path = head.uri.path();
-        if head.method == Method::GET
+        let path = line.uri.path();
+        if line.method == Method::GET
             && (path.starts_with(TICKETS_PATH) || path.starts_with(STOCK_PATH))
         {
             return Step::Pass;
         }
+        // The route first: pass-through traffic pays for no more parsing.
         let rules = self.admission.rules();
-        let Route::Rule(m) = rules.find(&head.method, path) else {
+        let Route::Rule(m) = rules.find(&line.method, path) else {
             return Step::Pass;
         };
         let Some(stage) = rules.stage(m.index).cloned() else {
             return Step::Pass;
         };
+        let config = self.config.load();
+        let Some(head) = fields(&line, buf, &config.limits) else {
+            return Step::Pass;
+        };
         let captures: Vec<(&str, &str)> =
             m.captures.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let body = buf.get(head.head_len..head.head_len + head.body_len);
+        let body = buf.get(line.head_len..line.head_len + head.body_len);
         let client_ip = forwarded::client_ip(
             peer.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
             forwarded::chain(&head.headers).as_deref(),
             &config.trusted_proxies,
         );
+        // Not held across the store's round trip.
+        drop(config);
         let candidate = Candidate {
             parts: RequestParts {
                 headers: &head.headers,
-                query: head.uri.query(),
+                query: line.uri.query(),
                 captures: &captures,
                 body,
             },
@@ -265,7 +286,7 @@ impl FastLane {
             log.send(Entry {
                 time: SystemTime::now(),
                 client_ip,
-                method: head.method.clone(),
+                method: line.method.clone(),
                 path: clip_path(path),
                 version: http::Version::HTTP_11,
                 status: rendered.status.as_u16(),
@@ -279,12 +300,12 @@ impl FastLane {
                 ticket: None,
                 upstream: None,
                 upstream_time: None,
-                total_time: started.elapsed(),
+                total_time: elapsed,
             });
         }
         Step::Answered {
             response,
-            used: head.head_len + head.body_len,
+            used: line.head_len + head.body_len,
             close: head.close,
         }
     }
@@ -305,9 +326,16 @@ mod tests {
         }
     }
 
-    /// What the lane makes of `raw`: `(head_len, body_len, close)`.
+    /// What the lane makes of `raw` under `limits`: `(head_len, body_len, close)`.
+    fn taken_under(raw: &str, limits: &Limits) -> Option<(usize, usize, bool)> {
+        let mut slots = [httparse::EMPTY_HEADER; MAX_FIELDS];
+        let line = request_line(raw.as_bytes(), &mut slots)?;
+        let f = fields(&line, raw.as_bytes(), limits)?;
+        Some((line.head_len, f.body_len, f.close))
+    }
+
     fn taken(raw: &str) -> Option<(usize, usize, bool)> {
-        parse(raw.as_bytes(), &limits()).map(|h| (h.head_len, h.body_len, h.close))
+        taken_under(raw, &limits())
     }
 
     #[test]
@@ -362,7 +390,7 @@ mod tests {
             max_header_bytes: 1 << 20,
             ..limits()
         };
-        assert_eq!(parse(many.as_bytes(), &roomy).map(|h| h.head_len), None);
+        assert_eq!(taken_under(&many, &roomy), None);
     }
 
     #[test]

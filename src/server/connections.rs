@@ -839,7 +839,10 @@ where
     ) -> Option<Stream> {
         match Slot::take(&self.open, self.limits.max_connections) {
             Some(_served) => self.serve(stream, shutdown).await,
-            None => self.refuse(stream).await,
+            // Boxed: its 4 KiB sink would otherwise make every
+            // connection's future (allocated and copied at accept) that
+            // much larger.
+            None => Box::pin(self.refuse(stream)).await,
         }
         // The gate runs the keep-alive loop itself: nothing to hand back.
         None
