@@ -32,8 +32,11 @@
 //! on each head, and hands HTTP/2 (h2c preface) and TLS streams to pingora
 //! unchanged.
 
+use std::future::Future;
+use std::pin::pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -45,6 +48,7 @@ use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::error::Elapsed;
 use tokio::time::{timeout, timeout_at, Instant};
 
 use crate::config::{defaults, Limits};
@@ -341,12 +345,48 @@ enum Deadline {
     /// The first request of a connection: the whole head by this instant
     /// (counted from accept).
     Fresh(Instant),
-    /// A later request: its first byte by `idle_until`, the rest within
-    /// `header_timeout` of that byte.
+    /// A later request: its first byte within `keepalive` of the wait's
+    /// start, the rest within `header_timeout` of that byte. Read off the
+    /// clock only when a read has to wait ([`within`]).
     Next {
-        idle_until: Instant,
+        keepalive: Duration,
         header_timeout: Duration,
     },
+}
+
+impl Deadline {
+    /// The `Next` deadline of a connection's later requests.
+    fn next(limits: &ConnectionLimits) -> Self {
+        Deadline::Next {
+            keepalive: limits.keepalive_timeout,
+            header_timeout: limits.header_timeout,
+        }
+    }
+
+    /// The instant a read that starts waiting now must end by, before the
+    /// head has `begun` or after.
+    fn by(self, begun: bool) -> Instant {
+        match self {
+            Deadline::Fresh(by) => by,
+            Deadline::Next {
+                keepalive,
+                header_timeout,
+            } => Instant::now() + if begun { header_timeout } else { keepalive },
+        }
+    }
+}
+
+/// `timeout_at(by(), fut)`, reading the clock and arming a timer only when
+/// `fut` cannot finish at once: under load most reads and writes are ready
+/// when first polled, and a clock read is a system call on some virtual
+/// machines (this one: `read_tsc` in the kernel profile). The first poll's
+/// waker is a no-op; the next poll, under the timer, registers the real one.
+async fn within<F: Future>(fut: F, by: impl FnOnce() -> Instant) -> Result<F::Output, Elapsed> {
+    let mut fut = pin!(fut);
+    if let Poll::Ready(out) = fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        return Ok(out);
+    }
+    timeout_at(by(), fut).await
 }
 
 /// How reading a request head ended.
@@ -373,15 +413,14 @@ async fn read_head(
     max_head_bytes: usize,
 ) -> Head {
     let mut scan = HeadScan::default();
-    let mut until = match deadline {
-        Deadline::Fresh(by) => by,
-        // Bytes left after the last request (the fast lane answered it)
-        // are this head's first: its header_timeout runs from now.
-        Deadline::Next { header_timeout, .. } if !buf.is_empty() => Instant::now() + header_timeout,
-        Deadline::Next { idle_until, .. } => idle_until,
-    };
+    // Bytes left after the last request (the fast lane answered it) are
+    // this head's first.
+    let mut begun = !buf.is_empty();
+    // A deadline once read off the clock; a `Next` one is read again when
+    // the head begins (its header_timeout runs from there).
+    let mut until = None;
     // A client that pipelines may have sent all of this head already.
-    if !buf.is_empty() {
+    if begun {
         if scan.complete(buf) {
             return Head::Complete;
         }
@@ -393,16 +432,19 @@ async fn read_head(
         if buf.capacity() - buf.len() < HEAD_BUF / 4 {
             buf.reserve(HEAD_BUF);
         }
-        let first = buf.is_empty();
-        match timeout_at(until, stream.read_buf(buf)).await {
+        let read = within(stream.read_buf(buf), || {
+            *until.get_or_insert_with(|| deadline.by(begun))
+        });
+        match read.await {
             Err(_) if buf.is_empty() => return Head::Idle,
             Err(_) => return Head::Late,
             Ok(Ok(0)) | Ok(Err(_)) => return Head::Closed,
             Ok(Ok(_)) => {}
         }
-        if first {
-            if let Deadline::Next { header_timeout, .. } = deadline {
-                until = Instant::now() + header_timeout;
+        if !begun {
+            begun = true;
+            if matches!(deadline, Deadline::Next { .. }) {
+                until = None;
             }
         }
         if scan.complete(buf) {
@@ -717,10 +759,7 @@ where
                 let (next, kept) = reused.consume();
                 stream = next;
                 settings = kept;
-                deadline = Deadline::Next {
-                    idle_until: Instant::now() + self.limits.keepalive_timeout,
-                    header_timeout: self.limits.header_timeout,
-                };
+                deadline = Deadline::next(&self.limits);
                 continue;
             }
             // At shutdown an idle keep-alive connection is closed, but a
@@ -750,16 +789,6 @@ where
                 Head::Idle | Head::Closed => return,
             }
             let h2_preface = buf.starts_with(H2_PREFACE_START);
-            if let Some(why) = unfit(&buf).filter(|_| !h2_preface) {
-                tracing::debug!(listener = self.listener, ?why, "request head refused");
-                let answer = match why {
-                    Unfit::UriTooLong => &self.uri_too_long,
-                    Unfit::TooManyHeaders => &self.too_many_headers,
-                    Unfit::TwoHosts => &self.two_hosts,
-                };
-                self.answer_and_close(&mut stream, answer).await;
-                return;
-            }
             let mut preset = None;
             if let Some(lane) = lane.filter(|_| !h2_preface && !*shutdown.borrow()) {
                 match lane.step(&buf, peer).await {
@@ -770,22 +799,32 @@ where
                         used,
                         close,
                     } => {
-                        let sent = timeout(self.limits.header_timeout, async {
+                        let header_timeout = self.limits.header_timeout;
+                        let write = async {
                             stream.write_all(&response).await?;
                             stream.flush().await
-                        })
-                        .await;
+                        };
+                        let sent = within(write, || Instant::now() + header_timeout).await;
                         if close || !matches!(sent, Ok(Ok(()))) {
                             return;
                         }
                         let _ = buf.split_to(used);
-                        deadline = Deadline::Next {
-                            idle_until: Instant::now() + self.limits.keepalive_timeout,
-                            header_timeout: self.limits.header_timeout,
-                        };
+                        deadline = Deadline::next(&self.limits);
                         continue;
                     }
                 }
+            }
+            // What the lane answered was fit: one Host, at most 64 fields
+            // and a URI the `http` crate takes. The rest is checked here.
+            if let Some(why) = unfit(&buf).filter(|_| !h2_preface) {
+                tracing::debug!(listener = self.listener, ?why, "request head refused");
+                let answer = match why {
+                    Unfit::UriTooLong => &self.uri_too_long,
+                    Unfit::TooManyHeaders => &self.too_many_headers,
+                    Unfit::TwoHosts => &self.two_hosts,
+                };
+                self.answer_and_close(&mut stream, answer).await;
+                return;
             }
             let Some(rewound) = rewind(stream, &buf) else {
                 return;
@@ -819,10 +858,7 @@ where
             let (next, kept) = reused.consume();
             stream = next;
             settings = kept;
-            deadline = Deadline::Next {
-                idle_until: Instant::now() + self.limits.keepalive_timeout,
-                header_timeout: self.limits.header_timeout,
-            };
+            deadline = Deadline::next(&self.limits);
         }
     }
 }
@@ -855,7 +891,25 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::{unfit, Unfit};
+    use super::{unfit, within, Unfit};
+
+    #[tokio::test]
+    async fn within_reads_the_clock_only_for_a_future_that_waits() {
+        let ready = within(async { 7 }, || panic!("a ready future needs no deadline")).await;
+        assert_eq!(ready.ok(), Some(7));
+        let by = tokio::time::Instant::now() + std::time::Duration::from_millis(20);
+        let waited = within(std::future::pending::<()>(), || by).await;
+        assert!(waited.is_err(), "a pending future ends at its deadline");
+        assert!(tokio::time::Instant::now() >= by);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            let _ = tx.send(3);
+        });
+        // Pending at the first (no-op waker) poll, woken through the timer's poll.
+        let late = within(rx, || by + std::time::Duration::from_secs(5)).await;
+        assert_eq!(late.ok().and_then(Result::ok), Some(3));
+    }
 
     #[test]
     fn heads_pingora_would_refuse_bare_are_told_apart() {
