@@ -318,6 +318,13 @@ async fn redis_killed_mid_sale_fails_closed_then_recovers_without_restart() {
         assert!(Instant::now() < deadline, "the gateway never reconnected");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The admin's connection is back; the request path's reconnects on its
+    // own, as fast as the machine lets it: buyers come once /readyz says so
+    // (as a load balancer would send them).
+    while request(gw.admin(), "GET", "/readyz", &[], b"").await.status != 200 {
+        assert!(Instant::now() < deadline, "never ready again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let after = burst(&[gw.listen()], "phone", 20, 1, 4).await;
     assert_eq!(count(&after, "forwarded"), 5, "{after:?}");
     assert_eq!(up.requests() as usize, 45 + forwarded_during);
