@@ -4,7 +4,10 @@
 //! answer is the one pingora's path writes, pipelined requests are answered
 //! in order on one connection (refusals by the lane, the rest by pingora),
 //! a winner behind refusals reaches the backend whole and once,
-//! `Connection: close` closes, and each answer is counted and logged.
+//! `Connection: close` closes, each answer is counted and logged, a rule's
+//! header overrides never duplicate the fields the gateway sets, a CRLF
+//! after a body is not a late head, and what pingora would refuse (userinfo
+//! in `Host`) is never admitted.
 
 use sluice_testkit as support;
 
@@ -32,13 +35,19 @@ fn start(mall: &Upstream) -> Gateway {
         \x20   match: { method: POST, path: \"/api/limited/{sku}/order\" }\n\
         \x20   user: { header: X-User-Id }\n\
         \x20   sku: { path: sku }\n\
-        \x20   rate_limits: [{ key: rule, rate: 1, per: 1h }]\n";
+        \x20   rate_limits: [{ key: rule, rate: 1, per: 1h }]\n\
+        \x20 - name: odd\n\
+        \x20   match: { method: POST, path: \"/api/odd/{sku}/order\" }\n\
+        \x20   user: { header: X-User-Id }\n\
+        \x20   sku: { path: sku }\n\
+        \x20   responses: { sold_out: { headers: { Content-Length: \"99\", Connection: close, X-Shop: \"1\" } } }\n";
     let config = format!(
         "listen: ${{LISTEN}}\n\
          admin: {{ listen: ${{ADMIN}} }}\n\
          threads: 2\n\
          shutdown: {{ grace_period: 1s, timeout: 1s }}\n\
          store: {{ backend: memory }}\n\
+         limits: {{ header_timeout: 500ms }}\n\
          access_log: {{ path: access.log, log_user: true }}\n\
          upstreams:\n  mall:\n    servers: [{mall}]\n    connect_timeout: 500ms\n    read_timeout: 10s\n\
          default_upstream: mall\n\
@@ -262,6 +271,97 @@ async fn connection_close_is_answered_then_closed() {
     assert!(
         rest.is_empty(),
         "nothing after the closing answer: {rest:?}"
+    );
+    assert_eq!(mall.requests(), 0);
+}
+
+/// A rule's override naming `Content-Length` and `Connection` is replaced
+/// by the gateway's own, on the lane as on pingora's path: one length, the
+/// connection kept, the rest of the override sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overrides_never_duplicate_the_framing_fields() {
+    let mall = Upstream::start();
+    let gw = start(&mall);
+    put_stock(&gw, "odd", "p1", 0).await;
+    let mut c = RawConn::connect(gw.listen()).await;
+    for user in ["u1", "u2", "u3"] {
+        c.send(&order("odd", "p1", user, "", "")).await;
+        let resp = c.read_final().await.expect("an answer");
+        expect(&resp, 410, "sold_out");
+        let named = |n: &str| {
+            resp.headers
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case(n))
+                .count()
+        };
+        assert_eq!(
+            (named("content-length"), named("connection")),
+            (1, 1),
+            "{:?}",
+            resp.headers
+        );
+        assert_eq!(
+            resp.header("content-length"),
+            Some(resp.body.len().to_string().as_str())
+        );
+        assert_eq!(resp.header("connection"), Some("keep-alive"));
+        assert_eq!(resp.header("x-shop"), Some("1"));
+    }
+    let whole = order("odd", "p1", "u4", "", "");
+    let (head, rest) = whole.split_at(whole.len() - 2);
+    let mut slow = RawConn::connect(gw.listen()).await;
+    slow.send(head).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    slow.send(rest).await;
+    let by_pingora = slow.read_final().await.expect("pingora's answer");
+    c.send(&order("odd", "p1", "u5", "", "")).await;
+    let by_lane = c.read_final().await.expect("the lane's answer");
+    assert_eq!(fields(&by_lane), fields(&by_pingora));
+}
+
+/// A CRLF some clients send after a body is no head: the connection then
+/// waits the keep-alive time for the next request, not `header_timeout`
+/// (500 ms here), and is not answered 408.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crlf_after_the_body_is_not_a_late_head() {
+    let mall = Upstream::start();
+    let gw = start(&mall);
+    sell_out(&gw, "p1").await;
+    let mut c = RawConn::connect(gw.listen()).await;
+    let mut bytes = order("sale", "p1", "u1", r#"{"qty":1}"#, "");
+    bytes.extend_from_slice(b"\r\n");
+    c.send(&bytes).await;
+    expect(&c.read_final().await.expect("an answer"), 410, "sold_out");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    c.send(&order("sale", "p1", "u2", r#"{"qty":1}"#, "")).await;
+    expect(
+        &c.read_final().await.expect("the next answer"),
+        410,
+        "sold_out",
+    );
+}
+
+/// Userinfo in `Host` is pingora's to refuse (400, close): the lane leaves
+/// it alone, so no unit is reserved and nothing reaches the backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_pingora_refuses_is_never_admitted() {
+    let mall = Upstream::start();
+    let gw = start(&mall);
+    put_stock(&gw, "sale", "p1", 5).await;
+    let bytes = String::from_utf8(order("sale", "p1", "u1", r#"{"qty":1}"#, ""))
+        .unwrap_or_default()
+        .replace("Host: shop.test", "Host: me@shop.test");
+    let mut c = RawConn::connect(gw.listen()).await;
+    c.send(bytes.as_bytes()).await;
+    let resp = c.read_final().await.expect("an answer");
+    assert_eq!(resp.status, 400, "{}", resp.text());
+    let view = request(gw.admin(), "GET", "/admin/v1/stock/sale/p1", &[], b"")
+        .await
+        .json();
+    assert_eq!(
+        (view["available"].as_u64(), view["in_flight"].as_u64()),
+        (Some(5), Some(0)),
+        "{view}"
     );
     assert_eq!(mall.requests(), 0);
 }

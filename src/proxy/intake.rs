@@ -91,7 +91,14 @@ impl SluiceProxy {
         let Some(stage) = rules.stage(m.index).cloned() else {
             return Ok(false);
         };
-        ctx.upstream = m.rule.upstream;
+        // A winner the lane judged keeps the stage it was judged under,
+        // even if a reload swapped it since: requests under way finish
+        // with the stages they started with.
+        let stage = match super::lane::preset_stage() {
+            Some(judged) if judged.rule.name == stage.rule.name => judged,
+            _ => stage,
+        };
+        ctx.upstream = stage.rule.upstream;
         ctx.path = Some(m.path);
         let captures: Vec<(&str, &str)> =
             m.captures.iter().map(|(k, v)| (*k, v.as_str())).collect();

@@ -77,9 +77,18 @@ pub async fn with_preset<F: Future>(preset: Preset, session: F) -> F::Output {
     PRESET.scope(RefCell::new(Some(preset)), session).await
 }
 
+/// The stage the lane judged this request under, if it did.
+pub(super) fn preset_stage() -> Option<Arc<RuleStage>> {
+    PRESET
+        .try_with(|p| p.borrow().as_ref().map(|p| p.stage.clone()))
+        .ok()
+        .flatten()
+}
+
 /// The verdict the lane reached for this request, if it judged it under
-/// `stage`. A stage swapped by a reload in between drops the verdict (its
-/// hold goes back) and the request is judged again.
+/// `stage` (as [`preset_stage`] gives it, unless a reload moved the route
+/// to another rule: then the verdict is dropped, its hold goes back, and
+/// the request is judged again).
 pub(super) fn take_preset(stage: &RuleStage) -> Option<(Verdict, Option<Attempt>)> {
     let preset = PRESET.try_with(|p| p.borrow_mut().take()).ok().flatten()?;
     std::ptr::eq(&*preset.stage, stage).then_some((preset.verdict, preset.attempt))
@@ -142,7 +151,8 @@ fn request_line<'b>(buf: &'b [u8], slots: &'b mut [httparse::Header<'b>]) -> Opt
 /// request to pingora.
 fn fields(line: &Line<'_>, buf: &[u8], limits: &Limits) -> Option<Fields> {
     let mut headers = HeaderMap::with_capacity(line.fields.len());
-    let (mut header_bytes, mut length, mut close, mut hosts) = (0u64, None, false, 0);
+    let (mut header_bytes, mut length, mut close) = (0u64, None, false);
+    let (mut hosts, mut connections) = (0, 0);
     for field in line.fields {
         let name = HeaderName::from_bytes(field.name.as_bytes()).ok()?;
         let value = field.value;
@@ -156,12 +166,21 @@ fn fields(line: &Line<'_>, buf: &[u8], limits: &Limits) -> Option<Fields> {
             }
             length = Some(digits(value)?);
         } else if name == header::CONNECTION {
+            // pingora reads the first of several; the lane takes one only.
+            if connections > 0 {
+                return None;
+            }
+            connections += 1;
             if value.eq_ignore_ascii_case(b"close") {
                 close = true;
             } else if !value.eq_ignore_ascii_case(b"keep-alive") {
                 return None;
             }
         } else if name == header::HOST {
+            // pingora refuses userinfo in Host (400, close).
+            if value.contains(&b'@') {
+                return None;
+            }
             hosts += 1;
         }
         headers.append(name, HeaderValue::from_bytes(value).ok()?);
@@ -217,8 +236,12 @@ impl FastLane {
             return Step::Pass;
         };
         let path = line.uri.path();
-        if line.method == Method::GET
-            && (path.starts_with(TICKETS_PATH) || path.starts_with(STOCK_PATH))
+        // HEAD answers carry no body and CONNECT is refused before any
+        // hook: pingora's to write.
+        if line.method == Method::HEAD
+            || line.method == Method::CONNECT
+            || (line.method == Method::GET
+                && (path.starts_with(TICKETS_PATH) || path.starts_with(STOCK_PATH)))
         {
             return Step::Pass;
         }
@@ -365,6 +388,8 @@ mod tests {
             "POST /b HTTP/1.1\r\nHost: s\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nhi",
             "GET /b HTTP/1.1\r\nHost: s\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
             "POST /b HTTP/1.1\r\nHost: s\r\nConnection: close, te\r\n\r\n",
+            "POST /b HTTP/1.1\r\nHost: s\r\nConnection: keep-alive\r\nConnection: close\r\n\r\n",
+            "POST /b HTTP/1.1\r\nHost: u@s\r\n\r\n",
             // versions, target forms, Host
             "POST /b HTTP/1.0\r\nHost: s\r\n\r\n",
             "POST http://s/b HTTP/1.1\r\nHost: s\r\n\r\n",

@@ -74,7 +74,21 @@ pub fn to_wire(r: &Rendered, more: &[(&str, &[u8])]) -> Vec<u8> {
         out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
     };
-    for (name, value) in &r.headers {
+    let ours = |n: &http::HeaderName| {
+        use http::header as h;
+        [
+            h::CONTENT_LENGTH,
+            h::CONNECTION,
+            h::DATE,
+            h::TRANSFER_ENCODING,
+        ]
+        .contains(n)
+            || n.as_str().eq_ignore_ascii_case(OUTCOME_HEADER)
+            || more.iter().any(|(m, _)| n.as_str().eq_ignore_ascii_case(m))
+    };
+    // A rule's override naming one of the fields set here is replaced, as
+    // pingora's `insert_header` replaces it.
+    for (name, value) in r.headers.iter().filter(|(n, _)| !ours(n)) {
         field(titled(name), value.as_bytes());
     }
     field(
@@ -86,7 +100,11 @@ pub fn to_wire(r: &Rendered, more: &[(&str, &[u8])]) -> Vec<u8> {
         field(name, value);
     }
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(&r.body);
+    // No body with 1xx, 204 or 304 (RFC 9110 section 6.4.1), as pingora's
+    // body writer does.
+    if !(r.status.is_informational() || matches!(r.status.as_u16(), 204 | 304)) {
+        out.extend_from_slice(&r.body);
+    }
     out
 }
 
@@ -235,6 +253,48 @@ impl Drop for KeptAnswer {
 mod tests {
     use super::*;
     use crate::outcome::Outcome;
+
+    #[test]
+    fn the_wire_form_keeps_one_of_each_framing_field_and_no_body_where_none_goes() {
+        let mut r = crate::outcome::render(&Answer::SoldOut, None);
+        for (n, v) in [
+            ("content-length", "99"),
+            ("connection", "close"),
+            ("x-shop", "1"),
+        ] {
+            r.headers.push((
+                http::HeaderName::from_static(n),
+                http::HeaderValue::from_static(v),
+            ));
+        }
+        let text = String::from_utf8(wire_answer(&r, true)).unwrap_or_default();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or_default();
+        let count = |n: &str| {
+            head.lines()
+                .filter(|l| l.to_ascii_lowercase().starts_with(n))
+                .count()
+        };
+        assert_eq!(
+            (
+                count("content-length:"),
+                count("connection:"),
+                count("date:")
+            ),
+            (1, 1, 1),
+            "{head}"
+        );
+        assert!(
+            head.contains(&format!("Content-Length: {}", body.len())),
+            "{head}"
+        );
+        assert!(
+            head.contains("Connection: keep-alive") && head.contains("x-shop: 1"),
+            "{head}"
+        );
+        r.status = http::StatusCode::NO_CONTENT;
+        let text = String::from_utf8(wire_answer(&r, true)).unwrap_or_default();
+        assert!(text.ends_with("\r\n\r\n"), "no body after a 204: {text}");
+    }
 
     #[test]
     fn failures_map_to_answers() {

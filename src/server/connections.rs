@@ -805,10 +805,24 @@ where
                             stream.flush().await
                         };
                         let sent = within(write, || Instant::now() + header_timeout).await;
-                        if close || !matches!(sent, Ok(Ok(()))) {
+                        if !matches!(sent, Ok(Ok(()))) {
+                            return;
+                        }
+                        if close {
+                            // As pingora ends a closing answer: FIN, then drop.
+                            let done = AsyncWriteExt::shutdown(&mut stream);
+                            let _ = within(done, || Instant::now() + header_timeout).await;
                             return;
                         }
                         let _ = buf.split_to(used);
+                        // Empty lines after a body (some clients send a CRLF
+                        // there) are not the start of the next head: skipped
+                        // as pingora and httparse skip them.
+                        let blank = buf
+                            .iter()
+                            .take_while(|b| matches!(b, b'\r' | b'\n'))
+                            .count();
+                        let _ = buf.split_to(blank);
                         deadline = Deadline::next(&self.limits);
                         continue;
                     }
