@@ -10,10 +10,11 @@
 //! (head parse into its own types, the proxy phases, the response writer)
 //! cost more than all of the gateway's own work on such a request
 //! (BENCHMARKS.md). The lane takes only what it reads exactly as pingora
-//! would: HTTP/1.1 in origin form, one `Host`, at most one all-digit
-//! `Content-Length` with the whole body already read, no
-//! `Transfer-Encoding`, `Expect` or `Upgrade`, `Connection` absent,
-//! `keep-alive` or `close`, within the size limits, to a rule's route.
+//! would: HTTP/1.1 in origin form, not HEAD or CONNECT, one `Host`
+//! without userinfo, at most one all-digit `Content-Length` with the whole
+//! body already read, no `Transfer-Encoding`, `Expect` or `Upgrade`, at
+//! most one `Connection` line, `keep-alive` or `close`, within the size
+//! limits, to a rule's route.
 //! Everything else (polls, pass-through, refused spellings, a body still on
 //! its way, a shutdown) goes to pingora untouched, bytes and all.
 
