@@ -12,8 +12,8 @@ use sluice_testkit as support;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
-use support::{metric_value, request, Gateway, Upstream};
+use serde_json::Value;
+use support::{metric_value, put_stock, request, Gateway, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -140,20 +140,6 @@ async fn send(addr: SocketAddr, method: &str, target: &str, user: &str) -> Answe
     }
 }
 
-/// `PUT /admin/v1/stock/{rule}/{sku}` `{"available": n}`.
-async fn put_stock(gw: &Gateway, rule: &str, sku: &str, n: u64) {
-    let body = json!({ "available": n }).to_string();
-    let resp = request(
-        gw.admin(),
-        "PUT",
-        &format!("/admin/v1/stock/{rule}/{sku}"),
-        &[("content-type", "application/json")],
-        body.as_bytes(),
-    )
-    .await;
-    assert_eq!(resp.status, 200, "PUT stock: {}", resp.text());
-}
-
 /// The stock view once nothing is in flight (a winner's commit lands just
 /// after its answer), asserted to add up: initial == available +
 /// in_flight + queued + sold.
@@ -212,7 +198,7 @@ fn last_forwarded(mall: &Upstream) -> (String, Option<String>, Option<String>) {
 async fn every_spelling_of_the_order_route_is_admitted_with_the_canonical_path() {
     let mall = Upstream::start();
     let gw = start(&mall, 64);
-    put_stock(&gw, "phone", "p1", 100).await;
+    put_stock(gw.admin(), "phone", "p1", 100).await;
     let canonical = "/api/seckill/p1/order";
     let spellings: &[(&str, &str)] = &[
         ("/api/seckill/p1/order/", canonical),
@@ -273,7 +259,7 @@ async fn every_spelling_of_the_order_route_is_admitted_with_the_canonical_path()
 async fn spellings_that_must_not_pass_are_invalid() {
     let mall = Upstream::start();
     let gw = start(&mall, 64);
-    put_stock(&gw, "phone", "p1", 10).await;
+    put_stock(gw.admin(), "phone", "p1", 10).await;
     let refused: &[(&str, &str, &str)] = &[
         (
             "post",
@@ -330,7 +316,7 @@ async fn spellings_that_must_not_pass_are_invalid() {
 async fn a_rule_that_refuses_variants_answers_invalid() {
     let mall = Upstream::start();
     let gw = start(&mall, 64);
-    put_stock(&gw, "tablet", "t1", 10).await;
+    put_stock(gw.admin(), "tablet", "t1", 10).await;
     for (i, spelling) in [
         "/api/tablets/t1/order/",
         "/api//tablets/t1/order",
@@ -375,7 +361,7 @@ async fn a_rule_that_refuses_variants_answers_invalid() {
 async fn a_queued_variant_is_sent_later_with_the_canonical_path() {
     let mall = Upstream::start();
     let gw = start(&mall, 1);
-    put_stock(&gw, "phone", "p1", 10).await;
+    put_stock(gw.admin(), "phone", "p1", 10).await;
 
     // The one slot is busy with a slow order.
     mall.set_stall(Duration::from_secs(2));
@@ -443,7 +429,7 @@ async fn a_queued_variant_is_sent_later_with_the_canonical_path() {
 async fn strict_options_and_unmatched_paths_pass_through_unchanged() {
     let mall = Upstream::start();
     let gw = start(&mall, 64);
-    put_stock(&gw, "watch", "w1", 10).await;
+    put_stock(gw.admin(), "watch", "w1", 10).await;
     for spelling in [
         "/API/watches/w1/order",
         "/api/watches/w1/order/",

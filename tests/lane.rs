@@ -13,8 +13,8 @@ use sluice_testkit as support;
 
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-use support::{metric_value, request, Gateway, RawConn, Response, Upstream};
+use support::shop::field;
+use support::{metric_value, put_stock, stock_view, Gateway, RawConn, Response, Upstream};
 
 /// Bound on every polling wait.
 const WAIT: Duration = Duration::from_secs(10);
@@ -71,23 +71,10 @@ fn order(rule: &str, sku: &str, user: &str, body: &str, extra: &str) -> Vec<u8> 
     .into_bytes()
 }
 
-async fn put_stock(gw: &Gateway, rule: &str, sku: &str, n: u64) {
-    let body = json!({ "available": n }).to_string();
-    let resp = request(
-        gw.admin(),
-        "PUT",
-        &format!("/admin/v1/stock/{rule}/{sku}"),
-        &[("content-type", "application/json")],
-        body.as_bytes(),
-    )
-    .await;
-    assert_eq!(resp.status, 200, "PUT stock: {}", resp.text());
-}
-
 /// Sells `sku` out: no stock, then one order that finds none (which sets
 /// the local sold-out flag every later order is refused from).
 async fn sell_out(gw: &Gateway, sku: &str) {
-    put_stock(gw, "sale", sku, 0).await;
+    put_stock(gw.admin(), "sale", sku, 0).await;
     let mut c = RawConn::connect(gw.listen()).await;
     c.send(&order("sale", sku, "first", r#"{"qty":1}"#, ""))
         .await;
@@ -160,8 +147,8 @@ async fn pipelined_requests_are_answered_in_order() {
     let mall = Upstream::start();
     let gw = start(&mall);
     sell_out(&gw, "gone").await;
-    put_stock(&gw, "sale", "here", 5).await;
-    put_stock(&gw, "limited", "x", 5).await;
+    put_stock(gw.admin(), "sale", "here", 5).await;
+    put_stock(gw.admin(), "limited", "x", 5).await;
 
     let mut bytes = Vec::new();
     bytes.extend(order("sale", "gone", "a1", r#"{"qty":1}"#, ""));
@@ -282,7 +269,7 @@ async fn connection_close_is_answered_then_closed() {
 async fn overrides_never_duplicate_the_framing_fields() {
     let mall = Upstream::start();
     let gw = start(&mall);
-    put_stock(&gw, "odd", "p1", 0).await;
+    put_stock(gw.admin(), "odd", "p1", 0).await;
     let mut c = RawConn::connect(gw.listen()).await;
     for user in ["u1", "u2", "u3"] {
         c.send(&order("odd", "p1", user, "", "")).await;
@@ -347,7 +334,7 @@ async fn a_crlf_after_the_body_is_not_a_late_head() {
 async fn a_host_pingora_refuses_is_never_admitted() {
     let mall = Upstream::start();
     let gw = start(&mall);
-    put_stock(&gw, "sale", "p1", 5).await;
+    put_stock(gw.admin(), "sale", "p1", 5).await;
     let bytes = String::from_utf8(order("sale", "p1", "u1", r#"{"qty":1}"#, ""))
         .unwrap_or_default()
         .replace("Host: shop.test", "Host: me@shop.test");
@@ -355,12 +342,10 @@ async fn a_host_pingora_refuses_is_never_admitted() {
     c.send(bytes.as_bytes()).await;
     let resp = c.read_final().await.expect("an answer");
     assert_eq!(resp.status, 400, "{}", resp.text());
-    let view = request(gw.admin(), "GET", "/admin/v1/stock/sale/p1", &[], b"")
-        .await
-        .json();
+    let view = stock_view(gw.admin(), "sale", "p1").await;
     assert_eq!(
-        (view["available"].as_u64(), view["in_flight"].as_u64()),
-        (Some(5), Some(0)),
+        (field(&view, "available"), field(&view, "in_flight")),
+        (5, 0),
         "{view}"
     );
     assert_eq!(mall.requests(), 0);

@@ -55,6 +55,16 @@ fn hop(text: &str) -> Option<IpAddr> {
         .map(canonical)
 }
 
+/// The client ip of a request from `peer` (unspecified when the socket
+/// gave none) with `headers`: [`client_ip`] over its [`chain`].
+pub fn client_ip_of(peer: Option<IpAddr>, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    client_ip(
+        peer.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
+        chain(headers).as_deref(),
+        trusted,
+    )
+}
+
 /// The client ip for rate limiting. An untrusted peer is the client,
 /// whatever it claims. A trusted peer's `X-Forwarded-For` is walked from
 /// the right past every hop that is itself in `trusted_proxies`: the

@@ -10,11 +10,12 @@ use super::{RequestCtx, SluiceProxy};
 use crate::access_log::{clip_header, clip_path, Entry};
 use crate::backend::forwarded;
 
-/// A header's value as the log keeps it (visible ASCII, else lossy).
-fn header(session: &Session, name: http::header::HeaderName) -> Option<String> {
-    session
-        .req_header()
-        .headers
+/// A request header's value as the log keeps it (visible ASCII, else lossy).
+pub(super) fn logged_header(
+    headers: &http::HeaderMap,
+    name: http::header::HeaderName,
+) -> Option<String> {
+    headers
         .get(name)
         .map(|v| clip_header(&String::from_utf8_lossy(v.as_bytes())))
 }
@@ -26,10 +27,9 @@ impl SluiceProxy {
             return;
         };
         let req = session.req_header();
-        let client_ip = forwarded::client_ip(
-            self.peer(session)
-                .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
-            forwarded::chain(&req.headers).as_deref(),
+        let client_ip = forwarded::client_ip_of(
+            self.peer(session),
+            &req.headers,
             &ctx.config.trusted_proxies,
         );
         let upstream = ctx
@@ -43,8 +43,8 @@ impl SluiceProxy {
             version: req.version,
             status: session.response_written().map_or(0, |r| r.status.as_u16()),
             bytes: session.body_bytes_sent() as u64,
-            referer: header(session, http::header::REFERER),
-            user_agent: header(session, http::header::USER_AGENT),
+            referer: logged_header(&req.headers, http::header::REFERER),
+            user_agent: logged_header(&req.headers, http::header::USER_AGENT),
             outcome: ctx.outcome,
             rule: ctx.stage.as_ref().map(|s| s.rule.name.clone()),
             sku: ctx.sku.take(),

@@ -139,10 +139,9 @@ impl SluiceProxy {
                     captures,
                     body: Some(&body),
                 },
-                client_ip: forwarded::client_ip(
-                    self.peer(session)
-                        .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
-                    forwarded::chain(&req.headers).as_deref(),
+                client_ip: forwarded::client_ip_of(
+                    self.peer(session),
+                    &req.headers,
                     &ctx.config.trusted_proxies,
                 ),
             };

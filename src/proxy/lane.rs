@@ -28,9 +28,10 @@ use arc_swap::ArcSwap;
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Method, Uri};
 
+use super::access::logged_header;
 use super::intake::{STOCK_PATH, TICKETS_PATH};
 use super::respond::wire_answer;
-use crate::access_log::{clip_header, clip_path, AccessLog, Entry};
+use crate::access_log::{clip_path, AccessLog, Entry};
 use crate::admission::extract::{Attempt, RequestParts};
 use crate::admission::{Admission, Candidate, RuleStage, Verdict};
 use crate::backend::forwarded;
@@ -261,11 +262,7 @@ impl FastLane {
         let captures: Vec<(&str, &str)> =
             m.captures.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let body = buf.get(line.head_len..line.head_len + head.body_len);
-        let client_ip = forwarded::client_ip(
-            peer.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
-            forwarded::chain(&head.headers).as_deref(),
-            &config.trusted_proxies,
-        );
+        let client_ip = forwarded::client_ip_of(peer, &head.headers, &config.trusted_proxies);
         // Not held across the store's round trip.
         drop(config);
         let candidate = Candidate {
@@ -301,11 +298,6 @@ impl FastLane {
         self.metrics
             .observe_request(Some(&stage.rule.name), rendered.outcome, elapsed);
         if let Some(log) = &self.access_log {
-            let header = |name| {
-                head.headers
-                    .get(name)
-                    .map(|v: &HeaderValue| clip_header(&String::from_utf8_lossy(v.as_bytes())))
-            };
             let (user, sku) = attempt.map(|a| (a.user, a.sku)).unzip();
             log.send(Entry {
                 time: SystemTime::now(),
@@ -315,8 +307,8 @@ impl FastLane {
                 version: http::Version::HTTP_11,
                 status: rendered.status.as_u16(),
                 bytes: rendered.body.len() as u64,
-                referer: header(header::REFERER),
-                user_agent: header(header::USER_AGENT),
+                referer: logged_header(&head.headers, header::REFERER),
+                user_agent: logged_header(&head.headers, header::USER_AGENT),
                 outcome: rendered.outcome,
                 rule: Some(stage.rule.name.clone()),
                 sku,

@@ -697,14 +697,56 @@ impl<A> ConnectionGate<A> {
         .await;
     }
 
-    /// Writes a closing answer (the caller then drops the connection),
-    /// within `header_timeout` so a client that does not read cannot hold it.
-    async fn answer_and_close(&self, stream: &mut Stream, answer: &Bytes) {
-        let _ = timeout(self.limits.header_timeout, async {
-            stream.write_all(answer).await?;
+    /// Writes `bytes` within `header_timeout`, so a client that does not
+    /// read cannot hold the connection; whether they all went out.
+    async fn write_within(&self, stream: &mut Stream, bytes: &[u8]) -> bool {
+        let header_timeout = self.limits.header_timeout;
+        let write = async {
+            stream.write_all(bytes).await?;
             stream.flush().await
-        })
-        .await;
+        };
+        matches!(
+            within(write, || Instant::now() + header_timeout).await,
+            Ok(Ok(()))
+        )
+    }
+
+    /// Writes a closing answer (the caller then drops the connection).
+    async fn answer_and_close(&self, stream: &mut Stream, answer: &Bytes) {
+        self.write_within(stream, answer).await;
+    }
+
+    /// Writes the lane's answer to the request at the front of `buf` and
+    /// drops that request's `used` bytes; `false` when the connection ends
+    /// here (it failed, or the client asked for `Connection: close`).
+    async fn lane_answered(
+        &self,
+        stream: &mut Stream,
+        buf: &mut BytesMut,
+        response: &[u8],
+        used: usize,
+        close: bool,
+    ) -> bool {
+        if !self.write_within(stream, response).await {
+            return false;
+        }
+        if close {
+            // As pingora ends a closing answer: FIN, then drop.
+            let header_timeout = self.limits.header_timeout;
+            let done = AsyncWriteExt::shutdown(stream);
+            let _ = within(done, || Instant::now() + header_timeout).await;
+            return false;
+        }
+        let _ = buf.split_to(used);
+        // Empty lines after a body (some clients send a CRLF there) are not
+        // the start of the next head: skipped as pingora and httparse skip
+        // them.
+        let blank = buf
+            .iter()
+            .take_while(|b| matches!(b, b'\r' | b'\n'))
+            .count();
+        let _ = buf.split_to(blank);
+        true
     }
 }
 
@@ -799,30 +841,12 @@ where
                         used,
                         close,
                     } => {
-                        let header_timeout = self.limits.header_timeout;
-                        let write = async {
-                            stream.write_all(&response).await?;
-                            stream.flush().await
-                        };
-                        let sent = within(write, || Instant::now() + header_timeout).await;
-                        if !matches!(sent, Ok(Ok(()))) {
+                        let open = self
+                            .lane_answered(&mut stream, &mut buf, &response, used, close)
+                            .await;
+                        if !open {
                             return;
                         }
-                        if close {
-                            // As pingora ends a closing answer: FIN, then drop.
-                            let done = AsyncWriteExt::shutdown(&mut stream);
-                            let _ = within(done, || Instant::now() + header_timeout).await;
-                            return;
-                        }
-                        let _ = buf.split_to(used);
-                        // Empty lines after a body (some clients send a CRLF
-                        // there) are not the start of the next head: skipped
-                        // as pingora and httparse skip them.
-                        let blank = buf
-                            .iter()
-                            .take_while(|b| matches!(b, b'\r' | b'\n'))
-                            .count();
-                        let _ = buf.split_to(blank);
                         deadline = Deadline::next(&self.limits);
                         continue;
                     }
