@@ -284,16 +284,19 @@ async fn a_half_close_after_the_order_still_places_it_whole() {
 /// A client that resets its connection right after the order: whatever
 /// the race, the order reached the backend whole or not at all, and a
 /// unit stays sold or held only for an order the backend received.
+/// The resets come at staggered moments (at once, while the order is
+/// forwarded, after it left) so every side of the race is taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_after_the_order_leaves_no_half_order() {
     let up = Upstream::start();
     let gw = start(&up, &[]);
-    put_stock(&gw, "p1", 10).await;
+    put_stock(&gw, "p1", 100).await;
 
-    for i in 0..8 {
+    for i in 0..80u64 {
         let mut c = RawConn::connect(gw.listen()).await;
         c.send(&order("p1", &format!("u{i}"), r#"{"qty":1}"#, ""))
             .await;
+        tokio::time::sleep(Duration::from_micros((i % 8) * 250)).await;
         c.set_reset_on_close();
         drop(c);
     }

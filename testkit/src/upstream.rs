@@ -286,6 +286,11 @@ async fn serve(
             let service = service_fn(move |req| handle(req, addr, conn_state.clone()));
             let conn = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
+                // A backend finishes an order it got whole even when the
+                // gateway's connection closes right after it (as PHP with
+                // ignore_user_abort or a Java servlet does): what the
+                // gateway keeps held for such an order must show here.
+                .half_close(true)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 _ = conn => {}
