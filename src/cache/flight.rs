@@ -72,6 +72,8 @@ pub struct Lead<K: Hash + Eq + Clone, V: Clone> {
     flights: Arc<Flights<K, V>>,
     key: K,
     tx: watch::Sender<Option<V>>,
+    /// The map's entry for `key` is this flight's (until [`Lead::free`]).
+    holds_key: bool,
 }
 
 impl<K: Hash + Eq + Clone, V: Clone> Lead<K, V> {
@@ -83,19 +85,28 @@ impl<K: Hash + Eq + Clone, V: Clone> Lead<K, V> {
         }
     }
 
-    /// Hands the value to every follower and frees the key.
-    pub fn finish(self, value: V) {
-        // Sent before the key is freed: a caller that joins in between
-        // still finds the value at once.
+    /// Frees the key, then hands the value to every follower: whoever
+    /// asks once a follower (or the leader's own caller) has the value
+    /// starts a flight of its own, never joins this one for a value older
+    /// than its request.
+    pub fn finish(mut self, value: V) {
+        self.free();
         self.tx.send_replace(Some(value));
+    }
+
+    /// Takes the key out of the map, once.
+    fn free(&mut self) {
+        if std::mem::take(&mut self.holds_key) {
+            if let Ok(mut map) = self.flights.map.lock() {
+                map.remove(&self.key);
+            }
+        }
     }
 }
 
 impl<K: Hash + Eq + Clone, V: Clone> Drop for Lead<K, V> {
     fn drop(&mut self) {
-        if let Ok(mut map) = self.flights.map.lock() {
-            map.remove(&self.key);
-        }
+        self.free();
     }
 }
 
@@ -118,6 +129,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Flights<K, V> {
                 flights: self.clone(),
                 key: key.clone(),
                 tx,
+                holds_key: false,
             });
         };
         if let Some(rx) = map.get(key) {
@@ -129,6 +141,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Flights<K, V> {
             flights: self.clone(),
             key: key.clone(),
             tx,
+            holds_key: true,
         })
     }
 
@@ -166,6 +179,27 @@ mod tests {
         }
         assert!(flights.is_empty(), "the key is freed");
         assert!(matches!(flights.join(&"k".to_string()), Join::Lead(_)));
+    }
+
+    /// Once the value is out, a new caller leads a flight of its own, and
+    /// the old leader's end does not free the new flight's key.
+    #[tokio::test]
+    async fn a_caller_after_the_value_leads_anew() {
+        let flights: Arc<Flights<u8, u8>> = Arc::default();
+        let Join::Lead(lead) = flights.join(&1) else {
+            panic!("the first caller leads");
+        };
+        let Join::Follow(f) = flights.join(&1) else {
+            panic!("follows")
+        };
+        lead.finish(1);
+        assert_eq!(f.wait(None).await, Waited::Value(1));
+        let Join::Lead(second) = flights.join(&1) else {
+            panic!("a caller after the value leads a new flight");
+        };
+        assert_eq!(flights.len(), 1);
+        drop(second);
+        assert!(flights.is_empty());
     }
 
     #[tokio::test]
