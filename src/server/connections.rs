@@ -43,7 +43,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, StatusCode};
-use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
+use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream, ServerApp};
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::Stream;
@@ -781,6 +781,42 @@ impl<A> ConnectionGate<A>
 where
     A: HttpServerApp + Send + Sync + 'static,
 {
+    /// pingora's session of the request at the front of `stream`, with
+    /// the connection's `kept` settings from its last request, or a new
+    /// connection's. Built outside `serve`, whose future would otherwise
+    /// keep room for the session (680 bytes) in every idle connection.
+    fn session<'a>(
+        &'a self,
+        stream: Stream,
+        kept: Option<HttpPersistentSettings>,
+        reuse_limit: Option<u32>,
+        shutdown: &'a ShutdownWatch,
+    ) -> impl Future<Output = Option<ReusedHttpStream>> + Send + 'a {
+        let mut session = ServerSession::new_http1(stream);
+        match kept {
+            Some(kept) => kept.apply_to_session(&mut session),
+            None => {
+                // As pingora's own loop does for a new connection.
+                let keepalive =
+                    (!*shutdown.borrow()).then_some(whole_secs(self.limits.keepalive_timeout));
+                session.set_keepalive(keepalive);
+                session.set_keepalive_reuses_remaining(reuse_limit);
+            }
+        }
+        self.app.process_new_http(session, shutdown)
+    }
+
+    /// Serves the connection if it is under `max_connections`, else
+    /// refuses it.
+    async fn admit(&self, stream: Stream, shutdown: &ShutdownWatch) {
+        match Slot::take(&self.open, self.limits.max_connections) {
+            Some(_served) => self.serve(stream, shutdown).await,
+            // Boxed: its 4 KiB sink would otherwise make every
+            // connection's future (allocated at accept) that much larger.
+            None => Box::pin(self.refuse(stream)).await,
+        }
+    }
+
     /// Serves one admitted connection until it closes: pingora's HTTP/1
     /// keep-alive loop, with each request head read under its deadline.
     async fn serve(&self, mut stream: Stream, shutdown: &ShutdownWatch) {
@@ -794,7 +830,6 @@ where
         let options = self.app.server_options();
         let h2c = options.is_some_and(|o| o.h2c);
         let reuse_limit = options.and_then(|o| o.keepalive_request_limit);
-        let keepalive_secs = whole_secs(self.limits.keepalive_timeout);
         let mut settings: Option<HttpPersistentSettings> = None;
         let mut deadline = Deadline::Fresh(Instant::now() + self.limits.header_timeout);
         let peer = stream
@@ -814,11 +849,8 @@ where
             // more. That head is pingora's to read (with its own per-read
             // timeouts), not the gate's.
             if settings.as_ref().is_some_and(has_pipelined_prefix) {
-                let mut session = ServerSession::new_http1(stream);
-                if let Some(kept) = settings.take() {
-                    kept.apply_to_session(&mut session);
-                }
-                let Some(reused) = self.app.process_new_http(session, shutdown).await else {
+                let served = self.session(stream, settings.take(), reuse_limit, shutdown);
+                let Some(reused) = served.await else {
                     return;
                 };
                 let (next, kept) = reused.consume();
@@ -856,7 +888,9 @@ where
             let h2_preface = buf.starts_with(H2_PREFACE_START);
             let mut preset = None;
             if let Some(lane) = lane.filter(|_| !h2_preface && !*shutdown.borrow()) {
-                match lane.step(&buf, peer).await {
+                // Boxed, as the session below: a judgement's state is not
+                // kept in every idle connection's future.
+                match Box::pin(lane.step(&buf, peer)).await {
                     Step::Pass => {}
                     Step::Forward(p) => preset = Some(p),
                     Step::Answered {
@@ -898,19 +932,9 @@ where
                 self.app.process_new(stream, shutdown).await;
                 return;
             }
-            let mut session = ServerSession::new_http1(stream);
-            match settings.take() {
-                Some(kept) => kept.apply_to_session(&mut session),
-                None => {
-                    // As pingora's own loop does for a new connection.
-                    let keepalive = (!*shutdown.borrow()).then_some(keepalive_secs);
-                    session.set_keepalive(keepalive);
-                    session.set_keepalive_reuses_remaining(reuse_limit);
-                }
-            }
-            let served = self.app.process_new_http(session, shutdown);
+            let served = self.session(stream, settings.take(), reuse_limit, shutdown);
             let reused = match preset {
-                Some(p) => lane::with_preset(p, served).await,
+                Some(p) => Box::pin(lane::with_preset(p, served)).await,
                 None => served.await,
             };
             let Some(reused) = reused else {
@@ -934,13 +958,13 @@ where
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        match Slot::take(&self.open, self.limits.max_connections) {
-            Some(_served) => self.serve(stream, shutdown).await,
-            // Boxed: its 4 KiB sink would otherwise make every
-            // connection's future (allocated and copied at accept) that
-            // much larger.
-            None => Box::pin(self.refuse(stream)).await,
-        }
+        // The connection lives on a task of the gate's own, and pingora's
+        // accept task ends here: that task holds its TLS handshake
+        // machinery (several KiB, even for plain TCP) for as long as it
+        // runs, so an idle connection kept in it cost that much more.
+        let gate = Arc::clone(self);
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { gate.admit(stream, &shutdown).await });
         // The gate runs the keep-alive loop itself: nothing to hand back.
         None
     }
