@@ -10,7 +10,8 @@ use clap::{Args, Parser, Subcommand};
 // mimalloc instead of glibc's malloc: pingora and the gateway allocate and
 // free small buffers on every request, and glibc's malloc/free were a tenth
 // to a fifth of the profile. Measured against glibc and jemalloc in
-// BENCHMARKS.md ("The release profile").
+// BENCHMARKS.md ("The release profile"). Built without transparent huge
+// pages (Cargo.toml).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
