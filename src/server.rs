@@ -10,6 +10,7 @@
 
 pub mod connections;
 pub mod shutdown;
+pub mod stream;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -331,15 +332,20 @@ impl Gateway {
         // read into buffers of their own, so pingora's default 64 KiB one
         // (zeroed at accept) only added a copy per read and 64 KiB of
         // memory per open connection, idle or not (BENCHMARKS.md, RSS).
-        let endpoint = |addr: SocketAddr| {
-            ListenerConfig::tcp(addr.to_string())
-                .l4_buffer(L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE))
+        // No write buffer on the plain listener either: the gate's stream
+        // buffers writes in memory it holds only until a flush
+        // (server::stream); a TLS connection keeps pingora's.
+        let endpoint = |addr: SocketAddr, write: usize| {
+            ListenerConfig::tcp(addr.to_string()).l4_buffer(L4BufferSettings::new(0, write))
         };
-        proxy.add_listener(endpoint(config.listen));
+        proxy.add_listener(endpoint(config.listen, 0));
         // Same service, same gate and connection cap: a request over TLS
         // takes exactly the path of a plain one.
         if let (Some(tls_config), Some(certs)) = (&config.tls, &tls) {
-            proxy.add_listener(endpoint(tls_config.listen).tls(TlsCerts::settings(certs)?));
+            proxy.add_listener(
+                endpoint(tls_config.listen, DEFAULT_L4_WRITE_BUFFER_SIZE)
+                    .tls(TlsCerts::settings(certs)?),
+            );
         }
 
         let mut admin = Service::new(

@@ -56,6 +56,7 @@ use crate::config::{defaults, Limits};
 use crate::outcome::{render, Answer, Rendered};
 use crate::proxy::lane::{self, FastLane, Step};
 use crate::proxy::respond::to_wire;
+use crate::server::stream::GateStream;
 
 /// Concurrent connections of the admin listener: scrapes, probes and an
 /// operator's calls are few; the fd reserve (`defaults::FD_RESERVE`) counts them.
@@ -498,9 +499,9 @@ async fn shutting_down(mut shutdown: ShutdownWatch) {
 /// Puts bytes read from a plain stream back in front of it, for pingora to
 /// read again. `None` if the stream is not a plain one (callers check).
 fn rewind(stream: Stream, bytes: &[u8]) -> Option<Stream> {
-    match stream.into_any().downcast::<L4Stream>() {
+    match stream.into_any().downcast::<GateStream>() {
         Ok(mut plain) => {
-            plain.rewind(bytes);
+            plain.inner_mut().rewind(bytes);
             Some(plain as Stream)
         }
         Err(_) => None,
@@ -819,7 +820,7 @@ where
 
     /// Serves one admitted connection until it closes: pingora's HTTP/1
     /// keep-alive loop, with each request head read under its deadline.
-    async fn serve(&self, mut stream: Stream, shutdown: &ShutdownWatch) {
+    async fn serve(&self, stream: Stream, shutdown: &ShutdownWatch) {
         // Only a plain TCP stream can take bytes back; a TLS one (the
         // `tls.listen` listener) goes to pingora as it is, with pingora's
         // per-read timeouts (README, Operating Sluice, TLS).
@@ -827,6 +828,10 @@ where
             self.app.process_new(stream, shutdown).await;
             return;
         }
+        let Ok(plain) = stream.into_any().downcast::<L4Stream>() else {
+            return;
+        };
+        let mut stream: Stream = Box::new(GateStream::new(plain));
         let options = self.app.server_options();
         let h2c = options.is_some_and(|o| o.h2c);
         let reuse_limit = options.and_then(|o| o.keepalive_request_limit);
