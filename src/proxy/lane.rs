@@ -57,8 +57,9 @@ pub enum Step {
         /// The client asked for `Connection: close`.
         close: bool,
     },
-    /// A verdict that forwards: pingora serves the request with it.
-    Forward(Preset),
+    /// A verdict that forwards: pingora serves the request with it (boxed:
+    /// the gate's connection future keeps no room for it while idle).
+    Forward(Box<Preset>),
 }
 
 /// A verdict the lane reached for a request that pingora now forwards.
@@ -75,8 +76,8 @@ tokio::task_local! {
 /// Runs pingora's session of the request the lane judged, with its
 /// verdict for `request_filter` to take; a verdict left untaken (the
 /// session failed first) is dropped with the scope, which releases a hold.
-pub async fn with_preset<F: Future>(preset: Preset, session: F) -> F::Output {
-    PRESET.scope(RefCell::new(Some(preset)), session).await
+pub async fn with_preset<F: Future>(preset: Box<Preset>, session: F) -> F::Output {
+    PRESET.scope(RefCell::new(Some(*preset)), session).await
 }
 
 /// The stage the lane judged this request under, if it did.
@@ -278,11 +279,11 @@ impl FastLane {
         let answer = match verdict {
             Verdict::Answer(answer) => answer,
             verdict => {
-                return Step::Forward(Preset {
+                return Step::Forward(Box::new(Preset {
                     stage,
                     verdict,
                     attempt,
-                })
+                }))
             }
         };
         let rendered = Admission::render(Some(&stage), &answer);

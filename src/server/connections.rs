@@ -383,12 +383,14 @@ impl Deadline {
 /// when first polled, and a clock read is a system call on some virtual
 /// machines (this one: `read_tsc` in the kernel profile). The first poll's
 /// waker is a no-op; the next poll, under the timer, registers the real one.
+/// The timer is boxed: it lives only while a read or write waits, not in
+/// every idle connection's future.
 async fn within<F: Future>(fut: F, by: impl FnOnce() -> Instant) -> Result<F::Output, Elapsed> {
     let mut fut = pin!(fut);
     if let Poll::Ready(out) = fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
         return Ok(out);
     }
-    timeout_at(by(), fut).await
+    Box::pin(timeout_at(by(), fut)).await
 }
 
 /// How reading a request head ended.
