@@ -33,11 +33,12 @@ use super::intake::{STOCK_PATH, TICKETS_PATH};
 use super::respond::wire_answer;
 use crate::access_log::{clip_path, AccessLog, Entry};
 use crate::admission::extract::{Attempt, RequestParts};
+use crate::admission::RuleTable;
 use crate::admission::{Admission, Candidate, RuleStage, Verdict};
 use crate::backend::forwarded;
 use crate::config::{Config, Limits};
 use crate::metrics::Metrics;
-use crate::rules::Route;
+use crate::rules::{Route, RuleMatch};
 
 /// Header fields the lane parses; a head with more goes to pingora.
 const MAX_FIELDS: usize = 64;
@@ -206,6 +207,19 @@ fn fields(line: &Line<'_>, buf: &[u8], limits: &Limits) -> Option<Fields> {
     })
 }
 
+/// What the lane read of a request it takes, owned: the parse's header
+/// slots (2 KiB) are not kept across the store's round trip, in the
+/// future the gate boxes per request.
+struct Seen<'r> {
+    method: Method,
+    uri: Uri,
+    head_len: usize,
+    head: Fields,
+    rule: RuleMatch<'r>,
+    stage: Arc<RuleStage>,
+    client_ip: IpAddr,
+}
+
 /// The lane: the parts of the proxy a refusal needs.
 pub struct FastLane {
     config: Arc<ArcSwap<Config>>,
@@ -230,14 +244,12 @@ impl FastLane {
         }
     }
 
-    /// Judges the request at the front of `buf` (a complete head, as the
-    /// gate found it) from a client at `peer`.
-    pub async fn step(&self, buf: &[u8], peer: Option<IpAddr>) -> Step {
-        let started = Instant::now();
+    /// The request at the front of `buf`, if the lane takes it: HTTP/1.1
+    /// to a rule's route (matched in `rules`), fields as pingora reads
+    /// them, whole body in `buf` (the module doc).
+    fn read<'r>(&self, buf: &[u8], rules: &'r RuleTable, peer: Option<IpAddr>) -> Option<Seen<'r>> {
         let mut slots = [httparse::EMPTY_HEADER; MAX_FIELDS];
-        let Some(line) = request_line(buf, &mut slots) else {
-            return Step::Pass;
-        };
+        let line = request_line(buf, &mut slots)?;
         let path = line.uri.path();
         // HEAD answers carry no body and CONNECT is refused before any
         // hook: pingora's to write.
@@ -246,30 +258,48 @@ impl FastLane {
             || (line.method == Method::GET
                 && (path.starts_with(TICKETS_PATH) || path.starts_with(STOCK_PATH)))
         {
-            return Step::Pass;
+            return None;
         }
+        let Route::Rule(rule) = rules.find(&line.method, path) else {
+            return None;
+        };
+        let stage = rules.stage(rule.index)?.clone();
+        let config = self.config.load();
+        let head = fields(&line, buf, &config.limits)?;
+        let client_ip = forwarded::client_ip_of(peer, &head.headers, &config.trusted_proxies);
+        Some(Seen {
+            method: line.method,
+            uri: line.uri,
+            head_len: line.head_len,
+            head,
+            rule,
+            stage,
+            client_ip,
+        })
+    }
+
+    /// Judges the request at the front of `buf` (a complete head, as the
+    /// gate found it) from a client at `peer`.
+    pub async fn step(&self, buf: &[u8], peer: Option<IpAddr>) -> Step {
+        let started = Instant::now();
         // The route first: pass-through traffic pays for no more parsing.
         let rules = self.admission.rules();
-        let Route::Rule(m) = rules.find(&line.method, path) else {
+        let Some(seen) = self.read(buf, &rules, peer) else {
             return Step::Pass;
         };
-        let Some(stage) = rules.stage(m.index).cloned() else {
-            return Step::Pass;
-        };
-        let config = self.config.load();
-        let Some(head) = fields(&line, buf, &config.limits) else {
-            return Step::Pass;
-        };
-        let captures: Vec<(&str, &str)> =
-            m.captures.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let body = buf.get(line.head_len..line.head_len + head.body_len);
-        let client_ip = forwarded::client_ip_of(peer, &head.headers, &config.trusted_proxies);
-        // Not held across the store's round trip.
-        drop(config);
+        let (stage, head, client_ip) = (seen.stage, seen.head, seen.client_ip);
+        let path = seen.uri.path();
+        let captures: Vec<(&str, &str)> = seen
+            .rule
+            .captures
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect();
+        let body = buf.get(seen.head_len..seen.head_len + head.body_len);
         let candidate = Candidate {
             parts: RequestParts {
                 headers: &head.headers,
-                query: line.uri.query(),
+                query: seen.uri.query(),
                 captures: &captures,
                 body,
             },
@@ -303,7 +333,7 @@ impl FastLane {
             log.send(Entry {
                 time: SystemTime::now(),
                 client_ip,
-                method: line.method.clone(),
+                method: seen.method,
                 path: clip_path(path),
                 version: http::Version::HTTP_11,
                 status: rendered.status.as_u16(),
@@ -322,7 +352,7 @@ impl FastLane {
         }
         Step::Answered {
             response,
-            used: line.head_len + head.body_len,
+            used: seen.head_len + head.body_len,
             close: head.close,
         }
     }
