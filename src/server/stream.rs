@@ -90,6 +90,10 @@ impl AsyncWrite for GateStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
+        if buf.is_empty() {
+            // Nothing to gather: no buffer for it.
+            return Poll::Ready(Ok(0));
+        }
         if this.pending.len() + buf.len() > WRITE_BUF {
             ready!(this.poll_write_pending(cx))?;
         }
@@ -199,6 +203,8 @@ mod tests {
     async fn writes_are_gathered_until_a_flush_and_the_buffer_is_let_go() {
         let (mut gate, mut peer) = pair().await;
         assert_eq!(gate.pending.capacity(), 0, "no buffer before a write");
+        assert_eq!(gate.write(b"").await.expect("empty write"), 0);
+        assert_eq!(gate.pending.capacity(), 0, "no buffer for an empty write");
         gate.write_all(b"HTTP/1.1 200 OK\r\n").await.expect("write");
         gate.write_all(b"\r\n").await.expect("write");
         let mut probe = [0u8; 64];
