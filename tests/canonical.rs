@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{metric_value, put_stock, request, Gateway, Upstream};
+use support::{mall_config, metric_value, put_stock, request, Gateway, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -47,17 +47,10 @@ const RULES: &str = r#"rules:
 /// A gateway on the memory store in front of `mall` (`max_inflight`
 /// slots, `max_wait` before a winner is queued).
 fn start(mall: &Upstream, max_inflight: u32) -> Gateway {
-    let config = format!(
-        "listen: ${{LISTEN}}\n\
-         admin: {{ listen: ${{ADMIN}} }}\n\
-         threads: 2\n\
-         shutdown: {{ grace_period: 1s, timeout: 1s }}\n\
-         store: {{ backend: memory }}\n\
-         upstreams:\n  mall:\n    servers: [{mall}]\n    max_inflight: {max_inflight}\n    \
-         connect_timeout: 500ms\n    read_timeout: 10s\n\
-         default_upstream: mall\n\
-         rules: lua-free-rules/*.yaml\n",
-        mall = mall.addr(),
+    let config = mall_config(
+        mall.addr(),
+        "store: { backend: memory }\n",
+        &format!("    max_inflight: {max_inflight}\n"),
     );
     // A short wait for a slot, so a second winner is queued at once.
     let rules = RULES.replace(

@@ -11,7 +11,7 @@ use sluice_testkit as support;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{request, Gateway, RawConn, RedisServer, Response, Upstream};
+use support::{mall_config, request, Gateway, RawConn, RedisServer, Response, Upstream};
 
 /// Bound on every polling wait.
 const WAIT: Duration = Duration::from_secs(10);
@@ -36,17 +36,7 @@ fn start_on(mall: &Upstream, more: &[&str], store: &str) -> Gateway {
         rule.push_str(line);
         rule.push('\n');
     }
-    let config = format!(
-        "listen: ${{LISTEN}}\n\
-         admin: {{ listen: ${{ADMIN}} }}\n\
-         threads: 2\n\
-         shutdown: {{ grace_period: 1s, timeout: 1s }}\n\
-         {store}\n\
-         upstreams:\n  mall:\n    servers: [{mall}]\n    connect_timeout: 500ms\n    read_timeout: 10s\n\
-         default_upstream: mall\n\
-         rules: lua-free-rules/*.yaml\n",
-        mall = mall.addr(),
-    );
+    let config = mall_config(mall.addr(), &format!("{store}\n"), "");
     Gateway::builder()
         .config(&config)
         .file("lua-free-rules/sale.yaml", &rule)

@@ -14,7 +14,9 @@ use sluice_testkit as support;
 use std::time::{Duration, Instant};
 
 use support::shop::field;
-use support::{metric_value, put_stock, stock_view, Gateway, RawConn, Response, Upstream};
+use support::{
+    mall_config, metric_value, put_stock, stock_view, Gateway, RawConn, Response, Upstream,
+};
 
 /// Bound on every polling wait.
 const WAIT: Duration = Duration::from_secs(10);
@@ -41,18 +43,12 @@ fn start(mall: &Upstream) -> Gateway {
         \x20   user: { header: X-User-Id }\n\
         \x20   sku: { path: sku }\n\
         \x20   responses: { sold_out: { headers: { Content-Length: \"99\", Connection: close, X-Shop: \"1\" } } }\n";
-    let config = format!(
-        "listen: ${{LISTEN}}\n\
-         admin: {{ listen: ${{ADMIN}} }}\n\
-         threads: 2\n\
-         shutdown: {{ grace_period: 1s, timeout: 1s }}\n\
-         store: {{ backend: memory }}\n\
-         limits: {{ header_timeout: 500ms }}\n\
-         access_log: {{ path: access.log, log_user: true }}\n\
-         upstreams:\n  mall:\n    servers: [{mall}]\n    connect_timeout: 500ms\n    read_timeout: 10s\n\
-         default_upstream: mall\n\
-         rules: lua-free-rules/*.yaml\n",
-        mall = mall.addr(),
+    let config = mall_config(
+        mall.addr(),
+        "store: { backend: memory }\n\
+         limits: { header_timeout: 500ms }\n\
+         access_log: { path: access.log, log_user: true }\n",
+        "",
     );
     Gateway::builder()
         .config(&config)

@@ -25,7 +25,7 @@ use pingora_core::tls::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use support::{free_addr, put_stock, request, Gateway, Response, Upstream};
+use support::{free_addr, mall_config, put_stock, request, Gateway, Response, Upstream};
 
 /// Bound on each connect and exchange.
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,16 +50,10 @@ fn self_signed() -> SelfSigned {
 /// A gateway with a plain and a TLS listener over `mall`, and one rule
 /// `phone`: `POST /api/seckill/{sku}/order`, user from `X-User-Id`.
 fn start(mall: &Upstream, tls: SocketAddr, cert: &SelfSigned) -> Gateway {
-    let config = format!(
-        "listen: ${{LISTEN}}\n\
-         admin: {{ listen: ${{ADMIN}} }}\n\
-         threads: 2\n\
-         shutdown: {{ grace_period: 1s, timeout: 1s }}\n\
-         tls: {{ listen: \"{tls}\", cert: tls/cert.pem, key: tls/key.pem }}\n\
-         upstreams:\n  mall:\n    servers: [{mall}]\n    connect_timeout: 500ms\n    read_timeout: 10s\n\
-         default_upstream: mall\n\
-         rules: lua-free-rules/*.yaml\n",
-        mall = mall.addr(),
+    let config = mall_config(
+        mall.addr(),
+        &format!("tls: {{ listen: \"{tls}\", cert: tls/cert.pem, key: tls/key.pem }}\n"),
+        "",
     );
     Gateway::builder()
         .config(&config)

@@ -35,6 +35,24 @@ pub fn free_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
+/// The config most gateway tests start from: two threads, a one-second
+/// shutdown, one upstream `mall` at `mall` (connect 500 ms, read 10 s)
+/// that is the default, and the rules in `lua-free-rules/*.yaml`. `top`
+/// adds top-level lines (each ending in a newline), `upstream` lines under
+/// `mall` (indented four spaces, each ending in a newline).
+pub fn mall_config(mall: SocketAddr, top: &str, upstream: &str) -> String {
+    format!(
+        "listen: ${{LISTEN}}\n\
+         admin: {{ listen: ${{ADMIN}} }}\n\
+         threads: 2\n\
+         shutdown: {{ grace_period: 1s, timeout: 1s }}\n\
+         {top}\
+         upstreams:\n  mall:\n    servers: [{mall}]\n{upstream}    connect_timeout: 500ms\n    read_timeout: 10s\n\
+         default_upstream: mall\n\
+         rules: lua-free-rules/*.yaml\n"
+    )
+}
+
 /// The `sluice` binary under test: `$SLUICE_BIN` when set, else the one
 /// cargo built beside the running test or bench (`target/<profile>/sluice`;
 /// the test itself runs from `target/<profile>/deps/`). Cargo builds a

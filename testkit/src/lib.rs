@@ -20,7 +20,8 @@ pub mod upstream;
 
 pub use client::{get, request, Conn, Response};
 pub use gateway::{
-    free_addr, free_port, metric_value, sluice_bin, sluice_cmd, Gateway, GatewayBuilder,
+    free_addr, free_port, mall_config, metric_value, sluice_bin, sluice_cmd, Gateway,
+    GatewayBuilder,
 };
 pub use mariadb::MariaDbServer;
 pub use raw::RawConn;
