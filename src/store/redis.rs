@@ -51,8 +51,12 @@ use crate::vocab::{now_ms, ReleaseReason, SkuKey, StoredResponse, TicketId};
 
 /// Field separator inside ledger values: never in ids (validated charset).
 const SEP: char = '\u{1f}';
+/// [`SEP`] as a string, for keys and values built by concatenation.
+const SEP_STR: &str = "\u{1f}";
 /// Separator of mark keys inside a ticket record.
 const MARK_SEP: char = '\u{1e}';
+/// [`MARK_SEP`] as a string.
+const MARK_SEP_STR: &str = "\u{1e}";
 /// Tries of the restock lock, 25 ms apart.
 const RESTOCK_LOCK_TRIES: u32 = 40;
 /// The restock lock expires by itself after this (a crashed restock).
@@ -94,15 +98,25 @@ struct Record {
 
 impl Record {
     fn encode(&self) -> String {
-        let marks: Vec<&str> = self.marks.iter().map(String::as_str).collect();
-        format!(
-            "{}{SEP}{}{SEP}{}{SEP}{}{SEP}{}",
-            self.qty,
-            self.user,
-            u8::from(self.counted_for_user),
-            self.issued_ms,
-            marks.join(&MARK_SEP.to_string())
-        )
+        let (mut qty, mut issued) = (itoa::Buffer::new(), itoa::Buffer::new());
+        let counted = if self.counted_for_user { "1" } else { "0" };
+        let mut parts = vec![
+            qty.format(self.qty),
+            SEP_STR,
+            &self.user,
+            SEP_STR,
+            counted,
+            SEP_STR,
+            issued.format(self.issued_ms),
+            SEP_STR,
+        ];
+        for (i, m) in self.marks.iter().enumerate() {
+            if i > 0 {
+                parts.push(MARK_SEP_STR);
+            }
+            parts.push(m);
+        }
+        concat(&parts)
     }
 
     fn decode(key: &str, text: &str) -> Result<Self, StoreError> {
@@ -154,8 +168,8 @@ fn add_moves(pipe: &mut Pipeline, from: &str, to: &str, n: u64, back: bool) {
 }
 
 /// Adds the commands that keep a ticket's answer for `ttl`.
-fn add_response(pipe: &mut Pipeline, tag: &str, id: &str, r: &StoredResponse, ttl: Duration) {
-    let resp_key = format!("{tag}:r:{id}");
+fn add_response(pipe: &mut Pipeline, tag: &Tag, id: &str, r: &StoredResponse, ttl: Duration) {
+    let resp_key = tag.key_of("r", id);
     pipe.cmd("HSET")
         .arg(&resp_key)
         .arg("status")
@@ -166,6 +180,47 @@ fn add_response(pipe: &mut Pipeline, tag: &str, id: &str, r: &StoredResponse, tt
         .arg(r.body.as_ref())
         .ignore();
     pipe.cmd("PEXPIRE").arg(&resp_key).arg(millis(ttl)).ignore();
+}
+
+/// The hash tag of one (rule, sku), `{prefix}{rule:sku}`, that every key
+/// of the sku starts with. Keys are built from it by concatenation: a
+/// winner's two transactions name a dozen keys, and `format!` for each
+/// was a tenth of the winner's instructions (callgrind).
+struct Tag(String);
+
+impl Tag {
+    /// `{tag}:{suffix}`.
+    fn key(&self, suffix: &str) -> String {
+        concat(&[&self.0, ":", suffix])
+    }
+
+    /// `{tag}:{kind}:{id}`, a key of one ticket or user.
+    fn key_of(&self, kind: &str, id: &str) -> String {
+        concat(&[&self.0, ":", kind, ":", id])
+    }
+}
+
+impl std::ops::Deref for Tag {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Tag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The parts, joined, in one allocation.
+fn concat(parts: &[&str]) -> String {
+    let mut out = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for p in parts {
+        out.push_str(p);
+    }
+    out
 }
 
 fn millis(d: Duration) -> u64 {
@@ -219,19 +274,19 @@ impl RedisStore {
 }
 
 impl Inner {
-    fn tag(&self, key: &SkuKey) -> String {
-        format!("{}{{{}:{}}}", self.prefix, key.rule, key.sku)
+    fn tag(&self, key: &SkuKey) -> Tag {
+        Tag(concat(&[&self.prefix, "{", &key.rule, ":", &key.sku, "}"]))
     }
 
-    fn mark_key(&self, key: &SkuKey, mark: &DedupMark) -> String {
+    fn mark_key(&self, tag: &Tag, key: &SkuKey, mark: &DedupMark) -> String {
         match mark.scope {
-            MarkScope::Sku => format!("{}:{}", self.tag(key), mark.id),
-            MarkScope::Rule => format!("{}{{{}}}:{}", self.prefix, key.rule, mark.id),
+            MarkScope::Sku => tag.key(&mark.id),
+            MarkScope::Rule => concat(&[&self.prefix, "{", &key.rule, "}:", &mark.id]),
         }
     }
 
-    fn index_key(&self, ticket: TicketId) -> String {
-        format!("{}ticket:{ticket}", self.prefix)
+    fn index_key(&self, ticket: &str) -> String {
+        concat(&[&self.prefix, "ticket:", ticket])
     }
 
     fn skus_key(&self) -> String {
@@ -356,7 +411,7 @@ impl Inner {
                 .arg(&id)
                 .ignore();
         }
-        add_forget(&mut pipe, &tag, &id, &self.index_key(ticket));
+        add_forget(&mut pipe, &tag, &id, &self.index_key(&id));
         self.run("reserve-undo", &pipe).await.map(drop)
     }
 
@@ -471,7 +526,7 @@ impl Inner {
                     .ignore();
             }
             if forget {
-                add_forget(&mut tx, &tag, &id, &self.index_key(ticket));
+                add_forget(&mut tx, &tag, &id, &self.index_key(&id));
             } else if moved > 0 || dead {
                 tx.cmd("HSET")
                     .arg(format!("{tag}:state"))
@@ -685,8 +740,13 @@ fn parse_reserve(vals: &[Value], marks: usize, counted: bool, qty: u32) -> Reser
 impl Store for RedisStore {
     async fn reserve(&self, r: &Reservation<'_>) -> Result<Reserved, StoreError> {
         let tag = self.tag(r.key);
-        let ticket = r.ticket.to_string();
-        let mark_keys: Vec<String> = r.marks.iter().map(|m| self.mark_key(r.key, m)).collect();
+        let hex = r.ticket.hex();
+        let ticket = hex.as_str();
+        let mark_keys: Vec<String> = r
+            .marks
+            .iter()
+            .map(|m| self.mark_key(&tag, r.key, m))
+            .collect();
         let counted = r.per_user_limit.is_some();
         let record = Record {
             qty: r.qty,
@@ -697,11 +757,11 @@ impl Store for RedisStore {
         };
         let mut pipe = redis::pipe();
         pipe.atomic();
-        pipe.cmd("EXISTS").arg(format!("{tag}:loaded"));
+        pipe.cmd("EXISTS").arg(tag.key("loaded"));
         for (k, m) in mark_keys.iter().zip(r.marks) {
             pipe.cmd("SET")
                 .arg(k)
-                .arg(&ticket)
+                .arg(ticket)
                 .arg("NX")
                 .arg("PX")
                 .arg(millis(m.ttl))
@@ -711,40 +771,37 @@ impl Store for RedisStore {
             // The buyer's holds, ticket -> units: removing one twice is
             // harmless, unlike decrementing a counter twice. It expires
             // with the tickets, so a refused buyer leaves nothing behind.
-            let holds = format!("{tag}:uh:{}", r.user);
-            pipe.cmd("HSET")
-                .arg(&holds)
-                .arg(&ticket)
-                .arg(r.qty)
-                .ignore();
+            let holds = tag.key_of("uh", r.user);
+            pipe.cmd("HSET").arg(&holds).arg(ticket).arg(r.qty).ignore();
             pipe.cmd("HVALS").arg(&holds);
             pipe.cmd("PEXPIRE")
                 .arg(&holds)
                 .arg(millis(self.ticket_ttl))
                 .ignore();
         }
-        let (avail, held) = (format!("{tag}:avail"), format!("{tag}:h:{ticket}"));
+        let (avail, held) = (tag.key("avail"), tag.key_of("h", ticket));
         add_moves(&mut pipe, &avail, &held, u64::from(r.qty), false);
         pipe.cmd("HSET")
-            .arg(format!("{tag}:tickets"))
-            .arg(&ticket)
+            .arg(tag.key("tickets"))
+            .arg(ticket)
             .arg(record.encode())
             .ignore();
+        let mut issued = itoa::Buffer::new();
         pipe.cmd("HSET")
-            .arg(format!("{tag}:state"))
-            .arg(&ticket)
-            .arg(format!("H{}", record.issued_ms))
+            .arg(tag.key("state"))
+            .arg(ticket)
+            .arg(concat(&["H", issued.format(record.issued_ms)]))
             .ignore();
         pipe.cmd("SET")
-            .arg(self.index_key(r.ticket))
-            .arg(format!("{}{SEP}{}", r.key.rule, r.key.sku))
+            .arg(self.index_key(ticket))
+            .arg(concat(&[&r.key.rule, SEP_STR, &r.key.sku]))
             .arg("PX")
             .arg(millis(self.ticket_ttl))
             .ignore();
         pipe.cmd("ZADD")
-            .arg(format!("{tag}:leases"))
+            .arg(tag.key("leases"))
             .arg(now_ms().saturating_add(millis(r.lease)))
-            .arg(&ticket)
+            .arg(ticket)
             .ignore();
         let vals = match self.run("reserve", &pipe).await {
             Ok(v) => v,
@@ -808,26 +865,24 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> Result<Committed, StoreError> {
         let tag = self.tag(key);
-        let id = ticket.to_string();
+        let hex = ticket.hex();
+        let id = hex.as_str();
         // One round trip: its held units become its sold units whole, or,
         // when a release got there first, nothing moves and the late path
         // takes them again.
         let mut pipe = redis::pipe();
         pipe.atomic().ignore_errors();
         pipe.cmd("RENAME")
-            .arg(format!("{tag}:h:{id}"))
-            .arg(format!("{tag}:c:{id}"));
+            .arg(tag.key_of("h", id))
+            .arg(tag.key_of("c", id));
         pipe.cmd("HSET")
-            .arg(format!("{tag}:state"))
-            .arg(&id)
+            .arg(tag.key("state"))
+            .arg(id)
             .arg("C")
             .ignore();
-        pipe.cmd("ZREM")
-            .arg(format!("{tag}:leases"))
-            .arg(&id)
-            .ignore();
+        pipe.cmd("ZREM").arg(tag.key("leases")).arg(id).ignore();
         if let Some(response) = response {
-            add_response(&mut pipe, &tag, &id, response, ttl);
+            add_response(&mut pipe, &tag, id, response, ttl);
         }
         let vals = self.run("commit", &pipe).await?;
         match vals.first() {
@@ -1024,14 +1079,14 @@ impl Store for RedisStore {
 
     async fn ticket(&self, id: TicketId) -> Result<Option<TicketRecord>, StoreError> {
         let mut pipe = redis::pipe();
-        pipe.cmd("GET").arg(self.index_key(id));
+        pipe.cmd("GET").arg(self.index_key(&id.hex()));
         let vals = self.run("ticket", &pipe).await?;
         let Some(where_) = vals.first().and_then(as_string) else {
             return Ok(None);
         };
         let Some((rule, sku)) = where_.split_once(SEP) else {
             return Err(StoreError::Corrupt {
-                key: self.index_key(id),
+                key: self.index_key(&id.hex()),
                 message: format!("unreadable index {where_:?}"),
             });
         };
