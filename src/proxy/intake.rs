@@ -11,7 +11,7 @@ use pingora_http::RequestHeader;
 use pingora_proxy::Session;
 
 use super::{RequestCtx, SluiceProxy};
-use crate::admission::extract::RequestParts;
+use crate::admission::extract::{Attempt, RequestParts};
 use crate::admission::hold::Hold;
 use crate::admission::overflow::Waited;
 use crate::admission::{Candidate, RuleStage, Verdict};
@@ -20,6 +20,15 @@ use crate::config::Config;
 use crate::outcome::{Answer, Outcome};
 use crate::queue::QueuedRequest;
 use crate::rules::Route;
+
+/// A rule-matched request's verdict: the lane's, or one to reach now from
+/// the route's captures.
+enum Judgement<'a> {
+    /// The lane judged it from the same bytes.
+    Made(Verdict, Option<Attempt>),
+    /// To judge here.
+    ToMake(&'a [(&'a str, &'a str)]),
+}
 
 /// The path prefix of ticket polls.
 pub(super) const TICKETS_PATH: &str = "/sluice/tickets/";
@@ -70,6 +79,14 @@ impl SluiceProxy {
                 return Ok(true);
             }
         }
+        // Judged by the lane already: matched and judged once.
+        if let Some(judged) = super::lane::take_preset() {
+            ctx.upstream = judged.stage.rule.upstream;
+            ctx.path = Some(judged.path);
+            ctx.stage = Some(judged.stage.clone());
+            let verdict = Judgement::Made(judged.verdict, judged.attempt);
+            return self.admit(session, ctx, &judged.stage, verdict).await;
+        }
         // This request keeps the rules in force now, whatever a reload
         // does meanwhile.
         let rules = self.admission.rules();
@@ -91,19 +108,13 @@ impl SluiceProxy {
         let Some(stage) = rules.stage(m.index).cloned() else {
             return Ok(false);
         };
-        // A winner the lane judged keeps the stage it was judged under,
-        // even if a reload swapped it since: requests under way finish
-        // with the stages they started with.
-        let stage = match super::lane::preset_stage() {
-            Some(judged) if judged.rule.name == stage.rule.name => judged,
-            _ => stage,
-        };
         ctx.upstream = stage.rule.upstream;
         ctx.path = Some(m.path);
         let captures: Vec<(&str, &str)> =
             m.captures.iter().map(|(k, v)| (*k, v.as_str())).collect();
         ctx.stage = Some(stage.clone());
-        self.admit(session, ctx, &stage, &captures).await
+        self.admit(session, ctx, &stage, Judgement::ToMake(&captures))
+            .await
     }
 
     /// Stages 2-8 for a request that matched `stage`'s rule.
@@ -112,7 +123,7 @@ impl SluiceProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
         stage: &RuleStage,
-        captures: &[(&str, &str)],
+        judgement: Judgement<'_>,
     ) -> Result<bool> {
         if let Some(message) = backend::host_problem(session.req_header(), true) {
             session.set_keepalive(None);
@@ -130,30 +141,29 @@ impl SluiceProxy {
                 return Ok(true);
             }
         };
-        let verdict = {
-            let req = session.req_header();
-            let candidate = Candidate {
-                parts: RequestParts {
-                    headers: &req.headers,
-                    query: req.uri.query(),
-                    captures,
-                    body: Some(&body),
-                },
-                client_ip: forwarded::client_ip_of(
-                    self.peer(session),
-                    &req.headers,
-                    &ctx.config.trusted_proxies,
-                ),
-            };
-            let (verdict, attempt) = match super::lane::take_preset(stage) {
-                Some(judged) => judged,
-                None => self.admission.admit_seen(stage, &candidate).await,
-            };
-            if let Some(a) = attempt {
-                (ctx.user, ctx.sku) = (Some(a.user), Some(a.sku));
+        let (verdict, attempt) = match judgement {
+            Judgement::Made(verdict, attempt) => (verdict, attempt),
+            Judgement::ToMake(captures) => {
+                let req = session.req_header();
+                let candidate = Candidate {
+                    parts: RequestParts {
+                        headers: &req.headers,
+                        query: req.uri.query(),
+                        captures,
+                        body: Some(&body),
+                    },
+                    client_ip: forwarded::client_ip_of(
+                        self.peer(session),
+                        &req.headers,
+                        &ctx.config.trusted_proxies,
+                    ),
+                };
+                self.admission.admit_seen(stage, &candidate).await
             }
-            verdict
         };
+        if let Some(a) = attempt {
+            (ctx.user, ctx.sku) = (Some(a.user), Some(a.sku));
+        }
         let hold = match verdict {
             Verdict::Answer(answer) => {
                 self.answer(session, ctx, &answer).await?;

@@ -65,9 +65,14 @@ pub enum Step {
 
 /// A verdict the lane reached for a request that pingora now forwards.
 pub struct Preset {
-    stage: Arc<RuleStage>,
-    verdict: Verdict,
-    attempt: Option<Attempt>,
+    /// The stage it was judged under.
+    pub(super) stage: Arc<RuleStage>,
+    /// The rule's own spelling of its path, as the lane matched it.
+    pub(super) path: String,
+    /// The verdict: a hold to forward, or a capped pass.
+    pub(super) verdict: Verdict,
+    /// Who and what it was for.
+    pub(super) attempt: Option<Attempt>,
 }
 
 tokio::task_local! {
@@ -81,21 +86,12 @@ pub async fn with_preset<F: Future>(preset: Box<Preset>, session: F) -> F::Outpu
     PRESET.scope(RefCell::new(Some(*preset)), session).await
 }
 
-/// The stage the lane judged this request under, if it did.
-pub(super) fn preset_stage() -> Option<Arc<RuleStage>> {
-    PRESET
-        .try_with(|p| p.borrow().as_ref().map(|p| p.stage.clone()))
-        .ok()
-        .flatten()
-}
-
-/// The verdict the lane reached for this request, if it judged it under
-/// `stage` (as [`preset_stage`] gives it, unless a reload moved the route
-/// to another rule: then the verdict is dropped, its hold goes back, and
-/// the request is judged again).
-pub(super) fn take_preset(stage: &RuleStage) -> Option<(Verdict, Option<Attempt>)> {
-    let preset = PRESET.try_with(|p| p.borrow_mut().take()).ok().flatten()?;
-    std::ptr::eq(&*preset.stage, stage).then_some((preset.verdict, preset.attempt))
+/// The lane's judgement of this request, if it made one, taken whole:
+/// the request is served under the stage and route it was judged by,
+/// whatever a reload did since (requests under way finish with the rules
+/// they started with), and is neither matched nor judged again.
+pub(super) fn take_preset() -> Option<Preset> {
+    PRESET.try_with(|p| p.borrow_mut().take()).ok().flatten()
 }
 
 /// A request line the lane takes, parsed from the gate's buffer, with the
@@ -311,6 +307,7 @@ impl FastLane {
             verdict => {
                 return Step::Forward(Box::new(Preset {
                     stage,
+                    path: seen.rule.path,
                     verdict,
                     attempt,
                 }))
