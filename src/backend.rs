@@ -112,8 +112,8 @@ pub fn present(
             .headers
             .get(forwarded::XFP)
             .and_then(|v| v.to_str().ok());
-        let proto = forwarded::forwarded_proto(peer, proto, from.tls, from.trusted).to_string();
-        req.insert_header("X-Forwarded-Proto", proto)?;
+        let proto = forwarded::forwarded_proto(peer, proto, from.tls, from.trusted);
+        req.insert_header("X-Forwarded-Proto", http::HeaderValue::from_static(proto))?;
     }
     if let Some(t) = ticket {
         // The gateway holds a winner's whole body and sends it at once: the
@@ -210,8 +210,8 @@ pub fn body_framing_error(e: &Error) -> Option<&'static str> {
 }
 
 fn set_ticket(req: &mut RequestHeader, t: TicketHeaders<'_>) -> Result<()> {
-    req.insert_header("X-Sluice-Ticket", t.ticket.to_string())?;
-    req.insert_header("X-Sluice-Quantity", t.qty.to_string())?;
+    req.insert_header("X-Sluice-Ticket", t.ticket.hex().as_str())?;
+    req.insert_header("X-Sluice-Quantity", http::HeaderValue::from(t.qty))?;
     req.insert_header("X-Sluice-Rule", &*t.key.rule)
 }
 

@@ -104,22 +104,40 @@ pub fn forwarded_for(peer: IpAddr, xff: Option<&str>, trusted: &[IpNet]) -> Stri
         Some(chain) if is_trusted(peer, trusted) && !chain.trim().is_empty() => {
             format!("{}, {peer}", chain.trim())
         }
-        _ => peer.to_string(),
+        _ => ip_text(peer),
     }
+}
+
+/// An address as text: an IPv4 one without the formatter, which costs
+/// more than the rest of the header on every forwarded request
+/// (callgrind); IPv6 as `Display` writes it.
+fn ip_text(ip: IpAddr) -> String {
+    let IpAddr::V4(v4) = ip else {
+        return ip.to_string();
+    };
+    let mut out = String::with_capacity(15);
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        out.push_str(itoa::Buffer::new().format(octet));
+    }
+    out
 }
 
 /// The `X-Forwarded-Proto` to send upstream: a trusted peer's own value
 /// (it terminated the client's connection, so it knows the scheme); else
 /// the scheme of the client's connection to the gateway, whatever the
 /// client wrote.
-pub fn forwarded_proto<'a>(
+pub fn forwarded_proto(
     peer: IpAddr,
-    incoming: Option<&'a str>,
+    incoming: Option<&str>,
     tls: bool,
     trusted: &[IpNet],
-) -> &'a str {
+) -> &'static str {
     match incoming.map(str::trim) {
-        Some(proto @ ("http" | "https")) if is_trusted(peer, trusted) => proto,
+        Some("https") if is_trusted(peer, trusted) => "https",
+        Some("http") if is_trusted(peer, trusted) => "http",
         _ if tls => "https",
         _ => "http",
     }
@@ -135,6 +153,20 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("ip")
+    }
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        for text in [
+            "0.0.0.0",
+            "10.1.2.3",
+            "255.255.255.255",
+            "192.168.0.10",
+            "::1",
+            "2001:db8::7",
+        ] {
+            assert_eq!(ip_text(ip(text)), ip(text).to_string());
+        }
     }
 
     #[test]
