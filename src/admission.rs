@@ -115,6 +115,11 @@ impl RuleTable {
         self.set.find(method, path)
     }
 
+    /// Whether some rule is for exactly this method ([`RuleSet::has_method`]).
+    pub fn has_method(&self, method: &[u8]) -> bool {
+        self.set.has_method(method)
+    }
+
     /// The stage of the rule at `index` (as [`RuleTable::find`] gives it).
     pub fn stage(&self, index: usize) -> Option<&Arc<RuleStage>> {
         self.stages.get(index)

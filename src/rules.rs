@@ -308,6 +308,14 @@ impl RuleSet {
         self.rules.is_empty()
     }
 
+    /// Whether some rule is for exactly this method: when none is,
+    /// [`RuleSet::find`] can only answer `Unmatched` or a refusal.
+    pub fn has_method(&self, method: &[u8]) -> bool {
+        self.rules
+            .iter()
+            .any(|r| r.method.as_str().as_bytes() == method)
+    }
+
     /// Stage 1: the first rule whose method and template match the
     /// canonical form of `path` (no query), or a refusal when the request
     /// reaches a rule's route only by a spelling that must not pass: a

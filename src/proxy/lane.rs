@@ -122,6 +122,15 @@ fn digits(v: &[u8]) -> Option<u64> {
     std::str::from_utf8(v).ok()?.parse().ok()
 }
 
+/// The first token of the head at the front of `buf` (the method, as
+/// httparse reads it: after any empty lines, up to a space), if the buffer
+/// holds a space to end it.
+fn first_token(buf: &[u8]) -> Option<&[u8]> {
+    let start = buf.iter().position(|b| !matches!(b, b'\r' | b'\n'))?;
+    let rest = &buf[start..];
+    rest.iter().position(|b| *b == b' ').map(|end| &rest[..end])
+}
+
 /// The request line of the whole head at the front of `buf`, if it is
 /// HTTP/1.1 in origin form; the fields are parsed into `slots`.
 fn request_line<'b>(buf: &'b [u8], slots: &'b mut [httparse::Header<'b>]) -> Option<Line<'b>> {
@@ -244,6 +253,11 @@ impl FastLane {
     /// to a rule's route (matched in `rules`), fields as pingora reads
     /// them, whole body in `buf` (the module doc).
     fn read<'r>(&self, buf: &[u8], rules: &'r RuleTable, peer: Option<IpAddr>) -> Option<Seen<'r>> {
+        // A method no rule has is pingora's (pass-through, mostly): not
+        // worth parsing the head for. Anything unclear is parsed in full.
+        if first_token(buf).is_some_and(|m| !rules.has_method(m)) {
+            return None;
+        }
         let mut slots = [httparse::EMPTY_HEADER; MAX_FIELDS];
         let line = request_line(buf, &mut slots)?;
         let path = line.uri.path();
@@ -437,6 +451,32 @@ mod tests {
             ..limits()
         };
         assert_eq!(taken_under(&many, &roomy), None);
+    }
+
+    #[test]
+    fn the_first_token_is_the_method_httparse_reads() {
+        for raw in [
+            "POST /b HTTP/1.1\r\nHost: s\r\n\r\n",
+            "\r\n\r\nGET / HTTP/1.1\r\nHost: s\r\n\r\n",
+            "\nPURGE /x HTTP/1.1\r\nHost: s\r\n\r\n",
+            "post /b HTTP/1.1\r\nHost: s\r\n\r\n",
+        ] {
+            let mut slots = [httparse::EMPTY_HEADER; 4];
+            let mut req = httparse::Request::new(&mut slots);
+            assert!(
+                req.parse(raw.as_bytes()).is_ok_and(|s| s.is_complete()),
+                "{raw:?}"
+            );
+            assert_eq!(
+                first_token(raw.as_bytes()),
+                req.method.map(str::as_bytes),
+                "{raw:?}"
+            );
+        }
+        // What httparse refuses has no method a rule could have.
+        assert_eq!(first_token(b" POST /b HTTP/1.1\r\n\r\n"), Some(&b""[..]));
+        assert_eq!(first_token(b"POST"), None);
+        assert_eq!(first_token(b"\r\n"), None);
     }
 
     #[test]
