@@ -59,15 +59,14 @@ fn titled(name: &http::HeaderName) -> &str {
 /// the order and spelling [`write_answer`] has pingora write them, then
 /// `more` fields.
 pub fn to_wire(r: &Rendered, more: &[(&str, &[u8])]) -> Vec<u8> {
-    use std::io::Write as _;
     let mut out = Vec::with_capacity(192 + r.body.len());
-    // Writing into a Vec cannot fail.
-    let _ = write!(
-        out,
-        "HTTP/1.1 {} {}\r\n",
-        r.status.as_u16(),
-        r.status.canonical_reason().unwrap_or("")
-    );
+    // The status line by hand: the formatter took 465 of the 20k
+    // instructions of a sold_out answer (callgrind).
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(r.status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(r.status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
     let mut field = |name: &str, value: &[u8]| {
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b": ");
@@ -268,6 +267,7 @@ mod tests {
             ));
         }
         let text = String::from_utf8(wire_answer(&r, true)).unwrap_or_default();
+        assert!(text.starts_with("HTTP/1.1 410 Gone\r\n"), "{text}");
         let (head, body) = text.split_once("\r\n\r\n").unwrap_or_default();
         let count = |n: &str| {
             head.lines()
@@ -291,6 +291,11 @@ mod tests {
             head.contains("Connection: keep-alive") && head.contains("x-shop: 1"),
             "{head}"
         );
+        // A status without a reason phrase keeps the space before it.
+        let mut odd = r.clone();
+        odd.status = http::StatusCode::from_u16(599).unwrap_or(http::StatusCode::IM_A_TEAPOT);
+        let text = String::from_utf8(wire_answer(&odd, true)).unwrap_or_default();
+        assert!(text.starts_with("HTTP/1.1 599 \r\n"), "{text}");
         r.status = http::StatusCode::NO_CONTENT;
         let text = String::from_utf8(wire_answer(&r, true)).unwrap_or_default();
         assert!(text.ends_with("\r\n\r\n"), "no body after a 204: {text}");
