@@ -50,13 +50,9 @@ use crate::config::RedisConfig;
 use crate::vocab::{now_ms, ReleaseReason, SkuKey, StoredResponse, TicketId};
 
 /// Field separator inside ledger values: never in ids (validated charset).
-const SEP: char = '\u{1f}';
-/// [`SEP`] as a string, for keys and values built by concatenation.
-const SEP_STR: &str = "\u{1f}";
+const SEP: &str = "\u{1f}";
 /// Separator of mark keys inside a ticket record.
-const MARK_SEP: char = '\u{1e}';
-/// [`MARK_SEP`] as a string.
-const MARK_SEP_STR: &str = "\u{1e}";
+const MARK_SEP: &str = "\u{1e}";
 /// Tries of the restock lock, 25 ms apart.
 const RESTOCK_LOCK_TRIES: u32 = 40;
 /// The restock lock expires by itself after this (a crashed restock).
@@ -102,17 +98,17 @@ impl Record {
         let counted = if self.counted_for_user { "1" } else { "0" };
         let mut parts = vec![
             qty.format(self.qty),
-            SEP_STR,
+            SEP,
             &self.user,
-            SEP_STR,
+            SEP,
             counted,
-            SEP_STR,
+            SEP,
             issued.format(self.issued_ms),
-            SEP_STR,
+            SEP,
         ];
         for (i, m) in self.marks.iter().enumerate() {
             if i > 0 {
-                parts.push(MARK_SEP_STR);
+                parts.push(MARK_SEP);
             }
             parts.push(m);
         }
@@ -200,18 +196,10 @@ impl Tag {
     }
 }
 
-impl std::ops::Deref for Tag {
-    type Target = str;
-
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Display for Tag {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+/// A (rule, sku) as `skus` lists it and a ticket's index names it; read
+/// back with `split_once(SEP)`.
+fn sku_member(key: &SkuKey) -> String {
+    concat(&[&key.rule, SEP, &key.sku])
 }
 
 /// The parts, joined, in one allocation.
@@ -312,15 +300,15 @@ impl Inner {
     async fn adjust_available(
         &self,
         key: &SkuKey,
-        tag: &str,
+        tag: &Tag,
         available: u64,
     ) -> Result<StockView, StoreError> {
-        let avail = format!("{tag}:avail");
+        let avail = tag.key("avail");
         let mut pipe = redis::pipe();
-        pipe.cmd("SET").arg(format!("{tag}:loaded")).arg(1).ignore();
+        pipe.cmd("SET").arg(tag.key("loaded")).arg(1).ignore();
         pipe.cmd("SADD")
             .arg(self.skus_key())
-            .arg(format!("{}{SEP}{}", key.rule, key.sku))
+            .arg(sku_member(key))
             .ignore();
         pipe.cmd("LLEN").arg(&avail);
         let vals = self.admin.run("set_available", &pipe).await?;
@@ -397,8 +385,8 @@ impl Inner {
         pipe.atomic();
         add_moves(
             &mut pipe,
-            &format!("{tag}:h:{id}"),
-            &format!("{tag}:avail"),
+            &tag.key_of("h", &id),
+            &tag.key("avail"),
             moved,
             true,
         );
@@ -407,7 +395,7 @@ impl Inner {
         }
         if let Some(user) = user {
             pipe.cmd("HDEL")
-                .arg(format!("{tag}:uh:{user}"))
+                .arg(tag.key_of("uh", user))
                 .arg(&id)
                 .ignore();
         }
@@ -430,11 +418,7 @@ impl Inner {
     ) -> Result<u64, StoreError> {
         let tag = self.tag(key);
         let id = ticket.to_string();
-        let (held, sold, avail) = (
-            format!("{tag}:h:{id}"),
-            format!("{tag}:c:{id}"),
-            format!("{tag}:avail"),
-        );
+        let (held, sold, avail) = (tag.key_of("h", &id), tag.key_of("c", &id), tag.key("avail"));
         // A few tries: each abort means someone else moved these units,
         // and the next look sees what they did.
         for _ in 0..8 {
@@ -443,13 +427,13 @@ impl Inner {
             // lease renewal (`set_state` touches `h:`) in between.
             let mut look = redis::pipe();
             look.cmd("WATCH").arg(&held).arg(&sold).ignore();
-            look.cmd("HGET").arg(format!("{tag}:tickets")).arg(&id);
+            look.cmd("HGET").arg(tag.key("tickets")).arg(&id);
             look.cmd("LLEN").arg(&held);
             look.cmd("LLEN").arg(&sold);
-            look.cmd("ZSCORE").arg(format!("{tag}:leases")).arg(&id);
+            look.cmd("ZSCORE").arg(tag.key("leases")).arg(&id);
             let vals = x.query("release", &look).await?.unwrap_or_default();
             let record = match vals.first().and_then(as_string) {
-                Some(text) => match Record::decode(&format!("{tag}:tickets"), &text) {
+                Some(text) => match Record::decode(&tag.key("tickets"), &text) {
                     Ok(r) => Some(r),
                     Err(e) => {
                         x.discard();
@@ -516,25 +500,22 @@ impl Inner {
                 }
                 if record.counted_for_user {
                     tx.cmd("HDEL")
-                        .arg(format!("{tag}:uh:{}", record.user))
+                        .arg(tag.key_of("uh", &record.user))
                         .arg(&id)
                         .ignore();
                 }
-                tx.cmd("ZREM")
-                    .arg(format!("{tag}:leases"))
-                    .arg(&id)
-                    .ignore();
+                tx.cmd("ZREM").arg(tag.key("leases")).arg(&id).ignore();
             }
             if forget {
                 add_forget(&mut tx, &tag, &id, &self.index_key(&id));
             } else if moved > 0 || dead {
                 tx.cmd("HSET")
-                    .arg(format!("{tag}:state"))
+                    .arg(tag.key("state"))
                     .arg(&id)
                     .arg("R")
                     .ignore();
                 tx.cmd("INCRBY")
-                    .arg(format!("{tag}:released"))
+                    .arg(tag.key("released"))
                     .arg(moved)
                     .ignore();
             }
@@ -553,10 +534,10 @@ impl Inner {
     async fn view(&self, conn: &RedisConn, key: &SkuKey) -> Result<Option<StockView>, StoreError> {
         let tag = self.tag(key);
         let mut pipe = redis::pipe();
-        pipe.cmd("EXISTS").arg(format!("{tag}:loaded"));
-        pipe.cmd("LLEN").arg(format!("{tag}:avail"));
-        pipe.cmd("HGETALL").arg(format!("{tag}:state"));
-        pipe.cmd("GET").arg(format!("{tag}:released"));
+        pipe.cmd("EXISTS").arg(tag.key("loaded"));
+        pipe.cmd("LLEN").arg(tag.key("avail"));
+        pipe.cmd("HGETALL").arg(tag.key("state"));
+        pipe.cmd("GET").arg(tag.key("released"));
         let vals = conn.read("stock", &pipe).await?;
         if vals.first().and_then(as_int) != Some(1) {
             return Ok(None);
@@ -575,8 +556,8 @@ impl Inner {
             .collect();
         let mut lists = redis::pipe();
         for (id, _) in &states {
-            lists.cmd("LLEN").arg(format!("{tag}:h:{id}"));
-            lists.cmd("LLEN").arg(format!("{tag}:c:{id}"));
+            lists.cmd("LLEN").arg(tag.key_of("h", id));
+            lists.cmd("LLEN").arg(tag.key_of("c", id));
         }
         let counts = if states.is_empty() {
             Vec::new()
@@ -602,29 +583,25 @@ impl Inner {
     async fn commit_late(&self, key: &SkuKey, ticket: TicketId) -> Result<Committed, StoreError> {
         let tag = self.tag(key);
         let id = ticket.to_string();
-        let (held, sold) = (format!("{tag}:h:{id}"), format!("{tag}:c:{id}"));
+        let (held, sold) = (tag.key_of("h", &id), tag.key_of("c", &id));
         // Under WATCH: two late commits of one ticket (a journal replay and
         // reconcile, say) must not both take its units.
         for _ in 0..8 {
             let mut x = self.conn.exclusive("commit").await?;
             let mut look = redis::pipe();
             look.cmd("WATCH").arg(&held).arg(&sold).ignore();
-            look.cmd("HGET").arg(format!("{tag}:tickets")).arg(&id);
+            look.cmd("HGET").arg(tag.key("tickets")).arg(&id);
             look.cmd("LLEN").arg(&sold);
             let vals = x.query("commit", &look).await?.unwrap_or_default();
             let Some(text) = vals.first().and_then(as_string) else {
                 // Unknown: no state may be left behind for it.
                 let mut forget = redis::pipe();
                 forget.cmd("UNWATCH").ignore();
-                forget
-                    .cmd("HDEL")
-                    .arg(format!("{tag}:state"))
-                    .arg(&id)
-                    .ignore();
+                forget.cmd("HDEL").arg(tag.key("state")).arg(&id).ignore();
                 x.query("commit", &forget).await?;
                 return Ok(Committed::Unknown);
             };
-            let record = match Record::decode(&format!("{tag}:tickets"), &text) {
+            let record = match Record::decode(&tag.key("tickets"), &text) {
                 Ok(r) => r,
                 Err(e) => {
                     x.discard();
@@ -642,9 +619,9 @@ impl Inner {
             }
             let mut take = redis::pipe();
             take.atomic();
-            add_moves(&mut take, &format!("{tag}:avail"), &sold, want, false);
+            add_moves(&mut take, &tag.key("avail"), &sold, want, false);
             if record.counted_for_user {
-                let holds = format!("{tag}:uh:{}", record.user);
+                let holds = tag.key_of("uh", &record.user);
                 take.cmd("HSET")
                     .arg(&holds)
                     .arg(&id)
@@ -656,7 +633,7 @@ impl Inner {
                     .ignore();
             }
             take.cmd("HSET")
-                .arg(format!("{tag}:state"))
+                .arg(tag.key("state"))
                 .arg(&id)
                 .arg("C")
                 .ignore();
@@ -668,7 +645,7 @@ impl Inner {
             if taken > 0 {
                 let mut fix = redis::pipe();
                 fix.cmd("DECRBY")
-                    .arg(format!("{tag}:released"))
+                    .arg(tag.key("released"))
                     .arg(taken)
                     .ignore();
                 self.run("commit", &fix).await?;
@@ -686,19 +663,10 @@ impl Inner {
 
 /// Adds the commands that remove a ticket that never was: its record,
 /// state, lease and index.
-fn add_forget(pipe: &mut Pipeline, tag: &str, id: &str, index: &str) {
-    pipe.cmd("HDEL")
-        .arg(format!("{tag}:tickets"))
-        .arg(id)
-        .ignore();
-    pipe.cmd("HDEL")
-        .arg(format!("{tag}:state"))
-        .arg(id)
-        .ignore();
-    pipe.cmd("ZREM")
-        .arg(format!("{tag}:leases"))
-        .arg(id)
-        .ignore();
+fn add_forget(pipe: &mut Pipeline, tag: &Tag, id: &str, index: &str) {
+    pipe.cmd("HDEL").arg(tag.key("tickets")).arg(id).ignore();
+    pipe.cmd("HDEL").arg(tag.key("state")).arg(id).ignore();
+    pipe.cmd("ZREM").arg(tag.key("leases")).arg(id).ignore();
     pipe.cmd("DEL").arg(index).ignore();
 }
 
@@ -794,7 +762,7 @@ impl Store for RedisStore {
             .ignore();
         pipe.cmd("SET")
             .arg(self.index_key(ticket))
-            .arg(concat(&[&r.key.rule, SEP_STR, &r.key.sku]))
+            .arg(sku_member(r.key))
             .arg("PX")
             .arg(millis(self.ticket_ttl))
             .ignore();
@@ -906,7 +874,7 @@ impl Store for RedisStore {
         };
         let tag = self.tag(key);
         let id = ticket.to_string();
-        let held = format!("{tag}:h:{id}");
+        let held = tag.key_of("h", &id);
         // The lists say whether the ticket is still live, whatever the
         // state field says; the lease is renewed only while it is (`XX`:
         // a commit or release removed it). Rotating the held list by one
@@ -915,12 +883,12 @@ impl Store for RedisStore {
         let mut pipe = redis::pipe();
         pipe.atomic();
         pipe.cmd("HSET")
-            .arg(format!("{tag}:state"))
+            .arg(tag.key("state"))
             .arg(&id)
             .arg(format!("{code}{}", now_ms()))
             .ignore();
         pipe.cmd("ZADD")
-            .arg(format!("{tag}:leases"))
+            .arg(tag.key("leases"))
             .arg("XX")
             .arg(now_ms().saturating_add(millis(lease)))
             .arg(&id)
@@ -955,7 +923,7 @@ impl Store for RedisStore {
         let mut pipe = redis::pipe();
         for key in &skus {
             pipe.cmd("ZRANGEBYSCORE")
-                .arg(format!("{}:leases", self.tag(key)))
+                .arg(self.tag(key).key("leases"))
                 .arg("-inf")
                 .arg(now)
                 .arg("WITHSCORES")
@@ -1015,7 +983,7 @@ impl Store for RedisStore {
         // Restocks of one sku take turns (an ops script may call every
         // node at once): each reads the list length and adjusts it, and two
         // at once would both add the difference.
-        let lock = format!("{tag}:restock");
+        let lock = tag.key("restock");
         let token = TicketId::random().to_string();
         // Outlives the restock's own steps (each within the admin timeout),
         // and expires by itself after a crash.
@@ -1068,8 +1036,8 @@ impl Store for RedisStore {
     async fn available(&self, key: &SkuKey) -> Result<Option<u64>, StoreError> {
         let tag = self.tag(key);
         let mut pipe = redis::pipe();
-        pipe.cmd("EXISTS").arg(format!("{tag}:loaded"));
-        pipe.cmd("LLEN").arg(format!("{tag}:avail"));
+        pipe.cmd("EXISTS").arg(tag.key("loaded"));
+        pipe.cmd("LLEN").arg(tag.key("avail"));
         let vals = self.run("available", &pipe).await?;
         if vals.first().and_then(as_int) != Some(1) {
             return Ok(None);
@@ -1094,11 +1062,11 @@ impl Store for RedisStore {
         let tag = self.tag(&key);
         let ticket = id.to_string();
         let mut pipe = redis::pipe();
-        pipe.cmd("HGET").arg(format!("{tag}:tickets")).arg(&ticket);
-        pipe.cmd("HGET").arg(format!("{tag}:state")).arg(&ticket);
-        pipe.cmd("HGETALL").arg(format!("{tag}:r:{ticket}"));
-        pipe.cmd("EXISTS").arg(format!("{tag}:h:{ticket}"));
-        pipe.cmd("EXISTS").arg(format!("{tag}:c:{ticket}"));
+        pipe.cmd("HGET").arg(tag.key("tickets")).arg(&ticket);
+        pipe.cmd("HGET").arg(tag.key("state")).arg(&ticket);
+        pipe.cmd("HGETALL").arg(tag.key_of("r", &ticket));
+        pipe.cmd("EXISTS").arg(tag.key_of("h", &ticket));
+        pipe.cmd("EXISTS").arg(tag.key_of("c", &ticket));
         let vals = self.run("ticket", &pipe).await?;
         let (Some(text), Some(state)) = (
             vals.first().and_then(as_string),
@@ -1106,13 +1074,13 @@ impl Store for RedisStore {
         ) else {
             return Ok(None);
         };
-        let record = Record::decode(&format!("{tag}:tickets"), &text)?;
+        let record = Record::decode(&tag.key("tickets"), &text)?;
         let written = state
             .chars()
             .next()
             .and_then(TicketState::from_code)
             .ok_or_else(|| StoreError::Corrupt {
-                key: format!("{tag}:state"),
+                key: tag.key("state"),
                 message: format!("unknown state {state:?}"),
             })?;
         let held = vals.get(3).and_then(as_int) == Some(1);
@@ -1184,12 +1152,12 @@ impl Store for RedisStore {
     async fn audit(&self, key: &SkuKey) -> Result<Option<SkuAudit>, StoreError> {
         let tag = self.tag(key);
         let mut pipe = redis::pipe();
-        pipe.cmd("EXISTS").arg(format!("{tag}:loaded"));
-        pipe.cmd("LLEN").arg(format!("{tag}:avail"));
-        pipe.cmd("HGETALL").arg(format!("{tag}:tickets"));
-        pipe.cmd("HGETALL").arg(format!("{tag}:state"));
+        pipe.cmd("EXISTS").arg(tag.key("loaded"));
+        pipe.cmd("LLEN").arg(tag.key("avail"));
+        pipe.cmd("HGETALL").arg(tag.key("tickets"));
+        pipe.cmd("HGETALL").arg(tag.key("state"));
         pipe.cmd("ZRANGE")
-            .arg(format!("{tag}:leases"))
+            .arg(tag.key("leases"))
             .arg(0)
             .arg(-1)
             .arg("WITHSCORES");
@@ -1198,7 +1166,7 @@ impl Store for RedisStore {
             return Ok(None);
         }
         let available = vals.get(1).and_then(as_int).unwrap_or(0).max(0) as u64;
-        let tickets_key = format!("{tag}:tickets");
+        let tickets_key = tag.key("tickets");
         let records: Vec<(String, Record)> = vals
             .get(2)
             .map(as_pairs)
@@ -1223,8 +1191,8 @@ impl Store for RedisStore {
             .collect();
         let mut lists = redis::pipe();
         for (id, _) in &records {
-            lists.cmd("LLEN").arg(format!("{tag}:h:{id}"));
-            lists.cmd("LLEN").arg(format!("{tag}:c:{id}"));
+            lists.cmd("LLEN").arg(tag.key_of("h", id));
+            lists.cmd("LLEN").arg(tag.key_of("c", id));
         }
         let counts = if records.is_empty() {
             Vec::new()
