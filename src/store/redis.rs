@@ -148,14 +148,20 @@ impl Record {
 /// Adds `n` single-unit moves from `from` to `to`. Taking pops from the
 /// head of `avail`; giving back (`back`) returns units to its head, so the
 /// most recently released units are sold first.
-fn add_moves(pipe: &mut Pipeline, from: &str, to: &str, n: u64, back: bool) {
+fn add_moves(
+    pipe: &mut Pipeline,
+    from: impl redis::ToRedisArgs + Copy,
+    to: impl redis::ToRedisArgs + Copy,
+    n: u64,
+    back: bool,
+) {
     let (from_end, to_end) = if back {
         ("RIGHT", "LEFT")
     } else {
         ("LEFT", "RIGHT")
     };
     for _ in 0..n {
-        pipe.cmd("LMOVE")
+        command(pipe, "LMOVE")
             .arg(from)
             .arg(to)
             .arg(from_end)
@@ -163,19 +169,19 @@ fn add_moves(pipe: &mut Pipeline, from: &str, to: &str, n: u64, back: bool) {
     }
 }
 
-/// Adds the commands that keep a ticket's answer for `ttl`.
+/// Adds the commands that keep a ticket's answer for `ttl` (their replies
+/// are not `.ignore()`d: callers read only the replies before them).
 fn add_response(pipe: &mut Pipeline, tag: &Tag, id: &str, r: &StoredResponse, ttl: Duration) {
-    let resp_key = tag.key_of("r", id);
-    pipe.cmd("HSET")
-        .arg(&resp_key)
+    let resp_key = tag.of("r", id);
+    command(pipe, "HSET")
+        .arg(resp_key)
         .arg("status")
         .arg(r.status)
         .arg("type")
         .arg(r.content_type.as_deref().unwrap_or(""))
         .arg("body")
-        .arg(r.body.as_ref())
-        .ignore();
-    pipe.cmd("PEXPIRE").arg(&resp_key).arg(millis(ttl)).ignore();
+        .arg(r.body.as_ref());
+    command(pipe, "PEXPIRE").arg(resp_key).arg(millis(ttl));
 }
 
 /// The hash tag of one (rule, sku), `{prefix}{rule:sku}`, that every key
@@ -185,21 +191,81 @@ fn add_response(pipe: &mut Pipeline, tag: &Tag, id: &str, r: &StoredResponse, tt
 struct Tag(String);
 
 impl Tag {
-    /// `{tag}:{suffix}`.
-    fn key(&self, suffix: &str) -> String {
-        concat(&[&self.0, ":", suffix])
+    /// `{tag}:{suffix}`, as a command argument.
+    fn at<'a>(&'a self, suffix: &'a str) -> Joined<'a, 3> {
+        Joined([&self.0, ":", suffix])
     }
 
-    /// `{tag}:{kind}:{id}`, a key of one ticket or user.
-    fn key_of(&self, kind: &str, id: &str) -> String {
-        concat(&[&self.0, ":", kind, ":", id])
+    /// `{tag}:{kind}:{id}`, a key of one ticket or user, as a command
+    /// argument.
+    fn of<'a>(&'a self, kind: &'a str, id: &'a str) -> Joined<'a, 5> {
+        Joined([&self.0, ":", kind, ":", id])
     }
+
+    /// `{tag}:{suffix}`.
+    fn key(&self, suffix: &str) -> String {
+        self.at(suffix).joined()
+    }
+
+    /// `{tag}:{kind}:{id}`.
+    fn key_of(&self, kind: &str, id: &str) -> String {
+        self.of(kind, id).joined()
+    }
+}
+
+/// A key in parts, written into a command's buffer as one argument: a
+/// winner's two transactions name a dozen keys, and joining each into a
+/// `String` of its own first cost an allocation and a copy apiece.
+#[derive(Clone, Copy)]
+struct Joined<'a, const N: usize>([&'a str; N]);
+
+impl<const N: usize> Joined<'_, N> {
+    /// The key as a string.
+    fn joined(&self) -> String {
+        concat(&self.0)
+    }
+}
+
+impl<const N: usize> redis::ToRedisArgs for Joined<'_, N> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        use std::io::Write as _;
+        let mut arg = out.writer_for_next_arg();
+        for part in self.0 {
+            // Writing into the command's own Vec cannot fail.
+            let _ = arg.write_all(part.as_bytes());
+        }
+    }
+}
+
+/// Room a store command starts with: redis-rs starts a command's buffers
+/// empty and grows them argument by argument, a reallocation or more
+/// each (about 12k instructions of a winner's two transactions,
+/// callgrind); a longer command still grows.
+const CMD_ARGS: usize = 8;
+/// Bytes of arguments a store command starts with room for.
+const CMD_BYTES: usize = 160;
+
+/// Starts `name` in `pipe` with room for a typical store command.
+fn command<'p>(pipe: &'p mut Pipeline, name: &str) -> &'p mut Pipeline {
+    let mut cmd = redis::Cmd::with_capacity(CMD_ARGS, CMD_BYTES);
+    cmd.arg(name);
+    pipe.add_command(cmd)
+}
+
+/// A pipeline with room for `n` commands.
+fn pipeline(n: usize) -> Pipeline {
+    Pipeline::with_capacity(n)
 }
 
 /// A (rule, sku) as `skus` lists it and a ticket's index names it; read
 /// back with `split_once(SEP)`.
 fn sku_member(key: &SkuKey) -> String {
-    concat(&[&key.rule, SEP, &key.sku])
+    member(key).joined()
+}
+
+/// [`sku_member`], as a command argument.
+fn member(key: &SkuKey) -> Joined<'_, 3> {
+    Joined([&key.rule, SEP, &key.sku])
 }
 
 /// The parts, joined, in one allocation.
@@ -274,7 +340,12 @@ impl Inner {
     }
 
     fn index_key(&self, ticket: &str) -> String {
-        concat(&[&self.prefix, "ticket:", ticket])
+        self.index_arg(ticket).joined()
+    }
+
+    /// A ticket's index key, as a command argument.
+    fn index_arg<'a>(&'a self, ticket: &'a str) -> Joined<'a, 3> {
+        Joined([&self.prefix, "ticket:", ticket])
     }
 
     fn skus_key(&self) -> String {
@@ -679,17 +750,23 @@ struct ReserveReply {
     moved: u64,
 }
 
+/// Reads a reservation's replies, in the order `reserve` sent its
+/// commands (the last four, which only write, unread).
 fn parse_reserve(vals: &[Value], marks: usize, counted: bool, qty: u32) -> ReserveReply {
     let mut it = vals.iter();
     let loaded = it.next().and_then(as_int) == Some(1);
     let olds = (0..marks).map(|_| it.next().and_then(as_string)).collect();
     let user_total = if counted {
-        // HVALS of the buyer's holds, this ticket's included.
-        it.next().map(|v| match v {
+        // HSET of this ticket's hold, then HVALS of the buyer's holds (this
+        // ticket's included), then PEXPIRE.
+        let _hset = it.next();
+        let total = it.next().map(|v| match v {
             Value::Array(items) => items.iter().filter_map(as_int).sum(),
             Value::Set(items) => items.iter().filter_map(as_int).sum(),
             _ => 0,
-        })
+        });
+        let _pexpire = it.next();
+        total
     } else {
         None
     };
@@ -723,11 +800,16 @@ impl Store for RedisStore {
             marks: mark_keys.clone(),
             issued_ms: now_ms(),
         };
-        let mut pipe = redis::pipe();
+        // EXISTS, the marks, the buyer's 3, the moves and 4 more. Nothing
+        // is `.ignore()`d here or in a commit: redis-rs keeps ignored
+        // positions in a SipHash set and filters every reply through it
+        // (about 6k instructions a winner); `parse_reserve` reads the
+        // replies by position instead.
+        let mut pipe = pipeline(mark_keys.len() + r.qty as usize + 8);
         pipe.atomic();
-        pipe.cmd("EXISTS").arg(tag.key("loaded"));
+        command(&mut pipe, "EXISTS").arg(tag.at("loaded"));
         for (k, m) in mark_keys.iter().zip(r.marks) {
-            pipe.cmd("SET")
+            command(&mut pipe, "SET")
                 .arg(k)
                 .arg(ticket)
                 .arg("NX")
@@ -739,38 +821,33 @@ impl Store for RedisStore {
             // The buyer's holds, ticket -> units: removing one twice is
             // harmless, unlike decrementing a counter twice. It expires
             // with the tickets, so a refused buyer leaves nothing behind.
-            let holds = tag.key_of("uh", r.user);
-            pipe.cmd("HSET").arg(&holds).arg(ticket).arg(r.qty).ignore();
-            pipe.cmd("HVALS").arg(&holds);
-            pipe.cmd("PEXPIRE")
-                .arg(&holds)
-                .arg(millis(self.ticket_ttl))
-                .ignore();
+            let holds = tag.of("uh", r.user);
+            command(&mut pipe, "HSET").arg(holds).arg(ticket).arg(r.qty);
+            command(&mut pipe, "HVALS").arg(holds);
+            command(&mut pipe, "PEXPIRE")
+                .arg(holds)
+                .arg(millis(self.ticket_ttl));
         }
-        let (avail, held) = (tag.key("avail"), tag.key_of("h", ticket));
-        add_moves(&mut pipe, &avail, &held, u64::from(r.qty), false);
-        pipe.cmd("HSET")
-            .arg(tag.key("tickets"))
+        let (avail, held) = (tag.at("avail"), tag.of("h", ticket));
+        add_moves(&mut pipe, avail, held, u64::from(r.qty), false);
+        command(&mut pipe, "HSET")
+            .arg(tag.at("tickets"))
             .arg(ticket)
-            .arg(record.encode())
-            .ignore();
+            .arg(record.encode());
         let mut issued = itoa::Buffer::new();
-        pipe.cmd("HSET")
-            .arg(tag.key("state"))
+        command(&mut pipe, "HSET")
+            .arg(tag.at("state"))
             .arg(ticket)
-            .arg(concat(&["H", issued.format(record.issued_ms)]))
-            .ignore();
-        pipe.cmd("SET")
-            .arg(self.index_key(ticket))
-            .arg(sku_member(r.key))
+            .arg(Joined(["H", issued.format(record.issued_ms)]));
+        command(&mut pipe, "SET")
+            .arg(self.index_arg(ticket))
+            .arg(member(r.key))
             .arg("PX")
-            .arg(millis(self.ticket_ttl))
-            .ignore();
-        pipe.cmd("ZADD")
-            .arg(tag.key("leases"))
+            .arg(millis(self.ticket_ttl));
+        command(&mut pipe, "ZADD")
+            .arg(tag.at("leases"))
             .arg(now_ms().saturating_add(millis(r.lease)))
-            .arg(ticket)
-            .ignore();
+            .arg(ticket);
         let vals = match self.run("reserve", &pipe).await {
             Ok(v) => v,
             Err(e) => {
@@ -838,17 +915,16 @@ impl Store for RedisStore {
         // One round trip: its held units become its sold units whole, or,
         // when a release got there first, nothing moves and the late path
         // takes them again.
-        let mut pipe = redis::pipe();
+        let mut pipe = pipeline(5);
         pipe.atomic().ignore_errors();
-        pipe.cmd("RENAME")
-            .arg(tag.key_of("h", id))
-            .arg(tag.key_of("c", id));
-        pipe.cmd("HSET")
-            .arg(tag.key("state"))
+        command(&mut pipe, "RENAME")
+            .arg(tag.of("h", id))
+            .arg(tag.of("c", id));
+        command(&mut pipe, "HSET")
+            .arg(tag.at("state"))
             .arg(id)
-            .arg("C")
-            .ignore();
-        pipe.cmd("ZREM").arg(tag.key("leases")).arg(id).ignore();
+            .arg("C");
+        command(&mut pipe, "ZREM").arg(tag.at("leases")).arg(id);
         if let Some(response) = response {
             add_response(&mut pipe, &tag, id, response, ttl);
         }
@@ -1241,5 +1317,46 @@ impl Store for RedisStore {
         }
         tickets.sort_by_key(|t| (t.issued_ms, t.id));
         Ok(Some(SkuAudit { available, tickets }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_written_in_parts_encode_as_joined_strings() {
+        let tag = Tag("sluice:{sale:1}".to_string());
+        let key = SkuKey::new("sale", "1");
+        let mut parts = pipeline(3);
+        parts.atomic();
+        command(&mut parts, "RENAME")
+            .arg(tag.of("h", "ab"))
+            .arg(tag.of("c", "ab"));
+        command(&mut parts, "HSET")
+            .arg(tag.at("state"))
+            .arg(Joined(["H", "17"]))
+            .ignore();
+        // Longer than the room a command starts with: it still grows.
+        let long = "x".repeat(CMD_BYTES * 2);
+        command(&mut parts, "SET")
+            .arg(member(&key))
+            .arg(&long)
+            .arg(Joined::<0>([]));
+        let mut strings = redis::pipe();
+        strings.atomic();
+        strings
+            .cmd("RENAME")
+            .arg(tag.key_of("h", "ab"))
+            .arg(tag.key_of("c", "ab"));
+        strings
+            .cmd("HSET")
+            .arg(tag.key("state"))
+            .arg("H17")
+            .ignore();
+        strings.cmd("SET").arg(sku_member(&key)).arg(&long).arg("");
+        assert_eq!(parts.get_packed_pipeline(), strings.get_packed_pipeline());
+        assert_eq!(tag.key_of("h", "ab"), "sluice:{sale:1}:h:ab");
+        assert_eq!(sku_member(&key), "sale\u{1f}1");
     }
 }
