@@ -16,7 +16,7 @@ use crate::admission::hold::Hold;
 use crate::admission::overflow::Waited;
 use crate::admission::{Candidate, RuleStage, Verdict};
 use crate::backend::{self, forwarded};
-use crate::config::Config;
+use crate::config::{Config, Limits};
 use crate::outcome::{Answer, Outcome};
 use crate::queue::QueuedRequest;
 use crate::rules::Route;
@@ -44,6 +44,29 @@ pub(super) fn declared_length(req: &RequestHeader) -> Option<u64> {
         .and_then(|v| v.trim().parse::<u64>().ok())
 }
 
+/// Checks the size limits that apply before any rule: 431 and 413. The
+/// limits are those of the config the request started under, as every
+/// other decision on it.
+fn size_refusal(req: &RequestHeader, limits: &Limits) -> Option<Answer> {
+    let header_bytes: u64 = req
+        .headers
+        .iter()
+        // name + ": " + value + CRLF, as on the wire.
+        .map(|(n, v)| (n.as_str().len() + v.len() + 4) as u64)
+        .sum();
+    if header_bytes > limits.max_header_bytes {
+        return Some(Answer::HeadersTooLarge {
+            limit: limits.max_header_bytes,
+        });
+    }
+    match declared_length(req) {
+        Some(n) if n > limits.max_body_bytes => Some(Answer::BodyTooLarge {
+            limit: limits.max_body_bytes,
+        }),
+        _ => None,
+    }
+}
+
 impl SluiceProxy {
     /// Everything before the backend; `Ok(true)` when the gateway answered.
     pub(super) async fn intake(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
@@ -52,7 +75,7 @@ impl SluiceProxy {
         // pingora takes them for a broken client mid-proxy and drops the
         // forward, often after the headers left and before the body did.
         session.as_downstream_mut().set_pipelining_enabled(true);
-        if let Some(refusal) = self.size_refusal(session.req_header()) {
+        if let Some(refusal) = size_refusal(session.req_header(), &ctx.config.limits) {
             // The body was not read: the connection cannot be reused.
             session.set_keepalive(None);
             self.answer(session, ctx, &refusal).await?;
@@ -281,27 +304,5 @@ impl SluiceProxy {
             return Ok(Err(Answer::BodyTooLarge { limit }));
         }
         Ok(Ok(body.freeze()))
-    }
-
-    /// Checks the size limits that apply before any rule: 431 and 413.
-    fn size_refusal(&self, req: &RequestHeader) -> Option<Answer> {
-        let limits = self.config.load().limits;
-        let header_bytes: u64 = req
-            .headers
-            .iter()
-            // name + ": " + value + CRLF, as on the wire.
-            .map(|(n, v)| (n.as_str().len() + v.len() + 4) as u64)
-            .sum();
-        if header_bytes > limits.max_header_bytes {
-            return Some(Answer::HeadersTooLarge {
-                limit: limits.max_header_bytes,
-            });
-        }
-        match declared_length(req) {
-            Some(n) if n > limits.max_body_bytes => Some(Answer::BodyTooLarge {
-                limit: limits.max_body_bytes,
-            }),
-            _ => None,
-        }
     }
 }
