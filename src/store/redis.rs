@@ -252,11 +252,6 @@ fn command<'p>(pipe: &'p mut Pipeline, name: &str) -> &'p mut Pipeline {
     pipe.add_command(cmd)
 }
 
-/// A pipeline with room for `n` commands.
-fn pipeline(n: usize) -> Pipeline {
-    Pipeline::with_capacity(n)
-}
-
 /// A (rule, sku) as `skus` lists it and a ticket's index names it; read
 /// back with `split_once(SEP)`.
 fn sku_member(key: &SkuKey) -> String {
@@ -805,7 +800,7 @@ impl Store for RedisStore {
         // positions in a SipHash set and filters every reply through it
         // (about 6k instructions a winner); `parse_reserve` reads the
         // replies by position instead.
-        let mut pipe = pipeline(mark_keys.len() + r.qty as usize + 8);
+        let mut pipe = Pipeline::with_capacity(mark_keys.len() + r.qty as usize + 8);
         pipe.atomic();
         command(&mut pipe, "EXISTS").arg(tag.at("loaded"));
         for (k, m) in mark_keys.iter().zip(r.marks) {
@@ -915,7 +910,7 @@ impl Store for RedisStore {
         // One round trip: its held units become its sold units whole, or,
         // when a release got there first, nothing moves and the late path
         // takes them again.
-        let mut pipe = pipeline(5);
+        let mut pipe = Pipeline::with_capacity(5);
         pipe.atomic().ignore_errors();
         command(&mut pipe, "RENAME")
             .arg(tag.of("h", id))
@@ -1328,7 +1323,7 @@ mod tests {
     fn keys_written_in_parts_encode_as_joined_strings() {
         let tag = Tag("sluice:{sale:1}".to_string());
         let key = SkuKey::new("sale", "1");
-        let mut parts = pipeline(3);
+        let mut parts = Pipeline::with_capacity(3);
         parts.atomic();
         command(&mut parts, "RENAME")
             .arg(tag.of("h", "ab"))
