@@ -6,6 +6,7 @@
 //!
 //! | module | owns |
 //! |---|---|
+//! | `alloc` | the binary's global allocator: mimalloc, large blocks off its aligned slow path |
 //! | `vocab` | shared value types: ticket ids, sku keys, upstream ids, kept answers, release reasons, id validation |
 //! | `outcome` | outcomes and every answer the gateway writes itself |
 //! | `rules` | the run-time rule model, the canonical form of a path, matching by method and path |
@@ -53,6 +54,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod admission;
+pub mod alloc;
 pub mod backend;
 pub mod cache;
 pub mod config;

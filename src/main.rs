@@ -11,9 +11,9 @@ use clap::{Args, Parser, Subcommand};
 // free small buffers on every request, and glibc's malloc/free were a tenth
 // to a fifth of the profile. Measured against glibc and jemalloc in
 // BENCHMARKS.md ("The release profile"). Built without transparent huge
-// pages (Cargo.toml).
+// pages (Cargo.toml); called through `sluice::alloc` (why there).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: sluice::alloc::Mimalloc = sluice::alloc::Mimalloc;
 
 /// Sluice: a flash-sale gateway in front of a mall backend.
 #[derive(Parser)]

@@ -19,10 +19,14 @@ use pingora_core::Result;
 use pingora_http::ResponseHeader;
 use pingora_proxy::{ProxyHttp, Session};
 
-// The same allocator as Sluice's binary (src/main.rs): the floor is built
-// like the gateway, so the gap between the two is the gateway's own code.
+// The same allocator as Sluice's binary, from the same source file: the
+// floor is built like the gateway, so the gap between the two is the
+// gateway's own code.
+#[path = "../../../src/alloc.rs"]
+mod alloc;
+
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: alloc::Mimalloc = alloc::Mimalloc;
 
 /// The answer of every POST: the size and headers of Sluice's sold_out.
 const SOLD_OUT: &[u8] = b"{\"outcome\":\"sold_out\",\"message\":\"sold out\"}";
