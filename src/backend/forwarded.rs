@@ -58,11 +58,14 @@ fn hop(text: &str) -> Option<IpAddr> {
 /// The client ip of a request from `peer` (unspecified when the socket
 /// gave none) with `headers`: [`client_ip`] over its [`chain`].
 pub fn client_ip_of(peer: Option<IpAddr>, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
-    client_ip(
-        peer.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
-        chain(headers).as_deref(),
-        trusted,
-    )
+    let peer = peer.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+    // An untrusted peer is the client whatever its headers say, so their
+    // chain (a header lookup by name, on every rule request) is read only
+    // for a trusted one.
+    if !is_trusted(peer, trusted) {
+        return canonical(peer);
+    }
+    client_ip(peer, chain(headers).as_deref(), trusted)
 }
 
 /// The client ip for rate limiting. An untrusted peer is the client,
@@ -290,6 +293,36 @@ mod tests {
         assert_eq!(
             client_ip(ip("10.0.0.1"), joined.as_deref(), &trusted),
             ip("198.51.100.4")
+        );
+    }
+
+    #[test]
+    fn client_ip_of_reads_the_headers_only_behind_a_trusted_peer() {
+        let mut headers = HeaderMap::new();
+        headers.append(XFF, "6.6.6.6, 198.51.100.4".parse().expect("value"));
+        let trusted = nets(&["10.0.0.0/8"]);
+        // A client's claim changes nothing; a mapped address is the IPv4 one.
+        assert_eq!(
+            client_ip_of(Some(ip("203.0.113.7")), &headers, &trusted),
+            ip("203.0.113.7")
+        );
+        assert_eq!(
+            client_ip_of(Some(ip("::ffff:203.0.113.7")), &headers, &trusted),
+            ip("203.0.113.7")
+        );
+        // Behind a trusted proxy, its last hop (also mapped or not).
+        assert_eq!(
+            client_ip_of(Some(ip("10.0.0.1")), &headers, &trusted),
+            ip("198.51.100.4")
+        );
+        assert_eq!(
+            client_ip_of(Some(ip("::ffff:10.0.0.1")), &headers, &trusted),
+            ip("198.51.100.4")
+        );
+        // No socket address: unspecified, never a header's word.
+        assert_eq!(
+            client_ip_of(None, &headers, &trusted),
+            IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED)
         );
     }
 
