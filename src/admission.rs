@@ -49,6 +49,10 @@ use ratelimit::RateLimitStage;
 /// The header a client may send to make retries of one attempt idempotent.
 pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 
+/// [`IDEMPOTENCY_HEADER`] parsed once: a lookup by `&str` parses the name
+/// again on every rule request (2% of a sold_out answer, callgrind).
+static IDEMPOTENCY_NAME: http::HeaderName = http::HeaderName::from_static(IDEMPOTENCY_HEADER);
+
 /// Kept backend answers are cut at this size: they are replayed to
 /// duplicates, not archived.
 pub const MAX_KEPT_BODY: usize = 64 << 10;
@@ -189,7 +193,7 @@ pub struct Admission {
 /// The client's `Idempotency-Key`, if it sent one; `Err` is the
 /// `invalid` message (a malformed key, or two of them).
 fn idempotency_key<'a>(parts: &RequestParts<'a>) -> Result<Option<&'a str>, String> {
-    let mut keys = parts.headers.get_all(IDEMPOTENCY_HEADER).iter();
+    let mut keys = parts.headers.get_all(&IDEMPOTENCY_NAME).iter();
     match (keys.next(), keys.next()) {
         (None, _) => Ok(None),
         (Some(_), Some(_)) => Err("Idempotency-Key: sent more than once".into()),
