@@ -105,17 +105,8 @@ pub fn present(
         req.remove_header(&name);
     }
     if let Some(peer) = from.peer {
-        // An untrusted peer's own X-Forwarded-* are replaced unread: the
-        // lookups by name are skipped on every request from a client.
-        let trusted = forwarded::is_trusted(peer, from.trusted);
-        let incoming = trusted.then(|| forwarded::chain(&req.headers)).flatten();
-        let xff = forwarded::forwarded_for(peer, incoming.as_deref(), from.trusted);
+        let (xff, proto) = forwarded::outgoing(peer, &req.headers, from.tls, from.trusted);
         req.insert_header("X-Forwarded-For", xff)?;
-        let proto = trusted
-            .then(|| req.headers.get(forwarded::XFP))
-            .flatten()
-            .and_then(|v| v.to_str().ok());
-        let proto = forwarded::forwarded_proto(peer, proto, from.tls, from.trusted);
         req.insert_header("X-Forwarded-Proto", http::HeaderValue::from_static(proto))?;
     }
     if let Some(t) = ticket {

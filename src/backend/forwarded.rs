@@ -128,6 +128,28 @@ fn ip_text(ip: IpAddr) -> String {
     out
 }
 
+/// The `X-Forwarded-For` and `-Proto` to send upstream for a request from
+/// `peer` with `headers` ([`forwarded_for`], [`forwarded_proto`]). The
+/// incoming ones are read only behind a trusted peer: an untrusted one's
+/// are replaced unread, so the lookups by name are skipped for clients.
+pub fn outgoing(
+    peer: IpAddr,
+    headers: &HeaderMap,
+    tls: bool,
+    trusted: &[IpNet],
+) -> (String, &'static str) {
+    let (xff, proto) = if is_trusted(peer, trusted) {
+        let proto = headers.get(XFP).and_then(|v| v.to_str().ok());
+        (chain(headers), proto)
+    } else {
+        (None, None)
+    };
+    (
+        forwarded_for(peer, xff.as_deref(), trusted),
+        forwarded_proto(peer, proto, tls, trusted),
+    )
+}
+
 /// The `X-Forwarded-Proto` to send upstream: a trusted peer's own value
 /// (it terminated the client's connection, so it knows the scheme); else
 /// the scheme of the client's connection to the gateway, whatever the
