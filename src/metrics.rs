@@ -6,8 +6,10 @@
 
 mod ops;
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -69,6 +71,11 @@ impl UpstreamClass {
         }
     }
 
+    /// Its position in [`Self::ALL`].
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
     /// The label value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -88,6 +95,45 @@ struct RuleSeries {
     durations: Vec<Histogram>,
 }
 
+impl RuleSeries {
+    /// Resolves `rule`'s series, one per outcome (in `Outcome::ALL` order).
+    fn of(rule: &str, requests: &IntCounterVec, durations: &HistogramVec) -> Self {
+        Self {
+            requests: Outcome::ALL
+                .iter()
+                .map(|o| requests.with_label_values(&[rule, o.as_str()]))
+                .collect(),
+            durations: Outcome::ALL
+                .iter()
+                .map(|o| durations.with_label_values(&[rule, o.as_str()]))
+                .collect(),
+        }
+    }
+
+    fn observe(&self, outcome: Outcome, elapsed: Duration) {
+        let i = outcome_index(outcome);
+        self.requests[i].inc();
+        self.durations[i].observe(elapsed.as_secs_f64());
+    }
+}
+
+/// The labelled series looked up by name on every request, resolved once:
+/// a `with_label_values` hashes its labels and takes a lock each time. A
+/// short list scanned by name costs less than that hash for the handful of
+/// rules and upstreams a gateway has.
+struct Resolved<T> {
+    entries: Vec<(Arc<str>, T)>,
+}
+
+impl<T> Resolved<T> {
+    fn get(&self, name: &str) -> Option<&T> {
+        self.entries
+            .iter()
+            .find(|(n, _)| &**n == name)
+            .map(|(_, t)| t)
+    }
+}
+
 /// All metrics of a gateway.
 pub struct Metrics {
     registry: Registry,
@@ -95,6 +141,11 @@ pub struct Metrics {
     request_duration: HistogramVec,
     upstream_responses: IntCounterVec,
     unmatched: RuleSeries,
+    /// Each known rule's series (a reload that adds a rule adds its own).
+    rules: ArcSwap<Resolved<Arc<RuleSeries>>>,
+    /// Each upstream's answer counters, by class (the set of upstreams
+    /// never changes without a restart).
+    upstreams: Resolved<Vec<IntCounter>>,
     store_errors: IntCounterVec,
     store_duration: HistogramVec,
     released: IntCounterVec,
@@ -227,23 +278,17 @@ impl Metrics {
         registry.register(Box::new(requests_total.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(upstream_responses.clone()))?;
-        let unmatched = RuleSeries {
-            requests: Outcome::ALL
-                .iter()
-                .map(|o| requests_total.with_label_values(&[NO_RULE, o.as_str()]))
-                .collect(),
-            durations: Outcome::ALL
-                .iter()
-                .map(|o| request_duration.with_label_values(&[NO_RULE, o.as_str()]))
-                .collect(),
-        };
+        let unmatched = RuleSeries::of(NO_RULE, &requests_total, &request_duration);
+        let mut upstream_series = Vec::new();
         for upstream in upstreams {
             upstream_inflight.with_label_values(&[upstream]);
             queue_depth.with_label_values(&[upstream]);
             queue_wait.with_label_values(&[upstream]);
-            for class in UpstreamClass::ALL {
-                upstream_responses.with_label_values(&[upstream, class.as_str()]);
-            }
+            let responses = UpstreamClass::ALL
+                .iter()
+                .map(|class| upstream_responses.with_label_values(&[upstream, class.as_str()]))
+                .collect();
+            upstream_series.push((Arc::from(upstream), responses));
         }
         let (ops, config_reloads, access_log_dropped) = ops::OpsSeries::register(&registry)?;
         let metrics = Self {
@@ -252,6 +297,12 @@ impl Metrics {
             request_duration,
             upstream_responses,
             unmatched,
+            rules: ArcSwap::from_pointee(Resolved {
+                entries: Vec::new(),
+            }),
+            upstreams: Resolved {
+                entries: upstream_series,
+            },
             store_errors,
             store_duration,
             released,
@@ -274,9 +325,19 @@ impl Metrics {
     /// Creates the series of a rule at 0 (at start, and for a rule a
     /// reload adds), so dashboards see it before its first request.
     pub fn add_rule(&self, rule: &str) {
-        for o in Outcome::ALL {
-            self.requests_total.with_label_values(&[rule, o.as_str()]);
-            self.request_duration.with_label_values(&[rule, o.as_str()]);
+        if self.rules.load().get(rule).is_none() {
+            let series = Arc::new(RuleSeries::of(
+                rule,
+                &self.requests_total,
+                &self.request_duration,
+            ));
+            self.rules.rcu(|old| {
+                let mut entries = old.entries.clone();
+                if !entries.iter().any(|(n, _)| &**n == rule) {
+                    entries.push((Arc::from(rule), series.clone()));
+                }
+                Resolved { entries }
+            });
         }
         self.oversold.with_label_values(&[rule]);
         for reason in ReleaseReason::ALL {
@@ -348,27 +409,31 @@ impl Metrics {
 
     /// Counts one finished request and its duration.
     pub fn observe_request(&self, rule: Option<&str>, outcome: Outcome, elapsed: Duration) {
-        let i = outcome_index(outcome);
-        match rule {
-            None => {
-                self.unmatched.requests[i].inc();
-                self.unmatched.durations[i].observe(elapsed.as_secs_f64());
-            }
-            Some(rule) => {
-                let labels = [rule, outcome.as_str()];
-                self.requests_total.with_label_values(&labels).inc();
-                self.request_duration
-                    .with_label_values(&labels)
-                    .observe(elapsed.as_secs_f64());
-            }
+        let Some(rule) = rule else {
+            self.unmatched.observe(outcome, elapsed);
+            return;
+        };
+        if let Some(series) = self.rules.load().get(rule) {
+            series.observe(outcome, elapsed);
+            return;
         }
+        // A rule no one registered (never in the gateway; tests may).
+        let labels = [rule, outcome.as_str()];
+        self.requests_total.with_label_values(&labels).inc();
+        self.request_duration
+            .with_label_values(&labels)
+            .observe(elapsed.as_secs_f64());
     }
 
     /// Counts one upstream answer (or failure to answer).
     pub fn observe_upstream(&self, upstream: &str, class: UpstreamClass) {
-        self.upstream_responses
-            .with_label_values(&[upstream, class.as_str()])
-            .inc();
+        match self.upstreams.get(upstream) {
+            Some(by_class) => by_class[class.index()].inc(),
+            None => self
+                .upstream_responses
+                .with_label_values(&[upstream, class.as_str()])
+                .inc(),
+        }
     }
 
     /// The registry, for subsystems that add their own metrics.
@@ -402,6 +467,36 @@ mod tests {
         assert!(text.contains(r#"sluice_requests_total{outcome="sold_out",rule="phone"} 0"#));
         assert!(text.contains(r#"sluice_requests_total{outcome="passthrough",rule="none"} 0"#));
         assert!(text.contains(r#"sluice_upstream_responses_total{class="5xx",upstream="mall"} 0"#));
+    }
+
+    #[test]
+    fn class_index_is_its_place_in_all() {
+        for (i, class) in UpstreamClass::ALL.into_iter().enumerate() {
+            assert_eq!(class.index(), i, "{class:?}");
+        }
+    }
+
+    #[test]
+    fn resolved_series_are_the_exposed_ones() {
+        let m = Metrics::new(["phone"], ["mall", "shop"]).expect("metrics");
+        m.add_rule("added");
+        m.add_rule("added");
+        m.observe_request(Some("phone"), Outcome::Forwarded, Duration::from_millis(2));
+        m.observe_request(Some("added"), Outcome::Queued, Duration::from_millis(2));
+        m.observe_request(Some("added"), Outcome::Queued, Duration::from_millis(2));
+        m.observe_upstream("shop", UpstreamClass::Error);
+        m.observe_upstream("mall", UpstreamClass::of_status(503));
+        let text = String::from_utf8(m.encode()).expect("utf8");
+        for line in [
+            r#"sluice_requests_total{outcome="forwarded",rule="phone"} 1"#,
+            r#"sluice_requests_total{outcome="queued",rule="added"} 2"#,
+            r#"sluice_request_duration_seconds_count{outcome="queued",rule="added"} 2"#,
+            r#"sluice_upstream_responses_total{class="error",upstream="shop"} 1"#,
+            r#"sluice_upstream_responses_total{class="5xx",upstream="mall"} 1"#,
+            r#"sluice_upstream_responses_total{class="5xx",upstream="shop"} 0"#,
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
     }
 
     #[test]
