@@ -166,17 +166,22 @@ fn already_canonical(path: &str) -> bool {
     let Some(body) = path.strip_prefix('/') else {
         return false;
     };
-    if !body.bytes().all(|b| b.is_ascii() && b != b'%' && b != b';') {
-        return false;
-    }
-    let mut segments = body.split('/').peekable();
-    while let Some(seg) = segments.next() {
-        let last = segments.peek().is_none();
-        if (seg.is_empty() && !last) || seg == "." || seg == ".." {
+    // One pass over the bytes (every rule-matched request comes here): a
+    // segment ends at each `/` and at the end; only the last may be empty.
+    let bytes = body.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if !b.is_ascii() || b == b'%' || b == b';' {
             return false;
         }
+        if b == b'/' {
+            if matches!(&bytes[start..i], b"" | b"." | b"..") {
+                return false;
+            }
+            start = i + 1;
+        }
     }
-    true
+    !matches!(&bytes[start..], b"." | b"..")
 }
 
 /// The canonical form, built segment by segment.
