@@ -231,6 +231,9 @@ impl UpstreamPool {
     /// its timeouts. Requests already sent keep their connection.
     pub async fn apply(&self, config: &UpstreamConfig) -> Result<(), UpstreamError> {
         self.servers.store(Arc::new(backends_of(&config.servers)));
+        // The new servers are picked from now on; until the balancer has
+        // them, `select` takes them as up (their health starts up anyway).
+        self.peers.store(Arc::new(peers_of(config)));
         self.balancer
             .update()
             .await
@@ -239,7 +242,6 @@ impl UpstreamPool {
                 message: e.to_string(),
             })?;
         self.config.store(Arc::new(config.clone()));
-        self.peers.store(Arc::new(peers_of(config)));
         Ok(())
     }
 
@@ -251,10 +253,25 @@ impl UpstreamPool {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let backends = self.balancer.backends();
         // Each server once at most, from the next one on.
-        (0..n)
-            .map(|i| &peers[start.wrapping_add(i) % n])
-            .find(|(backend, _)| !self.checked || backends.ready(backend))
-            .map(|(_, peer)| Box::new(peer.clone()))
+        for skipped in 0..n {
+            let (backend, peer) = &peers[start.wrapping_add(skipped) % n];
+            // A server the balancer does not list yet (a reload between
+            // the list and the balancer's update, or the other way round)
+            // has no health state to go by: taken as up, as pingora starts
+            // a new server.
+            let up = !self.checked
+                || backends.ready(backend)
+                || !backends.get_backend().contains(backend);
+            if up {
+                if skipped > 0 {
+                    // The servers skipped count as turns taken, so the one
+                    // after a down server does not get its share too.
+                    self.next.fetch_add(skipped, Ordering::Relaxed);
+                }
+                return Some(Box::new(peer.clone()));
+            }
+        }
+        None
     }
 
     /// How many servers the health check currently considers up.
@@ -328,6 +345,74 @@ mod tests {
     fn picked(pool: &UpstreamPool) -> (String, Option<Duration>) {
         let peer = pool.select().expect("a server");
         (Peer::address(&*peer).to_string(), peer.options.read_timeout)
+    }
+
+    /// A loopback server answering every request 200 until dropped.
+    async fn healthy_server() -> (String, tokio::task::JoinHandle<()>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let task = tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    while matches!(conn.read(&mut buf).await, Ok(n) if n > 0) {
+                        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+                        if conn.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn a_down_server_is_skipped_and_its_turns_are_shared() {
+        let (b, b_task) = healthy_server().await;
+        let (c, c_task) = healthy_server().await;
+        // Nothing listens on a port just freed.
+        let a = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr").to_string()
+        };
+        let mut checked = config(&[&a, &b, &c], 200);
+        checked.health_check = Some(crate::config::HealthCheckConfig {
+            path: "/health".into(),
+            interval: Duration::from_secs(3600),
+            timeout: Duration::from_millis(500),
+            failures: 1,
+            successes: 1,
+        });
+        let metrics = Metrics::new([], ["mall"]).expect("metrics");
+        let (upstreams, _) =
+            Upstreams::new(std::slice::from_ref(&checked), &metrics).expect("pools");
+        let pool = upstreams.pool(UpstreamId(0));
+        pool.balancer.backends().run_health_check(false).await;
+        assert_eq!(pool.healthy_servers(), 2);
+        let mut counts = HashMap::new();
+        for _ in 0..60 {
+            *counts.entry(picked(pool).0).or_insert(0) += 1;
+        }
+        assert_eq!(counts.get(&a), None, "the down server gets nothing");
+        assert_eq!((counts.get(&b), counts.get(&c)), (Some(&30), Some(&30)));
+        // A reload to a server the balancer has not listed yet (the
+        // moment between `apply`'s two steps): taken as up, then as checked.
+        let (d, d_task) = healthy_server().await;
+        let reloaded = UpstreamConfig {
+            servers: vec![d.parse().expect("addr")],
+            ..checked
+        };
+        pool.peers.store(Arc::new(peers_of(&reloaded)));
+        assert_eq!(picked(pool).0, d);
+        pool.apply(&reloaded).await.expect("reload");
+        assert_eq!(picked(pool).0, d);
+        for task in [b_task, c_task, d_task] {
+            task.abort();
+        }
     }
 
     #[tokio::test]
