@@ -120,7 +120,8 @@ impl RuleSeries {
 /// The labelled series looked up by name on every request, resolved once:
 /// a `with_label_values` hashes its labels and takes a lock each time. A
 /// short list scanned by name costs less than that hash for the handful of
-/// rules and upstreams a gateway has.
+/// rules and upstreams a gateway has (rules only ever join it, as their
+/// series stay in the registry; a gateway with hundreds would want a map).
 struct Resolved<T> {
     entries: Vec<(Arc<str>, T)>,
 }
