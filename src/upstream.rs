@@ -120,7 +120,9 @@ impl Upstreams {
                 name: config.name.clone(),
                 message,
             };
-            let servers = Arc::new(ArcSwap::from_pointee(backends_of(&config.servers)));
+            let backends = backends_of(&config.servers);
+            let peers = peers_of(config, &backends);
+            let servers = Arc::new(ArcSwap::from_pointee(backends));
             let mut lb = LoadBalancer::<RoundRobin>::from_backends(Backends::new(Box::new(
                 ConfiguredServers(servers.clone()),
             )));
@@ -170,7 +172,7 @@ impl Upstreams {
             pools.push(UpstreamPool {
                 name: config.name.clone(),
                 config: ArcSwap::from_pointee(config.clone()),
-                peers: ArcSwap::from_pointee(peers_of(config)),
+                peers: ArcSwap::from_pointee(peers),
                 next: AtomicUsize::new(0),
                 checked: config.health_check.is_some(),
                 servers,
@@ -230,10 +232,11 @@ impl UpstreamPool {
     /// (health state of servers it keeps is kept; new ones start up) and
     /// its timeouts. Requests already sent keep their connection.
     pub async fn apply(&self, config: &UpstreamConfig) -> Result<(), UpstreamError> {
-        self.servers.store(Arc::new(backends_of(&config.servers)));
+        let backends = backends_of(&config.servers);
         // The new servers are picked from now on; until the balancer has
         // them, `select` takes them as up (their health starts up anyway).
-        self.peers.store(Arc::new(peers_of(config)));
+        self.peers.store(Arc::new(peers_of(config, &backends)));
+        self.servers.store(Arc::new(backends));
         self.balancer
             .update()
             .await
@@ -297,15 +300,15 @@ impl UpstreamPool {
     }
 }
 
-/// Each server of `c` (in the balancer's order: that of `backends_of`) with
-/// its peer.
-fn peers_of(c: &UpstreamConfig) -> Vec<(Backend, HttpPeer)> {
-    backends_of(&c.servers)
-        .into_iter()
+/// Each of `backends` (the balancer's list, in its order) with its peer
+/// under the timeouts of `c`.
+fn peers_of(c: &UpstreamConfig, backends: &BTreeSet<Backend>) -> Vec<(Backend, HttpPeer)> {
+    backends
+        .iter()
         .filter_map(|backend| {
             // Backends are built from SocketAddrs only.
             let addr = *backend.addr.as_inet()?;
-            Some((backend, peer(c, addr)))
+            Some((backend.clone(), peer(c, addr)))
         })
         .collect()
 }
@@ -406,7 +409,8 @@ mod tests {
             servers: vec![d.parse().expect("addr")],
             ..checked
         };
-        pool.peers.store(Arc::new(peers_of(&reloaded)));
+        let listed = backends_of(&reloaded.servers);
+        pool.peers.store(Arc::new(peers_of(&reloaded, &listed)));
         assert_eq!(picked(pool).0, d);
         pool.apply(&reloaded).await.expect("reload");
         assert_eq!(picked(pool).0, d);
