@@ -254,6 +254,17 @@ mod tests {
     use crate::outcome::Outcome;
 
     #[test]
+    fn every_outcome_and_cache_result_is_a_static_header_value() {
+        // The proxy inserts them with `HeaderValue::from_static`, which
+        // panics on a byte a header value may not hold.
+        let values = Outcome::ALL.iter().map(|o| o.as_str());
+        let cached = crate::cache::CacheResult::ALL.iter().map(|r| r.as_str());
+        for v in values.chain(cached) {
+            assert_eq!(http::HeaderValue::from_static(v), v);
+        }
+    }
+
+    #[test]
     fn the_wire_form_keeps_one_of_each_framing_field_and_no_body_where_none_goes() {
         let mut r = crate::outcome::render(&Answer::SoldOut, None);
         for (n, v) in [
