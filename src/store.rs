@@ -12,6 +12,8 @@ pub mod instrumented;
 pub mod memory;
 pub mod redis;
 pub mod redis_conn;
+pub mod redis_lean;
+pub mod resp;
 
 use std::time::Duration;
 

@@ -651,6 +651,85 @@ async fn redis_restarted_empty_is_not_loaded_and_reconnects() {
     }
 }
 
+/// A sale on `url` through a store: restock, a win, a commit with its
+/// answer, read back.
+async fn sells_one_through(url: String) -> RedisStore {
+    let config = RedisConfig {
+        url,
+        key_prefix: "test:".into(),
+        timeout: Duration::from_secs(2),
+        ..RedisConfig::default()
+    };
+    let store = RedisStore::new(&config, HOUR).expect("store");
+    let k = key("p1");
+    store.set_available(&k, 3).await.expect("restock");
+    let (t, r) = reserve(&store, &k, "alice", 1, &[user_mark("alice")], None).await;
+    assert_eq!(r, Reserved::Won);
+    store
+        .commit(&k, t, Some(&ok_response()), HOUR)
+        .await
+        .expect("commit");
+    let rec = store.ticket(t).await.expect("ticket").expect("known");
+    assert_eq!(rec.state, TicketState::Committed);
+    assert_eq!(rec.response, Some(ok_response()));
+    let v = view(&store, &k).await;
+    assert_eq!((v.available, v.sold, v.in_flight), (2, 1, 0));
+    store
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_with_a_password_and_a_database_is_used_as_the_url_says() {
+    let server = RedisServer::start();
+    assert_eq!(
+        server.command(&["CONFIG", "SET", "requirepass", "s3cret"]),
+        "+OK"
+    );
+    let url = format!("redis://:s3cret@127.0.0.1:{}/5", server.port());
+    sells_one_through(url.clone()).await;
+    // Everything landed in database 5, nothing in 0.
+    let client = redis::Client::open(url.replace("/5", "/0")).expect("client");
+    let conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let size = |db: i64| {
+        let mut pipe = redis::pipe();
+        pipe.cmd("SELECT").arg(db).ignore().cmd("DBSIZE");
+        let mut conn = conn.clone();
+        async move {
+            let (n,): (u64,) = pipe.query_async(&mut conn).await.expect("dbsize");
+            n
+        }
+    };
+    assert_eq!(size(0).await, 0);
+    assert!(size(5).await > 0);
+    // A wrong password is an error, never a verdict.
+    let wrong = RedisConfig {
+        url: format!("redis://:nope@127.0.0.1:{}/5", server.port()),
+        timeout: Duration::from_secs(2),
+        ..RedisConfig::default()
+    };
+    let store = RedisStore::new(&wrong, HOUR).expect("store");
+    let k = key("p1");
+    let r = Reservation {
+        key: &k,
+        ticket: TicketId::random(),
+        user: "bob",
+        qty: 1,
+        marks: &[],
+        per_user_limit: None,
+        lease: HOUR,
+    };
+    let e = store.reserve(&r).await.expect_err("refused");
+    assert!(e.to_string().contains("WRONGPASS"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_over_a_unix_socket_sells_as_over_tcp() {
+    let server = RedisServer::start();
+    sells_one_through(server.unix_url()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_commands_are_lua_free() {
     // The contract: no EVAL, EVALSHA, FUNCTION or FCALL anywhere in src/.

@@ -42,6 +42,7 @@ use bytes::Bytes;
 use redis::{Pipeline, Value};
 
 use super::redis_conn::{as_int, as_pairs, as_string, RedisConn};
+use super::resp::{self, Transaction};
 use super::{
     Committed, DedupMark, MarkScope, Reservation, Reserved, SkuAudit, StockView, Store, StoreError,
     TicketAudit, TicketRecord, TicketState,
@@ -155,11 +156,7 @@ fn add_moves(
     n: u64,
     back: bool,
 ) {
-    let (from_end, to_end) = if back {
-        ("RIGHT", "LEFT")
-    } else {
-        ("LEFT", "RIGHT")
-    };
+    let [from_end, to_end] = move_ends(back);
     for _ in 0..n {
         command(pipe, "LMOVE")
             .arg(from)
@@ -169,19 +166,36 @@ fn add_moves(
     }
 }
 
-/// Adds the commands that keep a ticket's answer for `ttl` (their replies
-/// are not `.ignore()`d: callers read only the replies before them).
-fn add_response(pipe: &mut Pipeline, tag: &Tag, id: &str, r: &StoredResponse, ttl: Duration) {
+/// The ends of `avail` and of a ticket's list a move takes a unit from
+/// and puts it at: taking pops from the head of `avail`; giving back
+/// (`back`) returns units to its head, so the most recently released
+/// units are sold first.
+fn move_ends(back: bool) -> [&'static str; 2] {
+    if back {
+        ["RIGHT", "LEFT"]
+    } else {
+        ["LEFT", "RIGHT"]
+    }
+}
+
+/// Adds the commands that keep a ticket's answer for `ttl` (callers read
+/// only the replies before them).
+fn add_response(t: &mut Transaction, tag: &Tag, id: &str, r: &StoredResponse, ttl: Duration) {
     let resp_key = tag.of("r", id);
-    command(pipe, "HSET")
-        .arg(resp_key)
-        .arg("status")
-        .arg(r.status)
-        .arg("type")
-        .arg(r.content_type.as_deref().unwrap_or(""))
-        .arg("body")
-        .arg(r.body.as_ref());
-    command(pipe, "PEXPIRE").arg(resp_key).arg(millis(ttl));
+    let body: &[u8] = r.body.as_ref();
+    t.cmd(
+        "HSET",
+        &[
+            &resp_key,
+            &"status",
+            &r.status,
+            &"type",
+            &r.content_type.as_deref().unwrap_or(""),
+            &"body",
+            &body,
+        ],
+    );
+    t.cmd("PEXPIRE", &[&resp_key, &millis(ttl)]);
 }
 
 /// The hash tag of one (rule, sku), `{prefix}{rule:sku}`, that every key
@@ -226,6 +240,12 @@ impl<const N: usize> Joined<'_, N> {
     }
 }
 
+impl<const N: usize> resp::Arg for Joined<'_, N> {
+    fn put(&self, out: &mut Vec<u8>) {
+        resp::put_bulk_parts(out, &self.0);
+    }
+}
+
 impl<const N: usize> redis::ToRedisArgs for Joined<'_, N> {
     fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
         use std::io::Write as _;
@@ -236,6 +256,13 @@ impl<const N: usize> redis::ToRedisArgs for Joined<'_, N> {
         }
     }
 }
+
+/// Bytes a reservation's transaction starts with room for, besides its
+/// marks and moves.
+const RESERVE_BYTES: usize = 640;
+/// Bytes a commit's transaction starts with room for, besides a kept
+/// answer.
+const COMMIT_BYTES: usize = 256;
 
 /// Room a store command starts with: redis-rs starts a command's buffers
 /// empty and grows them argument by argument, a reallocation or more
@@ -795,55 +822,57 @@ impl Store for RedisStore {
             marks: mark_keys.clone(),
             issued_ms: now_ms(),
         };
-        // EXISTS, the marks, the buyer's 3, the moves and 4 more. Nothing
-        // is `.ignore()`d here or in a commit: redis-rs keeps ignored
-        // positions in a SipHash set and filters every reply through it
-        // (about 6k instructions a winner); `parse_reserve` reads the
-        // replies by position instead.
-        let mut pipe = Pipeline::with_capacity(mark_keys.len() + r.qty as usize + 8);
-        pipe.atomic();
-        command(&mut pipe, "EXISTS").arg(tag.at("loaded"));
+        // EXISTS, the marks, the buyer's 3, the moves and 4 more, in one
+        // MULTI/EXEC on the lean connection (`redis_lean`): `parse_reserve`
+        // reads the replies by position.
+        let mut t =
+            Transaction::with_capacity(RESERVE_BYTES + 64 * (mark_keys.len() + r.qty as usize));
+        t.cmd("EXISTS", &[&tag.at("loaded")]);
         for (k, m) in mark_keys.iter().zip(r.marks) {
-            command(&mut pipe, "SET")
-                .arg(k)
-                .arg(ticket)
-                .arg("NX")
-                .arg("PX")
-                .arg(millis(m.ttl))
-                .arg("GET");
+            t.cmd("SET", &[k, &ticket, &"NX", &"PX", &millis(m.ttl), &"GET"]);
         }
         if counted {
             // The buyer's holds, ticket -> units: removing one twice is
             // harmless, unlike decrementing a counter twice. It expires
             // with the tickets, so a refused buyer leaves nothing behind.
             let holds = tag.of("uh", r.user);
-            command(&mut pipe, "HSET").arg(holds).arg(ticket).arg(r.qty);
-            command(&mut pipe, "HVALS").arg(holds);
-            command(&mut pipe, "PEXPIRE")
-                .arg(holds)
-                .arg(millis(self.ticket_ttl));
+            t.cmd("HSET", &[&holds, &ticket, &r.qty]);
+            t.cmd("HVALS", &[&holds]);
+            t.cmd("PEXPIRE", &[&holds, &millis(self.ticket_ttl)]);
         }
         let (avail, held) = (tag.at("avail"), tag.of("h", ticket));
-        add_moves(&mut pipe, avail, held, u64::from(r.qty), false);
-        command(&mut pipe, "HSET")
-            .arg(tag.at("tickets"))
-            .arg(ticket)
-            .arg(record.encode());
+        let [from_end, to_end] = move_ends(false);
+        for _ in 0..r.qty {
+            t.cmd("LMOVE", &[&avail, &held, &from_end, &to_end]);
+        }
+        t.cmd("HSET", &[&tag.at("tickets"), &ticket, &record.encode()]);
         let mut issued = itoa::Buffer::new();
-        command(&mut pipe, "HSET")
-            .arg(tag.at("state"))
-            .arg(ticket)
-            .arg(Joined(["H", issued.format(record.issued_ms)]));
-        command(&mut pipe, "SET")
-            .arg(self.index_arg(ticket))
-            .arg(member(r.key))
-            .arg("PX")
-            .arg(millis(self.ticket_ttl));
-        command(&mut pipe, "ZADD")
-            .arg(tag.at("leases"))
-            .arg(now_ms().saturating_add(millis(r.lease)))
-            .arg(ticket);
-        let vals = match self.run("reserve", &pipe).await {
+        t.cmd(
+            "HSET",
+            &[
+                &tag.at("state"),
+                &ticket,
+                &Joined(["H", issued.format(record.issued_ms)]),
+            ],
+        );
+        t.cmd(
+            "SET",
+            &[
+                &self.index_arg(ticket),
+                &member(r.key),
+                &"PX",
+                &millis(self.ticket_ttl),
+            ],
+        );
+        t.cmd(
+            "ZADD",
+            &[
+                &tag.at("leases"),
+                &now_ms().saturating_add(millis(r.lease)),
+                &ticket,
+            ],
+        );
+        let vals = match self.conn.transact("reserve", t, false).await {
             Ok(v) => v,
             Err(e) => {
                 // A timeout or a connection lost after the transaction was
@@ -910,20 +939,16 @@ impl Store for RedisStore {
         // One round trip: its held units become its sold units whole, or,
         // when a release got there first, nothing moves and the late path
         // takes them again.
-        let mut pipe = Pipeline::with_capacity(5);
-        pipe.atomic().ignore_errors();
-        command(&mut pipe, "RENAME")
-            .arg(tag.of("h", id))
-            .arg(tag.of("c", id));
-        command(&mut pipe, "HSET")
-            .arg(tag.at("state"))
-            .arg(id)
-            .arg("C");
-        command(&mut pipe, "ZREM").arg(tag.at("leases")).arg(id);
+        let mut t =
+            Transaction::with_capacity(COMMIT_BYTES + response.map_or(0, |r| r.body.len() + 256));
+        t.cmd("RENAME", &[&tag.of("h", id), &tag.of("c", id)]);
+        t.cmd("HSET", &[&tag.at("state"), &id, &"C"]);
+        t.cmd("ZREM", &[&tag.at("leases"), &id]);
         if let Some(response) = response {
-            add_response(&mut pipe, &tag, id, response, ttl);
+            add_response(&mut t, &tag, id, response, ttl);
         }
-        let vals = self.run("commit", &pipe).await?;
+        // The RENAME's error (a release got there first) is read below.
+        let vals = self.conn.transact("commit", t, true).await?;
         match vals.first() {
             Some(Value::ServerError(_)) => self.commit_late(key, ticket).await,
             _ => Ok(Committed::Held),
@@ -1027,10 +1052,12 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let tag = self.tag(key);
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        add_response(&mut pipe, &tag, &ticket.to_string(), response, ttl);
-        self.run("keep_response", &pipe).await.map(drop)
+        let mut t = Transaction::with_capacity(response.body.len() + 256);
+        add_response(&mut t, &tag, &ticket.to_string(), response, ttl);
+        self.conn
+            .transact("keep_response", t, false)
+            .await
+            .map(drop)
     }
 
     async fn release(

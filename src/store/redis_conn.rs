@@ -3,9 +3,10 @@
 //! with the response timeout from the config and errors mapped to
 //! `StoreError`; a few exclusive connections for the rare WATCH
 //! transactions (a WATCH belongs to its connection, so those must not be
-//! multiplexed); and a circuit breaker, so a dead Redis costs one timeout
-//! per `breaker_interval`, not one per request. Also the small `Value`
-//! readers the store and the queue need.
+//! multiplexed); a lean connection for the winners' two transactions
+//! (`redis_lean`); and a circuit breaker over all of them, so a dead Redis
+//! costs one timeout per `breaker_interval`, not one per request. Also the
+//! small `Value` readers the store and the queue need.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,6 +16,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnecti
 use redis::AsyncConnectionConfig;
 use redis::{Pipeline, RedisError, Value};
 
+use super::redis_lean::{self, LeanConn};
+use super::resp::Transaction;
 use super::StoreError;
 use crate::config::RedisConfig;
 
@@ -81,6 +84,8 @@ pub struct RedisConn {
     // Made on first use: the manager spawns its driver on the runtime it
     // is created in, and the gateway's runtimes exist only once it runs.
     conn: tokio::sync::OnceCell<ConnectionManager>,
+    /// Reservations and commits, on their own lean connection.
+    lean: LeanConn,
     // Plain connections, never reconnected behind our back (a manager may
     // reconnect between WATCH and EXEC, which would run EXEC unwatched):
     // one that failed is dropped and made anew.
@@ -181,10 +186,17 @@ impl RedisConn {
             // fail fast and are answered `unavailable`.
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
+        let connect_timeout = config.timeout.max(Duration::from_millis(250));
+        let lean = LeanConn::new(
+            client.get_connection_info(),
+            config.timeout,
+            connect_timeout,
+        );
         Ok(Self {
             client,
             manager_config,
             conn: tokio::sync::OnceCell::new(),
+            lean,
             exclusive: (0..EXCLUSIVE)
                 .map(|_| tokio::sync::Mutex::new(None))
                 .collect(),
@@ -314,13 +326,53 @@ impl RedisConn {
     /// The pipeline's result, or `Err(retry_in)` while the breaker is
     /// open; feeds the breaker.
     async fn guarded(&self, pipe: &Pipeline) -> Result<Result<Vec<Value>, RedisError>, Duration> {
+        self.breaker_around(self.query_through(pipe)).await
+    }
+
+    /// `call`'s result, or `Err(retry_in)` (and `call` never runs) while
+    /// the breaker is open; feeds the breaker.
+    async fn breaker_around(
+        &self,
+        call: impl std::future::Future<Output = Result<Vec<Value>, RedisError>>,
+    ) -> Result<Result<Vec<Value>, RedisError>, Duration> {
         self.admit()?;
-        let result = self.query_through(pipe).await;
+        let result = call.await;
         self.breaker.record(match &result {
             Ok(_) => true,
             Err(e) => answered(e),
         });
         Ok(result)
+    }
+
+    /// Runs a MULTI/EXEC on the lean connection in one round trip, within
+    /// the timeout; gives one reply per command. A server error in a
+    /// reply fails the call unless `errors_in_place` (then the caller
+    /// reads it), as redis-rs's `ignore_errors` does.
+    pub async fn transact(
+        &self,
+        op: &'static str,
+        t: Transaction,
+        errors_in_place: bool,
+    ) -> Result<Vec<Value>, StoreError> {
+        let call = async {
+            self.round_trips.fetch_add(1, Ordering::Relaxed);
+            let mut vals = match tokio::time::timeout(self.timeout, self.lean.exec(t)).await {
+                Ok(result) => result?,
+                Err(_) => return Err(timed_out()),
+            };
+            if !errors_in_place {
+                if let Some(i) = vals.iter().position(|v| matches!(v, Value::ServerError(_))) {
+                    if let Some(e) = redis_lean::server_error(vals.swap_remove(i)) {
+                        return Err(e);
+                    }
+                }
+            }
+            Ok(vals)
+        };
+        match self.breaker_around(call).await {
+            Ok(result) => result.map_err(|e| self.error(op, e)),
+            Err(retry_in) => Err(self.circuit_open(op, retry_in)),
+        }
     }
 
     async fn query_through(&self, pipe: &Pipeline) -> Result<Vec<Value>, RedisError> {

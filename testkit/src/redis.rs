@@ -6,6 +6,9 @@ use std::time::{Duration, Instant};
 
 use crate::gateway::free_port;
 
+/// The server's unix socket, in its temp dir.
+const SOCKET: &str = "redis.sock";
+
 /// How long `start`/`restart` wait for the server to answer `PING`.
 const READY_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -75,6 +78,11 @@ impl RedisServer {
     /// The connection URL `redis://127.0.0.1:port/0`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// The connection URL of its unix socket, `unix:///<dir>/redis.sock`.
+    pub fn unix_url(&self) -> String {
+        format!("unix://{}", self.dir.path().join(SOCKET).display())
     }
 
     /// How many times Redis ran the command `name` (lowercase) since it
@@ -205,6 +213,8 @@ fn spawn(port: u16, dir: &Path, aof: bool) -> Child {
         .args(["--appendonly", appendonly])
         .args(["--appendfsync", "always"])
         .args(["--dir", &dir.to_string_lossy()])
+        .args(["--unixsocket", &dir.join(SOCKET).to_string_lossy()])
+        .args(["--unixsocketperm", "700"])
         .args(["--daemonize", "no"])
         .current_dir(dir)
         .stdin(Stdio::null())
