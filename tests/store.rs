@@ -12,7 +12,8 @@ use sluice::config::RedisConfig;
 use sluice::store::memory::MemoryStore;
 use sluice::store::redis::RedisStore;
 use sluice::store::{
-    Committed, DedupMark, MarkScope, Reservation, Reserved, StockView, Store, TicketState,
+    Committed, DedupMark, MarkScope, Reservation, Reserved, StockView, Store, StoreError,
+    TicketState,
 };
 use sluice::vocab::{ReleaseReason, SkuKey, StoredResponse, TicketId};
 use support::RedisServer;
@@ -722,6 +723,13 @@ async fn redis_with_a_password_and_a_database_is_used_as_the_url_says() {
     };
     let e = store.reserve(&r).await.expect_err("refused");
     assert!(e.to_string().contains("WRONGPASS"), "{e}");
+    // And it counts as the store failing: the breaker opens, and buyers
+    // are refused at once instead of each dialling again.
+    for _ in 0..RedisConfig::default().breaker_failures {
+        let _ = store.reserve(&r).await;
+    }
+    let e = store.reserve(&r).await.expect_err("refused");
+    assert!(matches!(e, StoreError::CircuitOpen { .. }), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,9 +6,10 @@
 //! replies back in order, handing each caller its own. A caller that gave
 //! up (its timeout) leaves its reply to be read and dropped, so the
 //! stream stays in step. Any broken read or write, an unreadable reply,
-//! or a reply late by `STALE_AFTER_TIMEOUTS` store timeouts (a half-open
-//! connection never answers) fails every waiting caller with a dropped
-//! connection and ends the task; the next call dials again. The caller
+//! or a reply (or a write) late by `STALE_AFTER_TIMEOUTS` store timeouts
+//! (a half-open or frozen peer never answers) fails every waiting caller
+//! with a dropped connection and ends the task; the next call dials
+//! again, on a task of its own that a caller's timeout does not cut. The caller
 //! bounds each call with the store timeout and feeds the breaker
 //! (`redis_conn`), as for every other store call.
 //!
@@ -33,6 +34,10 @@ const STALE_AFTER_TIMEOUTS: u32 = 20;
 /// Room of the read buffer; replies are small.
 const READ_BUF: usize = 16 * 1024;
 
+/// Longest unfinished reply the reader waits for: a transaction's replies
+/// are a few hundred bytes, so more is a broken stream.
+const MAX_REPLY: usize = 4 * 1024 * 1024;
+
 /// What a caller gets: the replies it asked for, or why not.
 type Answer = Result<Vec<Value>, RedisError>;
 
@@ -55,7 +60,10 @@ struct Pending {
 }
 
 /// One lean connection, dialled on first use and after any failure.
-pub struct LeanConn {
+pub struct LeanConn(Arc<Shared>);
+
+/// What a dial needs; shared with the task that dials.
+struct Shared {
     addr: ConnectionAddr,
     /// AUTH and SELECT from the URL, sent first on each new socket.
     hello: Option<(Vec<u8>, usize)>,
@@ -87,14 +95,14 @@ impl LeanConn {
             put_command(&mut hello, "SELECT", &[&settings.db()]);
             replies += 1;
         }
-        Self {
+        Self(Arc::new(Shared {
             addr: info.addr().clone(),
             hello: (replies > 0).then_some((hello, replies)),
             connect_timeout,
             stale_after: timeout.saturating_mul(STALE_AFTER_TIMEOUTS),
             driver: ArcSwapOption::empty(),
             dialling: tokio::sync::Mutex::new(()),
-        }
+        }))
     }
 
     /// Runs a MULTI/EXEC; gives EXEC's replies, one per command (server
@@ -108,20 +116,29 @@ impl LeanConn {
             exec: true,
             done,
         };
-        let sent = match self.driver.load().as_ref() {
+        let sent = match self.0.driver.load().as_ref() {
             Some(driver) => driver.send(job).map_err(|e| e.0),
             None => Err(job),
         };
         if let Err(job) = sent {
-            // None yet, or its task ended (a broken connection): dial.
-            let driver = self.dial().await?;
+            // None yet, or its task ended (a broken connection): dial, on
+            // a task of its own, so that a caller's timeout (the store's,
+            // shorter than a connect may take) never throws a dial away
+            // half done, as redis-rs's manager reconnects in the
+            // background.
+            let shared = Arc::clone(&self.0);
+            let driver = tokio::spawn(async move { shared.dial().await })
+                .await
+                .map_err(|_| dropped("the dial did not finish"))??;
             driver
                 .send(job)
                 .map_err(|_| dropped("the connection closed"))?;
         }
         answered(answer).await
     }
+}
 
+impl Shared {
     /// The live driver, dialling a new connection when there is none.
     async fn dial(&self) -> Result<Arc<mpsc::UnboundedSender<Job>>, RedisError> {
         let _one = self.dialling.lock().await;
@@ -176,7 +193,14 @@ impl LeanConn {
                 .await
                 .map_err(|_| dropped("no answer to AUTH or SELECT"))??;
             if let Some(e) = values.into_iter().find_map(server_error) {
-                return Err(e);
+                // Not "Redis answered": a refused AUTH or SELECT is the
+                // store being unusable, and must open the breaker (as
+                // redis-rs reports it too).
+                return Err(RedisError::from((
+                    redis::ErrorKind::AuthenticationFailed,
+                    "AUTH or SELECT refused",
+                    e.to_string(),
+                )));
             }
         }
         let tx = Arc::new(tx);
@@ -244,6 +268,9 @@ async fn drive<R, W>(
                     if let Err(e) = deliver(&mut rbuf, &mut pending) {
                         break e.0;
                     }
+                    if rbuf.len() > MAX_REPLY {
+                        break "a reply larger than any a transaction gets";
+                    }
                 }
             },
             job = jobs.recv() => {
@@ -263,8 +290,13 @@ async fn drive<R, W>(
                     });
                     next = jobs.try_recv().ok();
                 }
-                if w.write_all(&wbuf).await.is_err() {
-                    break "a write failed";
+                // Bounded: a peer that stopped reading (frozen, gone)
+                // would hold the write, and with it every check, until
+                // TCP gives up, minutes later.
+                match tokio::time::timeout(stale_after, w.write_all(&wbuf)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break "a write failed",
+                    Err(_) => break "a write stalled: the connection is taken as dead",
                 }
             }
             _ = check.tick() => {
@@ -484,6 +516,31 @@ mod tests {
         let e = within_10s(rx).await.expect_err("dropped");
         assert!(e.is_connection_dropped(), "{e}");
         assert!(e.to_string().contains("taken as dead"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_is_taken_as_dead() {
+        // A pipe of 64 bytes nobody reads: the write cannot finish.
+        let (ours, _redis) = tokio::io::duplex(64);
+        let (r, w) = tokio::io::split(ours);
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(drive(r, w, rx, Duration::from_millis(200)));
+        let mut t = Transaction::with_capacity(16);
+        let big = vec![b'x'; 4096];
+        t.cmd("SET", &[&"k", &&big[..]]);
+        let (bytes, replies) = t.finish();
+        let (done, answer) = oneshot::channel();
+        tx.send(Job {
+            bytes,
+            replies,
+            exec: true,
+            done,
+        })
+        .map_err(|_| "driver gone")
+        .expect("sent");
+        let e = within_10s(answer).await.expect_err("dropped");
+        assert!(e.is_connection_dropped(), "{e}");
+        assert!(e.to_string().contains("write stalled"), "{e}");
     }
 
     #[test]
