@@ -88,11 +88,11 @@ impl LeanConn {
                 args.push(u);
             }
             args.push(&password);
-            put_command(&mut hello, "AUTH", &args);
+            resp::put_command(&mut hello, "AUTH", &args);
             replies += 1;
         }
         if settings.db() != 0 {
-            put_command(&mut hello, "SELECT", &[&settings.db()]);
+            resp::put_command(&mut hello, "SELECT", &[&settings.db()]);
             replies += 1;
         }
         Self(Arc::new(Shared {
@@ -206,17 +206,6 @@ impl Shared {
         let tx = Arc::new(tx);
         self.driver.store(Some(tx.clone()));
         Ok(tx)
-    }
-}
-
-/// Writes one plain command.
-fn put_command(out: &mut Vec<u8>, name: &str, args: &[&dyn Arg]) {
-    out.push(b'*');
-    out.extend_from_slice(itoa::Buffer::new().format(args.len() + 1).as_bytes());
-    out.extend_from_slice(b"\r\n");
-    resp::put_bulk(out, name.as_bytes());
-    for a in args {
-        a.put(out);
     }
 }
 

@@ -35,6 +35,15 @@ pub fn put_bulk(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Appends one command, outside any transaction: its name and arguments.
+pub fn put_command(out: &mut Vec<u8>, name: &str, args: &[&dyn Arg]) {
+    put_len(out, b'*', args.len() + 1);
+    put_bulk(out, name.as_bytes());
+    for a in args {
+        a.put(out);
+    }
+}
+
 /// Appends one bulk string made of `parts`, joined (a key in parts).
 pub fn put_bulk_parts(out: &mut Vec<u8>, parts: &[&str]) {
     put_len(out, b'$', parts.iter().map(|p| p.len()).sum());
@@ -114,11 +123,7 @@ impl Transaction {
 
     /// Adds one command: its name and arguments.
     pub fn cmd(&mut self, name: &str, args: &[&dyn Arg]) -> &mut Self {
-        put_len(&mut self.buf, b'*', args.len() + 1);
-        put_bulk(&mut self.buf, name.as_bytes());
-        for a in args {
-            a.put(&mut self.buf);
-        }
+        put_command(&mut self.buf, name, args);
         self.commands += 1;
         self
     }
