@@ -16,7 +16,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnecti
 use redis::AsyncConnectionConfig;
 use redis::{Pipeline, RedisError, Value};
 
-use super::redis_lean::{self, LeanConn};
+use super::redis_lean::LeanConn;
 use super::resp::Transaction;
 use super::StoreError;
 use crate::config::RedisConfig;
@@ -93,6 +93,8 @@ pub struct RedisConn {
     next_exclusive: AtomicUsize,
     round_trips: AtomicU64,
     timeout: Duration,
+    /// Dialling a new connection (at least 250 ms).
+    connect_timeout: Duration,
     /// Shared by the connections to one Redis: any answer proves it up.
     breaker: Arc<Breaker>,
     /// An operator's connection: always tries, never refused by the open
@@ -179,14 +181,16 @@ impl RedisConn {
             op: "connect",
             message: e.to_string(),
         })?;
+        // A connect takes a round trip more than a command: never less
+        // than 250 ms, whatever the (possibly 50 ms) command timeout.
+        let connect_timeout = config.timeout.max(Duration::from_millis(250));
         let manager_config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(config.timeout))
-            .set_connection_timeout(Some(config.timeout.max(Duration::from_millis(250))))
+            .set_connection_timeout(Some(connect_timeout))
             // Reconnect quickly when Redis comes back; requests meanwhile
             // fail fast and are answered `unavailable`.
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
-        let connect_timeout = config.timeout.max(Duration::from_millis(250));
         let lean = LeanConn::new(
             client.get_connection_info(),
             config.timeout,
@@ -203,6 +207,7 @@ impl RedisConn {
             next_exclusive: AtomicUsize::new(0),
             round_trips: AtomicU64::new(0),
             timeout: config.timeout,
+            connect_timeout,
             breaker: Arc::new(Breaker {
                 threshold: config.breaker_failures.max(1),
                 interval: config.breaker_interval,
@@ -261,9 +266,9 @@ impl RedisConn {
             }
             let config = AsyncConnectionConfig::new()
                 .set_response_timeout(Some(self.timeout))
-                .set_connection_timeout(Some(self.timeout.max(Duration::from_millis(250))));
+                .set_connection_timeout(Some(self.connect_timeout));
             let made = tokio::time::timeout(
-                self.timeout.max(Duration::from_millis(250)),
+                self.connect_timeout,
                 self.client
                     .get_multiplexed_async_connection_with_config(&config),
             )
@@ -356,15 +361,15 @@ impl RedisConn {
     ) -> Result<Vec<Value>, StoreError> {
         let call = async {
             self.round_trips.fetch_add(1, Ordering::Relaxed);
-            let mut vals = match tokio::time::timeout(self.timeout, self.lean.exec(t)).await {
+            let vals = match tokio::time::timeout(self.timeout, self.lean.exec(t)).await {
                 Ok(result) => result?,
                 Err(_) => return Err(timed_out()),
             };
             if !errors_in_place {
-                if let Some(i) = vals.iter().position(|v| matches!(v, Value::ServerError(_))) {
-                    if let Some(e) = redis_lean::server_error(vals.swap_remove(i)) {
-                        return Err(e);
-                    }
+                if let Some(Value::ServerError(e)) =
+                    vals.iter().find(|v| matches!(v, Value::ServerError(_)))
+                {
+                    return Err(e.clone().into());
                 }
             }
             Ok(vals)

@@ -210,7 +210,7 @@ impl Shared {
 }
 
 /// A server error reply as an error.
-pub fn server_error(v: Value) -> Option<RedisError> {
+fn server_error(v: Value) -> Option<RedisError> {
     match v {
         Value::ServerError(e) => Some(e.into()),
         _ => None,
