@@ -14,6 +14,7 @@
 //! - Endings: [`end_of`] names a pingora error as a [`ForwardEnd`], which
 //!   the admission side turns into a settlement.
 
+pub mod exchange;
 pub mod forwarded;
 
 use std::net::IpAddr;
@@ -31,7 +32,7 @@ pub const SLUICE_HEADER_PREFIX: &str = "x-sluice-";
 
 /// Hop-by-hop headers belong to one connection, not to the request; a
 /// queued request is sent on another connection, framed anew.
-const HOP_BY_HOP: &[&str] = &[
+pub(crate) const HOP_BY_HOP: &[&str] = &[
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -268,6 +269,87 @@ pub fn request_of(q: &QueuedRequest) -> Result<RequestHeader> {
         },
     )?;
     Ok(req)
+}
+
+/// A winner's request as the relay (`proxy::relay`) sends it, from the
+/// head the fast lane parsed: presented as a queued one is (`queued`,
+/// then [`request_of`]): the rule's `path` with the client's query, the
+/// client's headers less the hop-by-hop ones and `X-Sluice-*`, its own
+/// `X-Forwarded-For` and `-Proto`, a `Content-Length` for the whole body,
+/// and the ticket headers. Built without pingora's case map: names go out
+/// in lower case, as a queued request's do.
+pub fn relayed(
+    method: http::Method,
+    path: &str,
+    query: Option<&str>,
+    headers: http::HeaderMap,
+    body_len: usize,
+    from: ClientHop<'_>,
+    ticket: TicketHeaders<'_>,
+) -> Result<RequestHeader> {
+    use http::header::{HeaderName, HeaderValue};
+    static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+    static XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
+    static TICKET: HeaderName = HeaderName::from_static("x-sluice-ticket");
+    static QUANTITY: HeaderName = HeaderName::from_static("x-sluice-quantity");
+    static RULE: HeaderName = HeaderName::from_static("x-sluice-rule");
+    let forwarded = from
+        .peer
+        .map(|peer| forwarded::outgoing(peer, &headers, from.tls, from.trusted));
+    let target = match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let uri = http::Uri::try_from(target).or_err(
+        ErrorType::InvalidHTTPHeader,
+        "the canonical path is not a URI",
+    )?;
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.method = method;
+    parts.uri = uri;
+    let mut out = http::HeaderMap::with_capacity(headers.len() + 6);
+    let mut name = None;
+    for (n, value) in headers {
+        // Later values of a name come without it.
+        if let Some(n) = n {
+            name = Some(n);
+        }
+        let Some(n) = name.as_ref() else { continue };
+        let replaced = forwarded.is_some() && (*n == XFF || *n == XFP);
+        if replaced
+            || *n == http::header::EXPECT
+            || HOP_BY_HOP.contains(&n.as_str())
+            || n.as_str().starts_with(SLUICE_HEADER_PREFIX)
+        {
+            continue;
+        }
+        out.append(n.clone(), value);
+    }
+    if let Some((xff, proto)) = forwarded {
+        let xff = HeaderValue::try_from(xff).or_err(
+            ErrorType::InvalidHTTPHeader,
+            "X-Forwarded-For is not a header value",
+        )?;
+        out.insert(XFF.clone(), xff);
+        out.insert(XFP.clone(), HeaderValue::from_static(proto));
+    }
+    let carries_body = matches!(parts.method.as_str(), "POST" | "PUT" | "PATCH");
+    if body_len > 0 || carries_body {
+        out.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body_len));
+    }
+    let rule = HeaderValue::from_str(&ticket.key.rule).or_err(
+        ErrorType::InvalidHTTPHeader,
+        "the rule name is not a header value",
+    )?;
+    out.insert(
+        TICKET.clone(),
+        HeaderValue::try_from(ticket.ticket.hex().as_str())
+            .or_err(ErrorType::InvalidHTTPHeader, "ticket")?,
+    );
+    out.insert(QUANTITY.clone(), HeaderValue::from(ticket.qty));
+    out.insert(RULE.clone(), rule);
+    parts.headers = out;
+    Ok(RequestHeader::from(parts))
 }
 
 /// Whether a forwarded request reached the backend whole: its header was

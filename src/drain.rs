@@ -16,12 +16,11 @@ use bytes::{Bytes, BytesMut};
 use pingora_core::connectors::http::Connector;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
-use pingora_core::upstreams::peer::HttpPeer;
 use pingora_http::RequestHeader;
 
 use crate::admission::hold::Settlement;
 use crate::admission::{Admission, MAX_KEPT_BODY};
-use crate::backend::{self, ForwardEnd};
+use crate::backend::{self, exchange, ForwardEnd};
 use crate::metrics::{Metrics, UpstreamClass};
 use crate::outcome::{render, Answer};
 use crate::queue::rates::DrainRates;
@@ -348,11 +347,10 @@ impl Inner {
         pool: &UpstreamPool,
         req: &QueuedRequest,
     ) -> (ForwardEnd, Option<StoredResponse>) {
-        let sent = match (pool.select(), backend::request_of(req)) {
-            (Some(peer), Ok(header)) => self.exchange(pool, &peer, header, req.body.clone()).await,
-            // No healthy server, or an entry that cannot be written: the
-            // backend never saw it.
-            _ => Err(ForwardEnd::ConnectError),
+        let sent = match backend::request_of(req) {
+            Ok(header) => self.exchange(pool, header, req.body.clone()).await,
+            // An entry that cannot be written: the backend never saw it.
+            Err(_) => Err(ForwardEnd::ConnectError),
         };
         match sent {
             Ok(answer) => {
@@ -369,56 +367,19 @@ impl Inner {
     }
 
     /// Writes the request and reads the answer: the answer's header within
-    /// `connect_timeout + read_timeout`, its body within `read_timeout`. A
-    /// pooled connection found closed before the request could reach the
-    /// backend (pingora marks such errors retryable on reused connections)
-    /// is retried once on another.
+    /// `connect_timeout + read_timeout` (per try), its body within
+    /// `read_timeout`.
     async fn exchange(
         &self,
         pool: &UpstreamPool,
-        peer: &HttpPeer,
         header: RequestHeader,
         body: Bytes,
     ) -> Result<StoredResponse, ForwardEnd> {
         let budget = pool.config().connect_timeout + pool.config().read_timeout;
-        let mut retried = false;
-        let mut session = loop {
-            let (mut session, reused) = self
-                .connector
-                .get_http_session(peer)
-                .await
-                // After a retry, the first try may have reached it.
-                .map_err(|e| backend::end_of(&e, retried))?;
-            let answered = tokio::time::timeout(budget, async {
-                session
-                    .write_request_header(Box::new(header.clone()))
-                    .await?;
-                session.write_request_body(body.clone(), true).await?;
-                session.finish_request_body().await?;
-                // 1xx answers (100 Continue, 103) come before the real one;
-                // a 101 to a request that asked for no upgrade is final.
-                loop {
-                    session.read_response_header().await?;
-                    match session.response_header() {
-                        Some(h) if h.status.is_informational() && h.status.as_u16() != 101 => {}
-                        _ => return Ok::<_, Box<pingora_core::Error>>(()),
-                    }
-                }
-            })
-            .await;
-            match answered {
-                Ok(Ok(())) => break session,
-                Ok(Err(mut e)) => {
-                    e.retry.decide_reuse(reused);
-                    if e.retry() && !retried {
-                        retried = true;
-                        continue;
-                    }
-                    return Err(backend::end_of(&e, true));
-                }
-                Err(_) => return Err(ForwardEnd::Timeout),
-            }
-        };
+        let mut opened = exchange::open(&self.connector, pool, header, &body, Some(budget))
+            .await
+            .map_err(|f| backend::end_of(&f.error, f.sent))?;
+        let session = &mut opened.session;
         let (status, content_type) = match session.response_header() {
             Some(h) => (
                 h.status.as_u16(),
@@ -442,9 +403,7 @@ impl Inner {
             Ok(Err(e)) => return Err(backend::end_of(&e, true)),
             Err(_) => return Err(ForwardEnd::Timeout),
         };
-        self.connector
-            .release_http_session(session, peer, peer.options.idle_timeout)
-            .await;
+        opened.release(&self.connector).await;
         Ok(StoredResponse {
             status,
             content_type,

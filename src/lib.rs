@@ -58,6 +58,7 @@ pub mod alloc;
 pub mod backend;
 pub mod cache;
 pub mod config;
+pub mod deadline;
 pub mod drain;
 pub mod drill;
 pub mod logging;

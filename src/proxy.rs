@@ -1,6 +1,10 @@
 //! The pingora glue: each `ProxyHttp` phase makes one or two calls into
 //! the admission pipeline (`intake`), the backend presentation
-//! (`backend`), the responder (`respond`) or the metrics.
+//! (`backend`), the responder (`respond`) or the metrics. Before any of
+//! it, the connection gate hands a rule request whose whole body came with
+//! its head to the fast lane (`lane`): refusals are answered there, and a
+//! winner with a slot free at once is relayed (`relay`); only the rest
+//! reach these phases.
 //!
 //! ```text
 //!  client ──► request_filter ── intake: size limits, Host, ticket and stock polls ─► gateway answer
@@ -34,6 +38,7 @@ mod access;
 mod cached;
 mod intake;
 pub mod lane;
+pub mod relay;
 pub mod respond;
 
 use std::net::IpAddr;
@@ -50,7 +55,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::access_log::AccessLog;
-use crate::admission::hold::{Hold, Receipt, Settlement};
+use crate::admission::hold::{Hold, Receipt};
 use crate::admission::{Admission, RuleStage};
 use crate::backend::{self, ClientHop, ForwardEnd};
 use crate::cache::stock::StockView;
@@ -62,7 +67,7 @@ use crate::routes::Routes;
 use crate::upstream::slots::Slot;
 use crate::upstream::Upstreams;
 use crate::vocab::{TicketId, UpstreamId};
-use respond::{failure_answer, write_answer, KeptAnswer, OUTCOME_HEADER};
+use respond::{answered, failure_answer, write_answer, KeptAnswer, OUTCOME_HEADER};
 
 /// The proxy service: shared, read-only state for every request.
 pub struct SluiceProxy {
@@ -203,30 +208,6 @@ impl SluiceProxy {
 
     /// Settles the request's hold, if it still has one, by how its
     /// forward ended.
-    /// What a winner's answer (its headers, just in) does to its hold: a
-    /// release (or keep) settles now, before the client reads the answer,
-    /// so a retry finds the units back; a commit waits for the body, to
-    /// keep the answer in the same round trip.
-    async fn answered(
-        &self,
-        ctx: &mut RequestCtx,
-        status: u16,
-        header: &ResponseHeader,
-    ) -> Option<KeptAnswer> {
-        let hold = ctx.hold.take()?;
-        match hold.classify(ForwardEnd::Answered(status)) {
-            Settlement::Commit => Some(KeptAnswer::commit_after(hold, header)),
-            how => {
-                let ticket = hold.ticket();
-                let (receipt, settled) = hold.settle(how).await;
-                if let Err(e) = settled {
-                    tracing::warn!(ticket = %ticket, error = %e, "could not settle a ticket");
-                }
-                Some(KeptAnswer::keep_after(receipt, header))
-            }
-        }
-    }
-
     async fn settle(&self, ctx: &mut RequestCtx, end: ForwardEnd) -> Option<Receipt> {
         let hold = ctx.hold.take()?;
         let (ticket, how) = (hold.ticket(), hold.classify(end));
@@ -365,7 +346,9 @@ impl ProxyHttp for SluiceProxy {
             upstream_response
                 .insert_header(CACHE_HEADER, http::HeaderValue::from_static(r.as_str()))?;
         }
-        ctx.kept = self.answered(ctx, status, upstream_response).await;
+        if let Some(hold) = ctx.hold.take() {
+            ctx.kept = Some(answered(hold, status, upstream_response).await);
+        }
         Ok(())
     }
 

@@ -2,7 +2,8 @@
 //! bytes the connection gate read, before pingora builds a session for it.
 //! When the gateway answers it itself (sold out, rate limited, ended, a
 //! duplicate, invalid, ...), the lane writes the same answer the proxy
-//! would, counts it and logs it; a winner (or a capped pass) goes on to
+//! would, counts it and logs it; a winner with a slot free at once is
+//! relayed (`relay`); one that must wait (or a capped pass) goes on to
 //! pingora with its verdict handed over through a task-local, so admission
 //! runs once per request and the hold keeps one owner.
 //!
@@ -22,7 +23,10 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use pingora_core::connectors::http::Connector;
 
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderName};
@@ -30,15 +34,17 @@ use http::{HeaderMap, HeaderValue, Method, Uri};
 
 use super::access::logged_header;
 use super::intake::{STOCK_PATH, TICKETS_PATH};
+use super::relay::{Relay, Seen as Logged};
 use super::respond::wire_answer;
 use crate::access_log::{clip_path, AccessLog, Entry};
 use crate::admission::extract::{Attempt, RequestParts};
 use crate::admission::RuleTable;
 use crate::admission::{Admission, Candidate, RuleStage, Verdict};
-use crate::backend::forwarded;
+use crate::backend::{self, forwarded, ClientHop};
 use crate::config::{Config, Limits};
 use crate::metrics::Metrics;
 use crate::rules::{Route, RuleMatch};
+use crate::upstream::Upstreams;
 
 /// Header fields the lane parses; a head with more goes to pingora.
 const MAX_FIELDS: usize = 64;
@@ -61,6 +67,9 @@ pub enum Step {
     /// A verdict that forwards: pingora serves the request with it (boxed:
     /// the gate's connection future keeps no room for it while idle).
     Forward(Box<Preset>),
+    /// A winner with a slot free at once: sent and answered by the relay
+    /// (`FastLane::relay`), without a pingora session.
+    Relay(Box<Relay>),
 }
 
 /// A verdict the lane reached for a request that pingora now forwards.
@@ -225,27 +234,34 @@ struct Seen<'r> {
     client_ip: IpAddr,
 }
 
-/// The lane: the parts of the proxy a refusal needs.
+/// The lane: the parts of the proxy a refusal and a relay need.
 pub struct FastLane {
     config: Arc<ArcSwap<Config>>,
-    metrics: Arc<Metrics>,
+    pub(super) metrics: Arc<Metrics>,
     admission: Arc<Admission>,
-    access_log: Option<AccessLog>,
+    pub(super) access_log: Option<AccessLog>,
+    pub(super) upstreams: Arc<Upstreams>,
+    /// The relay's client connections to the backends, pooled.
+    pub(super) connector: Connector,
 }
 
 impl FastLane {
-    /// A lane over the proxy's config, metrics, pipeline and access log.
+    /// A lane over the proxy's config, metrics, pipeline, access log and
+    /// upstream pools.
     pub fn new(
         config: Arc<ArcSwap<Config>>,
         metrics: Arc<Metrics>,
         admission: Arc<Admission>,
         access_log: Option<AccessLog>,
+        upstreams: Arc<Upstreams>,
     ) -> Self {
         Self {
             config,
             metrics,
             admission,
             access_log,
+            upstreams,
+            connector: Connector::new(None),
         }
     }
 
@@ -318,6 +334,68 @@ impl FastLane {
         let (verdict, attempt) = self.admission.admit_seen(&stage, &candidate).await;
         let answer = match verdict {
             Verdict::Answer(answer) => answer,
+            Verdict::Forward(hold) => {
+                let pool = self.upstreams.pool(stage.rule.upstream);
+                let Some(slot) = pool.slots.acquire_within(Duration::ZERO).await else {
+                    return Step::Forward(Box::new(Preset {
+                        stage,
+                        path: seen.rule.path,
+                        verdict: Verdict::Forward(hold),
+                        attempt,
+                    }));
+                };
+                let used = seen.head_len + head.body_len;
+                let body = Bytes::copy_from_slice(body.unwrap_or_default());
+                let mut logged = Logged::of(
+                    client_ip,
+                    &seen.method,
+                    path,
+                    &head.headers,
+                    self.access_log.is_some(),
+                );
+                if let Some(a) = attempt {
+                    (logged.user, logged.sku) = (Some(a.user), Some(a.sku));
+                }
+                let from = ClientHop {
+                    peer,
+                    trusted: &self.config.load().trusted_proxies,
+                    tls: false,
+                };
+                let request = backend::relayed(
+                    seen.method,
+                    &seen.rule.path,
+                    seen.uri.query(),
+                    head.headers,
+                    body.len(),
+                    from,
+                    hold.ticket_headers(),
+                );
+                let request = match request {
+                    Ok(r) => r,
+                    // Not presentable here (a rule name that is no header
+                    // value): pingora's path, with the same verdict.
+                    Err(_) => {
+                        drop(slot);
+                        return Step::Forward(Box::new(Preset {
+                            stage,
+                            path: seen.rule.path,
+                            verdict: Verdict::Forward(hold),
+                            attempt: None,
+                        }));
+                    }
+                };
+                return Step::Relay(Box::new(Relay {
+                    stage,
+                    hold,
+                    slot,
+                    request,
+                    body,
+                    used,
+                    close: head.close,
+                    started,
+                    seen: logged,
+                }));
+            }
             verdict => {
                 return Step::Forward(Box::new(Preset {
                     stage,

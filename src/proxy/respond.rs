@@ -11,7 +11,7 @@ use pingora_proxy::Session;
 
 use crate::admission::hold::{Hold, Receipt, Settlement};
 use crate::admission::MAX_KEPT_BODY;
-use crate::backend;
+use crate::backend::{self, ForwardEnd};
 use crate::outcome::{Answer, Rendered};
 use crate::vocab::StoredResponse;
 
@@ -138,6 +138,24 @@ pub fn failure_answer(e: &Error, max_body_bytes: u64) -> Option<Answer> {
         _ => Some(Answer::Unavailable {
             message: "the shop is busy, please try again shortly".into(),
         }),
+    }
+}
+
+/// What a winner's answer (its header, just in) does to its hold: a
+/// release (or keep) settles now, before the client reads the answer, so a
+/// retry finds the units back; a commit waits for the body, to keep the
+/// answer in the same round trip.
+pub async fn answered(hold: Hold, status: u16, header: &ResponseHeader) -> KeptAnswer {
+    match hold.classify(ForwardEnd::Answered(status)) {
+        Settlement::Commit => KeptAnswer::commit_after(hold, header),
+        how => {
+            let ticket = hold.ticket();
+            let (receipt, settled) = hold.settle(how).await;
+            if let Err(e) = settled {
+                tracing::warn!(ticket = %ticket, error = %e, "could not settle a ticket");
+            }
+            KeptAnswer::keep_after(receipt, header)
+        }
     }
 }
 

@@ -15,7 +15,8 @@
 //!              ▼
 //!           the fast lane (main listener): a rule request whose whole body is here
 //!              │ ── the gateway's own answer ──► written here; the next head may already follow
-//!              │ ── a winner ──► its verdict goes along to pingora's session (task-local)
+//!              │ ── a winner, a slot free ──► relayed: sent to the backend, answered here
+//!              │ ── a winner that waits ──► its verdict goes along to pingora's session (task-local)
 //!              │ the bytes are put back into the stream
 //!              ▼
 //!           the app's HTTP/1 session: pingora parses the head from those bytes, no socket read
@@ -34,10 +35,10 @@
 
 use std::future::Future;
 use std::mem::MaybeUninit;
-use std::pin::{pin, Pin};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{ready, Context, Poll, Waker};
+use std::task::{ready, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -49,10 +50,10 @@ use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
-use tokio::time::error::Elapsed;
-use tokio::time::{timeout, timeout_at, Instant};
+use tokio::time::{timeout, Instant};
 
 use crate::config::{defaults, Limits};
+use crate::deadline::within;
 use crate::outcome::{render, Answer, Rendered};
 use crate::proxy::lane::{self, FastLane, Step};
 use crate::proxy::respond::to_wire;
@@ -349,7 +350,7 @@ enum Deadline {
     Fresh(Instant),
     /// A later request: its first byte within `keepalive` of the wait's
     /// start, the rest within `header_timeout` of that byte. Read off the
-    /// clock only when a read has to wait ([`within`]).
+    /// clock only when a read has to wait (`deadline::within`).
     Next {
         keepalive: Duration,
         header_timeout: Duration,
@@ -376,21 +377,6 @@ impl Deadline {
             } => Instant::now() + if begun { header_timeout } else { keepalive },
         }
     }
-}
-
-/// `timeout_at(by(), fut)`, reading the clock and arming a timer only when
-/// `fut` cannot finish at once: under load most reads and writes are ready
-/// when first polled, and a clock read is a system call on some virtual
-/// machines (this one: `read_tsc` in the kernel profile). The first poll's
-/// waker is a no-op; the next poll, under the timer, registers the real one.
-/// The timer is boxed: it lives only while a read or write waits, not in
-/// every idle connection's future.
-async fn within<F: Future>(fut: F, by: impl FnOnce() -> Instant) -> Result<F::Output, Elapsed> {
-    let mut fut = pin!(fut);
-    if let Poll::Ready(out) = fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-        return Ok(out);
-    }
-    Box::pin(timeout_at(by(), fut)).await
 }
 
 /// How reading a request head ended.
@@ -760,6 +746,19 @@ impl<A> ConnectionGate<A> {
         if !self.write_within(stream, response).await {
             return false;
         }
+        self.answered_then(stream, buf, used, close).await
+    }
+
+    /// After an answer to the request at the front of `buf` went out:
+    /// closes the connection if the client asked (`false`), else drops the
+    /// request's `used` bytes, so the buffer starts with what follows.
+    async fn answered_then(
+        &self,
+        stream: &mut Stream,
+        buf: &mut BytesMut,
+        used: usize,
+        close: bool,
+    ) -> bool {
         if close {
             // As pingora ends a closing answer: FIN, then drop.
             let header_timeout = self.limits.header_timeout;
@@ -900,6 +899,18 @@ where
                 match Box::pin(lane.step(&buf, peer)).await {
                     Step::Pass => {}
                     Step::Forward(p) => preset = Some(p),
+                    Step::Relay(relay) => {
+                        let (used, close) = (relay.used(), relay.close());
+                        let header_timeout = self.limits.header_timeout;
+                        if !Box::pin(lane.relay(relay, &mut stream, header_timeout)).await {
+                            return;
+                        }
+                        if !self.answered_then(&mut stream, &mut buf, used, close).await {
+                            return;
+                        }
+                        deadline = Deadline::next(&self.limits);
+                        continue;
+                    }
                     Step::Answered {
                         response,
                         used,
@@ -983,25 +994,7 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::{unfit, within, Unfit};
-
-    #[tokio::test]
-    async fn within_reads_the_clock_only_for_a_future_that_waits() {
-        let ready = within(async { 7 }, || panic!("a ready future needs no deadline")).await;
-        assert_eq!(ready.ok(), Some(7));
-        let by = tokio::time::Instant::now() + std::time::Duration::from_millis(20);
-        let waited = within(std::future::pending::<()>(), || by).await;
-        assert!(waited.is_err(), "a pending future ends at its deadline");
-        assert!(tokio::time::Instant::now() >= by);
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            let _ = tx.send(3);
-        });
-        // Pending at the first (no-op waker) poll, woken through the timer's poll.
-        let late = within(rx, || by + std::time::Duration::from_secs(5)).await;
-        assert_eq!(late.ok().and_then(Result::ok), Some(3));
-    }
+    use super::{unfit, Unfit};
 
     #[test]
     fn heads_pingora_would_refuse_bare_are_told_apart() {

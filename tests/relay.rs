@@ -1,0 +1,286 @@
+//! The relay (a winner with a free slot, sent to the backend and answered
+//! from the connection gate without a pingora session), tried from outside
+//! with raw sockets against the real binary and real loopback backends:
+//! the backend receives what the gateway decided on (the rule's path, the
+//! admitted body with its own length, the gateway's ticket and forwarding
+//! headers, no hop-by-hop or client `X-Sluice-*` fields); the client gets
+//! the same answer as pingora's path writes for the same order; chunked and
+//! close-delimited answers reach the client whole; and a backend that
+//! cannot be reached, or fails the order, gets the units back.
+
+use sluice_testkit as support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+
+use support::{mall_config, put_stock, stock_view, Gateway, RawConn, Response, Upstream};
+
+/// Bound on every polling wait.
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A gateway on the memory store over the backend at `mall`: rule `sale`
+/// (`POST /api/sale/{sku}/order`, user from `X-User-Id`, quantity from
+/// the JSON body, one order per user and sku).
+fn start(mall: SocketAddr) -> Gateway {
+    let rules = "rules:\n\
+        \x20 - name: sale\n\
+        \x20   match: { method: POST, path: \"/api/sale/{sku}/order\" }\n\
+        \x20   user: { header: X-User-Id }\n\
+        \x20   sku: { path: sku }\n\
+        \x20   quantity: { json: qty, max: 2 }\n\
+        \x20   dedup: { key: [user, sku], ttl: 1h }\n";
+    let config = mall_config(mall, "store: { backend: memory }\n", "");
+    Gateway::builder()
+        .config(&config)
+        .file("lua-free-rules/sale.yaml", rules)
+        .start()
+}
+
+/// The raw bytes of an order for `sku` by `user` with a JSON body and a
+/// query, plus `extra` header lines.
+fn order(sku: &str, user: &str, body: &str, extra: &str) -> Vec<u8> {
+    format!(
+        "POST /api/sale/{sku}/order?src=app HTTP/1.1\r\nHost: shop.test\r\nX-User-Id: {user}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n{extra}\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+#[track_caller]
+fn expect(resp: &Response, status: u16, outcome: &str) {
+    assert_eq!(
+        (resp.status, resp.header("x-sluice-outcome")),
+        (status, Some(outcome)),
+        "unexpected answer, body: {}",
+        resp.text()
+    );
+}
+
+/// The answer's header fields without `Date` (which moves), as sent.
+fn fields(resp: &Response) -> Vec<(String, String)> {
+    resp.headers
+        .iter()
+        .filter(|(k, _)| !k.eq_ignore_ascii_case("date"))
+        .cloned()
+        .collect()
+}
+
+/// Waits until the stock view of `sku` shows `field` at `value`.
+async fn wait_stock(gw: &Gateway, sku: &str, field: &str, value: u64) -> serde_json::Value {
+    let until = Instant::now() + WAIT;
+    loop {
+        let view = stock_view(gw.admin(), "sale", sku).await;
+        if view[field] == value || Instant::now() > until {
+            return view;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A winner's order, sent whole in one write (the relay's) and with its
+/// body late (pingora's path): the client gets the same fields and body
+/// from both, the backend gets the rule's path and query, the admitted
+/// body with its own length and the gateway's ticket and forwarding
+/// headers; the client's hop-by-hop and `X-Sluice-*` fields never reach
+/// it, and the connection serves the next order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_winner_is_sent_and_answered_as_the_proxy_would() {
+    let mall = Upstream::start();
+    mall.set_response_headers(&[("X-Order-Id", "7")]);
+    let gw = start(mall.addr());
+    put_stock(gw.admin(), "sale", "p1", 10).await;
+    put_stock(gw.admin(), "sale", "p2", 10).await;
+    let extra = "X-Sluice-Ticket: forged\r\nX-Forwarded-For: 6.6.6.6\r\n\
+                 Keep-Alive: timeout=5\r\nConnection: keep-alive\r\n";
+
+    let mut relayed = RawConn::connect(gw.listen()).await;
+    relayed
+        .send(&order("p1", "u1", r#"{"qty":1}"#, extra))
+        .await;
+    let by_relay = relayed.read_final().await.expect("the relay's answer");
+    let seen_by_relay = mall.last().expect("the backend got the relayed order");
+
+    let whole = order("p1", "u2", r#"{"qty":1}"#, extra);
+    let (head, body) = whole.split_at(whole.len() - 9);
+    let mut slow = RawConn::connect(gw.listen()).await;
+    slow.send(head).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    slow.send(body).await;
+    let by_pingora = slow.read_final().await.expect("pingora's answer");
+
+    expect(&by_relay, 200, "forwarded");
+    assert_eq!(by_relay.header("X-Order-Id"), Some("7"));
+    assert_eq!(fields(&by_relay), fields(&by_pingora));
+    // The mall's answer echoes the request; only its count differs.
+    let echo = |r: &Response| {
+        let mut v = r.json();
+        v["n"] = serde_json::Value::Null;
+        v
+    };
+    assert_eq!(echo(&by_relay), echo(&by_pingora));
+    assert!(by_relay.header("date").is_some());
+
+    assert_eq!(seen_by_relay.uri, "/api/sale/p1/order?src=app");
+    assert_eq!(seen_by_relay.body, br#"{"qty":1}"#);
+    assert_eq!(seen_by_relay.header("content-length"), Some("9"));
+    assert_eq!(seen_by_relay.header("x-user-id"), Some("u1"));
+    assert_eq!(seen_by_relay.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(seen_by_relay.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(seen_by_relay.header("x-sluice-rule"), Some("sale"));
+    assert_eq!(seen_by_relay.header("x-sluice-quantity"), Some("1"));
+    let ticket = seen_by_relay.header("x-sluice-ticket").expect("a ticket");
+    assert!(
+        ticket.len() == 32 && ticket.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{ticket}"
+    );
+    for hop in ["keep-alive", "connection", "transfer-encoding"] {
+        assert_eq!(seen_by_relay.header(hop), None, "{hop} reached the backend");
+    }
+    let ours = seen_by_relay
+        .headers
+        .iter()
+        .filter(|(k, _)| k.starts_with("x-sluice-"))
+        .count();
+    assert_eq!(ours, 3, "{:?}", seen_by_relay.headers);
+
+    // The connection serves the next order, relayed again.
+    relayed.send(&order("p2", "u1", r#"{"qty":2}"#, "")).await;
+    expect(
+        &relayed.read_final().await.expect("a second answer"),
+        200,
+        "forwarded",
+    );
+    assert_eq!(mall.last().map(|r| r.body), Some(br#"{"qty":2}"#.to_vec()));
+
+    // Committed once answered; a repeat is answered from the kept answer.
+    let view = wait_stock(&gw, "p1", "sold", 2).await;
+    assert_eq!(
+        (&view["sold"], &view["in_flight"]),
+        (&2.into(), &0.into()),
+        "{view}"
+    );
+    let before = mall.requests();
+    relayed.send(&order("p1", "u1", r#"{"qty":1}"#, "")).await;
+    let repeat = relayed.read_final().await.expect("the repeat's answer");
+    assert_eq!(repeat.status, 200, "{}", repeat.text());
+    assert_eq!(repeat.body, by_relay.body);
+    assert_eq!(
+        mall.requests(),
+        before,
+        "a repeat never reaches the backend"
+    );
+}
+
+/// A one-connection backend that answers every request with the next of
+/// `answers` (raw bytes) and closes after the last.
+fn raw_backend(answers: Vec<&'static [u8]>) -> (SocketAddr, std::thread::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let thread = std::thread::spawn(move || {
+        for answer in answers {
+            let Ok((mut conn, _)) = listener.accept() else {
+                return;
+            };
+            conn.set_read_timeout(Some(WAIT)).expect("timeout");
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            // The whole request: its head and the body its length names.
+            loop {
+                let n = conn.read(&mut buf).unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&got).to_string();
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let length = text[..end]
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    if got.len() >= end + 4 + length {
+                        break;
+                    }
+                }
+            }
+            let _ = conn.write_all(answer);
+            // Dropped: closed after each answer.
+        }
+    });
+    (addr, thread)
+}
+
+/// A backend that answers in chunks, then one that ends its body by
+/// closing: each answer reaches the client whole, chunked, and the order
+/// is committed with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_and_close_delimited_answers_reach_the_client_whole() {
+    let (addr, backend) = raw_backend(vec![
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Shop: a\r\n\r\n\
+          5\r\nhello\r\n7\r\n, world\r\n0\r\n\r\n",
+        b"HTTP/1.1 201 Created\r\nConnection: close\r\nX-Shop: b\r\n\r\nplaced by close",
+    ]);
+    let gw = start(addr);
+    put_stock(gw.admin(), "sale", "p1", 10).await;
+    let mut c = RawConn::connect(gw.listen()).await;
+    c.send(&order("p1", "u1", r#"{"qty":1}"#, "")).await;
+    let first = c.read_final().await.expect("the chunked answer");
+    expect(&first, 200, "forwarded");
+    assert_eq!(first.body, b"hello, world");
+    assert_eq!(first.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(first.header("x-shop"), Some("a"));
+
+    c.send(&order("p1", "u2", r#"{"qty":1}"#, "")).await;
+    let second = c.read_final().await.expect("the close-delimited answer");
+    expect(&second, 201, "forwarded");
+    assert_eq!(second.body, b"placed by close");
+    assert_eq!(second.header("connection"), Some("keep-alive"));
+    assert_eq!(second.header("x-shop"), Some("b"));
+    let view = wait_stock(&gw, "p1", "sold", 2).await;
+    assert_eq!(
+        (&view["sold"], &view["in_flight"]),
+        (&2.into(), &0.into()),
+        "{view}"
+    );
+    backend.join().expect("the backend thread");
+}
+
+/// A backend nobody listens on: the winner is answered `unavailable` and
+/// its units come back; a backend that fails the order (500) is answered
+/// with its own failure and the units come back too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_cannot_take_the_order_gets_the_units_back() {
+    let gone = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = gone.local_addr().expect("addr");
+    drop(gone);
+    let gw = start(addr);
+    put_stock(gw.admin(), "sale", "p1", 1).await;
+    let mut c = RawConn::connect(gw.listen()).await;
+    c.send(&order("p1", "u1", r#"{"qty":1}"#, "")).await;
+    let resp = c.read_final().await.expect("an answer");
+    expect(&resp, 503, "unavailable");
+    let view = wait_stock(&gw, "p1", "available", 1).await;
+    assert_eq!(
+        (&view["available"], &view["in_flight"]),
+        (&1.into(), &0.into()),
+        "{view}"
+    );
+
+    let mall = Upstream::start();
+    mall.set_status(500);
+    let gw = start(mall.addr());
+    put_stock(gw.admin(), "sale", "p1", 1).await;
+    let mut c = RawConn::connect(gw.listen()).await;
+    c.send(&order("p1", "u1", r#"{"qty":1}"#, "")).await;
+    let resp = c.read_final().await.expect("an answer");
+    expect(&resp, 500, "forwarded");
+    let view = wait_stock(&gw, "p1", "available", 1).await;
+    assert_eq!(
+        (&view["available"], &view["in_flight"]),
+        (&1.into(), &0.into()),
+        "{view}"
+    );
+    assert_eq!(mall.requests(), 1);
+}
