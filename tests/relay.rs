@@ -173,16 +173,27 @@ async fn a_relayed_winner_is_sent_and_answered_as_the_proxy_would() {
     );
 }
 
-/// A one-connection backend that answers every request with the next of
-/// `answers` (raw bytes) and closes after the last.
+/// A backend that answers each connection's request with the next of
+/// `answers` (raw bytes), then closes that connection; it waits at most
+/// `WAIT` for each connection.
 fn raw_backend(answers: Vec<&'static [u8]>) -> (SocketAddr, std::thread::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     let thread = std::thread::spawn(move || {
+        // Bounded: a connection that never comes ends the thread.
+        listener.set_nonblocking(true).expect("nonblocking");
         for answer in answers {
-            let Ok((mut conn, _)) = listener.accept() else {
-                return;
+            let until = Instant::now() + WAIT;
+            let mut conn = loop {
+                match listener.accept() {
+                    Ok((conn, _)) => break conn,
+                    Err(_) if Instant::now() < until => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
+                    Err(_) => return,
+                }
             };
+            conn.set_nonblocking(false).expect("blocking");
             conn.set_read_timeout(Some(WAIT)).expect("timeout");
             let mut got = Vec::new();
             let mut buf = [0u8; 4096];
@@ -193,7 +204,7 @@ fn raw_backend(answers: Vec<&'static [u8]>) -> (SocketAddr, std::thread::JoinHan
                     break;
                 }
                 got.extend_from_slice(&buf[..n]);
-                let text = String::from_utf8_lossy(&got).to_string();
+                let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
                 if let Some(end) = text.find("\r\n\r\n") {
                     let length = text[..end]
                         .lines()
@@ -214,13 +225,14 @@ fn raw_backend(answers: Vec<&'static [u8]>) -> (SocketAddr, std::thread::JoinHan
 
 /// A backend that answers in chunks, then one that ends its body by
 /// closing: each answer reaches the client whole, chunked, and the order
-/// is committed with it.
+/// is committed with it; then one that answers 101 to a plain order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunked_and_close_delimited_answers_reach_the_client_whole() {
     let (addr, backend) = raw_backend(vec![
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Shop: a\r\n\r\n\
           5\r\nhello\r\n7\r\n, world\r\n0\r\n\r\n",
         b"HTTP/1.1 201 Created\r\nConnection: close\r\nX-Shop: b\r\n\r\nplaced by close",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
     ]);
     let gw = start(addr);
     put_stock(gw.admin(), "sale", "p1", 10).await;
@@ -244,6 +256,14 @@ async fn chunked_and_close_delimited_answers_reach_the_client_whole() {
         (&2.into(), &0.into()),
         "{view}"
     );
+
+    // A 101 to an order that asked for no upgrade is a broken answer: not
+    // passed on, and no sale.
+    c.send(&order("p1", "u3", r#"{"qty":1}"#, "")).await;
+    let third = c.read_final().await.expect("an answer to the third order");
+    expect(&third, 503, "unavailable");
+    let view = stock_view(gw.admin(), "sale", "p1").await;
+    assert_eq!(view["sold"], 2, "{view}");
     backend.join().expect("the backend thread");
 }
 

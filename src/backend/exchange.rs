@@ -6,9 +6,9 @@
 //!
 //! Retries: a connect failure moves on to the next server (each server
 //! gets one try; the backend never saw the request, so even a POST may go
-//! elsewhere), and a pooled connection found closed before the request
-//! reached the backend (pingora marks such errors retryable on reused
-//! connections) is retried once on another.
+//! elsewhere); an idempotent request that found its pooled connection
+//! closed (pingora marks such errors retryable on reused connections) is
+//! sent once more on another, as on the proxied path.
 
 use std::time::Duration;
 
@@ -28,6 +28,8 @@ pub struct Opened {
     pub session: HttpSession,
     /// The server it is to.
     pub peer: Box<HttpPeer>,
+    /// Servers that could not be reached before this one.
+    pub connect_failures: usize,
 }
 
 impl Opened {
@@ -46,8 +48,10 @@ pub struct Failed {
     /// pingora's error (a timeout reads as `ReadTimedout`).
     pub error: Box<Error>,
     /// Whether the backend may have the whole request (see
-    /// [`super::end_of`]): after a retry, the first try may have reached it.
+    /// [`super::end_of`]).
     pub sent: bool,
+    /// Servers that could not be reached.
+    pub connect_failures: usize,
 }
 
 /// Sends `header` and `body` to a server of `pool` and reads the answer's
@@ -55,6 +59,12 @@ pub struct Failed {
 /// upstream's `read_timeout` and `write_timeout`, as on the proxied path;
 /// with `budget`, each try's writing and header reading also is, as a
 /// whole.
+///
+/// A request that went out whole is sent again only when its method is
+/// idempotent and the failure was a pooled connection found closed (as
+/// the proxied path does): an order may have been placed by the first try.
+/// If that second try fails too, the first try's failure is the one
+/// reported, so the order is never taken as unsent.
 pub async fn open(
     connector: &Connector,
     pool: &UpstreamPool,
@@ -62,37 +72,43 @@ pub async fn open(
     body: &Bytes,
     budget: Option<Duration>,
 ) -> Result<Opened, Failed> {
-    // Copied only for a try on a reused connection, the one kind retried
-    // after the header went out.
+    let idempotent = header.method.is_idempotent();
+    // Copied only for a try that may be repeated.
     let mut header = Some(header);
     let servers = pool.config().servers.len().max(1);
-    let (mut connect_failures, mut retried) = (0, false);
+    let mut connect_failures = 0;
+    // The failure of a try that went out, once a second try is made.
+    let mut first: Option<Box<Error>> = None;
+    let failed = |error: Box<Error>, first: Option<Box<Error>>, connect_failures| {
+        let sent = first.is_some();
+        Err(Failed {
+            error: first.unwrap_or(error),
+            sent,
+            connect_failures,
+        })
+    };
     loop {
         let Some(peer) = pool.select() else {
-            return Err(Failed {
-                error: Error::explain(
-                    ErrorType::ConnectNoRoute,
-                    format!("upstream {}: no healthy server", pool.name()),
-                ),
-                sent: retried,
-            });
+            let error = Error::explain(
+                ErrorType::ConnectNoRoute,
+                format!("upstream {}: no healthy server", pool.name()),
+            );
+            return failed(error, first, connect_failures);
         };
         let (mut session, reused) = match connector.get_http_session(&*peer).await {
             Ok(s) => s,
             Err(e) => {
                 connect_failures += 1;
-                if connect_failures < servers {
+                if connect_failures < servers && first.is_none() {
                     continue;
                 }
-                return Err(Failed {
-                    error: e,
-                    sent: retried,
-                });
+                return failed(e, first, connect_failures);
             }
         };
         session.set_read_timeout(peer.options.read_timeout);
         session.set_write_timeout(peer.options.write_timeout);
-        let to_send = match (reused, header.take()) {
+        let repeatable = reused && idempotent && first.is_none();
+        let to_send = match (repeatable, header.take()) {
             (true, Some(h)) => {
                 let copy = Box::new(h.clone());
                 header = Some(h);
@@ -100,10 +116,8 @@ pub async fn open(
             }
             (false, Some(h)) => Box::new(h),
             (_, None) => {
-                return Err(Failed {
-                    error: Error::explain(ErrorType::ConnectError, "no request left to retry"),
-                    sent: retried,
-                })
+                let error = Error::explain(ErrorType::ConnectError, "no request left to retry");
+                return failed(error, first, connect_failures);
             }
         };
         let asked = send(&mut session, to_send, body);
@@ -118,16 +132,23 @@ pub async fn open(
             None => asked.await,
         };
         match answered {
-            Ok(()) => return Ok(Opened { session, peer }),
+            Ok(()) => {
+                return Ok(Opened {
+                    session,
+                    peer,
+                    connect_failures,
+                })
+            }
             Err(mut e) => {
                 e.retry.decide_reuse(reused);
-                if e.retry() && !retried {
-                    retried = true;
+                if e.retry() && repeatable {
+                    first = Some(e);
                     continue;
                 }
                 return Err(Failed {
-                    error: e,
+                    error: first.unwrap_or(e),
                     sent: true,
+                    connect_failures,
                 });
             }
         }
@@ -135,8 +156,8 @@ pub async fn open(
 }
 
 /// Writes the request and reads the answer's header: 1xx answers (100
-/// Continue, 103) come before the real one; a 101 to a request that asked
-/// for no upgrade is final.
+/// Continue, 103) come before the real one. A 101 to a request that asked
+/// for no upgrade (the only kind sent here) is a broken answer.
 async fn send(
     session: &mut HttpSession,
     header: Box<RequestHeader>,
@@ -147,8 +168,14 @@ async fn send(
     session.finish_request_body().await?;
     loop {
         session.read_response_header().await?;
-        match session.response_header() {
-            Some(h) if h.status.is_informational() && h.status.as_u16() != 101 => {}
+        match session.response_header().map(|h| h.status.as_u16()) {
+            Some(101) => {
+                return Error::e_explain(
+                    ErrorType::InvalidHTTPHeader,
+                    "101 Switching Protocols to a request that asked for no upgrade",
+                )
+            }
+            Some(100..=199) => {}
             _ => return Ok(()),
         }
     }

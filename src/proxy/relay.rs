@@ -40,7 +40,7 @@ use super::respond::{answered, failure_answer, wire_answer, KeptAnswer};
 use crate::access_log::{clip_path, Entry};
 use crate::admission::hold::Hold;
 use crate::admission::{Admission, RuleStage};
-use crate::backend::{self, exchange, HOP_BY_HOP};
+use crate::backend::{self, exchange, ForwardEnd, HOP_BY_HOP};
 use crate::deadline::within;
 use crate::metrics::UpstreamClass;
 use crate::outcome::{Answer, Outcome};
@@ -302,12 +302,26 @@ impl FastLane {
         let ticket = hold.ticket();
         hold.mark_sent();
         let upstream_started = Instant::now();
-        let mut opened = match exchange::open(&self.connector, pool, request, &body, None).await {
+        let opened = exchange::open(&self.connector, pool, request, &body, None).await;
+        // Counted as pingora's path counts them: one error per server that
+        // could not be reached, one per exchange that broke after.
+        let connect_failures = match &opened {
+            Ok(o) => o.connect_failures,
+            Err(f) => f.connect_failures,
+        };
+        for _ in 0..connect_failures {
+            self.metrics
+                .observe_upstream(pool.name(), UpstreamClass::Error);
+        }
+        let mut opened = match opened {
             Ok(o) => o,
             Err(failed) => {
-                self.metrics
-                    .observe_upstream(pool.name(), UpstreamClass::Error);
-                let how = hold.classify(backend::end_of(&failed.error, failed.sent));
+                let end = backend::end_of(&failed.error, failed.sent);
+                if end != ForwardEnd::ConnectError {
+                    self.metrics
+                        .observe_upstream(pool.name(), UpstreamClass::Error);
+                }
+                let how = hold.classify(end);
                 if let (_, Err(e)) = hold.settle(how).await {
                     tracing::warn!(ticket = %ticket, error = %e, "could not settle a ticket");
                 }
@@ -321,7 +335,11 @@ impl FastLane {
                 let ended = Ended {
                     outcome: rendered.outcome,
                     status: rendered.status.as_u16(),
-                    bytes: rendered.body.len() as u64,
+                    bytes: if written {
+                        rendered.body.len() as u64
+                    } else {
+                        0
+                    },
                     upstream_time: Some(upstream_started.elapsed()),
                 };
                 self.relayed(&stage, &mut seen, ticket, pool.name(), ended, started);
@@ -335,68 +353,74 @@ impl FastLane {
         let status = header.status.as_u16();
         self.metrics
             .observe_upstream(pool.name(), UpstreamClass::of_status(status));
-        // A 101 to a request that asked for no upgrade: nothing follows
-        // that HTTP/1.1 can carry.
-        let keep_alive = !close && status != 101;
         let framing = Framing::of(header);
-        let mut out = head(header, framing, keep_alive);
+        let mut out = head(header, framing, !close);
         let mut kept: KeptAnswer = answered(hold, status, header).await;
-        let (mut bytes, mut whole, mut written) = (0u64, false, true);
-        if status != 101 {
-            loop {
-                match opened.session.read_response_body().await {
-                    Ok(Some(chunk)) => {
-                        kept.push(&chunk);
-                        bytes += chunk.len() as u64;
-                        framing.put(&mut out, &chunk);
-                        // Written now when more is to come (it may take a
-                        // while) or much is waiting; else with the end.
-                        if !opened.session.response_done() || out.len() >= FLUSH_AT {
-                            written = write(client, &out, write_timeout).await;
-                            out.clear();
-                            if !written {
-                                break;
-                            }
+        // Body bytes in `out`, and those the client has.
+        let (mut pending, mut delivered) = (0u64, 0u64);
+        let (mut whole, mut written) = (false, true);
+        loop {
+            match opened.session.read_response_body().await {
+                Ok(Some(chunk)) => {
+                    kept.push(&chunk);
+                    pending += chunk.len() as u64;
+                    framing.put(&mut out, &chunk);
+                    // Written now when more is to come (it may take a
+                    // while) or much is waiting; else with the end.
+                    if !opened.session.response_done() || out.len() >= FLUSH_AT {
+                        written = write(client, &out, write_timeout).await;
+                        out.clear();
+                        if !written {
+                            break;
                         }
-                    }
-                    Ok(None) => {
-                        whole = true;
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "the backend's answer broke off");
-                        self.metrics
-                            .observe_upstream(pool.name(), UpstreamClass::Error);
-                        break;
+                        delivered += std::mem::take(&mut pending);
                     }
                 }
+                Ok(None) => {
+                    whole = true;
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "the backend's answer broke off");
+                    self.metrics
+                        .observe_upstream(pool.name(), UpstreamClass::Error);
+                    break;
+                }
             }
-        } else {
-            whole = true;
         }
+        let upstream_time = Some(upstream_started.elapsed());
         if whole {
             framing.end(&mut out);
             kept.end();
         }
         if written && !out.is_empty() {
             written = write(client, &out, write_timeout).await;
+            if written {
+                delivered += pending;
+            }
         }
-        let upstream_time = Some(upstream_started.elapsed());
-        if whole && status != 101 {
+        if whole {
             opened.release(&self.connector).await;
         }
         // Committed once the client has it, as on the proxied path.
         kept.finish().await;
         drop(slot);
         let ended = Ended {
-            outcome: Outcome::Forwarded,
+            // A backend that broke off mid-answer: the client got a cut
+            // answer and a closed connection, which pingora's path counts
+            // as `unavailable`.
+            outcome: if whole {
+                Outcome::Forwarded
+            } else {
+                Outcome::Unavailable
+            },
             status,
-            bytes,
+            bytes: delivered,
             upstream_time,
         };
         self.relayed(&stage, &mut seen, ticket, pool.name(), ended, started);
         // The gate closes the connection when the client asked.
-        written && whole && status != 101
+        written && whole
     }
 
     /// The decision line, the request metrics and the access-log line of a
