@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{metric_value, request, Gateway, RedisServer, Response, Upstream};
+use support::{expect, metric_value, request, Gateway, RedisServer, Response, Upstream};
 
 /// The store a scenario runs on: its `store:` config snippet, and the Redis
 /// server behind it (kept alive as long as this value lives).
@@ -148,17 +148,6 @@ async fn buy_with(
 /// One unit bought by `user` (body `{}`).
 async fn buy(gw: &Gateway, rule: &str, sku: &str, user: &str) -> Response {
     buy_with(gw.listen(), rule, sku, &[("x-user-id", user)], "{}").await
-}
-
-/// Asserts status and `X-Sluice-Outcome`, showing the body on failure.
-#[track_caller]
-fn expect(resp: &Response, status: u16, outcome: &str) {
-    assert_eq!(
-        (resp.status, resp.header("x-sluice-outcome")),
-        (status, Some(outcome)),
-        "unexpected answer, body: {}",
-        resp.text()
-    );
 }
 
 /// A gateway-made JSON answer: asserts status, header and `outcome` field.

@@ -11,7 +11,7 @@ use sluice_testkit as support;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{mall_config, request, Gateway, RawConn, RedisServer, Response, Upstream};
+use support::{expect, mall_config, request, Gateway, RawConn, RedisServer, Response, Upstream};
 
 /// Bound on every polling wait.
 const WAIT: Duration = Duration::from_secs(10);
@@ -107,17 +107,6 @@ async fn wait_settled(gw: &Gateway, sku: &str) -> Value {
         assert!(Instant::now() < deadline, "units still held: {view}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// Asserts status and `X-Sluice-Outcome`, showing the body on failure.
-#[track_caller]
-fn expect(resp: &Response, status: u16, outcome: &str) {
-    assert_eq!(
-        (resp.status, resp.header("x-sluice-outcome")),
-        (status, Some(outcome)),
-        "unexpected answer, body: {}",
-        resp.text()
-    );
 }
 
 /// A gateway-made JSON answer; returns its `message`.

@@ -14,7 +14,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
-use support::{mall_config, put_stock, stock_view, Gateway, RawConn, Response, Upstream};
+use support::{expect, mall_config, put_stock, stock_view, Gateway, RawConn, Response, Upstream};
 
 /// Bound on every polling wait.
 const WAIT: Duration = Duration::from_secs(10);
@@ -46,25 +46,6 @@ fn order(sku: &str, user: &str, body: &str, extra: &str) -> Vec<u8> {
         body.len()
     )
     .into_bytes()
-}
-
-#[track_caller]
-fn expect(resp: &Response, status: u16, outcome: &str) {
-    assert_eq!(
-        (resp.status, resp.header("x-sluice-outcome")),
-        (status, Some(outcome)),
-        "unexpected answer, body: {}",
-        resp.text()
-    );
-}
-
-/// The answer's header fields without `Date` (which moves), as sent.
-fn fields(resp: &Response) -> Vec<(String, String)> {
-    resp.headers
-        .iter()
-        .filter(|(k, _)| !k.eq_ignore_ascii_case("date"))
-        .cloned()
-        .collect()
 }
 
 /// Waits until the stock view of `sku` shows `field` at `value`.
@@ -112,7 +93,10 @@ async fn a_relayed_winner_is_sent_and_answered_as_the_proxy_would() {
 
     expect(&by_relay, 200, "forwarded");
     assert_eq!(by_relay.header("X-Order-Id"), Some("7"));
-    assert_eq!(fields(&by_relay), fields(&by_pingora));
+    assert_eq!(
+        Response::fields_but_date(&by_relay),
+        Response::fields_but_date(&by_pingora)
+    );
     // The mall's answer echoes the request; only its count differs.
     let echo = |r: &Response| {
         let mut v = r.json();

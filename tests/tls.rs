@@ -25,7 +25,7 @@ use pingora_core::tls::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use support::{free_addr, mall_config, put_stock, request, Gateway, Response, Upstream};
+use support::{expect, free_addr, mall_config, put_stock, request, Gateway, Response, Upstream};
 
 /// Bound on each connect and exchange.
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -197,16 +197,6 @@ async fn h2_send(
         bytes.extend_from_slice(&chunk);
     }
     response(parts.status, &parts.headers, bytes)
-}
-
-#[track_caller]
-fn expect(resp: &Response, status: u16, outcome: &str) {
-    assert_eq!(
-        (resp.status, resp.header("x-sluice-outcome")),
-        (status, Some(outcome)),
-        "body: {}",
-        resp.text()
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,6 +36,15 @@ impl Response {
         String::from_utf8_lossy(&self.body).into_owned()
     }
 
+    /// The header fields without `Date` (which moves), as sent.
+    pub fn fields_but_date(&self) -> Vec<(String, String)> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| !k.eq_ignore_ascii_case("date"))
+            .cloned()
+            .collect()
+    }
+
     /// The body parsed as JSON; panics with status and body if it is not JSON.
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
@@ -187,4 +196,16 @@ pub async fn request(
 /// `GET path` on a fresh connection; panics on failure.
 pub async fn get(addr: SocketAddr, path: &str) -> Response {
     request(addr, "GET", path, &[], b"").await
+}
+
+/// Asserts an answer's status and `X-Sluice-Outcome`, showing the body on
+/// failure.
+#[track_caller]
+pub fn expect(resp: &Response, status: u16, outcome: &str) {
+    assert_eq!(
+        (resp.status, resp.header("x-sluice-outcome")),
+        (status, Some(outcome)),
+        "unexpected answer, body: {}",
+        resp.text()
+    );
 }

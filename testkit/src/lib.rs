@@ -18,7 +18,7 @@ pub mod shop;
 /// A scriptable hyper HTTP/1.1 upstream on its own runtime.
 pub mod upstream;
 
-pub use client::{get, request, Conn, Response};
+pub use client::{expect, get, request, Conn, Response};
 pub use gateway::{
     free_addr, free_port, mall_config, metric_value, sluice_bin, sluice_cmd, Gateway,
     GatewayBuilder,
