@@ -15,10 +15,16 @@ use std::time::Duration;
 use bytes::Bytes;
 use pingora_core::connectors::http::Connector;
 use pingora_core::protocols::http::client::HttpSession;
+use pingora_core::protocols::http::v1::client::{
+    http_req_header_to_wire, HttpSession as Http1Session,
+};
 use pingora_core::upstreams::peer::HttpPeer;
-use pingora_core::{Error, ErrorType};
+use pingora_core::{Error, ErrorType, RetryType};
 use pingora_http::RequestHeader;
 
+use tokio::io::AsyncWriteExt;
+
+use crate::deadline::within;
 use crate::upstream::UpstreamPool;
 
 /// An answer's header is in: its body is still to be read from `session`,
@@ -120,7 +126,7 @@ pub async fn open(
                 return failed(error, first, connect_failures);
             }
         };
-        let asked = send(&mut session, to_send, body);
+        let asked = send(session, to_send, body, &peer);
         let answered = match budget {
             Some(budget) => match tokio::time::timeout(budget, asked).await {
                 Ok(r) => r,
@@ -132,7 +138,7 @@ pub async fn open(
             None => asked.await,
         };
         match answered {
-            Ok(()) => {
+            Ok(session) => {
                 return Ok(Opened {
                     session,
                     peer,
@@ -159,13 +165,64 @@ pub async fn open(
 /// Continue, 103) come before the real one. A 101 to a request that asked
 /// for no upgrade (the only kind sent here) is a broken answer.
 async fn send(
-    session: &mut HttpSession,
+    mut session: HttpSession,
     header: Box<RequestHeader>,
     body: &Bytes,
-) -> pingora_core::Result<()> {
-    session.write_request_header(header).await?;
-    session.write_request_body(body.clone(), true).await?;
-    session.finish_request_body().await?;
+    peer: &HttpPeer,
+) -> pingora_core::Result<HttpSession> {
+    match session {
+        // Head and body in one write: pingora's client flushes the head on
+        // its own, a second system call (and a second packet for the
+        // backend) per request. Its answer is read by a session over the
+        // same connection, which needs the request only for a HEAD's
+        // bodiless answer, a `Connection` field or an upgrade: none of
+        // these is sent this way.
+        HttpSession::H1(h1)
+            if header.method != http::Method::HEAD
+                && !header.headers.contains_key(http::header::CONNECTION)
+                && !header.headers.contains_key(http::header::UPGRADE) =>
+        {
+            let mut stream = h1.into_inner();
+            let mut wire = http_req_header_to_wire(&header).ok_or_else(|| {
+                Error::explain(
+                    ErrorType::InvalidHTTPHeader,
+                    "request-line contains forbidden bytes",
+                )
+            })?;
+            wire.extend_from_slice(body);
+            let write = async {
+                stream.write_all(&wire).await?;
+                stream.flush().await
+            };
+            let written = match peer.options.write_timeout {
+                Some(t) => within(write, || tokio::time::Instant::now() + t)
+                    .await
+                    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
+                None => write.await,
+            };
+            if let Err(e) = written {
+                let kind = if e.kind() == std::io::ErrorKind::TimedOut {
+                    ErrorType::WriteTimedout
+                } else {
+                    ErrorType::WriteError
+                };
+                let mut e = Error::because(kind, "writing the request", e);
+                // Not whole at the backend: a stale pooled connection may
+                // be tried again, as a read failure on one is.
+                e.retry = RetryType::ReusedOnly;
+                return Err(e);
+            }
+            let mut h1 = Http1Session::new_with_options(stream, peer);
+            h1.read_timeout = peer.options.read_timeout;
+            h1.write_timeout = peer.options.write_timeout;
+            session = HttpSession::H1(h1);
+        }
+        _ => {
+            session.write_request_header(header).await?;
+            session.write_request_body(body.clone(), true).await?;
+            session.finish_request_body().await?;
+        }
+    }
     loop {
         session.read_response_header().await?;
         match session.response_header().map(|h| h.status.as_u16()) {
@@ -176,7 +233,7 @@ async fn send(
                 )
             }
             Some(100..=199) => {}
-            _ => return Ok(()),
+            _ => return Ok(session),
         }
     }
 }
