@@ -91,12 +91,9 @@ async fn the_lane_answers_exactly_as_pingora_does() {
         .await;
     let by_lane = lane.read_final().await.expect("the lane's answer");
 
-    let whole = order("sale", "p1", "u2", r#"{"qty":1}"#, "");
-    let (head, body) = whole.split_at(whole.len() - 9);
     let mut slow = RawConn::connect(gw.listen()).await;
-    slow.send(head).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    slow.send(body).await;
+    slow.send_with_late_tail(&order("sale", "p1", "u2", r#"{"qty":1}"#, ""), 9)
+        .await;
     let by_pingora = slow.read_final().await.expect("pingora's answer");
 
     expect(&by_lane, 410, "sold_out");

@@ -83,12 +83,9 @@ async fn a_relayed_winner_is_sent_and_answered_as_the_proxy_would() {
     let by_relay = relayed.read_final().await.expect("the relay's answer");
     let seen_by_relay = mall.last().expect("the backend got the relayed order");
 
-    let whole = order("p1", "u2", r#"{"qty":1}"#, extra);
-    let (head, body) = whole.split_at(whole.len() - 9);
     let mut slow = RawConn::connect(gw.listen()).await;
-    slow.send(head).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    slow.send(body).await;
+    slow.send_with_late_tail(&order("p1", "u2", r#"{"qty":1}"#, extra), 9)
+        .await;
     let by_pingora = slow.read_final().await.expect("pingora's answer");
 
     expect(&by_relay, 200, "forwarded");

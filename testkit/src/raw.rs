@@ -45,6 +45,16 @@ impl RawConn {
             .unwrap_or_else(|e| panic!("write {} bytes: {e}", bytes.len()));
     }
 
+    /// Writes `request` with its last `tail` bytes 100 ms after the rest:
+    /// the gateway finds the body still on its way, so its fast lane
+    /// leaves the request to pingora's path.
+    pub async fn send_with_late_tail(&mut self, request: &[u8], tail: usize) {
+        let (head, rest) = request.split_at(request.len().saturating_sub(tail));
+        self.send(head).await;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        self.send(rest).await;
+    }
+
     /// Writes `bytes`, reporting failure (the peer may have closed).
     pub async fn try_send(&mut self, bytes: &[u8]) -> Result<(), String> {
         self.stream
