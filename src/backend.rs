@@ -205,9 +205,30 @@ pub fn body_framing_error(e: &Error) -> Option<&'static str> {
 }
 
 fn set_ticket(req: &mut RequestHeader, t: TicketHeaders<'_>) -> Result<()> {
-    req.insert_header("X-Sluice-Ticket", t.ticket.hex().as_str())?;
-    req.insert_header("X-Sluice-Quantity", http::HeaderValue::from(t.qty))?;
-    req.insert_header("X-Sluice-Rule", &*t.key.rule)
+    let [ticket, qty, rule] = ticket_values(t)?;
+    req.insert_header("X-Sluice-Ticket", ticket)?;
+    req.insert_header("X-Sluice-Quantity", qty)?;
+    req.insert_header("X-Sluice-Rule", rule)
+}
+
+/// The values of `X-Sluice-Ticket`, `-Quantity` and `-Rule`, in that order.
+fn ticket_values(t: TicketHeaders<'_>) -> Result<[http::HeaderValue; 3]> {
+    let ticket = http::HeaderValue::try_from(t.ticket.hex().as_str()).or_err(
+        ErrorType::InvalidHTTPHeader,
+        "the ticket is not a header value",
+    )?;
+    let rule = http::HeaderValue::from_str(&t.key.rule).or_err(
+        ErrorType::InvalidHTTPHeader,
+        "the rule name is not a header value",
+    )?;
+    Ok([ticket, http::HeaderValue::from(t.qty), rule])
+}
+
+/// The `Content-Length` a request sent with its whole body carries: its
+/// length, and none for a bodiless GET or DELETE, as the client sent it.
+fn sent_length(method: &http::Method, body_len: usize) -> Option<usize> {
+    let carries_body = matches!(method.as_str(), "POST" | "PUT" | "PATCH");
+    (body_len > 0 || carries_body).then_some(body_len)
 }
 
 /// A winner's request as the queue keeps it: presented as the backend
@@ -254,11 +275,8 @@ pub fn request_of(q: &QueuedRequest) -> Result<RequestHeader> {
         }
         req.append_header(lower, value.as_str())?;
     }
-    // A body is framed by its length; a bodiless GET or DELETE sends none,
-    // as the client did.
-    let carries_body = matches!(q.method.as_str(), "POST" | "PUT" | "PATCH");
-    if !q.body.is_empty() || carries_body {
-        req.insert_header(http::header::CONTENT_LENGTH, q.body.len())?;
+    if let Some(n) = sent_length(&req.method, q.body.len()) {
+        req.insert_header(http::header::CONTENT_LENGTH, n)?;
     }
     set_ticket(
         &mut req,
@@ -333,20 +351,12 @@ pub fn relayed(
         out.insert(XFF.clone(), xff);
         out.insert(XFP.clone(), HeaderValue::from_static(proto));
     }
-    let carries_body = matches!(parts.method.as_str(), "POST" | "PUT" | "PATCH");
-    if body_len > 0 || carries_body {
-        out.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body_len));
+    if let Some(n) = sent_length(&parts.method, body_len) {
+        out.insert(http::header::CONTENT_LENGTH, HeaderValue::from(n));
     }
-    let rule = HeaderValue::from_str(&ticket.key.rule).or_err(
-        ErrorType::InvalidHTTPHeader,
-        "the rule name is not a header value",
-    )?;
-    out.insert(
-        TICKET.clone(),
-        HeaderValue::try_from(ticket.ticket.hex().as_str())
-            .or_err(ErrorType::InvalidHTTPHeader, "ticket")?,
-    );
-    out.insert(QUANTITY.clone(), HeaderValue::from(ticket.qty));
+    let [ticket, qty, rule] = ticket_values(ticket)?;
+    out.insert(TICKET.clone(), ticket);
+    out.insert(QUANTITY.clone(), qty);
     out.insert(RULE.clone(), rule);
     parts.headers = out;
     Ok(RequestHeader::from(parts))

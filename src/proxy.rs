@@ -210,14 +210,8 @@ impl SluiceProxy {
     /// forward ended.
     async fn settle(&self, ctx: &mut RequestCtx, end: ForwardEnd) -> Option<Receipt> {
         let hold = ctx.hold.take()?;
-        let (ticket, how) = (hold.ticket(), hold.classify(end));
-        let (receipt, settled) = hold.settle(how).await;
-        if let Err(e) = settled {
-            // Not settled in the store: the units stay held (never
-            // oversold) until an admin release or reconcile.
-            tracing::warn!(ticket = %ticket, error = %e, "could not settle a ticket");
-        }
-        Some(receipt)
+        let how = hold.classify(end);
+        Some(respond::settle(hold, how).await)
     }
 }
 

@@ -10,7 +10,6 @@ use pingora_proxy::Session;
 use super::respond::OUTCOME_HEADER;
 use super::{RequestCtx, SluiceProxy};
 use crate::cache::{CacheResult, Served};
-use crate::outcome::Answer;
 
 impl SluiceProxy {
     /// `Ok(true)` when the cache answered; `Ok(false)` to proxy it.
@@ -30,10 +29,7 @@ impl SluiceProxy {
                 return Ok(false);
             }
             Served::Unavailable => {
-                let refusal = Answer::Unavailable {
-                    message: "the shop is busy, please try again shortly".into(),
-                };
-                self.answer(session, ctx, &refusal).await?;
+                self.answer(session, ctx, &super::respond::busy()).await?;
                 return Ok(true);
             }
         };

@@ -95,6 +95,21 @@ pub async fn with_preset<F: Future>(preset: Box<Preset>, session: F) -> F::Outpu
     PRESET.scope(RefCell::new(Some(*preset)), session).await
 }
 
+/// Hands a verdict that forwards to pingora's session.
+fn forward(
+    stage: Arc<RuleStage>,
+    path: String,
+    verdict: Verdict,
+    attempt: Option<Attempt>,
+) -> Step {
+    Step::Forward(Box::new(Preset {
+        stage,
+        path,
+        verdict,
+        attempt,
+    }))
+}
+
 /// The lane's judgement of this request, if it made one, taken whole:
 /// the request is served under the stage and route it was judged by,
 /// whatever a reload did since (requests under way finish with the rules
@@ -337,15 +352,13 @@ impl FastLane {
             Verdict::Forward(hold) => {
                 let pool = self.upstreams.pool(stage.rule.upstream);
                 let Some(slot) = pool.slots.acquire_within(Duration::ZERO).await else {
-                    return Step::Forward(Box::new(Preset {
-                        stage,
-                        path: seen.rule.path,
-                        verdict: Verdict::Forward(hold),
-                        attempt,
-                    }));
+                    return forward(stage, seen.rule.path, Verdict::Forward(hold), attempt);
                 };
-                let used = seen.head_len + head.body_len;
-                let body = Bytes::copy_from_slice(body.unwrap_or_default());
+                let from = ClientHop {
+                    peer,
+                    trusted: &self.config.load().trusted_proxies,
+                    tls: false,
+                };
                 let mut logged = Logged::of(
                     client_ip,
                     &seen.method,
@@ -353,14 +366,7 @@ impl FastLane {
                     &head.headers,
                     self.access_log.is_some(),
                 );
-                if let Some(a) = attempt {
-                    (logged.user, logged.sku) = (Some(a.user), Some(a.sku));
-                }
-                let from = ClientHop {
-                    peer,
-                    trusted: &self.config.load().trusted_proxies,
-                    tls: false,
-                };
+                let body = Bytes::copy_from_slice(body.unwrap_or_default());
                 let request = backend::relayed(
                     seen.method,
                     &seen.rule.path,
@@ -370,40 +376,28 @@ impl FastLane {
                     from,
                     hold.ticket_headers(),
                 );
-                let request = match request {
-                    Ok(r) => r,
+                let Ok(request) = request else {
                     // Not presentable here (a rule name that is no header
                     // value): pingora's path, with the same verdict.
-                    Err(_) => {
-                        drop(slot);
-                        return Step::Forward(Box::new(Preset {
-                            stage,
-                            path: seen.rule.path,
-                            verdict: Verdict::Forward(hold),
-                            attempt: None,
-                        }));
-                    }
+                    drop(slot);
+                    return forward(stage, seen.rule.path, Verdict::Forward(hold), attempt);
                 };
+                if let Some(a) = attempt {
+                    (logged.user, logged.sku) = (Some(a.user), Some(a.sku));
+                }
                 return Step::Relay(Box::new(Relay {
                     stage,
                     hold,
                     slot,
                     request,
                     body,
-                    used,
+                    used: seen.head_len + head.body_len,
                     close: head.close,
                     started,
                     seen: logged,
                 }));
             }
-            verdict => {
-                return Step::Forward(Box::new(Preset {
-                    stage,
-                    path: seen.rule.path,
-                    verdict,
-                    attempt,
-                }))
-            }
+            verdict => return forward(stage, seen.rule.path, verdict, attempt),
         };
         let rendered = Admission::render(Some(&stage), &answer);
         let response = wire_answer(&rendered, !head.close);

@@ -36,14 +36,14 @@ use tokio::io::AsyncWriteExt;
 
 use super::access::logged_header;
 use super::lane::FastLane;
-use super::respond::{answered, failure_answer, wire_answer, KeptAnswer};
+use super::respond::{answered, busy, failure_answer, settle, wire_answer, KeptAnswer};
 use crate::access_log::{clip_path, Entry};
 use crate::admission::hold::Hold;
 use crate::admission::{Admission, RuleStage};
 use crate::backend::{self, exchange, ForwardEnd, HOP_BY_HOP};
 use crate::deadline::within;
 use crate::metrics::UpstreamClass;
-use crate::outcome::{Answer, Outcome};
+use crate::outcome::Outcome;
 use crate::upstream::slots::Slot;
 use crate::vocab::TicketId;
 
@@ -322,13 +322,9 @@ impl FastLane {
                         .observe_upstream(pool.name(), UpstreamClass::Error);
                 }
                 let how = hold.classify(end);
-                if let (_, Err(e)) = hold.settle(how).await {
-                    tracing::warn!(ticket = %ticket, error = %e, "could not settle a ticket");
-                }
+                settle(hold, how).await;
                 tracing::debug!(error = %failed.error, "request failed");
-                let answer = failure_answer(&failed.error, 0).unwrap_or(Answer::Unavailable {
-                    message: "the shop is busy, please try again shortly".into(),
-                });
+                let answer = failure_answer(&failed.error, 0).unwrap_or_else(busy);
                 let rendered = Admission::render(Some(&stage), &answer);
                 let written = write(client, &wire_answer(&rendered, !close), write_timeout).await;
                 drop(slot);

@@ -135,10 +135,28 @@ pub fn failure_answer(e: &Error, max_body_bytes: u64) -> Option<Answer> {
                 message: message.into(),
             })
         }
-        _ => Some(Answer::Unavailable {
-            message: "the shop is busy, please try again shortly".into(),
-        }),
+        _ => Some(busy()),
     }
+}
+
+/// The answer when the backend (or the store behind the cache) cannot
+/// take the request now.
+pub fn busy() -> Answer {
+    Answer::Unavailable {
+        message: "the shop is busy, please try again shortly".into(),
+    }
+}
+
+/// Settles `hold` as `how`. A settlement that did not land in the store
+/// is logged: the units stay held (never oversold) until an admin release
+/// or reconcile.
+pub async fn settle(hold: Hold, how: Settlement) -> Receipt {
+    let ticket = hold.ticket();
+    let (receipt, settled) = hold.settle(how).await;
+    if let Err(e) = settled {
+        tracing::warn!(ticket = %ticket, error = %e, "could not settle a ticket");
+    }
+    receipt
 }
 
 /// What a winner's answer (its header, just in) does to its hold: a
@@ -148,14 +166,7 @@ pub fn failure_answer(e: &Error, max_body_bytes: u64) -> Option<Answer> {
 pub async fn answered(hold: Hold, status: u16, header: &ResponseHeader) -> KeptAnswer {
     match hold.classify(ForwardEnd::Answered(status)) {
         Settlement::Commit => KeptAnswer::commit_after(hold, header),
-        how => {
-            let ticket = hold.ticket();
-            let (receipt, settled) = hold.settle(how).await;
-            if let Err(e) = settled {
-                tracing::warn!(ticket = %ticket, error = %e, "could not settle a ticket");
-            }
-            KeptAnswer::keep_after(receipt, header)
-        }
+        how => KeptAnswer::keep_after(settle(hold, how).await, header),
     }
 }
 
