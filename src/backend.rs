@@ -289,13 +289,14 @@ pub fn request_of(q: &QueuedRequest) -> Result<RequestHeader> {
     Ok(req)
 }
 
-/// A winner's request as the relay (`proxy::relay`) sends it, from the
-/// head the fast lane parsed: presented as a queued one is (`queued`,
+/// A request as the relay (`proxy::relay`) sends it, from the head the
+/// fast lane parsed. A winner's is presented as a queued one is (`queued`,
 /// then [`request_of`]): the rule's `path` with the client's query, the
 /// client's headers less the hop-by-hop ones and `X-Sluice-*`, its own
 /// `X-Forwarded-For` and `-Proto`, a `Content-Length` for the whole body,
-/// and the ticket headers. Built without pingora's case map: names go out
-/// in lower case, as a queued request's do.
+/// and the `ticket` headers. A pass-through GET (no `ticket`) is the same
+/// with its own path. Built without pingora's case map: names go out in
+/// lower case, as a queued request's do.
 pub fn relayed(
     method: http::Method,
     path: &str,
@@ -303,7 +304,7 @@ pub fn relayed(
     headers: http::HeaderMap,
     body_len: usize,
     from: ClientHop<'_>,
-    ticket: TicketHeaders<'_>,
+    ticket: Option<TicketHeaders<'_>>,
 ) -> Result<RequestHeader> {
     use http::header::{HeaderName, HeaderValue};
     static XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -354,10 +355,12 @@ pub fn relayed(
     if let Some(n) = sent_length(&parts.method, body_len) {
         out.insert(http::header::CONTENT_LENGTH, HeaderValue::from(n));
     }
-    let [ticket, qty, rule] = ticket_values(ticket)?;
-    out.insert(TICKET.clone(), ticket);
-    out.insert(QUANTITY.clone(), qty);
-    out.insert(RULE.clone(), rule);
+    if let Some(t) = ticket {
+        let [ticket, qty, rule] = ticket_values(t)?;
+        out.insert(TICKET.clone(), ticket);
+        out.insert(QUANTITY.clone(), qty);
+        out.insert(RULE.clone(), rule);
+    }
     parts.headers = out;
     Ok(RequestHeader::from(parts))
 }

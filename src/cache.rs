@@ -284,6 +284,13 @@ impl ReadCache {
         })
     }
 
+    /// Whether a cache rule matches a GET of `path` (the fast lane leaves
+    /// those to the proxy's read path).
+    pub fn covers(&self, path: &str) -> bool {
+        let table = self.inner.table.load();
+        table.rules.find(&http::Method::GET, path).is_some()
+    }
+
     /// Puts a reloaded config's cache rules in force; entries already
     /// kept stay until they expire (or are purged).
     pub fn apply(&self, config: &Config) {

@@ -3,8 +3,8 @@
 //! (`backend`), the responder (`respond`) or the metrics. Before any of
 //! it, the connection gate hands a rule request whose whole body came with
 //! its head to the fast lane (`lane`): refusals are answered there, and a
-//! winner with a slot free at once is relayed (`relay`); only the rest
-//! reach these phases.
+//! winner with a slot free at once is relayed (`relay`), as is a plain
+//! pass-through GET; only the rest reach these phases.
 //!
 //! ```text
 //!  client ──► request_filter ── intake: size limits, Host, ticket and stock polls ─► gateway answer

@@ -325,7 +325,7 @@ impl Gateway {
             metrics.clone(),
             admission.clone(),
             access_log,
-            upstreams.clone(),
+            (upstreams.clone(), routes.clone(), cache.clone()),
         ));
         let open_connections = gate.open_count();
         let mut proxy = Service::new("sluice proxy".to_string(), gate);

@@ -1,12 +1,13 @@
-//! The relay (a winner with a free slot, sent to the backend and answered
-//! from the connection gate without a pingora session), tried from outside
-//! with raw sockets against the real binary and real loopback backends:
-//! the backend receives what the gateway decided on (the rule's path, the
-//! admitted body with its own length, the gateway's ticket and forwarding
-//! headers, no hop-by-hop or client `X-Sluice-*` fields); the client gets
-//! the same answer as pingora's path writes for the same order; chunked and
-//! close-delimited answers reach the client whole; and a backend that
-//! cannot be reached, or fails the order, gets the units back.
+//! The relay (a winner with a free slot, or a plain pass-through GET, sent
+//! to the backend and answered from the connection gate without a pingora
+//! session), tried from outside with raw sockets against the real binary
+//! and real loopback backends: the backend receives what the gateway
+//! decided on (the rule's path, the admitted body with its own length, the
+//! gateway's ticket and forwarding headers, no hop-by-hop or client
+//! `X-Sluice-*` fields); the client gets the same answer as pingora's path
+//! writes for the same order or page; chunked, close-delimited and large
+//! answers reach the client whole; and a backend that cannot be reached,
+//! or fails the order, gets the units back.
 
 use sluice_testkit as support;
 
@@ -284,4 +285,121 @@ async fn a_backend_that_cannot_take_the_order_gets_the_units_back() {
         "{view}"
     );
     assert_eq!(mall.requests(), 1);
+}
+
+/// A plain pass-through GET, `extra` header lines added.
+fn page(path: &str, extra: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: shop.test\r\nUser-Agent: t\r\n{extra}\r\n").into_bytes()
+}
+
+/// A pass-through GET is relayed as pingora's path forwards it: the client
+/// gets the same fields and body (a large one included) as from pingora's
+/// path (the head spelled with two `Connection` lines, which the lane
+/// leaves to pingora); the backend gets the path and query as sent and the
+/// gateway's forwarding headers, and no hop-by-hop or `X-Sluice-*` field;
+/// requests pipelined in one write are answered in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_through_get_is_relayed_as_the_proxy_would_forward_it() {
+    let mall = Upstream::start();
+    mall.set_response_headers(&[("Cache-Control", "max-age=5")]);
+    let gw = start(mall.addr());
+    let extra = "X-Sluice-Ticket: forged\r\nX-Forwarded-For: 6.6.6.6\r\nKeep-Alive: timeout=5\r\n";
+
+    let mut relayed = RawConn::connect(gw.listen()).await;
+    relayed
+        .send(&page(
+            "/products/1?p=%2Fx&q",
+            &format!("{extra}Connection: keep-alive\r\n"),
+        ))
+        .await;
+    let by_relay = relayed.read_final().await.expect("the relay's answer");
+    let seen = mall.last().expect("the backend got the page request");
+
+    let mut other = RawConn::connect(gw.listen()).await;
+    let twice = "Connection: keep-alive\r\nConnection: keep-alive\r\n";
+    other
+        .send(&page("/products/1?p=%2Fx&q", &format!("{extra}{twice}")))
+        .await;
+    let by_pingora = other.read_final().await.expect("pingora's answer");
+
+    expect(&by_relay, 200, "passthrough");
+    assert_eq!(by_relay.header("cache-control"), Some("max-age=5"));
+    assert_eq!(by_relay.header("connection"), Some("keep-alive"));
+    assert_eq!(
+        Response::fields_but_date(&by_relay),
+        Response::fields_but_date(&by_pingora)
+    );
+    let echo = |r: &Response| {
+        let mut v = r.json();
+        v["n"] = serde_json::Value::Null;
+        v
+    };
+    assert_eq!(echo(&by_relay), echo(&by_pingora));
+
+    assert_eq!(
+        (seen.method.as_str(), seen.uri.as_str()),
+        ("GET", "/products/1?p=%2Fx&q")
+    );
+    assert!(seen.body.is_empty());
+    assert_eq!(seen.header("host"), Some("shop.test"));
+    assert_eq!(seen.header("user-agent"), Some("t"));
+    assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
+    for gone in [
+        "keep-alive",
+        "connection",
+        "content-length",
+        "x-sluice-ticket",
+    ] {
+        assert_eq!(seen.header(gone), None, "{gone} reached the backend");
+    }
+
+    // A large answer reaches the client whole, on the same connection.
+    mall.set_padding(200_000);
+    relayed.send(&page("/products/2", "")).await;
+    let large = relayed.read_final().await.expect("the large answer");
+    expect(&large, 200, "passthrough");
+    assert_eq!(large.json()["pad"].as_str().map(str::len), Some(200_000));
+    assert_eq!(
+        large.header("content-length"),
+        Some(large.body.len().to_string().as_str())
+    );
+    mall.set_padding(0);
+
+    // Two pages pipelined in one write: both answered, in order.
+    let mut both = page("/products/3", "");
+    both.extend_from_slice(&page("/products/4", ""));
+    relayed.send(&both).await;
+    for want in ["/products/3", "/products/4"] {
+        let r = relayed.read_final().await.expect("a pipelined answer");
+        expect(&r, 200, "passthrough");
+        assert_eq!(r.json()["uri"], want);
+    }
+}
+
+/// A pass-through GET whose backend is not listening gets the same
+/// `unavailable` answer from the relay as from pingora's path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_through_get_to_a_dead_backend_is_answered_as_the_proxy_would() {
+    let gone = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = gone.local_addr().expect("addr");
+    drop(gone);
+    let gw = start(addr);
+    let mut c = RawConn::connect(gw.listen()).await;
+    c.send(&page("/products/1", "")).await;
+    let by_relay = c.read_final().await.expect("the relay's answer");
+    let mut other = RawConn::connect(gw.listen()).await;
+    other
+        .send(&page(
+            "/products/1",
+            "Connection: keep-alive\r\nConnection: keep-alive\r\n",
+        ))
+        .await;
+    let by_pingora = other.read_final().await.expect("pingora's answer");
+    expect(&by_relay, 503, "unavailable");
+    assert_eq!(
+        Response::fields_but_date(&by_relay),
+        Response::fields_but_date(&by_pingora)
+    );
+    assert_eq!(by_relay.body, by_pingora.body);
 }

@@ -5,19 +5,24 @@
 //! would, counts it and logs it; a winner with a slot free at once is
 //! relayed (`relay`); one that must wait (or a capped pass) goes on to
 //! pingora with its verdict handed over through a task-local, so admission
-//! runs once per request and the hold keeps one owner.
+//! runs once per request and the hold keeps one owner. A bodiless GET
+//! that no rule and no read-cache rule matches (a product page, an image)
+//! is relayed to the upstream its route picks, as pingora's path would
+//! forward it.
 //!
 //! Why: nearly all of a sale's crowd is refused, and pingora's session
 //! (head parse into its own types, the proxy phases, the response writer)
 //! cost more than all of the gateway's own work on such a request
-//! (BENCHMARKS.md). The lane takes only what it reads exactly as pingora
-//! would: HTTP/1.1 in origin form, not HEAD or CONNECT, one `Host`
-//! without userinfo, at most one all-digit `Content-Length` with the whole
-//! body already read, no `Transfer-Encoding`, `Expect` or `Upgrade`, at
-//! most one `Connection` line, `keep-alive` or `close`, within the size
-//! limits, to a rule's route.
-//! Everything else (polls, pass-through, refused spellings, a body still on
-//! its way, a shutdown) goes to pingora untouched, bytes and all.
+//! (BENCHMARKS.md); on a pass-through GET it was most of the cost. The
+//! lane takes only what it reads exactly as pingora would: HTTP/1.1 in
+//! origin form, not HEAD or CONNECT, one `Host` without userinfo, at most
+//! one all-digit `Content-Length` with the whole body already read (none
+//! on a pass-through GET), no `Transfer-Encoding`, `Expect` or `Upgrade`,
+//! at most one `Connection` line, `keep-alive` or `close`, within the size
+//! limits, to a rule's route or a pass-through route.
+//! Everything else (polls, read-cache routes, other methods, refused
+//! spellings, a body still on its way, a shutdown) goes to pingora
+//! untouched, bytes and all.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -34,17 +39,20 @@ use http::{HeaderMap, HeaderValue, Method, Uri};
 
 use super::access::logged_header;
 use super::intake::{STOCK_PATH, TICKETS_PATH};
-use super::relay::{Relay, Seen as Logged};
+use super::relay::{Order, Relay, Seen as Logged};
 use super::respond::wire_answer;
 use crate::access_log::{clip_path, AccessLog, Entry};
 use crate::admission::extract::{Attempt, RequestParts};
 use crate::admission::RuleTable;
 use crate::admission::{Admission, Candidate, RuleStage, Verdict};
 use crate::backend::{self, forwarded, ClientHop};
+use crate::cache::ReadCache;
 use crate::config::{Config, Limits};
 use crate::metrics::Metrics;
+use crate::routes::Routes;
 use crate::rules::{Route, RuleMatch};
 use crate::upstream::Upstreams;
+use crate::vocab::UpstreamId;
 
 /// Header fields the lane parses; a head with more goes to pingora.
 const MAX_FIELDS: usize = 64;
@@ -236,6 +244,18 @@ fn fields(line: &Line<'_>, buf: &[u8], limits: &Limits) -> Option<Fields> {
     })
 }
 
+/// Where a request the lane takes is going.
+enum Target<'r> {
+    /// A flash-sale rule's route, to judge.
+    Rule {
+        rule: RuleMatch<'r>,
+        stage: Arc<RuleStage>,
+    },
+    /// A bodiless GET that no rule and no cache rule matches, to relay
+    /// as it came to the upstream its route picks.
+    Through(UpstreamId),
+}
+
 /// What the lane read of a request it takes, owned: the parse's header
 /// slots (2 KiB) are not kept across the store's round trip, in the
 /// future the gate boxes per request.
@@ -244,8 +264,7 @@ struct Seen<'r> {
     uri: Uri,
     head_len: usize,
     head: Fields,
-    rule: RuleMatch<'r>,
-    stage: Arc<RuleStage>,
+    target: Target<'r>,
     client_ip: IpAddr,
 }
 
@@ -256,19 +275,23 @@ pub struct FastLane {
     admission: Arc<Admission>,
     pub(super) access_log: Option<AccessLog>,
     pub(super) upstreams: Arc<Upstreams>,
+    /// Pass-through routes, and the read cache whose routes stay
+    /// pingora's.
+    routes: Arc<Routes>,
+    cache: Arc<ReadCache>,
     /// The relay's client connections to the backends, pooled.
     pub(super) connector: Connector,
 }
 
 impl FastLane {
-    /// A lane over the proxy's config, metrics, pipeline, access log and
-    /// upstream pools.
+    /// A lane over the proxy's config, metrics, pipeline, access log,
+    /// upstream pools, pass-through routes and read cache.
     pub fn new(
         config: Arc<ArcSwap<Config>>,
         metrics: Arc<Metrics>,
         admission: Arc<Admission>,
         access_log: Option<AccessLog>,
-        upstreams: Arc<Upstreams>,
+        (upstreams, routes, cache): (Arc<Upstreams>, Arc<Routes>, Arc<ReadCache>),
     ) -> Self {
         Self {
             config,
@@ -276,17 +299,19 @@ impl FastLane {
             admission,
             access_log,
             upstreams,
+            routes,
+            cache,
             connector: Connector::new(None),
         }
     }
 
     /// The request at the front of `buf`, if the lane takes it: HTTP/1.1
-    /// to a rule's route (matched in `rules`), fields as pingora reads
-    /// them, whole body in `buf` (the module doc).
+    /// to a rule's route (matched in `rules`) or a plain pass-through GET,
+    /// fields as pingora reads them, whole body in `buf` (the module doc).
     fn read<'r>(&self, buf: &[u8], rules: &'r RuleTable, peer: Option<IpAddr>) -> Option<Seen<'r>> {
-        // A method no rule has is pingora's (pass-through, mostly): not
-        // worth parsing the head for. Anything unclear is parsed in full.
-        if first_token(buf).is_some_and(|m| !rules.has_method(m)) {
+        // A method no rule has, other than GET, is pingora's: not worth
+        // parsing the head for. Anything unclear is parsed in full.
+        if first_token(buf).is_some_and(|m| m != b"GET" && !rules.has_method(m)) {
             return None;
         }
         let mut slots = [httparse::EMPTY_HEADER; MAX_FIELDS];
@@ -301,20 +326,33 @@ impl FastLane {
         {
             return None;
         }
-        let Route::Rule(rule) = rules.find(&line.method, path) else {
-            return None;
+        let rule = match rules.find(&line.method, path) {
+            Route::Rule(rule) => Some(rule),
+            // A read-cache route is the cache's to serve (pingora's path).
+            Route::Unmatched if line.method == Method::GET && !self.cache.covers(path) => None,
+            _ => return None,
         };
-        let stage = rules.stage(rule.index)?.clone();
         let config = self.config.load();
         let head = fields(&line, buf, &config.limits)?;
+        let target = match rule {
+            Some(rule) => Target::Rule {
+                stage: rules.stage(rule.index)?.clone(),
+                rule,
+            },
+            // A GET with a body is rare and pingora's to carry.
+            None if head.body_len > 0 => return None,
+            None => {
+                let host = head.headers.get(header::HOST).and_then(|v| v.to_str().ok());
+                Target::Through(self.routes.table().upstream_for(host, path))
+            }
+        };
         let client_ip = forwarded::client_ip_of(peer, &head.headers, &config.trusted_proxies);
         Some(Seen {
             method: line.method,
             uri: line.uri,
             head_len: line.head_len,
             head,
-            rule,
-            stage,
+            target,
             client_ip,
         })
     }
@@ -328,10 +366,13 @@ impl FastLane {
         let Some(seen) = self.read(buf, &rules, peer) else {
             return Step::Pass;
         };
-        let (stage, head, client_ip) = (seen.stage, seen.head, seen.client_ip);
+        let (rule, stage) = match seen.target {
+            Target::Rule { rule, stage } => (rule, stage),
+            Target::Through(upstream) => return self.through(seen, upstream, peer, started),
+        };
+        let (head, client_ip) = (seen.head, seen.client_ip);
         let path = seen.uri.path();
-        let captures: Vec<(&str, &str)> = seen
-            .rule
+        let captures: Vec<(&str, &str)> = rule
             .captures
             .iter()
             .map(|(k, v)| (*k, v.as_str()))
@@ -350,9 +391,10 @@ impl FastLane {
         let answer = match verdict {
             Verdict::Answer(answer) => answer,
             Verdict::Forward(hold) => {
-                let pool = self.upstreams.pool(stage.rule.upstream);
+                let stage_upstream = stage.rule.upstream;
+                let pool = self.upstreams.pool(stage_upstream);
                 let Some(slot) = pool.slots.acquire_within(Duration::ZERO).await else {
-                    return forward(stage, seen.rule.path, Verdict::Forward(hold), attempt);
+                    return forward(stage, rule.path, Verdict::Forward(hold), attempt);
                 };
                 let from = ClientHop {
                     peer,
@@ -369,26 +411,25 @@ impl FastLane {
                 let body = Bytes::copy_from_slice(body.unwrap_or_default());
                 let request = backend::relayed(
                     seen.method,
-                    &seen.rule.path,
+                    &rule.path,
                     seen.uri.query(),
                     head.headers,
                     body.len(),
                     from,
-                    hold.ticket_headers(),
+                    Some(hold.ticket_headers()),
                 );
                 let Ok(request) = request else {
                     // Not presentable here (a rule name that is no header
                     // value): pingora's path, with the same verdict.
                     drop(slot);
-                    return forward(stage, seen.rule.path, Verdict::Forward(hold), attempt);
+                    return forward(stage, rule.path, Verdict::Forward(hold), attempt);
                 };
                 if let Some(a) = attempt {
                     (logged.user, logged.sku) = (Some(a.user), Some(a.sku));
                 }
                 return Step::Relay(Box::new(Relay {
-                    stage,
-                    hold,
-                    slot,
+                    order: Some(Order { stage, hold, slot }),
+                    upstream: stage_upstream,
                     request,
                     body,
                     used: seen.head_len + head.body_len,
@@ -397,7 +438,7 @@ impl FastLane {
                     seen: logged,
                 }));
             }
-            verdict => return forward(stage, seen.rule.path, verdict, attempt),
+            verdict => return forward(stage, rule.path, verdict, attempt),
         };
         let rendered = Admission::render(Some(&stage), &answer);
         let response = wire_answer(&rendered, !head.close);
@@ -438,6 +479,55 @@ impl FastLane {
             used: seen.head_len + head.body_len,
             close: head.close,
         }
+    }
+
+    /// A pass-through GET relayed as it came (less the hop-by-hop fields
+    /// and `X-Sluice-*`, with `X-Forwarded-For` and `-Proto`), as pingora's
+    /// path would forward it; one the relay cannot present is pingora's.
+    fn through(
+        &self,
+        seen: Seen<'_>,
+        upstream: UpstreamId,
+        peer: Option<IpAddr>,
+        started: Instant,
+    ) -> Step {
+        let config = self.config.load();
+        let from = ClientHop {
+            peer,
+            trusted: &config.trusted_proxies,
+            tls: false,
+        };
+        let path = seen.uri.path();
+        let logged = Logged::of(
+            seen.client_ip,
+            &seen.method,
+            path,
+            &seen.head.headers,
+            self.access_log.is_some(),
+        );
+        let close = seen.head.close;
+        let request = backend::relayed(
+            seen.method,
+            path,
+            seen.uri.query(),
+            seen.head.headers,
+            0,
+            from,
+            None,
+        );
+        let Ok(request) = request else {
+            return Step::Pass;
+        };
+        Step::Relay(Box::new(Relay {
+            order: None,
+            upstream,
+            request,
+            body: Bytes::new(),
+            used: seen.head_len,
+            close,
+            started,
+            seen: logged,
+        }))
     }
 }
 

@@ -1,24 +1,25 @@
 //! The relay: a winner the fast lane judged, with a slot free at its
-//! upstream at once, is sent to the backend and answered from the
-//! connection's own task, without a pingora session.
+//! upstream at once, or a plain pass-through GET, is sent to the backend
+//! and answered from the connection's own task, without a pingora session.
 //!
 //! Why: for a winner, pingora's session (its head parse, the proxy phases,
 //! the two-way proxy loop with its channels, the response writer) cost
 //! about 90k of 153k instructions (callgrind, BENCHMARKS.md), more than
-//! all of Sluice's own work on it, Redis included.
+//! all of Sluice's own work on it, Redis included; a pass-through GET
+//! paid the same session for a plain forward.
 //!
 //! - The request: what a queued order's drainer would send
 //!   (`backend::relayed`), through the same client code
 //!   (`backend::exchange`): the admitted body whole, with its own
 //!   `Content-Length`; a connect failure tries the next server.
 //! - The answer: the backend's status and headers less the hop-by-hop ones,
-//!   with the gateway's `Date`, `Connection` and `X-Sluice-Outcome:
-//!   forwarded`; the body framed by the backend's `Content-Length`, else
-//!   chunked. No answer (no server, a timeout, a reset): the JSON
-//!   `unavailable` of the proxied path.
-//! - The hold: settled as on the proxied path (`respond::answered`): a
-//!   releasing answer before the client reads it, a committing one after,
-//!   with the body kept for duplicates and polls.
+//!   with the gateway's `Date`, `Connection` and `X-Sluice-Outcome`
+//!   (`forwarded`, or `passthrough`); the body framed by the backend's
+//!   `Content-Length`, else chunked. No answer (no server, a timeout, a
+//!   reset): the JSON `unavailable` of the proxied path.
+//! - A winner's hold: settled as on the proxied path
+//!   (`respond::answered`): a releasing answer before the client reads it,
+//!   a committing one after, with the body kept for duplicates and polls.
 //!
 //! A winner that has to wait for a slot (or be queued) goes to pingora's
 //! session as before: waiting, queueing and the client-gone watch stay in
@@ -45,16 +46,17 @@ use crate::deadline::within;
 use crate::metrics::UpstreamClass;
 use crate::outcome::Outcome;
 use crate::upstream::slots::Slot;
-use crate::vocab::TicketId;
+use crate::vocab::{TicketId, UpstreamId};
 
 /// Buffered answer bytes written before the next read of the backend.
 const FLUSH_AT: usize = 16 << 10;
 
-/// A winner to relay, judged by the lane.
+/// A request to relay, judged by the lane.
 pub struct Relay {
-    pub(super) stage: Arc<RuleStage>,
-    pub(super) hold: Hold,
-    pub(super) slot: Slot,
+    /// A winner's rule, hold and slot; `None` for a pass-through GET.
+    pub(super) order: Option<Order>,
+    /// The upstream it goes to.
+    pub(super) upstream: UpstreamId,
     pub(super) request: RequestHeader,
     pub(super) body: Bytes,
     /// The request's head and body length in the gate's buffer.
@@ -63,6 +65,13 @@ pub struct Relay {
     pub(super) close: bool,
     pub(super) started: Instant,
     pub(super) seen: Seen,
+}
+
+/// A winner's part of a relay: what its answer settles.
+pub(super) struct Order {
+    pub(super) stage: Arc<RuleStage>,
+    pub(super) hold: Hold,
+    pub(super) slot: Slot,
 }
 
 /// What the decision line and the access log say of the request.
@@ -172,7 +181,7 @@ impl Framing {
 /// the gateway's values in place for `Date`, `Connection`,
 /// `X-Sluice-Outcome` and the framing field, appended when the backend had
 /// none; its other hop-by-hop fields are its connection's and dropped.
-fn head(header: &ResponseHeader, framing: Framing, keep_alive: bool) -> Vec<u8> {
+fn head(header: &ResponseHeader, framing: Framing, keep_alive: bool, outcome: Outcome) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(header.status.as_str().as_bytes());
@@ -185,7 +194,7 @@ fn head(header: &ResponseHeader, framing: Framing, keep_alive: bool) -> Vec<u8> 
     out.extend_from_slice(b"\r\n");
     let date = pingora_core::protocols::http::date::get_cached_date();
     let connection: &[u8] = if keep_alive { b"keep-alive" } else { b"close" };
-    let outcome = Outcome::Forwarded.as_str().as_bytes();
+    let outcome = outcome.as_str().as_bytes();
     let length = match framing {
         Framing::Length(n) => Some(n.to_string()),
         _ => None,
@@ -288,9 +297,8 @@ impl FastLane {
         write_timeout: Duration,
     ) -> bool {
         let Relay {
-            stage,
-            mut hold,
-            slot,
+            order,
+            upstream,
             request,
             body,
             close,
@@ -298,9 +306,15 @@ impl FastLane {
             mut seen,
             ..
         } = *relay;
-        let pool = self.upstreams.pool(stage.rule.upstream);
-        let ticket = hold.ticket();
-        hold.mark_sent();
+        let (stage, mut hold, slot) = match order {
+            Some(o) => (Some(o.stage), Some(o.hold), Some(o.slot)),
+            None => (None, None, None),
+        };
+        let pool = self.upstreams.pool(upstream);
+        let ticket = hold.as_mut().map(|h| {
+            h.mark_sent();
+            h.ticket()
+        });
         let upstream_started = Instant::now();
         let opened = exchange::open(&self.connector, pool, request, &body, None).await;
         // Counted as pingora's path counts them: one error per server that
@@ -313,6 +327,7 @@ impl FastLane {
             self.metrics
                 .observe_upstream(pool.name(), UpstreamClass::Error);
         }
+        let stage = stage.as_deref();
         let mut opened = match opened {
             Ok(o) => o,
             Err(failed) => {
@@ -321,11 +336,13 @@ impl FastLane {
                     self.metrics
                         .observe_upstream(pool.name(), UpstreamClass::Error);
                 }
-                let how = hold.classify(end);
-                settle(hold, how).await;
+                if let Some(hold) = hold {
+                    let how = hold.classify(end);
+                    settle(hold, how).await;
+                }
                 tracing::debug!(error = %failed.error, "request failed");
                 let answer = failure_answer(&failed.error, 0).unwrap_or_else(busy);
-                let rendered = Admission::render(Some(&stage), &answer);
+                let rendered = Admission::render(stage, &answer);
                 let written = write(client, &wire_answer(&rendered, !close), write_timeout).await;
                 drop(slot);
                 let ended = Ended {
@@ -338,7 +355,7 @@ impl FastLane {
                     },
                     upstream_time: Some(upstream_started.elapsed()),
                 };
-                self.relayed(&stage, &mut seen, ticket, pool.name(), ended, started);
+                self.relayed(stage, &mut seen, ticket, pool.name(), ended, started);
                 return written;
             }
         };
@@ -350,15 +367,25 @@ impl FastLane {
         self.metrics
             .observe_upstream(pool.name(), UpstreamClass::of_status(status));
         let framing = Framing::of(header);
-        let mut out = head(header, framing, !close);
-        let mut kept: KeptAnswer = answered(hold, status, header).await;
+        let outcome = if hold.is_some() {
+            Outcome::Forwarded
+        } else {
+            Outcome::Passthrough
+        };
+        let mut out = head(header, framing, !close, outcome);
+        let mut kept: Option<KeptAnswer> = match hold {
+            Some(hold) => Some(answered(hold, status, header).await),
+            None => None,
+        };
         // Body bytes in `out`, and those the client has.
         let (mut pending, mut delivered) = (0u64, 0u64);
         let (mut whole, mut written) = (false, true);
         loop {
             match opened.session.read_response_body().await {
                 Ok(Some(chunk)) => {
-                    kept.push(&chunk);
+                    if let Some(kept) = kept.as_mut() {
+                        kept.push(&chunk);
+                    }
                     pending += chunk.len() as u64;
                     framing.put(&mut out, &chunk);
                     // Written now when more is to come (it may take a
@@ -387,7 +414,9 @@ impl FastLane {
         let upstream_time = Some(upstream_started.elapsed());
         if whole {
             framing.end(&mut out);
-            kept.end();
+            if let Some(kept) = kept.as_mut() {
+                kept.end();
+            }
         }
         if written && !out.is_empty() {
             written = write(client, &out, write_timeout).await;
@@ -399,48 +428,47 @@ impl FastLane {
             opened.release(&self.connector).await;
         }
         // Committed once the client has it, as on the proxied path.
-        kept.finish().await;
+        if let Some(kept) = kept {
+            kept.finish().await;
+        }
         drop(slot);
         let ended = Ended {
             // A backend that broke off mid-answer: the client got a cut
             // answer and a closed connection, which pingora's path counts
             // as `unavailable`.
-            outcome: if whole {
-                Outcome::Forwarded
-            } else {
-                Outcome::Unavailable
-            },
+            outcome: if whole { outcome } else { Outcome::Unavailable },
             status,
             bytes: delivered,
             upstream_time,
         };
-        self.relayed(&stage, &mut seen, ticket, pool.name(), ended, started);
+        self.relayed(stage, &mut seen, ticket, pool.name(), ended, started);
         // The gate closes the connection when the client asked.
         written && whole
     }
 
     /// The decision line, the request metrics and the access-log line of a
-    /// relayed request.
+    /// relayed request (`stage` is a winner's rule).
     fn relayed(
         &self,
-        stage: &RuleStage,
+        stage: Option<&RuleStage>,
         seen: &mut Seen,
-        ticket: TicketId,
+        ticket: Option<TicketId>,
         upstream: &str,
         ended: Ended,
         started: Instant,
     ) {
         let elapsed = started.elapsed();
+        let rule = stage.map(|s| &s.rule.name);
         tracing::debug!(
-            rule = &*stage.rule.name,
+            rule = rule.map_or(crate::metrics::NO_RULE, |r| &**r),
             outcome = ended.outcome.as_str(),
             status = ended.status,
-            ticket = %ticket,
+            ticket = ?ticket.map(|t| t.to_string()),
             elapsed_ms = elapsed.as_millis() as u64,
             "decision"
         );
         self.metrics
-            .observe_request(Some(&stage.rule.name), ended.outcome, elapsed);
+            .observe_request(rule.map(|r| &**r), ended.outcome, elapsed);
         if let Some(log) = &self.access_log {
             log.send(Entry {
                 time: SystemTime::now(),
@@ -453,10 +481,10 @@ impl FastLane {
                 referer: seen.referer.take(),
                 user_agent: seen.user_agent.take(),
                 outcome: ended.outcome,
-                rule: Some(stage.rule.name.clone()),
+                rule: rule.cloned(),
                 sku: seen.sku.take(),
                 user: seen.user.take(),
-                ticket: Some(ticket),
+                ticket,
                 upstream: Some(upstream.to_string()),
                 upstream_time: ended.upstream_time,
                 total_time: elapsed,
@@ -522,7 +550,8 @@ mod tests {
                 ("x-sluice-outcome", "spoofed"),
             ],
         );
-        let text = String::from_utf8(head(&h, Framing::of(&h), false)).expect("utf8");
+        let text =
+            String::from_utf8(head(&h, Framing::of(&h), false, Outcome::Forwarded)).expect("utf8");
         assert!(text.starts_with("HTTP/1.1 201 Created\r\n"), "{text}");
         assert!(text.contains("\r\nX-Order-Id: 42\r\n"), "{text}");
         assert!(

@@ -13,9 +13,10 @@
 //!           read the request head (no parsing: find its end) ── late ──► 408, close
 //!              │ complete                                          idle, closed ──► close
 //!              ▼
-//!           the fast lane (main listener): a rule request whose whole body is here
+//!           the fast lane (main listener): a rule request whose whole body is here,
+//!              │                            or a plain pass-through GET
 //!              │ ── the gateway's own answer ──► written here; the next head may already follow
-//!              │ ── a winner, a slot free ──► relayed: sent to the backend, answered here
+//!              │ ── a winner, a slot free; a pass-through GET ──► relayed: sent to the backend, answered here
 //!              │ ── a winner that waits ──► its verdict goes along to pingora's session (task-local)
 //!              │ the bytes are put back into the stream
 //!              ▼
