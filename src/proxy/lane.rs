@@ -52,7 +52,6 @@ use crate::metrics::Metrics;
 use crate::routes::Routes;
 use crate::rules::{Route, RuleMatch};
 use crate::upstream::Upstreams;
-use crate::vocab::UpstreamId;
 
 /// Header fields the lane parses; a head with more goes to pingora.
 const MAX_FIELDS: usize = 64;
@@ -244,18 +243,6 @@ fn fields(line: &Line<'_>, buf: &[u8], limits: &Limits) -> Option<Fields> {
     })
 }
 
-/// Where a request the lane takes is going.
-enum Target<'r> {
-    /// A flash-sale rule's route, to judge.
-    Rule {
-        rule: RuleMatch<'r>,
-        stage: Arc<RuleStage>,
-    },
-    /// A bodiless GET that no rule and no cache rule matches, to relay
-    /// as it came to the upstream its route picks.
-    Through(UpstreamId),
-}
-
 /// What the lane read of a request it takes, owned: the parse's header
 /// slots (2 KiB) are not kept across the store's round trip, in the
 /// future the gate boxes per request.
@@ -264,7 +251,8 @@ struct Seen<'r> {
     uri: Uri,
     head_len: usize,
     head: Fields,
-    target: Target<'r>,
+    rule: RuleMatch<'r>,
+    stage: Arc<RuleStage>,
     client_ip: IpAddr,
 }
 
@@ -306,12 +294,12 @@ impl FastLane {
     }
 
     /// The request at the front of `buf`, if the lane takes it: HTTP/1.1
-    /// to a rule's route (matched in `rules`) or a plain pass-through GET,
-    /// fields as pingora reads them, whole body in `buf` (the module doc).
+    /// to a rule's route (matched in `rules`), fields as pingora reads
+    /// them, whole body in `buf` (the module doc).
     fn read<'r>(&self, buf: &[u8], rules: &'r RuleTable, peer: Option<IpAddr>) -> Option<Seen<'r>> {
-        // A method no rule has, other than GET, is pingora's: not worth
+        // A method no rule has is pingora's (or `through`'s): not worth
         // parsing the head for. Anything unclear is parsed in full.
-        if first_token(buf).is_some_and(|m| m != b"GET" && !rules.has_method(m)) {
+        if first_token(buf).is_some_and(|m| !rules.has_method(m)) {
             return None;
         }
         let mut slots = [httparse::EMPTY_HEADER; MAX_FIELDS];
@@ -326,35 +314,89 @@ impl FastLane {
         {
             return None;
         }
-        let rule = match rules.find(&line.method, path) {
-            Route::Rule(rule) => Some(rule),
-            // A read-cache route is the cache's to serve (pingora's path).
-            Route::Unmatched if line.method == Method::GET && !self.cache.covers(path) => None,
-            _ => return None,
+        let Route::Rule(rule) = rules.find(&line.method, path) else {
+            return None;
         };
+        let stage = rules.stage(rule.index)?.clone();
         let config = self.config.load();
         let head = fields(&line, buf, &config.limits)?;
-        let target = match rule {
-            Some(rule) => Target::Rule {
-                stage: rules.stage(rule.index)?.clone(),
-                rule,
-            },
-            // A GET with a body is rare and pingora's to carry.
-            None if head.body_len > 0 => return None,
-            None => {
-                let host = head.headers.get(header::HOST).and_then(|v| v.to_str().ok());
-                Target::Through(self.routes.table().upstream_for(host, path))
-            }
-        };
         let client_ip = forwarded::client_ip_of(peer, &head.headers, &config.trusted_proxies);
         Some(Seen {
             method: line.method,
             uri: line.uri,
             head_len: line.head_len,
             head,
-            target,
+            rule,
+            stage,
             client_ip,
         })
+    }
+
+    /// The request at the front of `buf` as a relay, if it is a plain
+    /// pass-through GET: HTTP/1.1 without a body, fields as pingora reads
+    /// them (the module doc), to a route no rule and no read-cache rule
+    /// matches; sent as it came (less the hop-by-hop fields and
+    /// `X-Sluice-*`, with `X-Forwarded-For` and `-Proto`) to the upstream
+    /// its route picks, as pingora's path would forward it. Decided
+    /// without waiting for anything, so the gate needs no judgement future
+    /// for it. A GET with a body, or one the relay cannot present, is
+    /// pingora's.
+    pub fn through(&self, buf: &[u8], peer: Option<IpAddr>) -> Option<Box<Relay>> {
+        if first_token(buf)? != b"GET" {
+            return None;
+        }
+        let started = Instant::now();
+        let mut slots = [httparse::EMPTY_HEADER; MAX_FIELDS];
+        let line = request_line(buf, &mut slots)?;
+        let path = line.uri.path();
+        if path.starts_with(TICKETS_PATH)
+            || path.starts_with(STOCK_PATH)
+            || !matches!(self.admission.rules().find(&line.method, path), Route::Unmatched)
+            // A read-cache route is the cache's to serve (pingora's path).
+            || self.cache.covers(path)
+        {
+            return None;
+        }
+        let config = self.config.load();
+        let head = fields(&line, buf, &config.limits)?;
+        if head.body_len > 0 {
+            return None;
+        }
+        let host = head.headers.get(header::HOST).and_then(|v| v.to_str().ok());
+        let upstream = self.routes.table().upstream_for(host, path);
+        let client_ip = forwarded::client_ip_of(peer, &head.headers, &config.trusted_proxies);
+        let seen = Logged::of(
+            client_ip,
+            &line.method,
+            path,
+            &head.headers,
+            self.access_log.is_some(),
+        );
+        let from = ClientHop {
+            peer,
+            trusted: &config.trusted_proxies,
+            tls: false,
+        };
+        let request = backend::relayed(
+            line.method,
+            path,
+            line.uri.query(),
+            head.headers,
+            0,
+            from,
+            None,
+        )
+        .ok()?;
+        Some(Box::new(Relay {
+            order: None,
+            upstream,
+            request,
+            body: Bytes::new(),
+            used: line.head_len,
+            close: head.close,
+            started,
+            seen,
+        }))
     }
 
     /// Judges the request at the front of `buf` (a complete head, as the
@@ -366,10 +408,7 @@ impl FastLane {
         let Some(seen) = self.read(buf, &rules, peer) else {
             return Step::Pass;
         };
-        let (rule, stage) = match seen.target {
-            Target::Rule { rule, stage } => (rule, stage),
-            Target::Through(upstream) => return self.through(seen, upstream, peer, started),
-        };
+        let (rule, stage) = (seen.rule, seen.stage);
         let (head, client_ip) = (seen.head, seen.client_ip);
         let path = seen.uri.path();
         let captures: Vec<(&str, &str)> = rule
@@ -479,55 +518,6 @@ impl FastLane {
             used: seen.head_len + head.body_len,
             close: head.close,
         }
-    }
-
-    /// A pass-through GET relayed as it came (less the hop-by-hop fields
-    /// and `X-Sluice-*`, with `X-Forwarded-For` and `-Proto`), as pingora's
-    /// path would forward it; one the relay cannot present is pingora's.
-    fn through(
-        &self,
-        seen: Seen<'_>,
-        upstream: UpstreamId,
-        peer: Option<IpAddr>,
-        started: Instant,
-    ) -> Step {
-        let config = self.config.load();
-        let from = ClientHop {
-            peer,
-            trusted: &config.trusted_proxies,
-            tls: false,
-        };
-        let path = seen.uri.path();
-        let logged = Logged::of(
-            seen.client_ip,
-            &seen.method,
-            path,
-            &seen.head.headers,
-            self.access_log.is_some(),
-        );
-        let close = seen.head.close;
-        let request = backend::relayed(
-            seen.method,
-            path,
-            seen.uri.query(),
-            seen.head.headers,
-            0,
-            from,
-            None,
-        );
-        let Ok(request) = request else {
-            return Step::Pass;
-        };
-        Step::Relay(Box::new(Relay {
-            order: None,
-            upstream,
-            request,
-            body: Bytes::new(),
-            used: seen.head_len,
-            close,
-            started,
-            seen: logged,
-        }))
     }
 }
 

@@ -895,9 +895,14 @@ where
             let h2_preface = buf.starts_with(H2_PREFACE_START);
             let mut preset = None;
             if let Some(lane) = lane.filter(|_| !h2_preface && !*shutdown.borrow()) {
-                // Boxed, as the session below: a judgement's state is not
-                // kept in every idle connection's future.
-                match Box::pin(lane.step(&buf, peer)).await {
+                // A plain pass-through GET is relayed without a judgement.
+                // A judgement is boxed, as the session below: its state is
+                // not kept in every idle connection's future.
+                let step = match lane.through(&buf, peer) {
+                    Some(relay) => Step::Relay(relay),
+                    None => Box::pin(lane.step(&buf, peer)).await,
+                };
+                match step {
                     Step::Pass => {}
                     Step::Forward(p) => preset = Some(p),
                     Step::Relay(relay) => {
