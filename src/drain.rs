@@ -13,14 +13,14 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use pingora_core::connectors::http::Connector;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use pingora_http::RequestHeader;
 
 use crate::admission::hold::Settlement;
 use crate::admission::{Admission, MAX_KEPT_BODY};
-use crate::backend::{self, exchange, ForwardEnd};
+use crate::backend::exchange::{self, Connector};
+use crate::backend::{self, ForwardEnd};
 use crate::metrics::{Metrics, UpstreamClass};
 use crate::outcome::{render, Answer};
 use crate::queue::rates::DrainRates;

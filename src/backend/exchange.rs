@@ -13,7 +13,6 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use pingora_core::connectors::http::Connector;
 use pingora_core::protocols::http::client::HttpSession;
 use pingora_core::protocols::http::v1::client::{
     http_req_header_to_wire, HttpSession as Http1Session,
@@ -26,6 +25,11 @@ use tokio::io::AsyncWriteExt;
 
 use crate::deadline::within;
 use crate::upstream::UpstreamPool;
+
+/// pingora's HTTP/1 client connector and its pool of kept connections (the
+/// backends speak HTTP/1): its own, not the generic one, so a kept
+/// connection is looked up without the connect machinery in the way.
+pub type Connector = pingora_core::connectors::http::v1::Connector;
 
 /// An answer's header is in: its body is still to be read from `session`,
 /// which goes back to `connector`'s pool with [`Opened::release`].
@@ -43,9 +47,9 @@ impl Opened {
     /// answer was read whole and the server allows keep-alive).
     pub async fn release(self, connector: &Connector) {
         let idle = self.peer.options.idle_timeout;
-        connector
-            .release_http_session(self.session, &*self.peer, idle)
-            .await;
+        if let HttpSession::H1(h1) = self.session {
+            connector.release_http_session(h1, &*self.peer, idle).await;
+        }
     }
 }
 
@@ -101,8 +105,16 @@ pub async fn open(
             );
             return failed(error, first, connect_failures);
         };
-        let (mut session, reused) = match connector.get_http_session(&*peer).await {
-            Ok(s) => s,
+        // A kept connection first. pingora's connect future (8.8 KB) is
+        // boxed: carried inline, it made every exchange's future (and the
+        // relay's, which the gate boxes per request) that much larger, for
+        // the few requests that open a connection.
+        let got = match connector.reused_http_session(&*peer).await {
+            Some(h1) => Ok((h1, true)),
+            None => Box::pin(connector.get_http_session(&*peer)).await,
+        };
+        let (mut session, reused) = match got {
+            Ok((h1, reused)) => (HttpSession::H1(h1), reused),
             Err(e) => {
                 connect_failures += 1;
                 if connect_failures < servers && first.is_none() {

@@ -31,7 +31,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use pingora_core::connectors::http::Connector;
 
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderName};
@@ -45,6 +44,7 @@ use crate::access_log::{clip_path, AccessLog, Entry};
 use crate::admission::extract::{Attempt, RequestParts};
 use crate::admission::RuleTable;
 use crate::admission::{Admission, Candidate, RuleStage, Verdict};
+use crate::backend::exchange::Connector;
 use crate::backend::{self, forwarded, ClientHop};
 use crate::cache::ReadCache;
 use crate::config::{Config, Limits};
