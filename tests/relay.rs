@@ -49,6 +49,22 @@ fn order(sku: &str, user: &str, body: &str, extra: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// The relay's answer and pingora's to the same request agree: the same
+/// fields, in the same order, but `Date`; and the same body, as the mall
+/// echoes the request (only its request count differs).
+fn same_answer(by_relay: &Response, by_pingora: &Response) {
+    assert_eq!(
+        Response::fields_but_date(by_relay),
+        Response::fields_but_date(by_pingora)
+    );
+    let echo = |r: &Response| {
+        let mut v = r.json();
+        v["n"] = serde_json::Value::Null;
+        v
+    };
+    assert_eq!(echo(by_relay), echo(by_pingora));
+}
+
 /// Waits until the stock view of `sku` shows `field` at `value`.
 async fn wait_stock(gw: &Gateway, sku: &str, field: &str, value: u64) -> serde_json::Value {
     let until = Instant::now() + WAIT;
@@ -91,17 +107,7 @@ async fn a_relayed_winner_is_sent_and_answered_as_the_proxy_would() {
 
     expect(&by_relay, 200, "forwarded");
     assert_eq!(by_relay.header("X-Order-Id"), Some("7"));
-    assert_eq!(
-        Response::fields_but_date(&by_relay),
-        Response::fields_but_date(&by_pingora)
-    );
-    // The mall's answer echoes the request; only its count differs.
-    let echo = |r: &Response| {
-        let mut v = r.json();
-        v["n"] = serde_json::Value::Null;
-        v
-    };
-    assert_eq!(echo(&by_relay), echo(&by_pingora));
+    same_answer(&by_relay, &by_pingora);
     assert!(by_relay.header("date").is_some());
 
     assert_eq!(seen_by_relay.uri, "/api/sale/p1/order?src=app");
@@ -325,16 +331,7 @@ async fn a_pass_through_get_is_relayed_as_the_proxy_would_forward_it() {
     expect(&by_relay, 200, "passthrough");
     assert_eq!(by_relay.header("cache-control"), Some("max-age=5"));
     assert_eq!(by_relay.header("connection"), Some("keep-alive"));
-    assert_eq!(
-        Response::fields_but_date(&by_relay),
-        Response::fields_but_date(&by_pingora)
-    );
-    let echo = |r: &Response| {
-        let mut v = r.json();
-        v["n"] = serde_json::Value::Null;
-        v
-    };
-    assert_eq!(echo(&by_relay), echo(&by_pingora));
+    same_answer(&by_relay, &by_pingora);
 
     assert_eq!(
         (seen.method.as_str(), seen.uri.as_str()),
