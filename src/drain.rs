@@ -116,6 +116,7 @@ impl Drainer {
         rates: Arc<DrainRates>,
         consumer: String,
     ) -> Self {
+        let connector = exchange::connector(&upstreams);
         Self {
             inner: Arc::new(Inner {
                 admission,
@@ -124,7 +125,7 @@ impl Drainer {
                 metrics,
                 rates,
                 consumer,
-                connector: Connector::new(None),
+                connector,
                 sending: Sending::default(),
             }),
         }

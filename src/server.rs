@@ -175,6 +175,10 @@ fn server_conf(config: &Config) -> ServerConf {
         // One connect retry per other server of the largest upstream.
         max_retries: max_servers,
         upgrade_sock: config.upgrade_socket.display().to_string(),
+        // The proxied path's pool, sized as the relay's.
+        upstream_keepalive_pool_size: crate::backend::exchange::kept(
+            config.upstreams.iter().map(|u| u.max_inflight),
+        ),
         ..ServerConf::default()
     }
 }

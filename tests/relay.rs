@@ -163,7 +163,10 @@ async fn a_relayed_winner_is_sent_and_answered_as_the_proxy_would() {
 
 /// A backend that answers each connection's request with the next of
 /// `answers` (raw bytes), then closes that connection; it waits at most
-/// `WAIT` for each connection.
+/// `WAIT` for each connection. Answers that frame their own end say
+/// `Connection: close`: a kept connection the backend closes unannounced
+/// may be taken for the next order before its close is seen, and an order
+/// is never sent twice.
 fn raw_backend(answers: Vec<&'static [u8]>) -> (SocketAddr, std::thread::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -217,7 +220,7 @@ fn raw_backend(answers: Vec<&'static [u8]>) -> (SocketAddr, std::thread::JoinHan
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunked_and_close_delimited_answers_reach_the_client_whole() {
     let (addr, backend) = raw_backend(vec![
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Shop: a\r\n\r\n\
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\nX-Shop: a\r\n\r\n\
           5\r\nhello\r\n7\r\n, world\r\n0\r\n\r\n",
         b"HTTP/1.1 201 Created\r\nConnection: close\r\nX-Shop: b\r\n\r\nplaced by close",
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",

@@ -13,6 +13,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use pingora_core::connectors::ConnectorOptions;
 use pingora_core::protocols::http::client::HttpSession;
 use pingora_core::protocols::http::v1::client::{
     http_req_header_to_wire, HttpSession as Http1Session,
@@ -24,12 +25,37 @@ use pingora_http::RequestHeader;
 use tokio::io::AsyncWriteExt;
 
 use crate::deadline::within;
-use crate::upstream::UpstreamPool;
+use crate::upstream::{UpstreamPool, Upstreams};
 
 /// pingora's HTTP/1 client connector and its pool of kept connections (the
 /// backends speak HTTP/1): its own, not the generic one, so a kept
 /// connection is looked up without the connect machinery in the way.
 pub type Connector = pingora_core::connectors::http::v1::Connector;
+
+/// pingora's own pool size, the least kept.
+const MIN_KEPT: usize = 128;
+
+/// How many idle connections to the backends a pool keeps: as many as the
+/// upstreams' `max_inflight` add up to (at least pingora's 128), the
+/// concurrency the gateway itself drives at its backends, which they take
+/// by definition. With pingora's 128 and a burst of 256 winners, one
+/// winner in 18 found the pool full when it was done, closed its
+/// connection, and a later one opened a new one (1,649 connections left
+/// in TIME_WAIT over 30,000 winners in `scripts/bench`'s winners phase).
+/// Sized at start; idle ones still close after the upstream's
+/// `idle_timeout`.
+pub fn kept(max_inflight: impl Iterator<Item = u32>) -> usize {
+    max_inflight
+        .map(|n| n as usize)
+        .sum::<usize>()
+        .max(MIN_KEPT)
+}
+
+/// A connector whose pool keeps [`kept`] idle connections.
+pub fn connector(upstreams: &Upstreams) -> Connector {
+    let kept = kept(upstreams.pools().iter().map(|p| p.config().max_inflight));
+    Connector::new(Some(ConnectorOptions::new(kept)))
+}
 
 /// An answer's header is in: its body is still to be read from `session`,
 /// which goes back to `connector`'s pool with [`Opened::release`].

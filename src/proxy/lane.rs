@@ -44,7 +44,7 @@ use crate::access_log::{clip_path, AccessLog, Entry};
 use crate::admission::extract::{Attempt, RequestParts};
 use crate::admission::RuleTable;
 use crate::admission::{Admission, Candidate, RuleStage, Verdict};
-use crate::backend::exchange::Connector;
+use crate::backend::exchange::{self, Connector};
 use crate::backend::{self, forwarded, ClientHop};
 use crate::cache::ReadCache;
 use crate::config::{Config, Limits};
@@ -281,6 +281,7 @@ impl FastLane {
         access_log: Option<AccessLog>,
         (upstreams, routes, cache): (Arc<Upstreams>, Arc<Routes>, Arc<ReadCache>),
     ) -> Self {
+        let connector = exchange::connector(&upstreams);
         Self {
             config,
             metrics,
@@ -289,7 +290,7 @@ impl FastLane {
             upstreams,
             routes,
             cache,
-            connector: Connector::new(None),
+            connector,
         }
     }
 
