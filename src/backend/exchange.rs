@@ -9,6 +9,9 @@
 //! elsewhere); an idempotent request that found its pooled connection
 //! closed (pingora marks such errors retryable on reused connections) is
 //! sent once more on another, as on the proxied path.
+//!
+//! Kept connections: pingora's HTTP/1 connector pools them, as many as
+//! the upstreams' `max_inflight` add up to ([`kept`]).
 
 use std::time::Duration;
 
@@ -273,5 +276,21 @@ async fn send(
             Some(100..=199) => {}
             _ => return Ok(session),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kept;
+
+    #[test]
+    fn the_pools_keep_the_upstreams_concurrency_and_never_less_than_pingoras() {
+        assert_eq!(kept([].into_iter()), 128);
+        assert_eq!(kept([64].into_iter()), 128);
+        assert_eq!(kept([1024, 64].into_iter()), 1088);
+        assert_eq!(
+            kept([u32::MAX, u32::MAX].into_iter()),
+            2 * u32::MAX as usize
+        );
     }
 }
