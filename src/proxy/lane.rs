@@ -125,6 +125,12 @@ pub(super) fn take_preset() -> Option<Preset> {
     PRESET.try_with(|p| p.borrow_mut().take()).ok().flatten()
 }
 
+/// Whether a GET of `path` is a ticket or stock poll, which pingora's
+/// path answers (`intake`).
+fn is_poll(path: &str) -> bool {
+    path.starts_with(TICKETS_PATH) || path.starts_with(STOCK_PATH)
+}
+
 /// A request line the lane takes, parsed from the gate's buffer, with the
 /// head's header fields still raw.
 struct Line<'b> {
@@ -310,8 +316,7 @@ impl FastLane {
         // hook: pingora's to write.
         if line.method == Method::HEAD
             || line.method == Method::CONNECT
-            || (line.method == Method::GET
-                && (path.starts_with(TICKETS_PATH) || path.starts_with(STOCK_PATH)))
+            || (line.method == Method::GET && is_poll(path))
         {
             return None;
         }
@@ -350,8 +355,7 @@ impl FastLane {
         let mut slots = [httparse::EMPTY_HEADER; MAX_FIELDS];
         let line = request_line(buf, &mut slots)?;
         let path = line.uri.path();
-        if path.starts_with(TICKETS_PATH)
-            || path.starts_with(STOCK_PATH)
+        if is_poll(path)
             || !matches!(self.admission.rules().find(&line.method, path), Route::Unmatched)
             // A read-cache route is the cache's to serve (pingora's path).
             || self.cache.covers(path)

@@ -55,7 +55,8 @@ const FLUSH_AT: usize = 16 << 10;
 pub struct Relay {
     /// A winner's rule, hold and slot; `None` for a pass-through GET.
     pub(super) order: Option<Order>,
-    /// The upstream it goes to.
+    /// The upstream it goes to: a winner's rule's, or the one a
+    /// pass-through route picks.
     pub(super) upstream: UpstreamId,
     pub(super) request: RequestHeader,
     pub(super) body: Bytes,
