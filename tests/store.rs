@@ -652,6 +652,65 @@ async fn redis_restarted_empty_is_not_loaded_and_reconnects() {
     }
 }
 
+/// A winner's answer is kept in its ticket's index (no key of its own),
+/// and one kept by an earlier build in `r:<ticket>` is still read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_keeps_a_winners_answer_in_its_index_and_reads_the_old_place() {
+    let h = redis();
+    let server = h.redis.as_ref().expect("redis");
+    let s = &*h.store;
+    let k = key("p1");
+    s.set_available(&k, 2).await.expect("restock");
+    let (t, r) = reserve(s, &k, "alice", 1, &[user_mark("alice")], None).await;
+    assert_eq!(r, Reserved::Won);
+    s.commit(&k, t, Some(&ok_response()), HOUR)
+        .await
+        .expect("commit");
+    let tag = format!("test:{{{}:{}}}", k.rule, k.sku);
+    assert_eq!(server.command(&["EXISTS", &format!("{tag}:r:{t}")]), ":0");
+    let index = server.command(&["GET", &format!("test:ticket:{t}")]);
+    assert_eq!(
+        index,
+        format!("phone\u{1f}p1\n200\napplication/json\n{{\"order\":1}}")
+    );
+    let ttl: i64 = (server.command(&["PTTL", &format!("test:ticket:{t}")]))
+        .trim_start_matches(':')
+        .parse()
+        .expect("a TTL");
+    assert!(ttl > 0 && ttl <= 3_600_000, "{ttl}");
+    // An earlier build: the index names the sku only, the answer has a
+    // hash of its own.
+    let (t2, r) = reserve(s, &k, "bob", 1, &[], None).await;
+    assert_eq!(r, Reserved::Won);
+    s.commit(&k, t2, None, HOUR).await.expect("commit");
+    assert_eq!(
+        s.ticket(t2).await.expect("ticket").expect("known").response,
+        None
+    );
+    let old = format!("{tag}:r:{t2}");
+    let hset = [
+        "HSET",
+        &old,
+        "status",
+        "201",
+        "type",
+        "text/plain",
+        "body",
+        "made",
+    ];
+    assert_eq!(server.command(&hset), ":3");
+    let rec = s.ticket(t2).await.expect("ticket").expect("known");
+    assert_eq!(rec.state, TicketState::Committed);
+    assert_eq!(
+        rec.response,
+        Some(StoredResponse {
+            status: 201,
+            content_type: Some("text/plain".into()),
+            body: Bytes::from_static(b"made"),
+        })
+    );
+}
+
 /// A sale on `url` through a store: restock, a win, a commit with its
 /// answer, read back.
 async fn sells_one_through(url: String) -> RedisStore {

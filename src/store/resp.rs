@@ -53,6 +53,15 @@ pub fn put_bulk_parts(out: &mut Vec<u8>, parts: &[&str]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Appends one bulk string made of byte `chunks`, joined.
+pub fn put_bulk_chunks(out: &mut Vec<u8>, chunks: &[&[u8]]) {
+    put_len(out, b'$', chunks.iter().map(|c| c.len()).sum());
+    for c in chunks {
+        out.extend_from_slice(c);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
 fn put_len(out: &mut Vec<u8>, tag: u8, n: usize) {
     // Most counts and key lengths have one or two digits: one copy.
     if n < 10 {
