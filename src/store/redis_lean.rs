@@ -265,6 +265,13 @@ async fn drive<R, W>(
             job = jobs.recv() => {
                 // Every sender is gone: the connection was replaced.
                 let Some(job) = job else { break "the connection was replaced" };
+                // Woken by a caller, this task would run right after it
+                // (tokio's LIFO slot) and write that one transaction alone.
+                // Yielding once lets every task already ready run first and
+                // queue its own: under load one write carries many, and
+                // Redis reads, and answers, them in one go; idle, the
+                // yield is one more poll.
+                tokio::task::yield_now().await;
                 wbuf.clear();
                 let now = Instant::now();
                 let mut next = Some(job);
@@ -464,6 +471,80 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), answered(rx))
             .await
             .expect("answered within 10 s")
+    }
+
+    /// Counts the writes that reach the socket.
+    struct Counted<W> {
+        inner: W,
+        writes: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl<W: AsyncWrite + Unpin> AsyncWrite for Counted<W> {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+            if matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0) {
+                self.writes
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            polled
+        }
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// Callers on one worker, as the gateway runs them: the transactions
+    /// queued while they run go out together, not one write each.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn transactions_queued_together_go_out_in_one_write() {
+        const CALLERS: usize = 20;
+        let (ours, mut redis) = tokio::io::duplex(1 << 20);
+        let (r, w) = tokio::io::split(ours);
+        let writes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let w = Counted {
+            inner: w,
+            writes: writes.clone(),
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(drive(r, w, rx, Duration::from_secs(60)));
+        let (jobs, answers): (Vec<_>, Vec<_>) = (0..CALLERS).map(|_| job()).unzip();
+        let size: usize = jobs.iter().map(|j| j.bytes.len()).sum();
+        // Held to the end: the driver stops once every sender is gone.
+        let _keep = tx.clone();
+        // One task on the worker starts the callers; each queues its
+        // transaction when it runs, waking the driver.
+        tokio::spawn(async move {
+            for j in jobs {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(j);
+                });
+            }
+        });
+        let mut got = vec![0; size];
+        redis.read_exact(&mut got).await.expect("written");
+        let n = writes.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(n <= 2, "{CALLERS} transactions took {n} writes");
+        redis
+            .write_all(&b"+OK\r\n+QUEUED\r\n*1\r\n:1\r\n".repeat(CALLERS))
+            .await
+            .expect("answer");
+        for rx in answers {
+            assert_eq!(within_10s(rx).await.expect("ok"), vec![Value::Int(1)]);
+        }
     }
 
     #[tokio::test]
