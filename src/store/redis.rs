@@ -199,7 +199,7 @@ fn add_answer(
 /// string: `{member}\n{status}\n{content type}\n{body}`. Keeping the
 /// answer in the index, which every ticket has anyway, spares each winner
 /// a key of its own: a new key with a TTL is the costliest write a winner
-/// makes (about 2.5 µs of Redis's CPU apiece, against `redis-cli --pipe`).
+/// makes (2-3 µs of Redis's CPU apiece, `bench/redis-layout`).
 /// The member (ids have a validated charset) and a content type (a field
 /// value) never hold a newline; the body is last and may hold anything.
 struct IndexWithAnswer<'a> {
@@ -1440,6 +1440,17 @@ mod tests {
         assert_eq!(sku_member(&key), "sale\u{1f}1");
     }
 
+    /// The bulk string an index with `answer` is written as.
+    fn written(key: &SkuKey, answer: &StoredResponse) -> Vec<u8> {
+        let mut out = Vec::new();
+        let value = IndexWithAnswer {
+            member: member(key),
+            answer,
+        };
+        resp::Arg::put(&value, &mut out);
+        out
+    }
+
     #[test]
     fn an_answer_kept_in_the_index_reads_back_whole() {
         let key = SkuKey::new("sale", "sku-1");
@@ -1448,14 +1459,7 @@ mod tests {
             content_type: Some("application/json".into()),
             body: Bytes::from_static(b"{\"a\":\n1}\n\xff"),
         };
-        let mut out = Vec::new();
-        resp::Arg::put(
-            &IndexWithAnswer {
-                member: member(&key),
-                answer: &answer,
-            },
-            &mut out,
-        );
+        let out = written(&key, &answer);
         let value = out
             .splitn(2, |b| *b == b'\n')
             .nth(1)
@@ -1477,14 +1481,7 @@ mod tests {
             content_type: None,
             body: Bytes::new(),
         };
-        let mut out = Vec::new();
-        resp::Arg::put(
-            &IndexWithAnswer {
-                member: member(&key),
-                answer: &plain,
-            },
-            &mut out,
-        );
+        let out = written(&key, &plain);
         assert!(out.ends_with(b"sale\x1fsku-1\n503\n\n\r\n"), "{out:?}");
         assert_eq!(
             read_index(b"sale\x1fsku-1\n503\n\n"),
