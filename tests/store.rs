@@ -660,7 +660,7 @@ async fn redis_keeps_a_winners_answer_in_its_index_and_reads_the_old_place() {
     let server = h.redis.as_ref().expect("redis");
     let s = &*h.store;
     let k = key("p1");
-    s.set_available(&k, 2).await.expect("restock");
+    s.set_available(&k, 3).await.expect("restock");
     let (t, r) = reserve(s, &k, "alice", 1, &[user_mark("alice")], None).await;
     assert_eq!(r, Reserved::Won);
     s.commit(&k, t, Some(&ok_response()), HOUR)
@@ -701,6 +701,17 @@ async fn redis_keeps_a_winners_answer_in_its_index_and_reads_the_old_place() {
     assert_eq!(server.command(&hset), ":3");
     let rec = s.ticket(t2).await.expect("ticket").expect("known");
     assert_eq!(rec.state, TicketState::Committed);
+    // An index that cannot be read is an error that names it, without
+    // the shopper's answer in it.
+    let (t3, r) = reserve(s, &k, "carol", 1, &[], None).await;
+    assert_eq!(r, Reserved::Won);
+    let bad = "phone\u{1f}p1\nnot-a-status\ntext/plain\nsecret body";
+    let set = ["SET", &format!("test:ticket:{t3}"), bad];
+    assert_eq!(server.command(&set), "+OK");
+    let e = s.ticket(t3).await.expect_err("an unreadable index");
+    let text = e.to_string();
+    assert!(text.contains(&format!("test:ticket:{t3}")), "{text}");
+    assert!(!text.contains("secret body"), "{text}");
     assert_eq!(
         rec.response,
         Some(StoredResponse {

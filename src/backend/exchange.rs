@@ -348,6 +348,9 @@ mod tests {
         assert_eq!(kept.reuse_hash(), server.reuse_hash());
         assert_eq!(kept.address(), server.address());
         assert_eq!(kept.to_string(), server.to_string());
+        assert_eq!((kept.tls(), kept.sni()), (server.tls(), server.sni()));
+        assert!(kept.get_proxy().is_none() && kept.get_client_cert_key().is_none());
+        assert!(kept.get_tracer().is_none());
         assert_eq!(
             kept.get_peer_options().map(|o| o.idle_timeout),
             Some(Some(Duration::from_secs(7)))

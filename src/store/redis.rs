@@ -1228,7 +1228,11 @@ impl Store for RedisStore {
         let Some((key, kept)) = read_index(index) else {
             return Err(StoreError::Corrupt {
                 key: self.index_key(&id.hex()),
-                message: format!("unreadable index {:?}", String::from_utf8_lossy(index)),
+                // Its first line only: what follows is a shopper's answer.
+                message: format!(
+                    "unreadable index {:?}",
+                    String::from_utf8_lossy(index.split(|b| *b == b'\n').next().unwrap_or(&[]))
+                ),
             });
         };
         let tag = self.tag(&key);

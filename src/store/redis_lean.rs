@@ -267,10 +267,12 @@ async fn drive<R, W>(
                 let Some(job) = job else { break "the connection was replaced" };
                 // Woken by a caller, this task would run right after it
                 // (tokio's LIFO slot) and write that one transaction alone.
-                // Yielding once lets every task already ready run first and
-                // queue its own: under load one write carries many, and
+                // Yielding once lets the tasks already ready run first and
+                // queue their own: under load one write carries many, and
                 // Redis reads, and answers, them in one go; idle, the
-                // yield is one more poll.
+                // yield is one more poll. tokio resumes a yielded task when
+                // the worker runs out of ready tasks or at its fairness
+                // check (every 61 polls), so the wait is bounded.
                 tokio::task::yield_now().await;
                 wbuf.clear();
                 let now = Instant::now();
