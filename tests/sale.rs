@@ -266,7 +266,13 @@ async fn redis_killed_mid_sale_fails_closed_then_recovers_without_restart() {
     // refused; only confirmed winners reach the backend.
     let listen = gw.listen();
     let during = tokio::spawn(async move { burst_as(&[listen], "phone", "mid", 300, 1, 8).await });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Killed once the burst is under way (ten of its orders reached the
+    // backend), not after a fixed time: on a fast machine the whole burst
+    // was over within 50 ms.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (up.requests() as usize) < 40 + 10 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     redis.kill();
     let during = during.await.expect("burst");
     let forwarded_during = count(&during, "forwarded");
