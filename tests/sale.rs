@@ -483,7 +483,7 @@ async fn a_winner_costs_two_redis_round_trips_and_a_loser_after_sold_out_none() 
         metric_value(text, "sluice_store_duration_seconds_count", &[("op", op)]).unwrap_or(0.0)
     };
     let before = gw.metrics().await;
-    let exec_before = redis.calls("exec");
+    let (exec_before, rename_before) = (redis.calls("exec"), redis.calls("rename"));
     for i in 0..20 {
         let (status, outcome) = buy(gw.listen(), "phone", &format!("w{i}")).await;
         assert_eq!((status, outcome.as_str()), (200, "forwarded"));
@@ -502,11 +502,17 @@ async fn a_winner_costs_two_redis_round_trips_and_a_loser_after_sold_out_none() 
     assert_eq!(ops(&after, "reserve") - ops(&before, "reserve"), 20.0);
     assert_eq!(ops(&after, "commit") - ops(&before, "commit"), 20.0);
     assert_eq!(ops(&after, "release") - ops(&before, "release"), 0.0);
-    // Each is one MULTI/EXEC round trip.
+    // A reservation is one MULTI/EXEC; a commit one pipeline, whose
+    // RENAME Redis counts once per commit.
     assert_eq!(
         redis.calls("exec") - exec_before,
-        40,
+        20,
         "transactions for 20 winners"
+    );
+    assert_eq!(
+        redis.calls("rename") - rename_before,
+        20,
+        "commits of 20 winners"
     );
 
     // The first loser learns the sku is gone from Redis; the rest from

@@ -722,6 +722,115 @@ async fn redis_keeps_a_winners_answer_in_its_index_and_reads_the_old_place() {
     );
 }
 
+#[tokio::test]
+async fn redis_writes_no_state_field_for_a_winner_and_reads_earlier_ones() {
+    let h = redis();
+    let server = h.redis.as_ref().expect("redis");
+    let s = &*h.store;
+    let k = key("lean");
+    s.set_available(&k, 5).await.expect("restock");
+    let tag = format!("test:{{{}:{}}}", k.rule, k.sku);
+    let (t, r) = reserve(s, &k, "alice", 1, &[user_mark("alice")], None).await;
+    assert_eq!(r, Reserved::Won);
+    // The reservation writes no state field: in flight since its record.
+    assert_eq!(
+        server.command(&["HEXISTS", &format!("{tag}:state"), &t.to_string()]),
+        ":0"
+    );
+    assert_eq!(
+        s.ticket(t).await.expect("ticket").expect("known").state,
+        TicketState::Held
+    );
+    let view = s.stock(&k).await.expect("stock").expect("loaded");
+    assert_eq!(
+        (view.available, view.in_flight, view.sold, view.initial),
+        (4, 1, 0, 5)
+    );
+    // Nor does the commit: `c:<ticket>` says it.
+    s.commit(&k, t, Some(&ok_response()), HOUR)
+        .await
+        .expect("commit");
+    assert_eq!(
+        server.command(&["HEXISTS", &format!("{tag}:state"), &t.to_string()]),
+        ":0"
+    );
+    assert_eq!(
+        server.command(&["ZSCORE", &format!("{tag}:leases"), &t.to_string()]),
+        ""
+    );
+    let rec = s.ticket(t).await.expect("ticket").expect("known");
+    assert_eq!(rec.state, TicketState::Committed);
+    assert_eq!(rec.response, Some(ok_response()));
+    // A second commit of it changes nothing.
+    s.commit(&k, t, None, HOUR).await.expect("commit again");
+    let view = s.stock(&k).await.expect("stock").expect("loaded");
+    assert_eq!(
+        (view.available, view.in_flight, view.sold, view.initial),
+        (4, 0, 1, 5)
+    );
+    // Tickets of an earlier build, with their fields: one held (`H<ms>`),
+    // one sold (`C`), one queued; all read and counted as before.
+    let mut old = Vec::new();
+    for (user, field) in [
+        ("bob", "H1733350000000"),
+        ("carol", "C"),
+        ("dave", "Q1733350000000"),
+    ] {
+        let (t, r) = reserve(s, &k, user, 1, &[], None).await;
+        assert_eq!(r, Reserved::Won);
+        if field == "C" {
+            s.commit(&k, t, None, HOUR).await.expect("commit");
+        }
+        let hset = ["HSET", &format!("{tag}:state"), &t.to_string(), field];
+        assert_eq!(server.command(&hset), ":1");
+        old.push(t);
+    }
+    let states: Vec<TicketState> = states_of(s, &old).await;
+    assert_eq!(
+        states,
+        [
+            TicketState::Held,
+            TicketState::Committed,
+            TicketState::Queued
+        ]
+    );
+    let view = s.stock(&k).await.expect("stock").expect("loaded");
+    assert_eq!(
+        (
+            view.available,
+            view.in_flight,
+            view.queued,
+            view.sold,
+            view.initial
+        ),
+        (1, 1, 1, 2, 5)
+    );
+    // Released, it says so whatever field it had.
+    assert_eq!(
+        s.release(&k, old[0], ReleaseReason::Status5xx)
+            .await
+            .expect("release"),
+        1
+    );
+    assert_eq!(
+        s.ticket(old[0])
+            .await
+            .expect("ticket")
+            .expect("known")
+            .state,
+        TicketState::Released
+    );
+}
+
+/// The states of `tickets`, read one by one.
+async fn states_of(s: &dyn Store, tickets: &[TicketId]) -> Vec<TicketState> {
+    let mut out = Vec::new();
+    for t in tickets {
+        out.push(s.ticket(*t).await.expect("ticket").expect("known").state);
+    }
+    out
+}
+
 /// A sale on `url` through a store: restock, a win, a commit with its
 /// answer, read back.
 async fn sells_one_through(url: String) -> RedisStore {

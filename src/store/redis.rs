@@ -10,10 +10,11 @@
 //!
 //! - a reservation moves units with `LMOVE` from `avail` to `h:<ticket>`
 //!   in one MULTI with the dedup marks (`SET NX GET`), the buyer's holds
-//!   (`uh:<user>`, ticket -> units), the ticket record and its lease; it
-//!   can never overdraw. A refusal moves them back and removes what it
-//!   wrote;
-//! - a commit `RENAME`s `h:<ticket>` to `c:<ticket>` (one round trip);
+//!   (`uh:<user>`, ticket -> units), the ticket record, its index and its
+//!   lease; it can never overdraw. A refusal moves them back, removes what
+//!   it wrote and reads whether the sku is loaded at all;
+//! - a commit `RENAME`s `h:<ticket>` to `c:<ticket>`, drops the lease and
+//!   keeps the answer, in one pipelined round trip;
 //! - a release moves `h:<ticket>` back to `avail` under WATCH, so a
 //!   release that races a commit (or another release) either wins whole
 //!   or finds nothing to move. A commit that comes after a release (the
@@ -26,8 +27,9 @@
 //! lease runs out, even when the node that made it is gone.
 //!
 //! Keys of one (rule, sku) share the hash tag `{rule:sku}`: `avail`,
-//! `loaded`, `tickets` (ticket -> record), `state` (ticket -> Q/H/C/R; Q/H
-//! tells queued from in flight, the lists tell the rest), `leases`,
+//! `loaded`, `tickets` (ticket -> record), `state` (ticket -> Q/H/C/R,
+//! written by later steps: none is in flight since the record's time;
+//! Q/H tells queued from in flight, the lists tell the rest), `leases`,
 //! `h:<ticket>`, `c:<ticket>`, `uh:<user>`, `u:<user>` and `i:<key>`
 //! (dedup marks), `released`, `restock`. `ticket:<id>` (no tag) points a
 //! ticket at its (rule, sku) and keeps the backend's answer to it once
@@ -537,7 +539,8 @@ impl Inner {
     /// Moves back what a refused reservation took and removes what it
     /// wrote, in one transaction: units, the marks it set, its hold in the
     /// buyer's holds, its record and lease. (The reservation's reply just
-    /// came; nobody else knows the ticket.)
+    /// came; nobody else knows the ticket.) With `ask_loaded`, also reads
+    /// whether the sku is loaded; gives that (else true).
     async fn undo(
         &self,
         key: &SkuKey,
@@ -545,11 +548,15 @@ impl Inner {
         moved: u64,
         marks_set: &[String],
         user: Option<&str>,
-    ) -> Result<(), StoreError> {
+        ask_loaded: bool,
+    ) -> Result<bool, StoreError> {
         let tag = self.tag(key);
         let id = ticket.to_string();
         let mut pipe = redis::pipe();
         pipe.atomic();
+        if ask_loaded {
+            pipe.cmd("EXISTS").arg(tag.key("loaded"));
+        }
         add_moves(
             &mut pipe,
             &tag.key_of("h", &id),
@@ -567,7 +574,8 @@ impl Inner {
                 .ignore();
         }
         add_forget(&mut pipe, &tag, &id, &self.index_key(&id));
-        self.run("reserve-undo", &pipe).await.map(drop)
+        let vals = self.run("reserve-undo", &pipe).await?;
+        Ok(!ask_loaded || vals.first().and_then(as_int) == Some(1))
     }
 
     /// Returns what a ticket holds to `avail` (for an admin release also
@@ -705,6 +713,8 @@ impl Inner {
         pipe.cmd("LLEN").arg(tag.key("avail"));
         pipe.cmd("HGETALL").arg(tag.key("state"));
         pipe.cmd("GET").arg(tag.key("released"));
+        // Every ticket has a record; only some have a state field.
+        pipe.cmd("HKEYS").arg(tag.key("tickets"));
         let vals = conn.read("stock", &pipe).await?;
         if vals.first().and_then(as_int) != Some(1) {
             return Ok(None);
@@ -714,13 +724,23 @@ impl Inner {
             released: vals.get(3).and_then(as_int).unwrap_or(0).max(0) as u64,
             ..StockView::default()
         };
-        let states: Vec<(String, String)> = vals
-            .get(2)
-            .map(as_pairs)
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|(k, v)| as_string(&v).map(|v| (k, v)))
-            .collect();
+        // Ticket -> its state field, if any: the records' tickets and, to
+        // miss no units, any state field without a record.
+        let mut states: HashMap<String, Option<String>> = vals
+            .get(4)
+            .map(|v| match v {
+                Value::Array(items) | Value::Set(items) => items
+                    .iter()
+                    .filter_map(as_string)
+                    .map(|id| (id, None))
+                    .collect(),
+                _ => HashMap::new(),
+            })
+            .unwrap_or_default();
+        for (id, state) in vals.get(2).map(as_pairs).unwrap_or_default() {
+            states.insert(id, as_string(&state));
+        }
+        let states: Vec<(String, Option<String>)> = states.into_iter().collect();
         let mut lists = redis::pipe();
         for (id, _) in &states {
             lists.cmd("LLEN").arg(tag.key_of("h", id));
@@ -735,7 +755,7 @@ impl Inner {
             let held = counts.get(2 * i).and_then(as_int).unwrap_or(0).max(0) as u64;
             let sold = counts.get(2 * i + 1).and_then(as_int).unwrap_or(0).max(0) as u64;
             view.sold += sold;
-            if state.starts_with('Q') {
+            if state.as_deref().is_some_and(|s| s.starts_with('Q')) {
                 view.queued += held;
             } else {
                 view.in_flight += held;
@@ -840,17 +860,15 @@ fn add_forget(pipe: &mut Pipeline, tag: &Tag, id: &str, index: &str) {
 /// The reply of a reservation's transaction, read in the order it was
 /// written.
 struct ReserveReply {
-    loaded: bool,
     olds: Vec<Option<String>>,
     user_total: Option<i64>,
     moved: u64,
 }
 
 /// Reads a reservation's replies, in the order `reserve` sent its
-/// commands (the last four, which only write, unread).
+/// commands (the last three, which only write, unread).
 fn parse_reserve(vals: &[Value], marks: usize, counted: bool, qty: u32) -> ReserveReply {
     let mut it = vals.iter();
-    let loaded = it.next().and_then(as_int) == Some(1);
     let olds = (0..marks).map(|_| it.next().and_then(as_string)).collect();
     let user_total = if counted {
         // HSET of this ticket's hold, then HVALS of the buyer's holds (this
@@ -870,7 +888,6 @@ fn parse_reserve(vals: &[Value], marks: usize, counted: bool, qty: u32) -> Reser
         .filter(|_| it.next().is_some_and(|v| !matches!(v, Value::Nil)))
         .count() as u64;
     ReserveReply {
-        loaded,
         olds,
         user_total,
         moved,
@@ -896,12 +913,14 @@ impl Store for RedisStore {
             marks: mark_keys.clone(),
             issued_ms: now_ms(),
         };
-        // EXISTS, the marks, the buyer's 3, the moves and 4 more, in one
-        // MULTI/EXEC on the lean connection (`redis_lean`): `parse_reserve`
-        // reads the replies by position.
+        // The marks, the buyer's 3, the moves and 3 more, in one MULTI/EXEC
+        // on the lean connection (`redis_lean`): `parse_reserve` reads the
+        // replies by position. Whether the sku is loaded matters only when
+        // `avail` gave too few units (an empty list is no key at all): the
+        // refusal's undo asks. No state field either: none means in flight
+        // since the record's time.
         let mut t =
             Transaction::with_capacity(RESERVE_BYTES + 64 * (mark_keys.len() + r.qty as usize));
-        t.cmd("EXISTS", &[&tag.at("loaded")]);
         for (k, m) in mark_keys.iter().zip(r.marks) {
             t.cmd("SET", &[k, &ticket, &"NX", &"PX", &millis(m.ttl), &"GET"]);
         }
@@ -920,15 +939,6 @@ impl Store for RedisStore {
             t.cmd("LMOVE", &[&avail, &held, &from_end, &to_end]);
         }
         t.cmd("HSET", &[&tag.at("tickets"), &ticket, &record.encode()]);
-        let mut issued = itoa::Buffer::new();
-        t.cmd(
-            "HSET",
-            &[
-                &tag.at("state"),
-                &ticket,
-                &Joined(["H", issued.format(record.issued_ms)]),
-            ],
-        );
         t.cmd(
             "SET",
             &[
@@ -965,39 +975,51 @@ impl Store for RedisStore {
             m if m < u64::from(r.qty) => Some(Reserved::NotEnough),
             _ => None,
         };
-        let verdict = if !reply.loaded {
-            Reserved::NotLoaded
-        } else if let Some(first) = reply.olds.iter().flatten().find_map(|t| TicketId::parse(t)) {
-            Reserved::Duplicate { first }
-        } else if let (Some(limit), Some(total)) = (r.per_user_limit, reply.user_total) {
-            if total > i64::from(limit) {
-                Reserved::OverUserLimit
-            } else {
-                short.unwrap_or(Reserved::Won)
-            }
-        } else {
-            short.unwrap_or(Reserved::Won)
-        };
-        if verdict != Reserved::Won {
-            let marks_set: Vec<String> = mark_keys
-                .iter()
-                .zip(&reply.olds)
-                .filter(|(_, old)| old.is_none())
-                .map(|(k, _)| k.clone())
-                .collect();
-            let user = counted.then_some(r.user);
-            if let Err(e) = self
-                .undo(r.key, r.ticket, reply.moved, &marks_set, user)
-                .await
-            {
+        let duplicate = reply.olds.iter().flatten().find_map(|t| TicketId::parse(t));
+        let over_limit = matches!(
+            (r.per_user_limit, reply.user_total),
+            (Some(limit), Some(total)) if total > i64::from(limit)
+        );
+        if duplicate.is_none() && !over_limit && short.is_none() {
+            // Units came out of `avail`, so the sku is loaded.
+            return Ok(Reserved::Won);
+        }
+        let marks_set: Vec<String> = mark_keys
+            .iter()
+            .zip(&reply.olds)
+            .filter(|(_, old)| old.is_none())
+            .map(|(k, _)| k.clone())
+            .collect();
+        let user = counted.then_some(r.user);
+        let loaded = match self
+            .undo(
+                r.key,
+                r.ticket,
+                reply.moved,
+                &marks_set,
+                user,
+                short.is_some(),
+            )
+            .await
+        {
+            Ok(loaded) => loaded,
+            Err(e) => {
                 // Left as it is, the refused attempt would hold its marks
                 // (and any units) until its lease: undo it from the ledger
                 // as soon as Redis answers.
                 self.resolve_in_background(r.key.clone(), r.ticket, r.lease);
                 return Err(e);
             }
-        }
-        Ok(verdict)
+        };
+        Ok(if !loaded {
+            Reserved::NotLoaded
+        } else if let Some(first) = duplicate {
+            Reserved::Duplicate { first }
+        } else if over_limit {
+            Reserved::OverUserLimit
+        } else {
+            short.unwrap_or(Reserved::Won)
+        })
     }
 
     async fn commit(
@@ -1012,11 +1034,15 @@ impl Store for RedisStore {
         let id = hex.as_str();
         // One round trip: its held units become its sold units whole, or,
         // when a release got there first, nothing moves and the late path
-        // takes them again.
+        // takes them again. A pipeline, not a MULTI: each step is atomic on
+        // its own and right in any order with others' steps in between (a
+        // sweep or release after the RENAME finds nothing held; the lease
+        // and the answer are the same whichever way the RENAME went), and
+        // Redis need not queue them. `c:<ticket>` says it is committed: no
+        // state field is written.
         let mut t =
-            Transaction::with_capacity(COMMIT_BYTES + response.map_or(0, |r| r.body.len() + 256));
+            Transaction::pipeline(COMMIT_BYTES + response.map_or(0, |r| r.body.len() + 256));
         t.cmd("RENAME", &[&tag.of("h", id), &tag.of("c", id)]);
-        t.cmd("HSET", &[&tag.at("state"), &id, &"C"]);
         t.cmd("ZREM", &[&tag.at("leases"), &id]);
         if let Some(response) = response {
             add_answer(&mut t, self.index_arg(id), key, response, ttl);
@@ -1248,21 +1274,23 @@ impl Store for RedisStore {
             pipe.cmd("HGETALL").arg(tag.key_of("r", &ticket));
         }
         let vals = self.run("ticket", &pipe).await?;
-        let (Some(text), Some(state)) = (
-            vals.first().and_then(as_string),
-            vals.get(1).and_then(as_string),
-        ) else {
+        let Some(text) = vals.first().and_then(as_string) else {
             return Ok(None);
         };
         let record = Record::decode(&tag.key("tickets"), &text)?;
-        let written = state
-            .chars()
-            .next()
-            .and_then(TicketState::from_code)
-            .ok_or_else(|| StoreError::Corrupt {
-                key: tag.key("state"),
-                message: format!("unknown state {state:?}"),
-            })?;
+        // No state field: in flight (or settled, as the lists say) since
+        // its reservation, which writes none.
+        let written = match vals.get(1).and_then(as_string) {
+            None => TicketState::Held,
+            Some(state) => state
+                .chars()
+                .next()
+                .and_then(TicketState::from_code)
+                .ok_or_else(|| StoreError::Corrupt {
+                    key: tag.key("state"),
+                    message: format!("unknown state {state:?}"),
+                })?,
+        };
         let held = vals.get(2).and_then(as_int) == Some(1);
         let sold = vals.get(3).and_then(as_int) == Some(1);
         // Where its units are decides; the field tells queued from held.

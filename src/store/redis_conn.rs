@@ -349,7 +349,7 @@ impl RedisConn {
         Ok(result)
     }
 
-    /// Runs a MULTI/EXEC on the lean connection in one round trip, within
+    /// Runs a MULTI/EXEC (or a pipeline) on the lean connection in one round trip, within
     /// the timeout; gives one reply per command. A server error in a
     /// reply fails the call unless `errors_in_place` (then the caller
     /// reads it), as redis-rs's `ignore_errors` does.

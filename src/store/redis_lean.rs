@@ -105,15 +105,16 @@ impl LeanConn {
         }))
     }
 
-    /// Runs a MULTI/EXEC; gives EXEC's replies, one per command (server
-    /// errors in place).
+    /// Runs a MULTI/EXEC, or a pipeline; gives one reply per command
+    /// (server errors in place).
     pub async fn exec(&self, t: Transaction) -> Answer {
+        let exec = t.is_multi();
         let (bytes, replies) = t.finish();
         let (done, answer) = oneshot::channel();
         let job = Job {
             bytes,
             replies,
-            exec: true,
+            exec,
             done,
         };
         let sent = match self.0.driver.load().as_ref() {

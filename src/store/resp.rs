@@ -116,10 +116,12 @@ macro_rules! int_arg {
 }
 int_arg!(u16, u32, u64, i64);
 
-/// A MULTI/EXEC transaction, encoded as it is built.
+/// A MULTI/EXEC transaction, or a plain pipeline, encoded as it is
+/// built.
 pub struct Transaction {
     buf: Vec<u8>,
     commands: usize,
+    multi: bool,
 }
 
 impl Transaction {
@@ -127,7 +129,27 @@ impl Transaction {
     pub fn with_capacity(bytes: usize) -> Self {
         let mut buf = Vec::with_capacity(bytes + 32);
         buf.extend_from_slice(b"*1\r\n$5\r\nMULTI\r\n");
-        Self { buf, commands: 0 }
+        Self {
+            buf,
+            commands: 0,
+            multi: true,
+        }
+    }
+
+    /// An empty pipeline (no MULTI/EXEC) with room for `bytes` of
+    /// commands: for steps each of which is atomic on its own, where
+    /// Redis then need not queue them.
+    pub fn pipeline(bytes: usize) -> Self {
+        Self {
+            buf: Vec::with_capacity(bytes),
+            commands: 0,
+            multi: false,
+        }
+    }
+
+    /// Whether this is a MULTI/EXEC transaction.
+    pub fn is_multi(&self) -> bool {
+        self.multi
     }
 
     /// Adds one command: its name and arguments.
@@ -143,8 +165,12 @@ impl Transaction {
     }
 
     /// The bytes to send, EXEC included, and the number of replies they
-    /// get: MULTI's, one per command (`QUEUED`) and EXEC's.
+    /// get: MULTI's, one per command (`QUEUED`) and EXEC's; a pipeline's,
+    /// one per command.
     pub fn finish(mut self) -> (Vec<u8>, usize) {
+        if !self.multi {
+            return (self.buf, self.commands);
+        }
         self.buf.extend_from_slice(b"*1\r\n$4\r\nEXEC\r\n");
         (self.buf, self.commands + 2)
     }
