@@ -822,6 +822,43 @@ async fn redis_writes_no_state_field_for_a_winner_and_reads_earlier_ones() {
     );
 }
 
+#[tokio::test]
+async fn redis_a_sold_tickets_left_over_lease_is_cleared_by_the_sweep() {
+    let h = redis();
+    let server = h.redis.as_ref().expect("redis");
+    let s = &*h.store;
+    let k = key("cut");
+    s.set_available(&k, 2).await.expect("restock");
+    let marks = [user_mark("erin")];
+    let (t, r) = reserve(s, &k, "erin", 1, &marks, None).await;
+    assert_eq!(r, Reserved::Won);
+    s.commit(&k, t, None, HOUR).await.expect("commit");
+    // As if the commit's pipeline was cut after its RENAME: the lease
+    // stayed, and ran out.
+    let tag = format!("test:{{{}:{}}}", k.rule, k.sku);
+    let zadd = ["ZADD", &format!("{tag}:leases"), "1", &t.to_string()];
+    assert_eq!(server.command(&zadd), ":1");
+    assert_eq!(s.expired(100).await.expect("expired"), [(k.clone(), t)]);
+    assert_eq!(
+        s.release(&k, t, ReleaseReason::LeaseExpired)
+            .await
+            .expect("release"),
+        0
+    );
+    // Gone from the sweep; still sold, and its buyer still a duplicate.
+    assert!(s.expired(100).await.expect("expired").is_empty());
+    assert_eq!(
+        s.ticket(t).await.expect("ticket").expect("known").state,
+        TicketState::Committed
+    );
+    let view = s.stock(&k).await.expect("stock").expect("loaded");
+    assert_eq!((view.available, view.sold), (1, 1));
+    assert_eq!(
+        reserve(s, &k, "erin", 1, &marks, None).await.1,
+        Reserved::Duplicate { first: t }
+    );
+}
+
 /// The states of `tickets`, read one by one.
 async fn states_of(s: &dyn Store, tickets: &[TicketId]) -> Vec<TicketState> {
     let mut out = Vec::new();

@@ -681,6 +681,12 @@ impl Inner {
                 }
                 tx.cmd("ZREM").arg(tag.key("leases")).arg(&id).ignore();
             }
+            if moved == 0 && !forget && !dead && n_held == 0 {
+                // Sold, and still with a lease: a commit's pipeline cut off
+                // after its RENAME (a crash mid-write). The lease goes; the
+                // marks stay with the sold order.
+                tx.cmd("ZREM").arg(tag.key("leases")).arg(&id).ignore();
+            }
             if forget {
                 add_forget(&mut tx, &tag, &id, &self.index_key(&id));
             } else if moved > 0 || dead {
