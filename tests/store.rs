@@ -859,6 +859,53 @@ async fn redis_a_sold_tickets_left_over_lease_is_cleared_by_the_sweep() {
     );
 }
 
+#[tokio::test]
+async fn redis_a_commit_step_redis_refuses_fails_the_commit_and_takes_nothing_more() {
+    let server = RedisServer::start();
+    // A buyer account that may not run one of the commit's steps.
+    let acl = [
+        "ACL", "SETUSER", "shop", "on", ">pw", "~*", "&*", "+@all", "-zrem", "-rename",
+    ];
+    assert_eq!(server.command(&acl), "+OK");
+    let config = RedisConfig {
+        url: format!("redis://shop:pw@127.0.0.1:{}/0", server.port()),
+        key_prefix: "test:".into(),
+        timeout: Duration::from_secs(2),
+        ..RedisConfig::default()
+    };
+    let s = RedisStore::new(&config, HOUR).expect("store");
+    let k = key("acl");
+    s.set_available(&k, 3).await.expect("restock");
+    let tag = format!("test:{{{}:{}}}", k.rule, k.sku);
+    // The RENAME refused: an error (journaled, tried again), never the
+    // late path, which would take another unit from `avail`.
+    let (t, r) = reserve(&s, &k, "fred", 1, &[], None).await;
+    assert_eq!(r, Reserved::Won);
+    let e = s.commit(&k, t, None, HOUR).await.expect_err("refused");
+    assert!(e.to_string().contains("no permissions"), "{e}");
+    let view = s.stock(&k).await.expect("stock").expect("loaded");
+    assert_eq!((view.available, view.in_flight, view.sold), (2, 1, 0));
+    // The RENAME allowed, the ZREM refused: sold, but the commit fails so
+    // that it is tried again; the try again takes nothing more and drops
+    // the lease.
+    assert_eq!(
+        server.command(&["ACL", "SETUSER", "shop", "+rename"]),
+        "+OK"
+    );
+    let e = s.commit(&k, t, None, HOUR).await.expect_err("refused");
+    assert!(e.to_string().contains("no permissions"), "{e}");
+    let lease = ["ZSCORE", &format!("{tag}:leases"), &t.to_string()];
+    assert_ne!(server.command(&lease), "");
+    assert_eq!(server.command(&["ACL", "SETUSER", "shop", "+zrem"]), "+OK");
+    assert_eq!(
+        s.commit(&k, t, None, HOUR).await.expect("commit"),
+        Committed::Held
+    );
+    assert_eq!(server.command(&lease), "");
+    let view = s.stock(&k).await.expect("stock").expect("loaded");
+    assert_eq!((view.available, view.in_flight, view.sold), (2, 0, 1));
+}
+
 /// The states of `tickets`, read one by one.
 async fn states_of(s: &dyn Store, tickets: &[TicketId]) -> Vec<TicketState> {
     let mut out = Vec::new();

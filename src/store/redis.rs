@@ -539,8 +539,9 @@ impl Inner {
     /// Moves back what a refused reservation took and removes what it
     /// wrote, in one transaction: units, the marks it set, its hold in the
     /// buyer's holds, its record and lease. (The reservation's reply just
-    /// came; nobody else knows the ticket.) With `ask_loaded`, also reads
-    /// whether the sku is loaded; gives that (else true).
+    /// came; nobody else knows the ticket.) With `ask_loaded` (it took
+    /// nothing), also reads whether the sku is loaded and has units now;
+    /// gives those (else loaded, without units).
     async fn undo(
         &self,
         key: &SkuKey,
@@ -549,13 +550,14 @@ impl Inner {
         marks_set: &[String],
         user: Option<&str>,
         ask_loaded: bool,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<(bool, bool), StoreError> {
         let tag = self.tag(key);
         let id = ticket.to_string();
         let mut pipe = redis::pipe();
         pipe.atomic();
         if ask_loaded {
             pipe.cmd("EXISTS").arg(tag.key("loaded"));
+            pipe.cmd("LLEN").arg(tag.key("avail"));
         }
         add_moves(
             &mut pipe,
@@ -575,7 +577,13 @@ impl Inner {
         }
         add_forget(&mut pipe, &tag, &id, &self.index_key(&id));
         let vals = self.run("reserve-undo", &pipe).await?;
-        Ok(!ask_loaded || vals.first().and_then(as_int) == Some(1))
+        if !ask_loaded {
+            return Ok((true, false));
+        }
+        Ok((
+            vals.first().and_then(as_int) == Some(1),
+            vals.get(1).and_then(as_int).unwrap_or(0) > 0,
+        ))
     }
 
     /// Returns what a ticket holds to `avail` (for an admin release also
@@ -721,6 +729,8 @@ impl Inner {
         pipe.cmd("GET").arg(tag.key("released"));
         // Every ticket has a record; only some have a state field.
         pipe.cmd("HKEYS").arg(tag.key("tickets"));
+        // One snapshot: a reservation in between would count twice.
+        pipe.atomic();
         let vals = conn.read("stock", &pipe).await?;
         if vals.first().and_then(as_int) != Some(1) {
             return Ok(None);
@@ -785,7 +795,20 @@ impl Inner {
             look.cmd("WATCH").arg(&held).arg(&sold).ignore();
             look.cmd("HGET").arg(tag.key("tickets")).arg(&id);
             look.cmd("LLEN").arg(&sold);
+            look.cmd("LLEN").arg(&held);
             let vals = x.query("commit", &look).await?.unwrap_or_default();
+            if vals.get(2).and_then(as_int).unwrap_or(0) > 0 {
+                // Its units are still held: the commit's RENAME did not run
+                // (only a missing `h:` sends a commit here). Taking more
+                // from `avail` would sell them twice.
+                x.discard();
+                return Err(StoreError::Backend {
+                    op: "commit",
+                    message: format!(
+                        "ticket {ticket} still holds its units; the commit did not run"
+                    ),
+                });
+            }
             let Some(text) = vals.first().and_then(as_string) else {
                 // Unknown: no state may be left behind for it.
                 let mut forget = redis::pipe();
@@ -997,18 +1020,18 @@ impl Store for RedisStore {
             .map(|(k, _)| k.clone())
             .collect();
         let user = counted.then_some(r.user);
-        let loaded = match self
+        let (loaded, units_now) = match self
             .undo(
                 r.key,
                 r.ticket,
                 reply.moved,
                 &marks_set,
                 user,
-                short.is_some(),
+                reply.moved == 0,
             )
             .await
         {
-            Ok(loaded) => loaded,
+            Ok(found) => found,
             Err(e) => {
                 // Left as it is, the refused attempt would hold its marks
                 // (and any units) until its lease: undo it from the ledger
@@ -1023,6 +1046,10 @@ impl Store for RedisStore {
             Reserved::Duplicate { first }
         } else if over_limit {
             Reserved::OverUserLimit
+        } else if short == Some(Reserved::SoldOut) && units_now {
+            // Units came since the reservation looked (the first load, a
+            // restock, a release): refused, but with no sold-out flag.
+            Reserved::NotEnough
         } else {
             short.unwrap_or(Reserved::Won)
         })
@@ -1053,11 +1080,26 @@ impl Store for RedisStore {
         if let Some(response) = response {
             add_answer(&mut t, self.index_arg(id), key, response, ttl);
         }
-        // The RENAME's error (a release got there first) is read below.
+        // The RENAME's "no such key" (a release got there first) is read
+        // below. Any other error (a refused command: ACL, OOM) fails the
+        // commit, which is then journaled and tried again; a try again
+        // finds the units sold if the RENAME ran, and redoes the rest.
         let vals = self.conn.transact("commit", t, true).await?;
-        match vals.first() {
-            Some(Value::ServerError(_)) => self.commit_late(key, ticket).await,
-            _ => Ok(Committed::Held),
+        let late = matches!(
+            vals.first(),
+            Some(Value::ServerError(e)) if e.details() == Some("no such key")
+        );
+        let refused = vals.iter().skip(usize::from(late)).find_map(|v| match v {
+            Value::ServerError(e) => Some(e.clone()),
+            _ => None,
+        });
+        if let Some(e) = refused {
+            return Err(self.conn.error("commit", e.into()));
+        }
+        if late {
+            self.commit_late(key, ticket).await
+        } else {
+            Ok(Committed::Held)
         }
     }
 
