@@ -392,6 +392,7 @@ impl Gateway {
             ExitWhenDrained {
                 connections: vec![open_connections],
                 sending: drainer.sending(),
+                settling: admission.ledger().settling(),
                 before_exit: {
                     let log = log_writer.clone();
                     let within = config.shutdown.timeout;

@@ -430,7 +430,7 @@ impl FastLane {
         }
         // Committed once the client has it, as on the proxied path.
         if let Some(kept) = kept {
-            kept.finish().await;
+            kept.finish_detached();
         }
         drop(slot);
         let ended = Ended {
