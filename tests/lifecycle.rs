@@ -1,6 +1,7 @@
 //! The end and the replacement of a gateway process, with real signals:
 //! SIGTERM finishes what is under way (a request at the backend, a memory
-//! queue's entries) and exits as soon as nothing is left, well inside a
+//! queue's entries, a commit after its answer) and exits as soon as
+//! nothing is left, well inside a
 //! long grace period; `sluice run --upgrade` takes the listeners of a
 //! running gateway on SIGQUIT while a client keeps sending requests, and
 //! none of them is refused or fails.
@@ -260,4 +261,63 @@ async fn an_upgrade_under_a_request_loop_refuses_and_fails_nothing() {
     );
     new.sigterm();
     assert!(new.wait_exit(EXIT_WAIT).is_some(), "{}", new.log());
+}
+
+/// A winner's commit runs after its answer is out, on a task of its own:
+/// a SIGTERM then waits for it, however long the store takes, instead of
+/// exiting with the order placed at the mall and its units only held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_waits_for_a_commit_still_on_its_way_to_the_store() {
+    let redis = RedisServer::start();
+    let up = Upstream::start();
+    let store = format!(
+        "{{ backend: redis, redis: {{ url: \"{}\", timeout: 10s }} }}",
+        redis.url()
+    );
+    let mut g = Gateway::builder()
+        .config(&gateway_yaml(&up, &store, 4))
+        .file("lua-free-rules/flash.yaml", RULE)
+        .start();
+    put_stock(g.admin(), "flash", "f1", 5).await;
+    // Redis freezes while the mall takes the order: the answer goes out,
+    // its commit cannot land.
+    up.set_stall(Duration::from_millis(500));
+    let listen = g.listen();
+    let first = tokio::spawn(async move { buy(listen, "f1", "u1").await });
+    wait_inflight(&up, 1).await;
+    redis.freeze();
+    let resp = first.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.header("x-sluice-outcome"), Some("forwarded"));
+
+    g.sigterm();
+    // Well past the shutdown's quiet time (200 ms): still there.
+    let early = g.wait_exit(Duration::from_millis(1500));
+    redis.thaw();
+    assert!(
+        early.is_none(),
+        "exited with a commit under way: {}",
+        g.log()
+    );
+    let status = g
+        .wait_exit(EXIT_WAIT)
+        .unwrap_or_else(|| panic!("still running: {}", g.log()));
+    assert!(status.success(), "{status}: {}", g.log());
+    // Sold in the store: nothing held, nothing gone back.
+    let config = sluice::config::RedisConfig {
+        url: redis.url(),
+        timeout: Duration::from_secs(2),
+        ..sluice::config::RedisConfig::default()
+    };
+    let store = sluice::store::redis::RedisStore::new(&config, Duration::from_secs(3600))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let view = sluice::store::Store::stock(&store, &sluice::vocab::SkuKey::new("flash", "f1"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("flash/f1 not loaded"));
+    assert_eq!(
+        (view.available, view.in_flight, view.sold),
+        (4, 0, 1),
+        "{view:?}"
+    );
 }
