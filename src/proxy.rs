@@ -430,10 +430,9 @@ impl ProxyHttp for SluiceProxy {
         );
         // A committing answer is committed with its body now that the
         // client has it: one store round trip per winner after the
-        // reservation, on a task of its own, so that the connection reads
-        // the client's next request meanwhile.
+        // reservation.
         if let Some(kept) = ctx.kept.take() {
-            kept.finish_detached();
+            kept.finish().await;
         }
         // Ended without an upstream answer or a proxy failure: the client
         // went away, before the backend had the whole order or while it

@@ -392,7 +392,6 @@ impl Gateway {
             ExitWhenDrained {
                 connections: vec![open_connections],
                 sending: drainer.sending(),
-                settling: admission.ledger().settling(),
                 before_exit: {
                     let log = log_writer.clone();
                     let within = config.shutdown.timeout;

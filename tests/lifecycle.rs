@@ -263,9 +263,10 @@ async fn an_upgrade_under_a_request_loop_refuses_and_fails_nothing() {
     assert!(new.wait_exit(EXIT_WAIT).is_some(), "{}", new.log());
 }
 
-/// A winner's commit runs after its answer is out, on a task of its own:
-/// a SIGTERM then waits for it, however long the store takes, instead of
-/// exiting with the order placed at the mall and its units only held.
+/// A winner's commit runs after its answer is out (before its connection
+/// takes another request): a SIGTERM then waits for it, however long the
+/// store takes, instead of exiting with the order placed at the mall and
+/// its units only held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_waits_for_a_commit_still_on_its_way_to_the_store() {
     let redis = RedisServer::start();

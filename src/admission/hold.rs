@@ -138,28 +138,6 @@ pub struct Ledger {
     flags: SoldOutFlags,
     result_ttl: Duration,
     journal: Journal,
-    settling: Settling,
-}
-
-/// Settlements running on tasks of their own ([`Ledger::detach`]), for a
-/// shutdown that waits for them.
-#[derive(Clone, Debug, Default)]
-pub struct Settling(Arc<std::sync::atomic::AtomicUsize>);
-
-impl Settling {
-    /// How many now.
-    pub fn get(&self) -> usize {
-        self.0.load(std::sync::atomic::Ordering::Acquire)
-    }
-}
-
-/// One detached settlement; counted until dropped.
-struct SettlingGuard(Settling);
-
-impl Drop for SettlingGuard {
-    fn drop(&mut self) {
-        (self.0).0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
 }
 
 /// Expired holds returned per sweep at most: a backlog drains over the
@@ -175,27 +153,7 @@ impl Ledger {
             flags: SoldOutFlags::new(),
             result_ttl,
             journal,
-            settling: Settling::default(),
         }
-    }
-
-    /// Detached settlements under way.
-    pub fn settling(&self) -> Settling {
-        self.settling.clone()
-    }
-
-    /// Runs `settle` on a task of its own, counted in [`Ledger::settling`]
-    /// until it ends: a commit after the answer then does not hold up the
-    /// client's next request on its connection.
-    pub fn detach(&self, settle: impl std::future::Future<Output = ()> + Send + 'static) {
-        self.settling
-            .0
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let guard = SettlingGuard(self.settling.clone());
-        tokio::spawn(async move {
-            settle.await;
-            drop(guard);
-        });
     }
 
     /// The settlements waiting to land.
@@ -382,11 +340,6 @@ pub struct Receipt {
 }
 
 impl Receipt {
-    /// The ledger it settles through.
-    pub fn ledger(&self) -> &Arc<Ledger> {
-        &self.ledger
-    }
-
     /// Keeps the answer for duplicates and ticket polls.
     pub async fn keep(&self, answer: &StoredResponse) {
         self.ledger.keep(&self.key, self.ticket, answer).await;
@@ -422,11 +375,6 @@ impl Hold {
     /// The ticket (the backend's idempotency key).
     pub fn ticket(&self) -> TicketId {
         self.held().ticket
-    }
-
-    /// The ledger it settles through.
-    pub fn ledger(&self) -> &Arc<Ledger> {
-        &self.held().ledger
     }
 
     /// The stock it holds units of.

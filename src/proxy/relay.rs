@@ -430,7 +430,7 @@ impl FastLane {
         }
         // Committed once the client has it, as on the proxied path.
         if let Some(kept) = kept {
-            kept.finish_detached();
+            kept.finish().await;
         }
         drop(slot);
         let ended = Ended {

@@ -234,18 +234,6 @@ impl KeptAnswer {
         self.complete = true;
     }
 
-    /// Finishes ([`KeptAnswer::finish`]) on a task of its own, which a
-    /// shutdown waits for: the client has its answer, and its connection
-    /// takes the next request without waiting for the store.
-    pub fn finish_detached(self) {
-        let ledger = match &self.then {
-            Some(AfterBody::Commit(hold)) => hold.ledger().clone(),
-            Some(AfterBody::Keep(receipt)) => receipt.ledger().clone(),
-            None => return,
-        };
-        ledger.detach(self.finish());
-    }
-
     /// Commits the hold with the answer (without it when the body did not
     /// arrive whole: a repeat is never replayed half an answer), or keeps
     /// the answer of a settled ticket.

@@ -2,8 +2,7 @@
 //! SIGQUIT has handed the listeners to the new process) pingora stops
 //! accepting and closes idle client connections; this service then waits
 //! for what is still under way (client connections with a request in
-//! flight, queued requests being sent, commits after their answers, and
-//! a memory queue's entries,
+//! flight, queued requests being sent, and a memory queue's entries,
 //! which no one else could send) and ends the process as soon as nothing
 //! is left, instead of sleeping out `shutdown.grace_period`, which stays
 //! the upper bound (pingora's own timer).
@@ -16,7 +15,6 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 
 use super::connections::OpenConnections;
-use crate::admission::hold::Settling;
 use crate::drain::Sending;
 use crate::queue::Queue;
 
@@ -34,8 +32,6 @@ pub struct ExitWhenDrained {
     pub connections: Vec<OpenConnections>,
     /// Queued requests the drainer is sending.
     pub sending: Sending,
-    /// Commits (and kept answers) running after their answers.
-    pub settling: Settling,
     /// The overflow queue.
     pub queue: Arc<dyn Queue>,
     /// Upstream names (the queue's keys).
@@ -55,11 +51,7 @@ impl ExitWhenDrained {
                 queued += self.queue.depth(name).await.unwrap_or(0);
             }
         }
-        (
-            connections,
-            self.sending.get() + self.settling.get(),
-            queued,
-        )
+        (connections, self.sending.get(), queued)
     }
 }
 
