@@ -839,14 +839,8 @@ async fn redis_a_sold_tickets_left_over_lease_is_cleared_by_the_sweep() {
     let zadd = ["ZADD", &format!("{tag}:leases"), "1", &t.to_string()];
     assert_eq!(server.command(&zadd), ":1");
     assert_eq!(s.expired(100).await.expect("expired"), [(k.clone(), t)]);
-    assert_eq!(
-        s.release(&k, t, ReleaseReason::LeaseExpired)
-            .await
-            .expect("release"),
-        0
-    );
+    assert_eq!(sweep_release(s, &k, t).await, 0);
     // Gone from the sweep; still sold, and its buyer still a duplicate.
-    assert!(s.expired(100).await.expect("expired").is_empty());
     assert_eq!(
         s.ticket(t).await.expect("ticket").expect("known").state,
         TicketState::Committed
@@ -904,6 +898,17 @@ async fn redis_a_commit_step_redis_refuses_fails_the_commit_and_takes_nothing_mo
     assert_eq!(server.command(&lease), "");
     let view = s.stock(&k).await.expect("stock").expect("loaded");
     assert_eq!((view.available, view.in_flight, view.sold), (2, 0, 1));
+}
+
+/// Releases `t` as the sweep does; gives the units it moved, once the
+/// sweep has nothing left to find.
+async fn sweep_release(s: &dyn Store, k: &SkuKey, t: TicketId) -> u64 {
+    let moved = s
+        .release(k, t, ReleaseReason::LeaseExpired)
+        .await
+        .expect("release");
+    assert!(s.expired(100).await.expect("expired").is_empty());
+    moved
 }
 
 /// The states of `tickets`, read one by one.
@@ -1142,13 +1147,7 @@ async fn expired_holds_are_listed_and_their_release_frees_the_buyer(h: Harness) 
     let found = wait_expired(s, t).await;
     assert_eq!(found, vec![(k.clone(), t)], "only the short lease ran out");
     assert_ne!(long, t);
-    assert_eq!(
-        s.release(&k, t, ReleaseReason::LeaseExpired)
-            .await
-            .expect("release"),
-        1
-    );
-    assert!(s.expired(100).await.expect("expired").is_empty());
+    assert_eq!(sweep_release(s, &k, t).await, 1);
     // The buyer's mark and hold went with it: alice may buy again.
     assert_eq!(
         reserve(s, &k, "alice", 1, &marks, Some(1)).await.1,
@@ -1404,14 +1403,8 @@ async fn redis_a_dead_reservation_is_cleared_by_the_sweep() {
         .await
         .expect("lmove");
     wait_expired(s, t).await;
-    assert_eq!(
-        s.release(&k, t, ReleaseReason::LeaseExpired)
-            .await
-            .expect("release"),
-        0
-    );
+    assert_eq!(sweep_release(s, &k, t).await, 0);
     // Gone from the sweep, and the buyer is free again.
-    assert!(s.expired(100).await.expect("expired").is_empty());
     assert_eq!(
         reserve(s, &k, "ghost", 1, &marks, Some(1)).await.1,
         Reserved::Won
