@@ -539,9 +539,10 @@ impl Inner {
     /// Moves back what a refused reservation took and removes what it
     /// wrote, in one transaction: units, the marks it set, its hold in the
     /// buyer's holds, its record and lease. (The reservation's reply just
-    /// came; nobody else knows the ticket.) With `ask_loaded` (it took
-    /// nothing), also reads whether the sku is loaded and has units now;
-    /// gives those (else loaded, without units).
+    /// came; nobody else knows the ticket.) When it took nothing, also
+    /// reads whether the sku is loaded and has units now; gives those
+    /// (having taken some, the sku is loaded; whether units are left does
+    /// not matter then, and is given as false).
     async fn undo(
         &self,
         key: &SkuKey,
@@ -549,8 +550,8 @@ impl Inner {
         moved: u64,
         marks_set: &[String],
         user: Option<&str>,
-        ask_loaded: bool,
     ) -> Result<(bool, bool), StoreError> {
+        let ask_loaded = moved == 0;
         let tag = self.tag(key);
         let id = ticket.to_string();
         let mut pipe = redis::pipe();
@@ -677,6 +678,11 @@ impl Inner {
             tx.atomic();
             add_moves(&mut tx, &held, &avail, n_held, true);
             add_moves(&mut tx, &sold, &avail, n_sold, true);
+            // The lease goes in every case: units moved back, a ticket that
+            // never held any, or one sold whose lease outlived it (a
+            // commit's pipeline cut off after its RENAME; its marks stay
+            // with the sold order).
+            tx.cmd("ZREM").arg(tag.key("leases")).arg(&id).ignore();
             if moved > 0 || forget || dead {
                 for m in &ours {
                     tx.cmd("DEL").arg(*m).ignore();
@@ -687,13 +693,6 @@ impl Inner {
                         .arg(&id)
                         .ignore();
                 }
-                tx.cmd("ZREM").arg(tag.key("leases")).arg(&id).ignore();
-            }
-            if moved == 0 && !forget && !dead && n_held == 0 {
-                // Sold, and still with a lease: a commit's pipeline cut off
-                // after its RENAME (a crash mid-write). The lease goes; the
-                // marks stay with the sold order.
-                tx.cmd("ZREM").arg(tag.key("leases")).arg(&id).ignore();
             }
             if forget {
                 add_forget(&mut tx, &tag, &id, &self.index_key(&id));
@@ -1021,14 +1020,7 @@ impl Store for RedisStore {
             .collect();
         let user = counted.then_some(r.user);
         let (loaded, units_now) = match self
-            .undo(
-                r.key,
-                r.ticket,
-                reply.moved,
-                &marks_set,
-                user,
-                reply.moved == 0,
-            )
+            .undo(r.key, r.ticket, reply.moved, &marks_set, user)
             .await
         {
             Ok(found) => found,
