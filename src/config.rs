@@ -104,25 +104,6 @@ pub fn load_with_env(path: &Path, env: EnvLookup) -> Result<Config, ConfigErrors
     }
 }
 
-/// Re-reads the rule files of a running config (admin reload, SIGHUP).
-/// Cache rules are checked too, but those in force stay until a restart.
-pub fn reload_rules(config: &Config) -> Result<RuleSet, ConfigErrors> {
-    let mut found = Vec::new();
-    let names: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
-    let ctx = RuleContext {
-        upstreams: &names,
-        default_upstream: config.default_upstream,
-        env: &|name| std::env::var_os(name),
-    };
-    let (rules, _cache) =
-        load_rules_into(&config.source, (&config.rule_globs, None), &ctx, &mut found);
-    if found.is_empty() {
-        Ok(RuleSet::new(rules))
-    } else {
-        Err(ConfigErrors(found))
-    }
-}
-
 /// Unknown keys of `file` as problems at their keys.
 fn unknown_keys(file: &Path, unknown: Vec<strict::UnknownKey>) -> Vec<ConfigError> {
     unknown

@@ -6,9 +6,13 @@
 //! Reloadable: every rule file (and the `rules:` globs), the upstreams'
 //! `servers` and timeouts, `default_upstream`, `routes`,
 //! `trusted_proxies`, the cache rules of the rule files, and the TLS
-//! certificate and key (re-read).
+//! certificate and key (re-read). The TLS listener, the access log, the
+//! gateway's own log and the cache's tiers are made at start too: a
+//! reload that changes them is refused, not reported applied.
 
-use super::{Config, StoreConfig, UpstreamConfig};
+use std::path::PathBuf;
+
+use super::{AccessLogConfig, AccessLogFormat, Config, StoreConfig, UpstreamConfig};
 
 /// One key whose change needs a restart: its path and the two values.
 fn changed<T: PartialEq + std::fmt::Debug>(out: &mut Vec<String>, key: &str, old: &T, new: &T) {
@@ -101,6 +105,22 @@ fn store(out: &mut Vec<String>, old: &StoreConfig, new: &StoreConfig) {
     changed(out, "store.journal", &old.journal, &new.journal);
 }
 
+/// What of `access_log:` is set at start; its hash key is named by the
+/// variable it was read from, never shown.
+fn access_log(
+    c: &Option<AccessLogConfig>,
+) -> Option<(PathBuf, AccessLogFormat, bool, Option<String>, u32)> {
+    c.as_ref().map(|a| {
+        (
+            a.path.clone(),
+            a.format,
+            a.log_user,
+            a.hash_key_env.clone(),
+            a.buffer,
+        )
+    })
+}
+
 /// Why `new` cannot be put in force by a reload of `old`: one line per
 /// key that needs a restart; empty when the reload can go ahead.
 pub fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
@@ -118,6 +138,17 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         &old.upgrade_socket,
         &new.upgrade_socket,
     );
+    // The certificate and key are read again; the listener is not.
+    let tls_listen = |c: &Config| c.tls.as_ref().map(|t| t.listen);
+    changed(&mut out, "tls.listen", &tls_listen(old), &tls_listen(new));
+    changed(
+        &mut out,
+        "access_log",
+        &access_log(&old.access_log),
+        &access_log(&new.access_log),
+    );
+    changed(&mut out, "log", &old.log, &new.log);
+    changed(&mut out, "cache", &old.cache, &new.cache);
     let names = |c: &Config| {
         c.upstreams
             .iter()
@@ -186,5 +217,56 @@ mod tests {
             .iter()
             .any(|w| w.starts_with("upstreams.mall.max_inflight changed (64 -> 65)")));
         assert!(!why.join(" ").contains("hunter2"));
+    }
+
+    #[test]
+    fn the_tls_listener_the_logs_and_the_cache_tiers_need_a_restart() {
+        let old = config();
+        let tls = super::super::TlsConfig {
+            listen: "127.0.0.1:8443".parse().unwrap_or_else(|e| panic!("{e}")),
+            cert: "cert.pem".into(),
+            key: "key.pem".into(),
+        };
+        let refused = |change: &dyn Fn(&mut Config), key: &str| {
+            let mut new = old.clone();
+            change(&mut new);
+            let why = needs_restart(&old, &new);
+            assert_eq!(why.len(), 1, "{key}: {why:?}");
+            assert!(why[0].starts_with(&format!("{key} changed")), "{why:?}");
+        };
+        refused(&|c| c.tls = Some(tls.clone()), "tls.listen");
+        refused(&|c| c.log.format = super::super::LogFormat::Json, "log");
+        refused(&|c| c.cache.max_bytes += 1, "cache");
+        refused(&|c| c.cache.redis = !c.cache.redis, "cache");
+        refused(
+            &|c| {
+                c.access_log = Some(AccessLogConfig {
+                    path: "access.log".into(),
+                    format: AccessLogFormat::Json,
+                    log_user: false,
+                    hash_key_env: None,
+                    hash_key: None,
+                    buffer: 1024,
+                })
+            },
+            "access_log",
+        );
+
+        // With TLS on both sides, a new certificate or key is re-read; a
+        // new listener is not.
+        let mut with = old.clone();
+        with.tls = Some(tls.clone());
+        let mut new = with.clone();
+        if let Some(t) = new.tls.as_mut() {
+            t.cert = "other.pem".into();
+            t.key = "other-key.pem".into();
+        }
+        assert!(needs_restart(&with, &new).is_empty());
+        if let Some(t) = new.tls.as_mut() {
+            t.listen = "127.0.0.1:9443".parse().unwrap_or_else(|e| panic!("{e}"));
+        }
+        let why = needs_restart(&with, &new);
+        assert_eq!(why.len(), 1, "{why:?}");
+        assert!(why[0].contains("127.0.0.1:8443") && why[0].contains("127.0.0.1:9443"));
     }
 }
