@@ -46,6 +46,16 @@ const BAD: &[(&str, &[&str])] = &[
         &["tests/fixtures/bad_negative_max_inflight.yaml:5:19: upstreams.mall.max_inflight: -1 must be a whole number from 1 to 4294967295"],
     ),
     (
+        // Never echoed with its password; TLS is refused up front rather
+        // than failing every reservation once running.
+        "tests/fixtures/bad_redis_tls.yaml",
+        &["tests/fixtures/bad_redis_tls.yaml:4:17: store.redis.url: \"rediss://app:***@redis.internal:6380/0\": TLS to Redis (rediss://) is not supported; use redis:// on a private network or a unix:// socket"],
+    ),
+    (
+        "tests/fixtures/bad_redis_scheme.yaml",
+        &["tests/fixtures/bad_redis_scheme.yaml:3:17: store.redis.url: \"http://app:***@redis.internal:6379/0\" must start with redis://, unix:// or redis+unix://"],
+    ),
+    (
         "tests/fixtures/bad_missing_listen.yaml",
         &["tests/fixtures/bad_missing_listen.yaml:1:1: missing required key `listen`"],
     ),

@@ -296,17 +296,28 @@ fn store(p: &mut Problems, raw: &RawGateway) -> StoreConfig {
     if let Some(r) = &s.redis {
         let r = &r.value;
         if let Some(url) = &r.url {
-            let scheme_ok = ["redis://", "rediss://", "redis+unix://", "unix://"]
+            let scheme_ok = ["redis://", "redis+unix://", "unix://"]
                 .iter()
                 .any(|s| url.value.starts_with(s));
+            // Shown without its password, as everywhere else.
+            let shown = super::view::redact_url(&url.value);
             if scheme_ok {
                 out.redis.url = url.value.clone();
+            } else if url.value.starts_with("rediss://") {
+                // The store's own connection speaks plain RESP: a TLS URL
+                // would pass here and fail every reservation at run time.
+                p.add(
+                    url.referenced,
+                    format!(
+                        "store.redis.url: {shown:?}: TLS to Redis (rediss://) is not supported; \
+                         use redis:// on a private network or a unix:// socket"
+                    ),
+                );
             } else {
                 p.add(
                     url.referenced,
                     format!(
-                        "store.redis.url: {:?} must start with redis:// or rediss://",
-                        url.value
+                        "store.redis.url: {shown:?} must start with redis://, unix:// or redis+unix://"
                     ),
                 );
             }
