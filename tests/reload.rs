@@ -218,6 +218,30 @@ async fn a_bad_file_is_refused_with_every_problem_and_the_old_rules_keep_serving
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_started_with_a_relative_config_path_reloads() {
+    // `sluice run --config gateway.yaml`, as the README has it: the paths
+    // the config resolves against its folder (the journal, the access log)
+    // must be the same at start and on reload, or every reload is refused
+    // as changing them.
+    let up = Upstream::start();
+    let g = Gateway::builder()
+        .config(&gateway_yaml(
+            &[up.addr()],
+            "access_log: { path: access.log }\nupgrade_socket: upgrade.sock\n",
+        ))
+        .file("lua-free-rules/flash.yaml", FLASH)
+        .relative_config()
+        .start();
+    assert_eq!(buy(&g, "seckill", "s1", "u1").await.1, "passthrough");
+    g.write("lua-free-rules/seckill.yaml", SECKILL);
+    let (status, body) = admin_reload(&g).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(reloads(&g, "ok").await, 1.0);
+    // The new rule is in force: its sku was never loaded.
+    assert_eq!(buy(&g, "seckill", "s1", "u1").await.1, "unavailable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_that_changes_a_restart_only_key_is_refused_with_a_message() {
     let up = Upstream::start();
     let g = Gateway::builder()

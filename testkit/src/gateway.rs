@@ -166,9 +166,19 @@ pub struct GatewayBuilder {
     env: Vec<(String, String)>,
     /// `RLIMIT_NOFILE` (soft, hard) for the process, as `ulimit -n` would set it.
     fd_limit: Option<(u64, u64)>,
+    /// Pass `--config gateway.yaml`, relative to its folder (the working
+    /// directory), as an operator would.
+    relative_config: bool,
 }
 
 impl GatewayBuilder {
+    /// Starts the process with `--config gateway.yaml`, relative to its
+    /// working directory (the gateway's folder), instead of the full path.
+    pub fn relative_config(mut self) -> Self {
+        self.relative_config = true;
+        self
+    }
+
     /// Sets the gateway.yaml text; `${LISTEN}` and `${ADMIN}` become free loopback addresses.
     pub fn config(mut self, yaml: &str) -> Self {
         self.config = Some(yaml.to_string());
@@ -221,7 +231,13 @@ impl GatewayBuilder {
         }
 
         let log_path = dir.path().join("gateway.log");
-        let child = spawn_sluice(&config_path, &log_path, &self.env, self.fd_limit, false);
+        let child = spawn_sluice(
+            &config_path,
+            &log_path,
+            &self.env,
+            self.fd_limit,
+            (false, self.relative_config),
+        );
         let mut gateway = Gateway {
             child,
             status: None,
@@ -238,14 +254,15 @@ impl GatewayBuilder {
     }
 }
 
-/// Spawns `sluice run --config <config>` (with `--upgrade` if asked),
-/// its stdout and stderr appended to `log`.
+/// Spawns `sluice run --config <config>` (with `--upgrade` if asked, and
+/// the config named by its file name alone if `relative`) in the config's
+/// folder, its stdout and stderr appended to `log`.
 fn spawn_sluice(
     config: &Path,
     log: &Path,
     env: &[(String, String)],
     fd_limit: Option<(u64, u64)>,
-    upgrade: bool,
+    (upgrade, relative): (bool, bool),
 ) -> Child {
     let out = std::fs::OpenOptions::new()
         .create(true)
@@ -254,7 +271,11 @@ fn spawn_sluice(
         .expect("open gateway log");
     let err = out.try_clone().expect("clone gateway log handle");
     let mut cmd = sluice_cmd();
-    cmd.arg("run").arg("--config").arg(config);
+    let named = match (relative, config.file_name()) {
+        (true, Some(name)) => Path::new(name),
+        _ => config,
+    };
+    cmd.arg("run").arg("--config").arg(named);
     if upgrade {
         cmd.arg("--upgrade");
     }
@@ -411,7 +432,7 @@ impl Gateway {
             &log_path,
             &self.env,
             self.fd_limit,
-            true,
+            (true, false),
         );
         Gateway {
             child,
