@@ -304,8 +304,9 @@ fn store(p: &mut Problems, raw: &RawGateway) -> StoreConfig {
             if scheme_ok {
                 out.redis.url = url.value.clone();
             } else if url.value.starts_with("rediss://") {
-                // The store's own connection speaks plain RESP: a TLS URL
-                // would pass here and fail every reservation at run time.
+                // The store's connections speak plain RESP (redis-rs is
+                // built without TLS): said here, at its line, rather than
+                // by `run` failing to start.
                 p.add(
                     url.referenced,
                     format!(

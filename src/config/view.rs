@@ -12,23 +12,53 @@ fn ms(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// `redis://user:secret@host/0` -> `redis://user:***@host/0`.
+/// `redis://user:secret@host/0` -> `redis://user:***@host/0`; a socket's
+/// `?pass=` (where redis-rs reads it) and anything before an `@` of a
+/// string that is no URL at all are masked too.
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url),
     };
-    match rest.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            let shown = if userinfo.contains(':') {
-                format!("{user}:***")
-            } else {
-                "***".to_string()
-            };
-            format!("{scheme}://{shown}@{host}")
-        }
-        None => url.to_string(),
+    // The last `@`: a raw `?` or `:` in a password stays on its left.
+    let (userinfo, host) = match rest.rsplit_once('@') {
+        Some((userinfo, host)) => (Some(userinfo), host),
+        None => (None, rest),
+    };
+    let mut out = String::with_capacity(url.len());
+    if let Some(scheme) = scheme {
+        out.push_str(scheme);
+        out.push_str("://");
     }
+    if let Some(userinfo) = userinfo {
+        match userinfo.split_once(':') {
+            Some((user, _)) => {
+                out.push_str(user);
+                out.push_str(":***@");
+            }
+            None => out.push_str("***@"),
+        }
+    }
+    match host.split_once('?') {
+        Some((host, query)) => {
+            out.push_str(host);
+            out.push('?');
+            let params: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _))
+                        if k.eq_ignore_ascii_case("pass") || k.eq_ignore_ascii_case("password") =>
+                    {
+                        format!("{k}=***")
+                    }
+                    _ => kv.to_string(),
+                })
+                .collect();
+            out.push_str(&params.join("&"));
+        }
+        None => out.push_str(host),
+    }
+    out
 }
 
 fn source(s: &FieldSource) -> Value {
@@ -195,5 +225,20 @@ mod tests {
         );
         assert_eq!(redact_url("redis://token@redis/1"), "redis://***@redis/1");
         assert_eq!(redact_url("not a url"), "not a url");
+        // redis-rs reads a socket's password from the query.
+        assert_eq!(
+            redact_url("redis+unix:///run/redis.sock?db=1&pass=s3cret"),
+            "redis+unix:///run/redis.sock?db=1&pass=***"
+        );
+        assert_eq!(
+            redact_url("unix:/s.sock?password=s3cret"),
+            "unix:/s.sock?password=***"
+        );
+        // Misspelt schemes still hide what sits before the `@`.
+        assert_eq!(redact_url("redis:/app:s3cret@host/0"), "redis:***@host/0");
+        assert_eq!(
+            redact_url("redis://:pa?ss@host/0?pass=x"),
+            "redis://:***@host/0?pass=***"
+        );
     }
 }
