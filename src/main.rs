@@ -259,10 +259,10 @@ fn reconcile(args: &ReconcileArgs) -> anyhow::Result<bool> {
 fn run(args: &RunArgs) -> anyhow::Result<()> {
     // The config says how to log, so it is read first; its problems are
     // printed as `sluice check` prints them.
-    // Absolute, as the reloader reads it again: the paths a config
-    // resolves against its folder (journal, access log, upgrade socket)
-    // must come out the same at start and on every reload, or each reload
-    // sees them "changed" and is refused.
+    // Absolute: the reloader reads the file again by this path, whatever
+    // the working directory is by then, and the paths the config resolves
+    // against its folder (journal, access log, upgrade socket) come out
+    // the same at start and on every reload.
     let path = std::path::absolute(&args.config.config)
         .with_context(|| format!("cannot resolve {}", args.config.config.display()))?;
     let config = sluice::config::load(&path)

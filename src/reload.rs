@@ -8,7 +8,6 @@
 //! Requests under way finish under what they started with; state of
 //! rules that stay (token buckets, sold-out flags, stock) is kept.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -69,7 +68,6 @@ pub struct Reloaded {
 /// Re-reads the config file a gateway was started with and puts it in
 /// force; one reload at a time.
 pub struct Reloader {
-    source: PathBuf,
     live: Arc<ArcSwap<Config>>,
     admission: Arc<Admission>,
     upstreams: Arc<Upstreams>,
@@ -81,8 +79,11 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    /// A reloader of the config in `live` (read again from its `source`)
-    /// and of everything built from it.
+    /// A reloader of the config in `live` (read again from its `source`,
+    /// spelt as at start: another spelling would resolve the paths the
+    /// config names against its folder differently; `run` gives an
+    /// absolute one, so a later working directory does not matter) and of
+    /// everything built from it.
     pub fn new(
         live: Arc<ArcSwap<Config>>,
         admission: Arc<Admission>,
@@ -93,9 +94,6 @@ impl Reloader {
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
-            // Absolute: the files are read again later, whatever the cwd.
-            source: std::path::absolute(&live.load().source)
-                .unwrap_or_else(|_| live.load().source.clone()),
             live,
             admission,
             upstreams,
@@ -116,7 +114,7 @@ impl Reloader {
     }
 
     async fn reload_once(&self) -> Result<Reloaded, ReloadError> {
-        let source = self.source.clone();
+        let source = self.live.load().source.clone();
         // Files and secrets are read with blocking calls: off the runtime.
         let new = tokio::task::spawn_blocking(move || crate::config::load(&source))
             .await

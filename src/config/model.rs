@@ -416,7 +416,7 @@ impl AccessLogFormat {
 }
 
 /// `access_log:`
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AccessLogConfig {
     /// The file lines are appended to (reopened on SIGUSR1).
     pub path: PathBuf,
