@@ -222,6 +222,8 @@ pub struct Rule {
     pub method: Method,
     /// Path template to match, with how it treats other spellings.
     pub path: PathTemplate,
+    /// What a request of another method to the rule's path gets.
+    pub other_methods: OtherMethods,
     /// Where the user id comes from.
     pub user: FieldSource,
     /// Where the sku comes from.
@@ -248,6 +250,30 @@ pub struct Rule {
     pub responses: Responses,
     /// Where the rule was written, for logs and `check`.
     pub origin: (PathBuf, u32),
+}
+
+/// What a request gets that reaches a rule's path with another method
+/// (`match.other_methods`). Many legacy handlers take any method (a PHP
+/// script reading `$_REQUEST`, ThinkPHP's `Route::rule`, a Spring
+/// `@RequestMapping` without `method`), so a `GET` or `PUT` of the order
+/// path would place an order past admission.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OtherMethods {
+    /// Answered `invalid` (`refuse`, the default).
+    Refuse,
+    /// Proxied as an unmatched request (`pass`): the backend serves
+    /// another method on that path (an order's status, a CORS preflight).
+    Pass,
+}
+
+impl OtherMethods {
+    /// The config word for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OtherMethods::Refuse => "refuse",
+            OtherMethods::Pass => "pass",
+        }
+    }
 }
 
 /// The rules in force, matched in file order.
@@ -331,9 +357,11 @@ impl RuleSet {
         // One canonical form per `params` mode in use, made on demand.
         let mut normal: [Option<canonical::NormalPath>; 2] = [None, None];
         let mut other_case: Option<(usize, &Arc<Rule>, String)> = None;
+        let mut other_method: Option<(usize, &Arc<Rule>, String)> = None;
         for (index, rule) in self.rules.iter().enumerate() {
             let same = rule.method == *method;
-            if !same && !rule.method.as_str().eq_ignore_ascii_case(method.as_str()) {
+            let case_only = !same && rule.method.as_str().eq_ignore_ascii_case(method.as_str());
+            if !same && !case_only && rule.other_methods == OtherMethods::Pass {
                 continue;
             }
             let params = rule.path.spelling().params;
@@ -343,8 +371,13 @@ impl RuleSet {
                 continue;
             };
             let own = rule.path.render(&captures);
-            if !same {
+            if case_only {
                 other_case.get_or_insert((index, rule, own));
+                continue;
+            }
+            if !same {
+                // Another rule may take this method on the same path.
+                other_method.get_or_insert((index, rule, own));
                 continue;
             }
             if own != path && rule.path.spelling().variants == Variants::Refuse {
@@ -374,6 +407,17 @@ impl RuleSet {
                 ),
             });
         }
+        if let Some((index, rule, own)) = other_method {
+            return Route::Refused(Refusal {
+                index,
+                rule,
+                message: format!(
+                    "this route takes {} only: send {} {own}",
+                    rule.method.as_str(),
+                    rule.method.as_str()
+                ),
+            });
+        }
         self.lenient_refusal(method, path)
             .map_or(Route::Unmatched, Route::Refused)
     }
@@ -382,7 +426,9 @@ impl RuleSet {
     /// reads it (`canonical::lenient`).
     fn lenient_refusal(&self, method: &Method, path: &str) -> Option<Refusal<'_>> {
         self.rules.iter().enumerate().find_map(|(index, rule)| {
-            if !rule.method.as_str().eq_ignore_ascii_case(method.as_str()) {
+            if rule.other_methods == OtherMethods::Pass
+                && !rule.method.as_str().eq_ignore_ascii_case(method.as_str())
+            {
                 return None;
             }
             let spelling = rule.path.spelling();
@@ -393,7 +439,7 @@ impl RuleSet {
                 index,
                 rule,
                 message: format!(
-                    "the path reaches this route only once its escapes or backslashes are decoded: send {} {}",
+                    "the path reaches this route only once its escapes or backslashes are decoded or its segments trimmed: send {} {}",
                     rule.method.as_str(),
                     rule.path.render(&captures)
                 ),

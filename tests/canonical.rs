@@ -36,6 +36,7 @@ const RULES: &str = r#"rules:
     match:
       method: POST
       path: "/api/watches/{sku}/order"
+      other_methods: pass
       case: strict
       trailing_slash: strict
       params: strict
@@ -269,6 +270,14 @@ async fn spellings_that_must_not_pass_are_invalid() {
         ("POST", "/api\\seckill\\p1\\order", "decoded"),
         ("POST", "/api/seckill/p1/%256Frder", "decoded"),
         ("post", "/api/seckill%5Cp1/order", "decoded"),
+        // Spring before 4.3 trims path tokens: these are its order route.
+        ("POST", "/api/seckill/p1/order%20", "trimmed"),
+        ("POST", "/api/seckill/p1/%09order", "trimmed"),
+        ("POST", "/api/seckill/p1/order\t", "trimmed"),
+        // Many legacy handlers take any method.
+        ("PUT", "/api/seckill/p1/order", "takes POST only"),
+        ("GET", "/api/seckill/p1/order/", "takes POST only"),
+        ("DELETE", "/api/seckill/p1/order%20", "trimmed"),
     ];
     for (i, (method, target, why)) in refused.iter().enumerate() {
         let answer = send(gw.listen(), method, target, &format!("u{i}")).await;
@@ -435,6 +444,18 @@ async fn strict_options_and_unmatched_paths_pass_through_unchanged() {
     ] {
         let answer = send(gw.listen(), "POST", spelling, "u1").await;
         answer.expect(200, "passthrough", spelling);
+        assert_eq!(last_forwarded(&mall), (spelling.to_string(), None, None));
+    }
+    // `other_methods: pass`: another method is the backend's.
+    for (method, spelling) in [
+        ("PUT", "/api/watches/w1/order"),
+        ("GET", "/api/watches/w1/order"),
+    ] {
+        send(gw.listen(), method, spelling, "u1").await.expect(
+            200,
+            "passthrough",
+            &format!("{method} {spelling}"),
+        );
         assert_eq!(last_forwarded(&mall), (spelling.to_string(), None, None));
     }
     // The steps of RFC 3986 still apply to a strict rule.

@@ -191,7 +191,7 @@ const BAD: &[(&str, &[&str])] = &[
             "tests/fixtures/bad_everything.yaml:6:19: upstreams.mall.max_inflight: 0 must be a whole number from 1 to 4294967295",
             "tests/fixtures/bad_everything.yaml:7:5: unknown field `retries`, expected one of servers, max_inflight, connect_timeout, read_timeout, write_timeout, idle_timeout, health_check, queue_claim_idle",
             "tests/fixtures/bad_everything.yaml:10:1: unknown field `logging`, expected one of listen, admin, store, upstreams, default_upstream, rules, trusted_proxies, limits, shutdown, threads, h2c, upgrade_socket, tls, routes, access_log, log, cache",
-            "tests/fixtures/rules/bad_everything.yaml:3:62: unknown field `host`, expected one of method, path, variants, case, trailing_slash, params, suffix",
+            "tests/fixtures/rules/bad_everything.yaml:3:62: unknown field `host`, expected one of method, path, variants, case, trailing_slash, params, suffix, other_methods",
             "tests/fixtures/rules/bad_everything.yaml:7:36: rate_limits[0].per: invalid duration \"1 minute\": expected a whole number followed by ms, s, m or h (like 250ms or 3s)",
         ],
     ),
@@ -315,11 +315,12 @@ const BAD: &[(&str, &[&str])] = &[
             "tests/fixtures/rules/bad_spelling.yaml:8:23: match.trailing_slash: \"yes\" is not one of ignore, strict",
             "tests/fixtures/rules/bad_spelling.yaml:9:15: match.params: \"keep\" is not one of ignore, strict",
             "tests/fixtures/rules/bad_spelling.yaml:10:15: match.suffix: \"any\" is not one of ignore, strict",
+            "tests/fixtures/rules/bad_spelling.yaml:11:22: match.other_methods: \"allow\" is not one of refuse, pass",
         ],
     ),
     (
         "tests/fixtures/bad_rule_match_unknown_key.yaml",
-        &["tests/fixtures/rules/bad_match_unknown_key.yaml:3:62: unknown field `trailing_slashes`, expected one of method, path, variants, case, trailing_slash, params, suffix"],
+        &["tests/fixtures/rules/bad_match_unknown_key.yaml:3:62: unknown field `trailing_slashes`, expected one of method, path, variants, case, trailing_slash, params, suffix, other_methods"],
     ),
     (
         "tests/fixtures/bad_rule_path_canonical.yaml",

@@ -14,8 +14,8 @@ use super::error::Problems;
 use super::rule_raw::{RawMatch, RawRule, RawSku, RawUser};
 use crate::outcome::{Outcome, ResponseOverride};
 use crate::rules::{
-    Dedup, FailureMode, FieldSource, Fold, PathTemplate, QuantitySpec, QueueSpec, RateKey,
-    RateLimit, ReleaseOn, Responses, Rule, Secret, Spelling, Variants, Window,
+    Dedup, FailureMode, FieldSource, Fold, OtherMethods, PathTemplate, QuantitySpec, QueueSpec,
+    RateKey, RateLimit, ReleaseOn, Responses, Rule, Secret, Spelling, Variants, Window,
 };
 use crate::vocab::UpstreamId;
 
@@ -69,6 +69,7 @@ pub fn build_rule(raw: &Spanned<RawRule>, ctx: &RuleContext, p: &mut Problems) -
         .and_then(|n| check_name(p, n));
     let matcher = p.required(at, "match", &r.matcher);
     let method = matcher.and_then(|m| check_method(p, &m.value.method));
+    let other_methods = matcher.and_then(|m| other_methods(p, &m.value));
     let path = matcher.and_then(|m| {
         let spelling = spelling(p, &m.value);
         let template = p.check(
@@ -104,6 +105,7 @@ pub fn build_rule(raw: &Spanned<RawRule>, ctx: &RuleContext, p: &mut Problems) -
         name: name?,
         method: method?,
         path: path?,
+        other_methods: other_methods?,
         user: user?,
         sku: sku?,
         quantity: quantity?,
@@ -155,6 +157,24 @@ fn check_method(p: &mut Problems, m: &Spanned<String>) -> Option<Method> {
         );
     }
     parsed
+}
+
+/// `match.other_methods`: `refuse` (the default) or `pass`.
+fn other_methods(p: &mut Problems, m: &RawMatch) -> Option<OtherMethods> {
+    let Some(v) = &m.other_methods else {
+        return Some(OtherMethods::Refuse);
+    };
+    match v.value.as_str() {
+        "refuse" => Some(OtherMethods::Refuse),
+        "pass" => Some(OtherMethods::Pass),
+        other => {
+            p.add(
+                v.referenced,
+                format!("match.other_methods: {other:?} is not one of refuse, pass"),
+            );
+            None
+        }
+    }
 }
 
 /// `match.variants` and the `ignore | strict` keys beside it.

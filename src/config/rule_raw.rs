@@ -104,6 +104,8 @@ pub struct RawMatch {
     pub params: Option<Spanned<String>>,
     #[serde(default)]
     pub suffix: Option<Spanned<String>>,
+    #[serde(default)]
+    pub other_methods: Option<Spanned<String>>,
 }
 
 /// `user:`: exactly one source.

@@ -107,6 +107,7 @@ pub fn view(c: &Config) -> Value {
             json!({
                 "name": &*r.name,
                 "match": {"method": r.method.as_str(), "path": r.path.as_str(),
+                          "other_methods": r.other_methods.as_str(),
                           "variants": r.path.spelling().variants.as_str(),
                           "case": r.path.spelling().case.as_str(),
                           "trailing_slash": r.path.spelling().trailing_slash.as_str(),

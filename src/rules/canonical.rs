@@ -304,12 +304,14 @@ pub fn is_canonical(path: &str) -> bool {
 /// How `path` reads to the most lenient backend, before its canonical
 /// form is taken: every escape decoded (again, for double encodings, up
 /// to three times), a decoded NUL ending the path (C string handling),
-/// `\` as `/`, and, for a rule with `case: ignore`, a
-/// non-ASCII letter whose case mapping is one ASCII letter replaced by it
-/// (Java's `equalsIgnoreCase` takes the Kelvin sign for `k`). `None` when
-/// nothing would be read differently.
+/// `\` as `/`, each segment trimmed of the characters Java's
+/// `String.trim` drops (space and controls: Spring before 4.3 trims path
+/// tokens, so `/order%20` is `/order` there), and, for a rule with
+/// `case: ignore`, a non-ASCII letter whose case mapping is one ASCII
+/// letter replaced by it (Java's `equalsIgnoreCase` takes the Kelvin sign
+/// for `k`). `None` when nothing would be read differently.
 pub fn lenient(path: &str, case: Fold) -> Option<String> {
-    let suspect = |b: u8| b == b'%' || b == b'\\' || !b.is_ascii();
+    let suspect = |b: u8| b == b'%' || b == b'\\' || !b.is_ascii() || b <= b' ';
     if !path.bytes().any(suspect) {
         return None;
     }
@@ -331,15 +333,19 @@ pub fn lenient(path: &str, case: Fold) -> Option<String> {
     if let Some(nul) = text.find('\0') {
         text.truncate(nul);
     }
-    let mut out = String::with_capacity(text.len());
+    let mut read = String::with_capacity(text.len());
     for c in text.chars() {
-        out.push(match c {
+        read.push(match c {
             '\\' => '/',
             c if !c.is_ascii() && case == Fold::Ignore => ascii_fold(c).unwrap_or(c),
             c => c,
         });
     }
-    Some(out)
+    let segments: Vec<&str> = read
+        .split('/')
+        .map(|s| s.trim_matches(|c| c <= ' '))
+        .collect();
+    Some(segments.join("/"))
 }
 
 /// The one ASCII letter a non-ASCII character maps to by case, if any.

@@ -15,7 +15,9 @@ use http::{HeaderName, HeaderValue};
 use super::jwt::HmacSha256;
 use super::syntax::percent_decode;
 use super::*;
-use crate::rules::{PathTemplate, QuantitySpec, QueueSpec, ReleaseOn, Responses, Secret, Window};
+use crate::rules::{
+    OtherMethods, PathTemplate, QuantitySpec, QueueSpec, ReleaseOn, Responses, Secret, Window,
+};
 use crate::vocab::UpstreamId;
 
 const SECRET_ENV: &str = "T_SECRET";
@@ -26,6 +28,7 @@ fn rule(user: FieldSource, sku: FieldSource, quantity: QuantitySpec) -> Rule {
         name: "test-rule".into(),
         method: http::Method::POST,
         path: PathTemplate::parse("/api/{sku}/order").expect("template"),
+        other_methods: OtherMethods::Refuse,
         user,
         sku,
         quantity,

@@ -11,8 +11,8 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::rules::{
-    FieldSource, PathTemplate, QuantitySpec, QueueSpec, ReleaseOn, Responses, Route, Rule, RuleSet,
-    Window,
+    FieldSource, OtherMethods, PathTemplate, QuantitySpec, QueueSpec, ReleaseOn, Responses, Route,
+    Rule, RuleSet, Window,
 };
 use crate::vocab::UpstreamId;
 
@@ -101,6 +101,7 @@ fn rule(name: &str, method: Method, path: PathTemplate) -> Rule {
         name: name.into(),
         method,
         path,
+        other_methods: OtherMethods::Refuse,
         user: FieldSource::Header(HeaderName::from_static("x-user-id")),
         sku: FieldSource::Query("sku".into()),
         quantity: QuantitySpec {
@@ -186,16 +187,30 @@ fn methods_are_case_sensitive_and_lenient_spellings_are_refused() {
         "/api/seckill/p1/%256Frder",
         "/api/\u{17F}eckill/p1/order",
         "/api/seckill/p1/order%00.jpg",
+        // Spring before 4.3 trims each path token (`String.trim`).
+        "/api/seckill/p1/order%20",
+        "/api/seckill/p1/order%09",
+        "/api/seckill/p1/%0Aorder",
+        "/api/seckill/p1/%2520order",
     ] {
         assert_eq!(route(&rules, &post, lenient), Got::Refused(0), "{lenient}");
         assert_eq!(route(&rules, &lower, lenient), Got::Refused(0), "{lenient}");
     }
-    // Other methods and other paths are not this rule's business.
+    // Other paths are not this rule's business; spaces inside a segment
+    // are no trimmed spelling of it.
+    assert_eq!(route(&rules, &post, "/api/seckill/p1"), Got::Unmatched);
     assert_eq!(
-        route(&rules, &Method::GET, "/api/seckill/p1/order"),
+        route(&rules, &post, "/api/seckill/p%201/order"),
+        Got::Rule {
+            index: 0,
+            captures: vec!["p%201".into()],
+            path: "/api/seckill/p%201/order".into()
+        }
+    );
+    assert_eq!(
+        route(&rules, &post, "/api/seck%20ill/p1/order"),
         Got::Unmatched
     );
-    assert_eq!(route(&rules, &post, "/api/seckill/p1"), Got::Unmatched);
     assert_eq!(
         route(&rules, &post, "/static/%E7%A7%92.png"),
         Got::Unmatched
@@ -221,6 +236,64 @@ fn methods_are_case_sensitive_and_lenient_spellings_are_refused() {
         route(&refuse, &post, "/api/seckill/p1/order"),
         Got::Rule { index: 0, .. }
     ));
+}
+
+#[test]
+fn other_methods_are_refused_unless_the_rule_passes_them() {
+    let template = || PathTemplate::parse("/api/seckill/{sku}/order").expect("template");
+    let refusing = RuleSet::new(vec![rule("r", Method::POST, template())]);
+    for method in [Method::GET, Method::PUT, Method::DELETE, Method::OPTIONS] {
+        for path in [
+            "/api/seckill/p1/order",
+            "/API/seckill/p1/order.json",
+            "/api/seckill/p1/order%20",
+        ] {
+            assert_eq!(
+                route(&refusing, &method, path),
+                Got::Refused(0),
+                "{method} {path}"
+            );
+        }
+        assert_eq!(route(&refusing, &method, "/api/seckill/p1"), Got::Unmatched);
+    }
+    let Route::Refused(r) = refusing.find(&Method::GET, "/api/seckill/p1/order/") else {
+        panic!("not refused");
+    };
+    assert_eq!(
+        r.message,
+        "this route takes POST only: send POST /api/seckill/p1/order"
+    );
+
+    // A rule of that method on the same path still takes it.
+    let both = RuleSet::new(vec![
+        rule("order", Method::POST, template()),
+        rule("cancel", Method::DELETE, template()),
+    ]);
+    assert!(matches!(
+        route(&both, &Method::DELETE, "/api/seckill/p1/order"),
+        Got::Rule { index: 1, .. }
+    ));
+    assert_eq!(
+        route(&both, &Method::GET, "/api/seckill/p1/order"),
+        Got::Refused(0)
+    );
+
+    // `other_methods: pass`: proxied as unmatched, spellings and all; the
+    // rule's own method still refuses a lenient spelling.
+    let mut passing = rule("r", Method::POST, template());
+    passing.other_methods = OtherMethods::Pass;
+    let passing = RuleSet::new(vec![passing]);
+    for path in ["/api/seckill/p1/order", "/api/seckill/p1/order%20"] {
+        assert_eq!(
+            route(&passing, &Method::GET, path),
+            Got::Unmatched,
+            "{path}"
+        );
+    }
+    assert_eq!(
+        route(&passing, &Method::POST, "/api/seckill/p1/order%20"),
+        Got::Refused(0)
+    );
 }
 
 // ---------------------------------------------------------------------------
