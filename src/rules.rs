@@ -397,25 +397,20 @@ impl RuleSet {
                 path: own,
             });
         }
-        if let Some((index, rule, own)) = other_case {
-            return Route::Refused(Refusal {
-                index,
-                rule,
-                message: format!(
-                    "methods are case-sensitive: send {} {own}",
-                    rule.method.as_str()
-                ),
+        // A method refusal names the request the rule takes.
+        let wrong_method = other_case
+            .map(|m| (m, "methods are case-sensitive".to_string()))
+            .or_else(|| {
+                other_method.map(|m| {
+                    let why = format!("this route takes {} only", m.1.method.as_str());
+                    (m, why)
+                })
             });
-        }
-        if let Some((index, rule, own)) = other_method {
+        if let Some(((index, rule, own), why)) = wrong_method {
             return Route::Refused(Refusal {
                 index,
                 rule,
-                message: format!(
-                    "this route takes {} only: send {} {own}",
-                    rule.method.as_str(),
-                    rule.method.as_str()
-                ),
+                message: format!("{why}: send {} {own}", rule.method.as_str()),
             });
         }
         self.lenient_refusal(method, path)
