@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 
 use serde_saphyr::Location;
 
-use crate::rules::{CacheRule, CacheRules, Rule, RuleSet};
+use crate::rules::{CacheRule, CacheRules, OtherMethods, Rule, RuleSet};
 use crate::vocab::UpstreamId;
 use cache_build::build_cache_rule;
 use error::{ConfigError, ConfigErrors, Problems};
@@ -287,7 +287,8 @@ fn load_rules_into(
 
 /// Why a cache rule cannot join the others: a name already used (by a
 /// flash-sale or a cache rule: both are `rule` labels), or a path another
-/// cache rule or a flash-sale rule of the same method also matches.
+/// cache rule or a flash-sale rule of the same method also matches, or
+/// one of another method refuses (`match.other_methods`).
 fn cache_conflict(rule: &CacheRule, rules: &[Rule], cache: &[CacheRule]) -> Option<String> {
     let named = rules
         .iter()
@@ -320,6 +321,21 @@ fn cache_conflict(rule: &CacheRule, rules: &[Rule], cache: &[CacheRule]) -> Opti
             "cache.match: GET {:?} overlaps rule {:?} (GET {:?}); flash-sale requests are never cached",
             rule.path.as_str(),
             &*other.name,
+            other.path.as_str()
+        ));
+    }
+    // A rule of another method refuses GETs of its paths unless it passes
+    // them (`match.other_methods`): the cache would never serve there.
+    if let Some(other) = rules.iter().find(|r| {
+        r.method != rule.method
+            && r.other_methods == OtherMethods::Refuse
+            && r.path.overlaps(&rule.path)
+    }) {
+        return Some(format!(
+            "cache.match: GET {:?} overlaps rule {:?} ({} {:?}), which refuses other methods on its paths; set its match.other_methods: pass to cache GETs there",
+            rule.path.as_str(),
+            &*other.name,
+            other.method.as_str(),
             other.path.as_str()
         ));
     }

@@ -355,9 +355,10 @@ const BAD: &[(&str, &[&str])] = &[
     (
         "tests/fixtures/bad_cache_overlap.yaml",
         &[
-            "tests/fixtures/rules/bad_cache_overlap.yaml:10:33: cache.match: GET \"/api/goods/{sku}\" overlaps cache rule \"/api/goods/{id}\" (GET \"/api/goods/{id}\"); a request would match both",
-            "tests/fixtures/rules/bad_cache_overlap.yaml:12:11: name: \"phone\" is already used by the rule at tests/fixtures/rules/bad_cache_overlap.yaml:2",
-            "tests/fixtures/rules/bad_cache_overlap.yaml:16:33: cache.match: GET \"/api/phone/{sku}/claim\" overlaps rule \"phone\" (GET \"/api/phone/{sku}/claim\"); flash-sale requests are never cached",
+            "tests/fixtures/rules/bad_cache_overlap.yaml:18:33: cache.match: GET \"/api/goods/{sku}\" overlaps cache rule \"/api/goods/{id}\" (GET \"/api/goods/{id}\"); a request would match both",
+            "tests/fixtures/rules/bad_cache_overlap.yaml:20:11: name: \"phone\" is already used by the rule at tests/fixtures/rules/bad_cache_overlap.yaml:2",
+            "tests/fixtures/rules/bad_cache_overlap.yaml:24:33: cache.match: GET \"/api/phone/{sku}/claim\" overlaps rule \"phone\" (GET \"/api/phone/{sku}/claim\"); flash-sale requests are never cached",
+            "tests/fixtures/rules/bad_cache_overlap.yaml:27:33: cache.match: GET \"/api/order/{sku}\" overlaps rule \"order\" (POST \"/api/order/{sku}\"), which refuses other methods on its paths; set its match.other_methods: pass to cache GETs there",
         ],
     ),
     (
