@@ -325,7 +325,8 @@ fn cache_conflict(rule: &CacheRule, rules: &[Rule], cache: &[CacheRule]) -> Opti
         ));
     }
     // A rule of another method refuses GETs of its paths unless it passes
-    // them (`match.other_methods`): the cache would never serve there.
+    // them (`match.other_methods`): the cache would not serve the paths
+    // they share.
     if let Some(other) = rules.iter().find(|r| {
         r.method != rule.method
             && r.other_methods == OtherMethods::Refuse

@@ -266,6 +266,16 @@ pub enum OtherMethods {
     Pass,
 }
 
+impl Rule {
+    /// Whether a request of `method`, another than the rule's, is refused
+    /// on the rule's paths: by `other_methods: refuse`, and always a HEAD
+    /// on a GET rule's, which every framework serves with the GET handler.
+    fn refuses(&self, method: &Method) -> bool {
+        self.other_methods == OtherMethods::Refuse
+            || (*method == Method::HEAD && self.method == Method::GET)
+    }
+}
+
 impl OtherMethods {
     /// The config word for it.
     pub fn as_str(self) -> &'static str {
@@ -361,7 +371,7 @@ impl RuleSet {
         for (index, rule) in self.rules.iter().enumerate() {
             let same = rule.method == *method;
             let case_only = !same && rule.method.as_str().eq_ignore_ascii_case(method.as_str());
-            if !same && !case_only && rule.other_methods == OtherMethods::Pass {
+            if !same && !case_only && !rule.refuses(method) {
                 continue;
             }
             let params = rule.path.spelling().params;
@@ -402,7 +412,7 @@ impl RuleSet {
             .map(|m| (m, "methods are case-sensitive".to_string()))
             .or_else(|| {
                 other_method.map(|m| {
-                    let why = format!("this route takes {} only", m.1.method.as_str());
+                    let why = format!("{method} is not taken here, this route takes");
                     (m, why)
                 })
             });
@@ -410,7 +420,7 @@ impl RuleSet {
             return Route::Refused(Refusal {
                 index,
                 rule,
-                message: format!("{why}: send {} {own}", rule.method.as_str()),
+                message: format!("{why} {} {own}", rule.method.as_str()),
             });
         }
         self.lenient_refusal(method, path)
@@ -420,15 +430,18 @@ impl RuleSet {
     /// A refusal for a path that reaches a rule only as a lenient backend
     /// reads it (`canonical::lenient`).
     fn lenient_refusal(&self, method: &Method, path: &str) -> Option<Refusal<'_>> {
+        // One lenient reading per `case` mode in use, made on demand.
+        let mut read: [Option<Option<String>>; 2] = [None, None];
         self.rules.iter().enumerate().find_map(|(index, rule)| {
-            if rule.other_methods == OtherMethods::Pass
-                && !rule.method.as_str().eq_ignore_ascii_case(method.as_str())
+            if !rule.method.as_str().eq_ignore_ascii_case(method.as_str()) && !rule.refuses(method)
             {
                 return None;
             }
             let spelling = rule.path.spelling();
-            let read = canonical::lenient(path, spelling.case)?;
-            let canonical = canonical::normalize(&read, spelling.params);
+            let read = read[spelling.case.index()]
+                .get_or_insert_with(|| canonical::lenient(path, spelling.case))
+                .as_deref()?;
+            let canonical = canonical::normalize(read, spelling.params);
             let captures = rule.path.matches(&canonical)?;
             Some(Refusal {
                 index,

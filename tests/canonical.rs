@@ -275,8 +275,16 @@ async fn spellings_that_must_not_pass_are_invalid() {
         ("POST", "/api/seckill/p1/%09order", "trimmed"),
         ("POST", "/api/seckill/p1/order\t", "trimmed"),
         // Many legacy handlers take any method.
-        ("PUT", "/api/seckill/p1/order", "takes POST only"),
-        ("GET", "/api/seckill/p1/order/", "takes POST only"),
+        (
+            "PUT",
+            "/api/seckill/p1/order",
+            "is not taken here, this route takes POST",
+        ),
+        (
+            "GET",
+            "/api/seckill/p1/order/",
+            "is not taken here, this route takes POST",
+        ),
         ("DELETE", "/api/seckill/p1/order%20", "trimmed"),
     ];
     for (i, (method, target, why)) in refused.iter().enumerate() {

@@ -341,11 +341,19 @@ pub fn lenient(path: &str, case: Fold) -> Option<String> {
             c => c,
         });
     }
-    let segments: Vec<&str> = read
-        .split('/')
-        .map(|s| s.trim_matches(|c| c <= ' '))
-        .collect();
+    let segments: Vec<String> = read.split('/').map(trimmed_segment).collect();
     Some(segments.join("/"))
+}
+
+/// A segment as Java's `String.trim` leaves it, before its `;params` too:
+/// Spring drops those before it trims (`order%20;jsessionid=1` is `order`).
+fn trimmed_segment(segment: &str) -> String {
+    let blank = |c: char| c <= ' ';
+    let segment = segment.trim_matches(blank);
+    match segment.split_once(';') {
+        Some((name, params)) => format!("{};{params}", name.trim_matches(blank)),
+        None => segment.to_string(),
+    }
 }
 
 /// The one ASCII letter a non-ASCII character maps to by case, if any.

@@ -192,6 +192,9 @@ fn methods_are_case_sensitive_and_lenient_spellings_are_refused() {
         "/api/seckill/p1/order%09",
         "/api/seckill/p1/%0Aorder",
         "/api/seckill/p1/%2520order",
+        // ... after dropping its `;params`.
+        "/api/seckill/p1/order%20;jsessionid=x",
+        "/api/seckill/p1/order%09;x/",
     ] {
         assert_eq!(route(&rules, &post, lenient), Got::Refused(0), "{lenient}");
         assert_eq!(route(&rules, &lower, lenient), Got::Refused(0), "{lenient}");
@@ -261,7 +264,7 @@ fn other_methods_are_refused_unless_the_rule_passes_them() {
     };
     assert_eq!(
         r.message,
-        "this route takes POST only: send POST /api/seckill/p1/order"
+        "GET is not taken here, this route takes POST /api/seckill/p1/order"
     );
 
     // A rule of that method on the same path still takes it.
@@ -293,6 +296,19 @@ fn other_methods_are_refused_unless_the_rule_passes_them() {
     assert_eq!(
         route(&passing, &Method::POST, "/api/seckill/p1/order%20"),
         Got::Refused(0)
+    );
+
+    // A HEAD is a GET to every framework: refused on a GET rule's paths
+    // even when it passes other methods.
+    let mut grab = rule("grab", Method::GET, template());
+    grab.other_methods = OtherMethods::Pass;
+    let grab = RuleSet::new(vec![grab]);
+    for path in ["/api/seckill/p1/order", "/api/seckill/p1/order%20"] {
+        assert_eq!(route(&grab, &Method::HEAD, path), Got::Refused(0), "{path}");
+    }
+    assert_eq!(
+        route(&grab, &Method::PUT, "/api/seckill/p1/order"),
+        Got::Unmatched
     );
 }
 
