@@ -283,9 +283,12 @@ fn other_methods_are_refused_unless_the_rule_passes_them() {
 
     // `other_methods: pass`: proxied as unmatched, spellings and all; the
     // rule's own method still refuses a lenient spelling.
-    let mut passing = rule("r", Method::POST, template());
-    passing.other_methods = OtherMethods::Pass;
-    let passing = RuleSet::new(vec![passing]);
+    let passing_rule = |method: Method| {
+        let mut r = rule("r", method, template());
+        r.other_methods = OtherMethods::Pass;
+        RuleSet::new(vec![r])
+    };
+    let passing = passing_rule(Method::POST);
     for path in ["/api/seckill/p1/order", "/api/seckill/p1/order%20"] {
         assert_eq!(
             route(&passing, &Method::GET, path),
@@ -300,9 +303,7 @@ fn other_methods_are_refused_unless_the_rule_passes_them() {
 
     // A HEAD is a GET to every framework: refused on a GET rule's paths
     // even when it passes other methods.
-    let mut grab = rule("grab", Method::GET, template());
-    grab.other_methods = OtherMethods::Pass;
-    let grab = RuleSet::new(vec![grab]);
+    let grab = passing_rule(Method::GET);
     for path in ["/api/seckill/p1/order", "/api/seckill/p1/order%20"] {
         assert_eq!(route(&grab, &Method::HEAD, path), Got::Refused(0), "{path}");
     }
