@@ -191,6 +191,9 @@ fn load_rules_into(
 ) -> (Vec<Rule>, Vec<CacheRule>) {
     let mut rules: Vec<Rule> = Vec::new();
     let mut cache_rules: Vec<CacheRule> = Vec::new();
+    // Cache rules are built once every file's flash-sale rules are: a
+    // cache file that sorts first must still meet the rules it overlaps.
+    let mut parsed: Vec<(PathBuf, RawRuleFile)> = Vec::new();
     for file in rule_files(config_path, globs, found) {
         let text = match std::fs::read_to_string(&file) {
             Ok(t) => t,
@@ -256,6 +259,10 @@ fn load_rules_into(
             }
             rules.push(rule);
         }
+        parsed.push((file, raw));
+    }
+    for (file, raw) in &parsed {
+        let mut p = Problems::new(file, found);
         for raw_rule in &raw.cache {
             let Some(rule) = build_cache_rule(raw_rule, ctx, &mut p) else {
                 continue;

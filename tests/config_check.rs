@@ -362,6 +362,14 @@ const BAD: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        // The cache file sorts before the rules it overlaps.
+        "tests/fixtures/bad_cache_first.yaml",
+        &[
+            "tests/fixtures/rules/cache_first/a_cache.yaml:3:33: cache.match: GET \"/api/phone/{sku}/claim\" overlaps rule \"phone\" (GET \"/api/phone/{sku}/claim\"); flash-sale requests are never cached",
+            "tests/fixtures/rules/cache_first/a_cache.yaml:6:33: cache.match: GET \"/api/seckill/{sku}/order\" overlaps rule \"seckill\" (POST \"/api/seckill/{sku}/order\"), which refuses other methods on its paths; set its match.other_methods: pass to cache GETs there",
+        ],
+    ),
+    (
         "tests/fixtures/bad_cache_unknown_key.yaml",
         // Read on past the typo: the key it misspelt is missing too.
         &[
