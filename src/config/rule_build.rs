@@ -159,54 +159,55 @@ fn check_method(p: &mut Problems, m: &Spanned<String>) -> Option<Method> {
     parsed
 }
 
+/// One of a key's words (`match.<field>`), or `default` when absent.
+fn keyword<T: Copy>(
+    p: &mut Problems,
+    field: &str,
+    v: &Option<Spanned<String>>,
+    default: T,
+    words: &[(&str, T)],
+) -> Option<T> {
+    let Some(v) = v else {
+        return Some(default);
+    };
+    if let Some(&(_, value)) = words.iter().find(|(w, _)| *w == v.value) {
+        return Some(value);
+    }
+    let names: Vec<&str> = words.iter().map(|(w, _)| *w).collect();
+    p.add(
+        v.referenced,
+        format!(
+            "match.{field}: {:?} is not one of {}",
+            v.value,
+            names.join(", ")
+        ),
+    );
+    None
+}
+
 /// `match.other_methods`: `refuse` (the default) or `pass`.
 fn other_methods(p: &mut Problems, m: &RawMatch) -> Option<OtherMethods> {
-    let Some(v) = &m.other_methods else {
-        return Some(OtherMethods::Refuse);
-    };
-    match v.value.as_str() {
-        "refuse" => Some(OtherMethods::Refuse),
-        "pass" => Some(OtherMethods::Pass),
-        other => {
-            p.add(
-                v.referenced,
-                format!("match.other_methods: {other:?} is not one of refuse, pass"),
-            );
-            None
-        }
-    }
+    let words = [
+        ("refuse", OtherMethods::Refuse),
+        ("pass", OtherMethods::Pass),
+    ];
+    keyword(
+        p,
+        "other_methods",
+        &m.other_methods,
+        OtherMethods::Refuse,
+        &words,
+    )
 }
 
 /// `match.variants` and the `ignore | strict` keys beside it.
 fn spelling(p: &mut Problems, m: &RawMatch) -> Option<Spelling> {
     let d = defaults::SPELLING;
-    let variants = match &m.variants {
-        None => Some(d.variants),
-        Some(v) => match v.value.as_str() {
-            "forward" => Some(Variants::Forward),
-            "refuse" => Some(Variants::Refuse),
-            other => {
-                p.add(
-                    v.referenced,
-                    format!("match.variants: {other:?} is not one of forward, refuse"),
-                );
-                None
-            }
-        },
-    };
-    let mut fold = |field: &str, v: &Option<Spanned<String>>, default: Fold| match v {
-        None => Some(default),
-        Some(v) => match v.value.as_str() {
-            "ignore" => Some(Fold::Ignore),
-            "strict" => Some(Fold::Strict),
-            other => {
-                p.add(
-                    v.referenced,
-                    format!("match.{field}: {other:?} is not one of ignore, strict"),
-                );
-                None
-            }
-        },
+    let variants = [("forward", Variants::Forward), ("refuse", Variants::Refuse)];
+    let variants = keyword(p, "variants", &m.variants, d.variants, &variants);
+    let folds = [("ignore", Fold::Ignore), ("strict", Fold::Strict)];
+    let mut fold = |field: &str, v: &Option<Spanned<String>>, default: Fold| {
+        keyword(p, field, v, default, &folds)
     };
     let case = fold("case", &m.case, d.case);
     let trailing_slash = fold("trailing_slash", &m.trailing_slash, d.trailing_slash);
