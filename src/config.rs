@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 
 use serde_saphyr::Location;
 
-use crate::rules::{CacheRule, CacheRules, OtherMethods, Rule, RuleSet};
+use crate::rules::{CacheRule, CacheRules, Rule, RuleSet};
 use crate::vocab::UpstreamId;
 use cache_build::build_cache_rule;
 use error::{ConfigError, ConfigErrors, Problems};
@@ -334,11 +334,10 @@ fn cache_conflict(rule: &CacheRule, rules: &[Rule], cache: &[CacheRule]) -> Opti
     // A rule of another method refuses GETs of its paths unless it passes
     // them (`match.other_methods`): the cache would not serve the paths
     // they share.
-    if let Some(other) = rules.iter().find(|r| {
-        r.method != rule.method
-            && r.other_methods == OtherMethods::Refuse
-            && r.path.overlaps(&rule.path)
-    }) {
+    if let Some(other) = rules
+        .iter()
+        .find(|r| r.method != rule.method && r.refuses(&rule.method) && r.path.overlaps(&rule.path))
+    {
         return Some(format!(
             "cache.match: GET {:?} overlaps rule {:?} ({} {:?}), which refuses other methods on its paths; set its match.other_methods: pass to cache GETs there",
             rule.path.as_str(),

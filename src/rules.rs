@@ -270,9 +270,15 @@ impl Rule {
     /// Whether a request of `method`, another than the rule's, is refused
     /// on the rule's paths: by `other_methods: refuse`, and always a HEAD
     /// on a GET rule's, which every framework serves with the GET handler.
-    fn refuses(&self, method: &Method) -> bool {
+    pub fn refuses(&self, method: &Method) -> bool {
         self.other_methods == OtherMethods::Refuse
             || (*method == Method::HEAD && self.method == Method::GET)
+    }
+
+    /// Whether a request of `method` on the rule's paths is the rule's to
+    /// judge: its own method in any letter case, or one it refuses.
+    fn judges(&self, method: &Method) -> bool {
+        self.method.as_str().eq_ignore_ascii_case(method.as_str()) || self.refuses(method)
     }
 }
 
@@ -369,11 +375,11 @@ impl RuleSet {
         let mut other_case: Option<(usize, &Arc<Rule>, String)> = None;
         let mut other_method: Option<(usize, &Arc<Rule>, String)> = None;
         for (index, rule) in self.rules.iter().enumerate() {
-            let same = rule.method == *method;
-            let case_only = !same && rule.method.as_str().eq_ignore_ascii_case(method.as_str());
-            if !same && !case_only && !rule.refuses(method) {
+            if !rule.judges(method) {
                 continue;
             }
+            let same = rule.method == *method;
+            let case_only = !same && rule.method.as_str().eq_ignore_ascii_case(method.as_str());
             let params = rule.path.spelling().params;
             let canonical =
                 normal[params.index()].get_or_insert_with(|| canonical::normalize(path, params));
@@ -408,14 +414,11 @@ impl RuleSet {
             });
         }
         // A method refusal names the request the rule takes.
-        let wrong_method = other_case
-            .map(|m| (m, "methods are case-sensitive".to_string()))
-            .or_else(|| {
-                other_method.map(|m| {
-                    let why = format!("{method} is not taken here, this route takes");
-                    (m, why)
-                })
-            });
+        let wrong_method = match (other_case, other_method) {
+            (Some(m), _) => Some((m, "methods are case-sensitive: send".to_string())),
+            (None, Some(m)) => Some((m, format!("{method} is not taken here, this route takes"))),
+            (None, None) => None,
+        };
         if let Some(((index, rule, own), why)) = wrong_method {
             return Route::Refused(Refusal {
                 index,
@@ -433,8 +436,7 @@ impl RuleSet {
         // One lenient reading per `case` mode in use, made on demand.
         let mut read: [Option<Option<String>>; 2] = [None, None];
         self.rules.iter().enumerate().find_map(|(index, rule)| {
-            if !rule.method.as_str().eq_ignore_ascii_case(method.as_str()) && !rule.refuses(method)
-            {
+            if !rule.judges(method) {
                 return None;
             }
             let spelling = rule.path.spelling();

@@ -266,6 +266,14 @@ fn other_methods_are_refused_unless_the_rule_passes_them() {
         r.message,
         "GET is not taken here, this route takes POST /api/seckill/p1/order"
     );
+    let lower = Method::from_bytes(b"post").expect("method");
+    let Route::Refused(r) = refusing.find(&lower, "/api/seckill/p1/order") else {
+        panic!("not refused");
+    };
+    assert_eq!(
+        r.message,
+        "methods are case-sensitive: send POST /api/seckill/p1/order"
+    );
 
     // A rule of that method on the same path still takes it.
     let both = RuleSet::new(vec![
